@@ -1,0 +1,252 @@
+//! The plugin side of the ABI wall: `extern "C"` functions that turn host calls into [`App`]
+//! calls. Used only by [`export_app!`](crate::export_app); not part of the public API.
+//!
+//! Every function catches panics before they can cross into the host, and frees only what this
+//! side allocated.
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::ffi::c_void;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Once;
+
+use crate::abi::{self, AppDescriptor, ConnInfo, ConnIo, HostApi, MessageFn, NextCode, Status, StrRef};
+use crate::{App, Conn, ConnState, Settings};
+
+/// Builds the descriptor that `export_app!` exports for `A`.
+pub const fn descriptor<A: App>(app_type: &'static str) -> AppDescriptor {
+    AppDescriptor {
+        magic: abi::MAGIC,
+        abi_major: abi::ABI_MAJOR,
+        abi_minor: abi::ABI_MINOR,
+        size: size_of::<AppDescriptor>() as u32,
+        sdk_version: StrRef::new(abi::SDK_VERSION),
+        rustc_version: StrRef::new(abi::RUSTC_VERSION),
+        target: StrRef::new(abi::TARGET),
+        app_type: StrRef::new(app_type),
+        start: start::<A>,
+        stop: stop::<A>,
+        conn_open: conn_open::<A>,
+        conn_data: conn_data::<A>,
+        conn_close: conn_close::<A>,
+    }
+}
+
+/// Output buffers above this capacity are released after use, so that thousands of idle
+/// connections that once sent a large answer do not keep that memory.
+const MAX_IDLE_OUTPUT_CAPACITY: usize = 64 * 1024;
+
+/// Reads a borrowed string from the host.
+///
+/// # Safety
+/// `s` must point at `s.len` readable bytes that stay valid for `'a`.
+unsafe fn borrowed<'a>(s: StrRef) -> &'a [u8] {
+    if s.len == 0 {
+        return &[];
+    }
+    // SAFETY: guaranteed by the caller.
+    unsafe { std::slice::from_raw_parts(s.ptr, s.len) }
+}
+
+/// # Safety
+/// As for [`borrowed`].
+unsafe fn borrowed_str<'a>(s: StrRef) -> String {
+    // SAFETY: guaranteed by the caller.
+    String::from_utf8_lossy(unsafe { borrowed(s) }).into_owned()
+}
+
+fn report(error: MessageFn, ctx: *mut c_void, msg: &str) {
+    // SAFETY: the host passed this callback and context for the duration of the current call.
+    unsafe { error(ctx, StrRef::new(msg)) }
+}
+
+thread_local! {
+    /// Where the last panic on this thread happened, recorded by our panic hook.
+    static PANIC_LOCATION: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Replaces the plugin's own panic hook (each cdylib has its own copy of std) with one that
+/// only records the location: the message reaches the host's log through the error callback.
+fn install_panic_hook() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            let location = info.location().map(|l| format!("{}:{}", l.file(), l.line()));
+            PANIC_LOCATION.with(|p| *p.borrow_mut() = location);
+        }));
+    });
+}
+
+fn panic_message(payload: Box<dyn Any + Send>) -> String {
+    let msg = if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(non-string panic payload)".to_string()
+    };
+    match PANIC_LOCATION.with(|p| p.borrow_mut().take()) {
+        Some(at) => format!("app panicked at {at}: {msg}"),
+        None => format!("app panicked: {msg}"),
+    }
+}
+
+/// Forwards the plugin's `log` records to the host's logger.
+struct HostLogger {
+    log: unsafe extern "C" fn(abi::LogLevel, StrRef, StrRef),
+}
+
+impl log::Log for HostLogger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::max_level()
+    }
+    fn log(&self, record: &log::Record) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let msg = record.args().to_string();
+        // SAFETY: the host's log callback is valid for the life of the process and copies
+        // the borrowed strings before returning.
+        unsafe { (self.log)(record.level() as u32, StrRef::new(record.target()), StrRef::new(&msg)) }
+    }
+    fn flush(&self) {}
+}
+
+fn install_logger(host: &HostApi) {
+    static ONCE: Once = Once::new();
+    let log_fn = host.log;
+    let level = host.log_level;
+    ONCE.call_once(|| {
+        if log::set_boxed_logger(Box::new(HostLogger { log: log_fn })).is_ok() {
+            let filter = match level {
+                0 => log::LevelFilter::Off,
+                1 => log::LevelFilter::Error,
+                2 => log::LevelFilter::Warn,
+                3 => log::LevelFilter::Info,
+                4 => log::LevelFilter::Debug,
+                _ => log::LevelFilter::Trace,
+            };
+            log::set_max_level(filter);
+        }
+    });
+}
+
+unsafe extern "C" fn start<A: App>(
+    host: *const HostApi,
+    app_out: *mut *mut c_void,
+    error: MessageFn,
+    error_ctx: *mut c_void,
+) -> Status {
+    install_panic_hook();
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: the host passes a valid `HostApi` for the duration of this call.
+        let host = unsafe { &*host };
+        if host.abi_major != abi::ABI_MAJOR {
+            return Err(format!(
+                "the server speaks plugin ABI {}, this app was built for ABI {}",
+                host.abi_major,
+                abi::ABI_MAJOR
+            ));
+        }
+        install_logger(host);
+        // SAFETY: the host's strings are valid for the duration of this call.
+        let (name, text, node) =
+            unsafe { (borrowed_str(host.app_name), borrowed_str(host.settings_toml), borrowed_str(host.node_id)) };
+        let settings = Settings::parse(&name, &text)?.with_worker(&node, host.worker_pid, host.generation);
+        A::start(&settings)
+    }));
+    match result {
+        Ok(Ok(app)) => {
+            // SAFETY: `app_out` is a valid out-pointer supplied by the host for this call.
+            unsafe { *app_out = Box::into_raw(Box::new(app)).cast::<c_void>() };
+            abi::STATUS_OK
+        }
+        Ok(Err(msg)) => {
+            report(error, error_ctx, &msg);
+            abi::STATUS_ERROR
+        }
+        Err(panic) => {
+            report(error, error_ctx, &panic_message(panic));
+            abi::STATUS_PANIC
+        }
+    }
+}
+
+unsafe extern "C" fn stop<A: App>(app: *mut c_void) {
+    // SAFETY: `app` came from `start::<A>` (a `Box<A>`), and the host calls `stop` once, after
+    // every other call has returned, so we own it again.
+    let app = unsafe { Box::from_raw(app.cast::<A>()) };
+    let _ = catch_unwind(AssertUnwindSafe(move || {
+        app.stop();
+        drop(app);
+    }));
+}
+
+unsafe extern "C" fn conn_open<A: App>(_app: *mut c_void, info: *const ConnInfo) -> *mut c_void {
+    // SAFETY: the host passes a valid `ConnInfo` for the duration of this call.
+    let info = unsafe { &*info };
+    let state = catch_unwind(AssertUnwindSafe(|| ConnState {
+        // SAFETY: as above, the strings are valid during this call.
+        peer: unsafe { borrowed_str(info.peer) },
+        // SAFETY: as above.
+        listener: unsafe { borrowed_str(info.listener) },
+        id: info.id,
+        ..ConnState::default()
+    }));
+    match state {
+        Ok(state) => Box::into_raw(Box::new(state)).cast::<c_void>(),
+        Err(_) => std::ptr::null_mut(),
+    }
+}
+
+unsafe extern "C" fn conn_data<A: App>(app: *mut c_void, conn: *mut c_void, io: *mut ConnIo) -> NextCode {
+    // SAFETY: `app` is the live `A` from `start`; apps are `Sync`, so shared use from several
+    // threads is fine.
+    let app = unsafe { &*app.cast::<A>() };
+    // SAFETY: `conn` came from `conn_open`, and the host never calls twice at once for one
+    // connection, so this is the only reference.
+    let state = unsafe { &mut *conn.cast::<ConnState>() };
+    // SAFETY: the host passes a valid, exclusive `ConnIo` for the duration of this call.
+    let io = unsafe { &mut *io };
+    // SAFETY: the input is valid and not modified during this call.
+    let input = unsafe { borrowed(StrRef { ptr: io.input, len: io.input_len }) };
+    let flags = io.flags;
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        let mut c = Conn::new(input, flags, state);
+        let next = app.on_readable(&mut c);
+        let (consumed, requests) = c.finish();
+        (next, consumed, requests)
+    }));
+    let code = match result {
+        Ok((next, consumed, requests)) => {
+            io.consumed = consumed;
+            io.requests = requests;
+            next.code()
+        }
+        Err(panic) => {
+            report(io.error, io.error_ctx, &panic_message(panic));
+            -abi::STATUS_PANIC
+        }
+    };
+    if !state.out.is_empty() {
+        // SAFETY: the host's write callback copies the bytes before returning.
+        unsafe { (io.write)(io.write_ctx, StrRef::from_bytes(&state.out)) };
+        state.out.clear();
+        if state.out.capacity() > MAX_IDLE_OUTPUT_CAPACITY {
+            state.out = Vec::new();
+        }
+    }
+    code
+}
+
+unsafe extern "C" fn conn_close<A: App>(app: *mut c_void, conn: *mut c_void) {
+    // SAFETY: as in `conn_data`.
+    let app = unsafe { &*app.cast::<A>() };
+    // SAFETY: `conn` came from `conn_open` and the host calls this once, last.
+    let mut state = unsafe { Box::from_raw(conn.cast::<ConnState>()) };
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        let mut c = Conn::new(&[], abi::FLAG_PEER_CLOSED, &mut state);
+        app.on_close(&mut c);
+        drop(state);
+    }));
+}

@@ -1,0 +1,159 @@
+//! The C ABI between the fdtserver host and an app plugin: the one definition both sides compile.
+//!
+//! Only `#[repr(C)]` plain data, borrowed byte slices and `extern "C"` function pointers cross
+//! this wall; nothing allocated on one side is ever freed on the other, and no Rust trait object
+//! crosses it. Structs only grow by appending fields (bumping [`ABI_MINOR`]); every struct that
+//! can grow carries its own size so that the reader knows which fields exist.
+//!
+//! This module never runs app code and never dereferences anything: it only describes layouts.
+
+use std::ffi::c_void;
+
+/// First bytes of every [`AppDescriptor`]: tells the host that the symbol really is ours.
+pub const MAGIC: [u8; 8] = *b"FDTAPP\0\x01";
+/// Bumped when a layout below changes incompatibly; the host refuses any other major.
+pub const ABI_MAJOR: u32 = 1;
+/// Bumped when fields are appended; a plugin built against a newer minor still loads.
+pub const ABI_MINOR: u32 = 0;
+/// Name of the exported static [`AppDescriptor`] the host looks up with `dlsym`.
+pub const DESCRIPTOR_SYMBOL: &str = "FDT_APP_DESCRIPTOR_V1";
+
+/// The SDK version compiled into both sides (shown by `fdtserver check`).
+pub const SDK_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// `rustc --version` of the compiler that built this side. Informational only: the boundary is a
+/// C ABI, so plugins built by another compiler are sound.
+pub const RUSTC_VERSION: &str = env!("FDT_RUSTC_VERSION");
+/// Target triple of this side; a plugin for another target cannot work.
+pub const TARGET: &str = env!("FDT_TARGET");
+
+/// A borrowed UTF-8 (or byte) string: valid only for the duration of the call it is passed to,
+/// unless documented as `'static` (the strings of a descriptor).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct StrRef {
+    pub ptr: *const u8,
+    pub len: usize,
+}
+
+impl StrRef {
+    pub const fn new(s: &str) -> StrRef {
+        StrRef { ptr: s.as_ptr(), len: s.len() }
+    }
+    pub const fn from_bytes(b: &[u8]) -> StrRef {
+        StrRef { ptr: b.as_ptr(), len: b.len() }
+    }
+}
+
+/// Result codes of the plugin's functions.
+pub type Status = i32;
+pub const STATUS_OK: Status = 0;
+/// The call failed; the reason was passed to the error callback.
+pub const STATUS_ERROR: Status = 1;
+/// App code panicked; the panic message was passed to the error callback.
+pub const STATUS_PANIC: Status = 2;
+
+/// What the connection should do after `conn_data` returned (see `fdt_sdk::Next`).
+pub type NextCode = i32;
+/// Keep the connection; it is between requests and may be closed while draining.
+pub const NEXT_KEEP_OPEN: NextCode = 0;
+/// Keep the connection; the app is in the middle of a conversation (for example an open
+/// transaction), so a drain must not close it while it is idle.
+pub const NEXT_IN_PROGRESS: NextCode = 1;
+/// Send what was written, then close the connection.
+pub const NEXT_CLOSE: NextCode = 2;
+
+/// Log levels of [`HostApi::log`], the same numbers as `log::Level`.
+pub type LogLevel = u32;
+
+/// Receives a message (an error text) from the other side during one call.
+pub type MessageFn = unsafe extern "C" fn(ctx: *mut c_void, msg: StrRef);
+
+/// What the host gives the plugin at start; valid for the duration of `start` only, except the
+/// function pointers, which stay valid for the life of the process.
+#[repr(C)]
+pub struct HostApi {
+    /// `size_of::<HostApi>()` on the host side.
+    pub size: u32,
+    pub abi_major: u32,
+    pub abi_minor: u32,
+    /// The `[app.NAME]` table, as TOML text, without `plugin`.
+    pub settings_toml: StrRef,
+    pub app_name: StrRef,
+    pub node_id: StrRef,
+    pub worker_pid: u32,
+    pub generation: u64,
+    /// The most verbose level the host logs (0 off, 1 error … 5 trace).
+    pub log_level: LogLevel,
+    /// Writes one log record through the host's logger (thread-safe, callable any time).
+    pub log: unsafe extern "C" fn(level: LogLevel, target: StrRef, msg: StrRef),
+}
+
+/// What the host tells the plugin about a new connection; valid during `conn_open` only.
+#[repr(C)]
+pub struct ConnInfo {
+    pub size: u32,
+    /// Peer address as text (`127.0.0.1:5555`, or the Unix socket path, or empty).
+    pub peer: StrRef,
+    /// The listening address as written in the config.
+    pub listener: StrRef,
+    /// Unique within the worker process.
+    pub id: u64,
+}
+
+/// Flags in [`ConnIo::flags`].
+pub const FLAG_DRAINING: u32 = 1;
+/// The peer has closed its sending side: no more input will come.
+pub const FLAG_PEER_CLOSED: u32 = 2;
+
+/// One `conn_data` call: the unread input, borrowed from the host, and where to write output.
+#[repr(C)]
+pub struct ConnIo {
+    pub size: u32,
+    pub flags: u32,
+    pub input: *const u8,
+    pub input_len: usize,
+    /// Out: how many bytes of `input` the app consumed.
+    pub consumed: usize,
+    /// Out: how many complete requests the app handled in this call.
+    pub requests: u64,
+    /// Appends bytes to the connection's output; may be called several times.
+    pub write: unsafe extern "C" fn(ctx: *mut c_void, bytes: StrRef),
+    pub write_ctx: *mut c_void,
+    /// Receives the reason when the call fails or panics.
+    pub error: MessageFn,
+    pub error_ctx: *mut c_void,
+}
+
+/// The exported static the host looks up first. Read-only; every pointer in it is `'static`.
+#[repr(C)]
+pub struct AppDescriptor {
+    pub magic: [u8; 8],
+    pub abi_major: u32,
+    pub abi_minor: u32,
+    /// `size_of::<AppDescriptor>()` in the plugin's build.
+    pub size: u32,
+    pub sdk_version: StrRef,
+    pub rustc_version: StrRef,
+    pub target: StrRef,
+    /// The Rust type name of the app, for messages.
+    pub app_type: StrRef,
+    /// Builds the app. On success stores an opaque app pointer in `*app_out`.
+    pub start: unsafe extern "C" fn(
+        host: *const HostApi,
+        app_out: *mut *mut c_void,
+        error: MessageFn,
+        error_ctx: *mut c_void,
+    ) -> Status,
+    /// Stop hook, then frees the app. Called at most once, after every connection is closed.
+    pub stop: unsafe extern "C" fn(app: *mut c_void),
+    /// Creates the per-connection state; null when the app refused the connection.
+    pub conn_open: unsafe extern "C" fn(app: *mut c_void, info: *const ConnInfo) -> *mut c_void,
+    /// New input is available. Returns a [`NextCode`], or a negative [`Status`] on failure.
+    pub conn_data: unsafe extern "C" fn(app: *mut c_void, conn: *mut c_void, io: *mut ConnIo) -> NextCode,
+    /// The connection is gone; frees the per-connection state.
+    pub conn_close: unsafe extern "C" fn(app: *mut c_void, conn: *mut c_void),
+}
+
+// SAFETY: an `AppDescriptor` is immutable after construction and its pointers only point at
+// `'static` string data and functions, which any thread may read or call.
+unsafe impl Sync for AppDescriptor {}

@@ -1,0 +1,242 @@
+//! The fdtserver app SDK: implement [`App`] for a type and export it with [`export_app!`].
+//!
+//! An app never sees processes, sockets, signals or reloads. The worker calls
+//! [`App::on_readable`] when a connection has new bytes; the app takes the complete requests it
+//! finds ([`Conn::take_line`], [`Conn::consume_request`]), writes answers ([`Conn::write`]) and
+//! returns a [`Next`] saying whether the connection stays open. An idle connection waits in the
+//! worker's event loop, not in a thread, so an app must return as soon as no complete request is
+//! left rather than wait for more input.
+//!
+//! ```
+//! use fdt_sdk::{App, Conn, Next, Settings};
+//!
+//! struct Echo { delay: std::time::Duration }
+//!
+//! impl App for Echo {
+//!     fn start(settings: &Settings) -> Result<Self, String> {
+//!         Ok(Echo { delay: settings.duration_ms("delay_ms", 0)? })
+//!     }
+//!     fn on_readable(&self, conn: &mut Conn) -> Next {
+//!         while let Some(line) = conn.take_line() {
+//!             std::thread::sleep(self.delay);
+//!             conn.write(line);
+//!         }
+//!         Next::KeepOpen
+//!     }
+//! }
+//!
+//! fdt_sdk::export_app!(Echo);
+//!
+//! // Drive it without a server:
+//! let app = fdt_sdk::testing::TestApp::<Echo>::start("").unwrap();
+//! let mut conn = app.connect();
+//! conn.send(b"hi\nhal");
+//! assert_eq!(conn.take_output(), b"hi\n");
+//! ```
+//!
+//! The SDK catches every panic of app code before it reaches the server: a panic in
+//! `on_readable` closes that one connection and is logged; the worker and its other
+//! connections go on. Log with the `log` crate's macros: records go to the server's log.
+
+pub mod abi;
+mod settings;
+pub mod testing;
+
+#[doc(hidden)]
+pub mod __private;
+
+use std::any::Any;
+
+pub use settings::Settings;
+
+/// An application served by fdtserver. One value serves every connection of its listeners in
+/// one worker process, from several threads at once: keep per-connection state in
+/// [`Conn::session`].
+pub trait App: Send + Sync + Sized + 'static {
+    /// Builds the app from its `[app.NAME]` settings, once per worker process, before the
+    /// worker accepts any connection. An `Err` fails the worker's start (and so a reload) with
+    /// that message.
+    fn start(settings: &Settings) -> Result<Self, String>;
+
+    /// The connection has new input in [`Conn::input`]. Take every complete request, answer it,
+    /// and return; leave a partial request unconsumed and it is offered again with more bytes.
+    fn on_readable(&self, conn: &mut Conn) -> Next;
+
+    /// The connection has ended (peer closed, error, drain timeout or [`Next::Close`]). The
+    /// session, if any, is dropped right after this returns.
+    fn on_close(&self, _conn: &mut Conn) {}
+
+    /// The worker is about to exit; every connection is already closed.
+    fn stop(&self) {}
+}
+
+/// What the worker does with a connection after [`App::on_readable`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Keep it open and wait for more input. If no unconsumed input is left, the connection
+    /// is *between requests*: a draining worker may close it (gently) at this point.
+    KeepOpen,
+    /// Keep it open; the app is in the middle of a conversation that spans requests (an open
+    /// transaction, say), so a draining worker leaves it open until `graceful_timeout`.
+    InProgress,
+    /// Send everything written so far, then close the connection.
+    Close,
+}
+
+impl Next {
+    fn code(self) -> abi::NextCode {
+        match self {
+            Next::KeepOpen => abi::NEXT_KEEP_OPEN,
+            Next::InProgress => abi::NEXT_IN_PROGRESS,
+            Next::Close => abi::NEXT_CLOSE,
+        }
+    }
+}
+
+/// Per-connection state kept on the plugin side of the boundary.
+#[derive(Default)]
+pub(crate) struct ConnState {
+    pub(crate) out: Vec<u8>,
+    pub(crate) peer: String,
+    pub(crate) listener: String,
+    pub(crate) id: u64,
+    pub(crate) session: Option<Box<dyn Any + Send>>,
+}
+
+/// One client connection, as seen during one call into the app.
+///
+/// Input is borrowed for the duration of the call: [`Conn::take_line`] returns slices that stay
+/// valid while the app writes, so `conn.write(line)` needs no copy.
+pub struct Conn<'a> {
+    input: &'a [u8],
+    pos: usize,
+    requests: u64,
+    flags: u32,
+    state: &'a mut ConnState,
+}
+
+impl<'a> Conn<'a> {
+    pub(crate) fn new(input: &'a [u8], flags: u32, state: &'a mut ConnState) -> Conn<'a> {
+        Conn { input, pos: 0, requests: 0, flags, state }
+    }
+
+    /// The input not consumed yet.
+    pub fn input(&self) -> &'a [u8] {
+        &self.input[self.pos..]
+    }
+
+    /// Marks `n` bytes of [`Conn::input`] as consumed (without counting a request).
+    ///
+    /// # Panics
+    /// When `n` is larger than the input left.
+    pub fn consume(&mut self, n: usize) {
+        assert!(n <= self.input.len() - self.pos, "consume({n}) past the end of the input");
+        self.pos += n;
+    }
+
+    /// Consumes `n` bytes that made up one complete request, and counts it in the server's
+    /// "requests served" figures.
+    pub fn consume_request(&mut self, n: usize) -> &'a [u8] {
+        let start = self.pos;
+        self.consume(n);
+        self.requests += 1;
+        &self.input[start..start + n]
+    }
+
+    /// Takes the next complete line, including its `\n`, and counts it as one request; `None`
+    /// when no complete line is left.
+    ///
+    /// ```
+    /// # use fdt_sdk::{App, Conn, Next, Settings};
+    /// # struct Upper;
+    /// # impl App for Upper {
+    /// #   fn start(_: &Settings) -> Result<Self, String> { Ok(Upper) }
+    /// fn on_readable(&self, conn: &mut Conn) -> Next {
+    ///     while let Some(line) = conn.take_line() {
+    ///         conn.write(&line.to_ascii_uppercase());
+    ///     }
+    ///     Next::KeepOpen
+    /// }
+    /// # }
+    /// ```
+    pub fn take_line(&mut self) -> Option<&'a [u8]> {
+        let rest = self.input();
+        let end = rest.iter().position(|&b| b == b'\n')?;
+        Some(self.consume_request(end + 1))
+    }
+
+    /// Appends bytes to the connection's output; they are sent when the call returns.
+    pub fn write(&mut self, bytes: &[u8]) {
+        self.state.out.extend_from_slice(bytes);
+    }
+
+    /// True once the worker is draining (reload or stop): answer the current request and
+    /// close, e.g. with `Connection: close` in HTTP.
+    pub fn draining(&self) -> bool {
+        self.flags & abi::FLAG_DRAINING != 0
+    }
+
+    /// True when the peer has closed its side: no more input will come.
+    pub fn peer_closed(&self) -> bool {
+        self.flags & abi::FLAG_PEER_CLOSED != 0
+    }
+
+    /// The peer's address (`127.0.0.1:5555`), or an empty string for Unix sockets.
+    pub fn peer(&self) -> &str {
+        &self.state.peer
+    }
+
+    /// The listening address this connection came in on, as written in the config.
+    pub fn listener(&self) -> &str {
+        &self.state.listener
+    }
+
+    /// A number unique to this connection within its worker process.
+    pub fn id(&self) -> u64 {
+        self.state.id
+    }
+
+    /// The connection's own state of type `T`, created with `T::default()` on first use and
+    /// dropped when the connection closes.
+    ///
+    /// # Panics
+    /// When the same connection asks for two different types.
+    pub fn session<T: Default + Send + 'static>(&mut self) -> &mut T {
+        self.state
+            .session
+            .get_or_insert_with(|| Box::new(T::default()))
+            .downcast_mut::<T>()
+            .expect("Conn::session called with two different types on one connection")
+    }
+
+    /// Takes the session out of the connection (for example to finish it in `on_close`).
+    pub fn take_session<T: Send + 'static>(&mut self) -> Option<T> {
+        let boxed = self.state.session.take()?;
+        match boxed.downcast::<T>() {
+            Ok(t) => Some(*t),
+            Err(other) => {
+                self.state.session = Some(other);
+                None
+            }
+        }
+    }
+
+    pub(crate) fn finish(self) -> (usize, u64) {
+        (self.pos, self.requests)
+    }
+}
+
+/// Exports `$app` (a type implementing [`App`]) from a `cdylib` crate as an fdtserver app.
+///
+/// ```ignore
+/// fdt_sdk::export_app!(Echo);
+/// ```
+#[macro_export]
+macro_rules! export_app {
+    ($app:ty) => {
+        #[doc(hidden)]
+        #[unsafe(no_mangle)]
+        pub static FDT_APP_DESCRIPTOR_V1: $crate::abi::AppDescriptor =
+            $crate::__private::descriptor::<$app>(stringify!($app));
+    };
+}

@@ -1,0 +1,118 @@
+//! An app's own settings: the `[app.NAME]` table of the config, plus facts about its worker.
+
+use std::time::Duration;
+
+/// The `[app.NAME]` table (every key but `plugin`) and the worker the app runs in.
+///
+/// Getters take a default for an absent key and return an error message naming the app and
+/// the key when the value has the wrong type, so `start` can just use `?`:
+///
+/// ```
+/// let s = fdt_sdk::Settings::parse("hello", "message = \"hi\"\ndelay_ms = 5").unwrap();
+/// assert_eq!(s.string("message", "Hello")?, "hi");
+/// assert_eq!(s.duration_ms("delay_ms", 0)?, std::time::Duration::from_millis(5));
+/// assert!(s.u64("message", 0).unwrap_err().contains("`message`"));
+/// # Ok::<(), String>(())
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct Settings {
+    table: toml::Table,
+    app_name: String,
+    node_id: String,
+    worker_pid: u32,
+    generation: u64,
+}
+
+impl Settings {
+    /// Parses settings from TOML text (what the server passes; handy in tests).
+    pub fn parse(app_name: &str, toml_text: &str) -> Result<Settings, String> {
+        let table = toml_text
+            .parse::<toml::Table>()
+            .map_err(|e| format!("app {app_name}: settings are not valid TOML: {e}"))?;
+        Ok(Settings { table, app_name: app_name.to_string(), ..Settings::default() })
+    }
+
+    pub(crate) fn with_worker(mut self, node_id: &str, worker_pid: u32, generation: u64) -> Self {
+        self.node_id = node_id.to_string();
+        self.worker_pid = worker_pid;
+        self.generation = generation;
+        self
+    }
+
+    /// The app's name: the `NAME` of `[app.NAME]`.
+    pub fn app_name(&self) -> &str {
+        &self.app_name
+    }
+    /// The server's `node_id` (stable across restarts).
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+    /// The pid of the worker process this app runs in.
+    pub fn worker_pid(&self) -> u32 {
+        self.worker_pid
+    }
+    /// The generation of that worker: 1 at start, one more at every successful reload.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+    /// The raw value of a key, if present.
+    pub fn get(&self, key: &str) -> Option<&toml::Value> {
+        self.table.get(key)
+    }
+
+    fn wrong_type(&self, key: &str, want: &str, got: &toml::Value) -> String {
+        format!("app {}: setting `{key}` must be {want}, got {got}", self.app_name)
+    }
+
+    /// A string setting.
+    pub fn string(&self, key: &str, default: &str) -> Result<String, String> {
+        match self.get(key) {
+            None => Ok(default.to_string()),
+            Some(toml::Value::String(s)) => Ok(s.clone()),
+            Some(v) => Err(self.wrong_type(key, "a string", v)),
+        }
+    }
+
+    /// A non-negative integer setting.
+    pub fn u64(&self, key: &str, default: u64) -> Result<u64, String> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(toml::Value::Integer(i)) if *i >= 0 => Ok(*i as u64),
+            Some(v) => Err(self.wrong_type(key, "a non-negative integer", v)),
+        }
+    }
+
+    /// A boolean setting.
+    pub fn bool(&self, key: &str, default: bool) -> Result<bool, String> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(toml::Value::Boolean(b)) => Ok(*b),
+            Some(v) => Err(self.wrong_type(key, "true or false", v)),
+        }
+    }
+
+    /// A duration given in milliseconds.
+    pub fn duration_ms(&self, key: &str, default_ms: u64) -> Result<Duration, String> {
+        match self.get(key) {
+            None => Ok(Duration::from_millis(default_ms)),
+            Some(toml::Value::Integer(i)) if *i >= 0 => Ok(Duration::from_millis(*i as u64)),
+            Some(v) => Err(self.wrong_type(key, "a non-negative number of milliseconds", v)),
+        }
+    }
+
+    /// A list of strings; `None` when absent.
+    pub fn string_list(&self, key: &str) -> Result<Option<Vec<String>>, String> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(toml::Value::Array(items)) => items
+                .iter()
+                .map(|v| match v {
+                    toml::Value::String(s) => Ok(s.clone()),
+                    other => Err(self.wrong_type(key, "a list of strings", other)),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(v) => Err(self.wrong_type(key, "a list of strings", v)),
+        }
+    }
+}

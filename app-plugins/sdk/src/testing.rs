@@ -1,0 +1,91 @@
+//! Drive an app without a server: feed bytes to a connection and read what it wrote.
+//!
+//! ```
+//! use fdt_sdk::{App, Conn, Next, Settings, testing::TestApp};
+//! struct Shout;
+//! impl App for Shout {
+//!     fn start(_: &Settings) -> Result<Self, String> { Ok(Shout) }
+//!     fn on_readable(&self, conn: &mut Conn) -> Next {
+//!         while let Some(line) = conn.take_line() { conn.write(&line.to_ascii_uppercase()) }
+//!         Next::KeepOpen
+//!     }
+//! }
+//! let app = TestApp::<Shout>::start("").unwrap();
+//! let mut conn = app.connect();
+//! assert_eq!(conn.send(b"hey\n"), Next::KeepOpen);
+//! assert_eq!(conn.take_output(), b"HEY\n");
+//! ```
+
+use crate::{App, Conn, ConnState, Next, Settings, abi};
+
+/// An app started from settings text, as a worker would start it.
+pub struct TestApp<A: App> {
+    app: A,
+}
+
+impl<A: App> TestApp<A> {
+    /// Starts the app with the given `[app.NAME]` settings (TOML text).
+    pub fn start(settings_toml: &str) -> Result<TestApp<A>, String> {
+        let settings = Settings::parse("test", settings_toml)?.with_worker("test-node", std::process::id(), 1);
+        Ok(TestApp { app: A::start(&settings)? })
+    }
+
+    /// The app itself.
+    pub fn app(&self) -> &A {
+        &self.app
+    }
+
+    /// Opens a new simulated connection.
+    pub fn connect(&self) -> TestConn<'_, A> {
+        TestConn { app: &self.app, input: Vec::new(), state: ConnState::default(), draining: false, requests: 0 }
+    }
+}
+
+/// A simulated connection: keeps the unconsumed input between calls, like the worker does.
+pub struct TestConn<'a, A: App> {
+    app: &'a A,
+    input: Vec<u8>,
+    state: ConnState,
+    draining: bool,
+    requests: u64,
+}
+
+impl<A: App> TestConn<'_, A> {
+    /// Appends bytes to the input and calls `on_readable` once.
+    pub fn send(&mut self, bytes: &[u8]) -> Next {
+        self.input.extend_from_slice(bytes);
+        let flags = if self.draining { abi::FLAG_DRAINING } else { 0 };
+        let mut conn = Conn::new(&self.input, flags, &mut self.state);
+        let next = self.app.on_readable(&mut conn);
+        let (consumed, requests) = conn.finish();
+        self.input.drain(..consumed);
+        self.requests += requests;
+        next
+    }
+
+    /// Everything the app wrote since the last call.
+    pub fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.state.out)
+    }
+
+    /// Input the app has not consumed yet (a partial request).
+    pub fn pending_input(&self) -> &[u8] {
+        &self.input
+    }
+
+    /// Requests the app counted so far.
+    pub fn requests(&self) -> u64 {
+        self.requests
+    }
+
+    /// Makes [`Conn::draining`] true from now on, as during a reload or stop.
+    pub fn set_draining(&mut self, draining: bool) {
+        self.draining = draining;
+    }
+
+    /// Closes the connection: calls `on_close` and drops the session.
+    pub fn close(mut self) {
+        let mut conn = Conn::new(&[], abi::FLAG_PEER_CLOSED, &mut self.state);
+        self.app.on_close(&mut conn);
+    }
+}

@@ -1,0 +1,72 @@
+//! `testkit`: an app for fdtserver's own tests, with commands that misbehave on purpose.
+//!
+//! Settings: `fail_start = "reason"` makes `start` fail; `start_delay_ms` delays it;
+//! `tag` is echoed by `TAG`. Line commands, one answer line each:
+//! `PID`, `GEN`, `TAG`, `DRAINING` (yes/no), `SLEEP <ms>` (answers `SLEPT`), `PANIC`,
+//! `ABORT` (kills the worker process), `BUSY` (stays `InProgress` until `IDLE`), anything
+//! else is echoed.
+
+use fdt_sdk::{App, Conn, Next, Settings};
+use std::time::Duration;
+
+struct Testkit {
+    tag: String,
+    pid: u32,
+    generation: u64,
+}
+
+#[derive(Default)]
+struct Session {
+    busy: bool,
+}
+
+impl App for Testkit {
+    fn start(settings: &Settings) -> Result<Self, String> {
+        std::thread::sleep(settings.duration_ms("start_delay_ms", 0)?);
+        let fail = settings.string("fail_start", "")?;
+        if !fail.is_empty() {
+            return Err(fail);
+        }
+        if settings.bool("panic_at_start", false)? {
+            panic!("testkit was told to panic at start");
+        }
+        Ok(Testkit { tag: settings.string("tag", "")?, pid: settings.worker_pid(), generation: settings.generation() })
+    }
+
+    fn on_readable(&self, conn: &mut Conn) -> Next {
+        while let Some(line) = conn.take_line() {
+            let line = String::from_utf8_lossy(line).trim().to_string();
+            let mut words = line.split_whitespace();
+            let answer = match (words.next().unwrap_or(""), words.next()) {
+                ("PID", _) => self.pid.to_string(),
+                ("GEN", _) => self.generation.to_string(),
+                ("TAG", _) => self.tag.clone(),
+                ("DRAINING", _) => if conn.draining() { "yes" } else { "no" }.to_string(),
+                ("SLEEP", Some(ms)) => {
+                    std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
+                    "SLEPT".to_string()
+                }
+                ("PANIC", _) => panic!("testkit was told to panic"),
+                ("ABORT", _) => std::process::abort(),
+                ("BUSY", _) => {
+                    conn.session::<Session>().busy = true;
+                    "BUSY".to_string()
+                }
+                ("IDLE", _) => {
+                    conn.session::<Session>().busy = false;
+                    "IDLE".to_string()
+                }
+                ("QUIT", _) => {
+                    conn.write(b"BYE\n");
+                    return Next::Close;
+                }
+                _ => line,
+            };
+            conn.write(answer.as_bytes());
+            conn.write(b"\n");
+        }
+        if conn.session::<Session>().busy { Next::InProgress } else { Next::KeepOpen }
+    }
+}
+
+fdt_sdk::export_app!(Testkit);

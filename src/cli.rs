@@ -1,0 +1,315 @@
+//! The command line: parses arguments and runs the server or one of the client commands.
+//!
+//! Exit codes live in [`exit`]; every failure prints one line per problem on stderr.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::control::{self, ClientError};
+
+/// Exit codes of every `fdtserver` command.
+pub mod exit {
+    pub const OK: i32 = 0;
+    /// Could not start, invalid config, no server answering, refused reload, …
+    pub const FAILURE: i32 = 1;
+    /// `txn recover`: in-doubt transactions remain that only their coordinator can settle.
+    pub const IN_DOUBT: i32 = 2;
+}
+
+#[derive(Parser)]
+#[command(name = "fdtserver", version, about = "A pre-forking multi-process TCP server with reloadable app plugins")]
+struct Cli {
+    /// The config file (TOML).
+    #[arg(long, short = 'c', global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the config and load every app plugin in a throw-away process.
+    Check,
+    /// Show the running server's master, generations and workers.
+    Status {
+        /// Print the JSON of the control API.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reload config and apps, and wait for the outcome.
+    Reload,
+    /// Stop gracefully and wait until the master has exited.
+    Stop,
+    /// Prepared (in-doubt) transactions of the configured databases.
+    Txn {
+        #[command(subcommand)]
+        action: TxnAction,
+    },
+    /// Internal: the throw-away child of `check`.
+    #[command(name = "__check-apps", hide = true)]
+    CheckApps,
+}
+
+#[derive(Subcommand)]
+enum TxnAction {
+    List,
+    Commit { gid: String },
+    Rollback { gid: String },
+    Recover,
+}
+
+/// Entry point of the binary; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let Some(config_path) = cli.config else {
+        eprintln!("fdtserver: --config FILE is required (for example: fdtserver --config config/example.toml)");
+        return exit::FAILURE;
+    };
+    match cli.command {
+        None => crate::master::run(&config_path),
+        Some(Command::Check) => check(&config_path),
+        Some(Command::Status { json }) => status(&config_path, json),
+        Some(Command::Reload) => reload(&config_path),
+        Some(Command::Stop) => stop(&config_path),
+        Some(Command::Txn { action: _ }) => {
+            eprintln!("fdtserver: `txn` needs the transaction support, which this build does not have yet");
+            exit::FAILURE
+        }
+        Some(Command::CheckApps) => check_apps(&config_path),
+    }
+}
+
+fn load(path: &Path) -> Result<Config, i32> {
+    Config::load(path).map_err(|e| {
+        for p in &e.problems {
+            eprintln!("fdtserver: {p}");
+        }
+        exit::FAILURE
+    })
+}
+
+/// `check`: config first, then the apps in a child process (never in this one: a plugin may
+/// crash or leave threads behind).
+fn check(path: &Path) -> i32 {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("fdtserver: cannot find my own executable: {e}");
+            return exit::FAILURE;
+        }
+    };
+    let output = std::process::Command::new(exe).arg("__check-apps").arg("--config").arg(&config.path).output();
+    match output {
+        Ok(out) => {
+            print!("{}", String::from_utf8_lossy(&out.stdout));
+            eprint!("{}", String::from_utf8_lossy(&out.stderr));
+            if out.status.success() {
+                println!("{}: ok", config.path.display());
+                exit::OK
+            } else {
+                if out.status.code().is_none() {
+                    eprintln!("fdtserver: an app crashed the check process ({})", out.status);
+                }
+                exit::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("fdtserver: cannot start the check process: {e}");
+            exit::FAILURE
+        }
+    }
+}
+
+/// The child of `check`: starts and stops every app that a listener uses.
+fn check_apps(path: &Path) -> i32 {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    crate::logging::init("check", log::LevelFilter::Warn);
+    let mut failed = false;
+    let mut seen = Vec::new();
+    for l in &config.listeners {
+        if seen.contains(&l.app) {
+            continue;
+        }
+        seen.push(l.app.clone());
+        let app = config.app(&l.app);
+        let ctx = crate::plugin::StartContext {
+            app_name: &app.name,
+            settings_toml: &app.settings_toml,
+            node_id: &config.server.node_id,
+            worker_pid: std::process::id(),
+            generation: 0,
+        };
+        match crate::plugin::App::start(&app.plugin, &ctx) {
+            Ok(started) => {
+                let d = started.describe.clone();
+                started.stop();
+                println!(
+                    "app {}: ok ({}, {}; fdt-sdk {}, {})",
+                    app.name,
+                    d.app_type,
+                    app.plugin.display(),
+                    d.sdk_version,
+                    d.rustc_version
+                );
+            }
+            Err(e) => {
+                failed = true;
+                eprintln!("fdtserver: app {} ({}): {e}", app.name, app.plugin.display());
+            }
+        }
+    }
+    if failed { exit::FAILURE } else { exit::OK }
+}
+
+fn client_error(e: ClientError) -> i32 {
+    eprintln!("fdtserver: {e}");
+    exit::FAILURE
+}
+
+fn status(path: &Path, json: bool) -> i32 {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let (code, body) = match control::request(&config.server.control_socket, "GET", "/status", Duration::from_secs(10)) {
+        Ok(r) => r,
+        Err(e) => return client_error(e),
+    };
+    if code != 200 {
+        eprintln!("fdtserver: status failed ({code}): {}", body.trim());
+        return exit::FAILURE;
+    }
+    if json {
+        print!("{body}");
+        return exit::OK;
+    }
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) else {
+        eprintln!("fdtserver: the server sent a status that is not JSON");
+        return exit::FAILURE;
+    };
+    print!("{}", format_status(&v));
+    exit::OK
+}
+
+/// The human-readable `status` table.
+fn format_status(v: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "master pid {}  generation {}  up {:.0} s  {}",
+        v["pid"],
+        v["generation"],
+        v["uptime_secs"].as_f64().unwrap_or(0.0),
+        v["state"].as_str().unwrap_or("?")
+    );
+    for l in v["listeners"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "listening on {} ({}) for app {}",
+            l["bound"].as_str().unwrap_or("-"),
+            l["address"].as_str().unwrap_or("?"),
+            l["app"].as_str().unwrap_or("?")
+        );
+    }
+    let _ = writeln!(
+        out,
+        "reloads: {} ok, {} failed; worker restarts: {}",
+        v["reloads"]["ok"], v["reloads"]["failed"], v["worker_restarts"]
+    );
+    if let Some(e) = v["reloads"]["last_error"].as_str() {
+        let _ = writeln!(out, "last reload error: {e}");
+    }
+    let _ = writeln!(out, "\n{:>8} {:>4} {:>4} {:<9} {:>8} {:>10} {:>7}", "PID", "GEN", "SLOT", "STATE", "CONNS", "REQUESTS", "PANICS");
+    for w in v["workers"].as_array().into_iter().flatten() {
+        let n = |key: &str| w[key].to_string();
+        let _ = writeln!(
+            out,
+            "{:>8} {:>4} {:>4} {:<9} {:>8} {:>10} {:>7}",
+            n("pid"),
+            n("generation"),
+            n("slot"),
+            w["state"].as_str().unwrap_or("?"),
+            n("connections"),
+            n("requests"),
+            n("panics")
+        );
+    }
+    out
+}
+
+fn reload(path: &Path) -> i32 {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    // The server answers once the new generation is ready or refused: give it boot_timeout.
+    let timeout = config.server.boot_timeout + Duration::from_secs(10);
+    match control::request(&config.server.control_socket, "POST", "/reload", timeout) {
+        Ok((200, body)) => {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            println!("reloaded: generation {} is serving", v["generation"]);
+            exit::OK
+        }
+        Ok((_, body)) => {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            let reason = v["error"].as_str().map(str::to_string).unwrap_or(body);
+            eprintln!("fdtserver: reload refused: {}; the old generation keeps serving", reason.trim());
+            exit::FAILURE
+        }
+        Err(e) => client_error(e),
+    }
+}
+
+fn stop(path: &Path) -> i32 {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let socket = &config.server.control_socket;
+    let master_pid = control::request(socket, "GET", "/status", Duration::from_secs(10))
+        .ok()
+        .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+        .and_then(|v| v["pid"].as_i64());
+    match control::request(socket, "POST", "/stop", Duration::from_secs(10)) {
+        Ok((202, _)) => {}
+        Ok((code, body)) => {
+            eprintln!("fdtserver: stop failed ({code}): {}", body.trim());
+            return exit::FAILURE;
+        }
+        Err(e) => return client_error(e),
+    }
+    let deadline = Instant::now() + config.server.graceful_timeout + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        let exited = match master_pid {
+            Some(pid) => !process_alive(pid as i32),
+            // The master removes its control socket as it exits.
+            None => std::os::unix::net::UnixStream::connect(socket).is_err(),
+        };
+        if exited {
+            println!("stopped");
+            return exit::OK;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("fdtserver: the server did not exit within graceful_timeout + 15 s");
+    exit::FAILURE
+}
+
+/// True while `pid` runs (a zombie waiting for its parent counts as exited).
+fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}

@@ -1,0 +1,446 @@
+//! The config file: parsing, defaults and validation, with errors that name the file and line.
+//!
+//! Invariant: a [`Config`] value is always valid (every listener names a defined app, every
+//! number is in range, paths are absolute). This module never touches sockets or plugins.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Default `backlog` of a `[[listen]]` socket; the kernel caps it at `net.core.somaxconn`.
+pub const DEFAULT_BACKLOG: i32 = 1024;
+
+/// A validated config.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The config file, absolute.
+    pub path: PathBuf,
+    pub server: ServerConfig,
+    pub listeners: Vec<ListenConfig>,
+    pub apps: BTreeMap<String, AppConfig>,
+    pub databases: BTreeMap<String, DatabaseConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub workers: usize,
+    pub threads: usize,
+    pub graceful_timeout: Duration,
+    pub pidfile: Option<PathBuf>,
+    pub control_socket: PathBuf,
+    pub log_level: log::LevelFilter,
+    pub boot_timeout: Duration,
+    pub heartbeat_timeout: Duration,
+    /// `None`: no limit.
+    pub request_timeout: Option<Duration>,
+    /// 0: never recycle.
+    pub max_requests: u64,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    pub error_log: Option<PathBuf>,
+    pub access_log: Option<PathBuf>,
+    pub node_id: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct ListenConfig {
+    pub address: Address,
+    pub app: String,
+    pub backlog: i32,
+}
+
+#[derive(Clone, Debug)]
+pub struct AppConfig {
+    pub name: String,
+    /// The plugin file, absolute.
+    pub plugin: PathBuf,
+    /// The app's own settings (the table without `plugin`), as TOML text.
+    pub settings_toml: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct DatabaseConfig {
+    pub name: String,
+    pub url: String,
+    pub pool_size: usize,
+}
+
+/// Where a listener listens.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Address {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Address::Tcp(a) => write!(f, "{a}"),
+            Address::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl Address {
+    /// Parses `host:port`, `[v6]:port` or `unix:/path` (relative to `base`).
+    pub fn parse(text: &str, base: &Path) -> Result<Address, String> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("`unix:` needs a path, as in `unix:/run/app.sock`".into());
+            }
+            return Ok(Address::Unix(base.join(path)));
+        }
+        if let Ok(addr) = text.parse::<SocketAddr>() {
+            return Ok(Address::Tcp(addr));
+        }
+        match text.to_socket_addrs() {
+            Ok(mut addrs) => match addrs.next() {
+                Some(addr) => Ok(Address::Tcp(addr)),
+                None => Err(format!("`{text}` resolves to no address")),
+            },
+            Err(e) => Err(format!("`{text}` is not host:port, [v6]:port or unix:/path ({e})")),
+        }
+    }
+}
+
+/// Every problem found in a config file, one per line, each as `FILE:LINE: message`.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.problems.join("\n"))
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: Option<Spanned<RawServer>>,
+    #[serde(default)]
+    listen: Vec<Spanned<RawListen>>,
+    #[serde(default)]
+    app: BTreeMap<String, Spanned<toml::Table>>,
+    #[serde(default)]
+    database: BTreeMap<String, Spanned<RawDatabase>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    workers: Option<Spanned<i64>>,
+    threads: Option<Spanned<i64>>,
+    graceful_timeout: Option<Spanned<f64>>,
+    pidfile: Option<String>,
+    control_socket: Option<String>,
+    log_level: Option<Spanned<String>>,
+    boot_timeout: Option<Spanned<f64>>,
+    heartbeat_timeout: Option<Spanned<f64>>,
+    request_timeout: Option<Spanned<f64>>,
+    max_requests: Option<Spanned<i64>>,
+    user: Option<String>,
+    group: Option<String>,
+    error_log: Option<String>,
+    access_log: Option<String>,
+    node_id: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListen {
+    address: Spanned<String>,
+    app: Spanned<String>,
+    backlog: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    url: String,
+    pool_size: Option<Spanned<i64>>,
+}
+
+/// Collects problems with their position in the file.
+struct Problems<'a> {
+    file: &'a Path,
+    text: &'a str,
+    list: Vec<String>,
+}
+
+impl Problems<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        let offset = offset.min(self.text.len());
+        self.text.as_bytes()[..offset].iter().filter(|&&b| b == b'\n').count() + 1
+    }
+    fn at(&mut self, span: std::ops::Range<usize>, msg: impl fmt::Display) {
+        let line = self.line_of(span.start);
+        self.list.push(format!("{}:{line}: {msg}", self.file.display()));
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let path = absolute(path);
+        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError {
+            problems: vec![format!("{}: cannot read the config file: {e}", path.display())],
+        })?;
+        Config::parse(&path, &text)
+    }
+
+    /// Validates config text that came from `path` (used for messages and relative paths).
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let mut problems = Problems { file: path, text, list: Vec::new() };
+        let raw: RawConfig = match toml::from_str(text) {
+            Ok(raw) => raw,
+            Err(e) => {
+                let msg = e.message().trim().to_string();
+                match e.span() {
+                    Some(span) => problems.at(span, msg),
+                    None => problems.list.push(format!("{}: {msg}", path.display())),
+                }
+                return Err(ConfigError { problems: problems.list });
+            }
+        };
+        let dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
+        let config = build(raw, path, &dir, &mut problems);
+        if problems.list.is_empty() { Ok(config) } else { Err(ConfigError { problems: problems.list }) }
+    }
+
+    /// The app a listener serves.
+    pub fn app(&self, name: &str) -> &AppConfig {
+        &self.apps[name]
+    }
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+fn seconds(
+    value: Option<Spanned<f64>>,
+    default: f64,
+    key: &str,
+    problems: &mut Problems<'_>,
+) -> Duration {
+    let Some(v) = value else { return Duration::from_secs_f64(default) };
+    let span = v.span();
+    let secs = v.into_inner();
+    if !(0.0..=1e7).contains(&secs) {
+        problems.at(span, format!("`{key}` must be a number of seconds between 0 and 10000000, got {secs}"));
+        return Duration::from_secs_f64(default);
+    }
+    Duration::from_secs_f64(secs)
+}
+
+fn count(value: Option<Spanned<i64>>, default: usize, max: usize, key: &str, problems: &mut Problems<'_>) -> usize {
+    let Some(v) = value else { return default };
+    let span = v.span();
+    let n = v.into_inner();
+    if n < 1 || n as u64 > max as u64 {
+        problems.at(span, format!("`{key}` must be between 1 and {max}, got {n}"));
+        return default;
+    }
+    n as usize
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+fn build(raw: RawConfig, path: &Path, dir: &Path, problems: &mut Problems<'_>) -> Config {
+    let (server_span, s) = match raw.server {
+        Some(s) => (s.span(), s.into_inner()),
+        None => (0..0, RawServer::default()),
+    };
+    let log_level = match s.log_level {
+        None => log::LevelFilter::Info,
+        Some(l) => match l.get_ref().as_str() {
+            "error" => log::LevelFilter::Error,
+            "warn" => log::LevelFilter::Warn,
+            "info" => log::LevelFilter::Info,
+            "debug" => log::LevelFilter::Debug,
+            "trace" => log::LevelFilter::Trace,
+            other => {
+                problems.at(l.span(), format!("`log_level` must be error, warn, info, debug or trace, got `{other}`"));
+                log::LevelFilter::Info
+            }
+        },
+    };
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "fdtserver".into());
+    let node_id = match s.node_id {
+        Some(n) => {
+            let valid = !n.get_ref().is_empty()
+                && n.get_ref().len() <= 64
+                && n.get_ref().bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            if !valid {
+                problems.at(n.span(), "`node_id` must be 1 to 64 characters of A-Z a-z 0-9 . _ -");
+            }
+            n.into_inner()
+        }
+        None => default_node_id(),
+    };
+    let max_requests = match s.max_requests {
+        Some(m) if *m.get_ref() < 0 => {
+            problems.at(m.span(), "`max_requests` must be 0 (never) or a positive number");
+            0
+        }
+        Some(m) => m.into_inner() as u64,
+        None => 0,
+    };
+    let request_timeout = seconds(s.request_timeout, 0.0, "request_timeout", problems);
+    let server = ServerConfig {
+        workers: count(s.workers, default_workers(), 1024, "workers", problems),
+        threads: count(s.threads, 4, 1024, "threads", problems),
+        graceful_timeout: seconds(s.graceful_timeout, 30.0, "graceful_timeout", problems),
+        pidfile: s.pidfile.map(|p| dir.join(p)),
+        control_socket: s.control_socket.map(|p| dir.join(p)).unwrap_or_else(|| dir.join(format!("{stem}.sock"))),
+        log_level,
+        boot_timeout: seconds(s.boot_timeout, 30.0, "boot_timeout", problems),
+        heartbeat_timeout: seconds(s.heartbeat_timeout, 30.0, "heartbeat_timeout", problems),
+        request_timeout: (!request_timeout.is_zero()).then_some(request_timeout),
+        max_requests,
+        user: s.user,
+        group: s.group,
+        error_log: s.error_log.map(|p| dir.join(p)),
+        access_log: s.access_log.map(|p| dir.join(p)),
+        node_id,
+    };
+
+    let mut apps = BTreeMap::new();
+    for (name, table) in raw.app {
+        let span = table.span();
+        let mut table = table.into_inner();
+        let plugin = match table.remove("plugin") {
+            Some(toml::Value::String(p)) => dir.join(p),
+            Some(other) => {
+                problems.at(span.clone(), format!("[app.{name}]: `plugin` must be a path (a string), got {other}"));
+                continue;
+            }
+            None => {
+                problems.at(span.clone(), format!("[app.{name}] has no `plugin` (the path of the app's .so file)"));
+                continue;
+            }
+        };
+        let settings_toml = toml::to_string(&table).unwrap_or_default();
+        apps.insert(name.clone(), AppConfig { name, plugin, settings_toml });
+    }
+
+    let mut listeners = Vec::new();
+    if raw.listen.is_empty() {
+        let at = if server_span.is_empty() { 0..0 } else { server_span };
+        problems.at(at, "no [[listen]] section: the server would have nothing to serve");
+    }
+    for l in raw.listen {
+        let l = l.into_inner();
+        let address = match Address::parse(l.address.get_ref(), dir) {
+            Ok(a) => a,
+            Err(e) => {
+                problems.at(l.address.span(), format!("bad listen address: {e}"));
+                continue;
+            }
+        };
+        if listeners.iter().any(|o: &ListenConfig| o.address == address) {
+            problems.at(l.address.span(), format!("address {address} is listed twice"));
+            continue;
+        }
+        if !apps.contains_key(l.app.get_ref()) {
+            problems.at(
+                l.app.span(),
+                format!("listener {address} names app `{}`, but there is no [app.{}]", l.app.get_ref(), l.app.get_ref()),
+            );
+            continue;
+        }
+        let backlog = match l.backlog {
+            Some(b) if !(1..=65535).contains(b.get_ref()) => {
+                problems.at(b.span(), "`backlog` must be between 1 and 65535");
+                DEFAULT_BACKLOG
+            }
+            Some(b) => b.into_inner() as i32,
+            None => DEFAULT_BACKLOG,
+        };
+        listeners.push(ListenConfig { address, app: l.app.into_inner(), backlog });
+    }
+
+    let mut databases = BTreeMap::new();
+    for (name, db) in raw.database {
+        let db = db.into_inner();
+        let pool_size = count(db.pool_size, 8, 1024, "pool_size", problems);
+        databases.insert(name.clone(), DatabaseConfig { name, url: db.url, pool_size });
+    }
+
+    Config { path: path.to_path_buf(), server, listeners, apps, databases }
+}
+
+fn default_node_id() -> String {
+    let host = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default();
+    let clean: String =
+        host.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '-' }).take(64).collect();
+    if clean.is_empty() { "node".into() } else { clean }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/fdt/test.toml"), text)
+    }
+
+    const MINIMAL: &str = "[[listen]]\naddress = \"127.0.0.1:7000\"\napp = \"echo\"\n\n[app.echo]\nplugin = \"libfdt_echo.so\"\ndelay_ms = 5\n";
+
+    #[test]
+    fn a_minimal_config_gets_the_documented_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.server.threads, 4);
+        assert_eq!(c.server.graceful_timeout, Duration::from_secs(30));
+        assert_eq!(c.server.control_socket, Path::new("/etc/fdt/test.sock"));
+        assert_eq!(c.apps["echo"].plugin, Path::new("/etc/fdt/libfdt_echo.so"));
+        assert_eq!(c.apps["echo"].settings_toml.trim(), "delay_ms = 5");
+        assert_eq!(c.listeners[0].backlog, DEFAULT_BACKLOG);
+        assert!(c.server.request_timeout.is_none());
+    }
+
+    #[test]
+    fn an_unknown_server_key_is_reported_with_file_and_line() {
+        let err = parse(&format!("[server]\nworkers = 2\nwokers = 3\n{MINIMAL}")).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert!(err.problems[0].starts_with("/etc/fdt/test.toml:3: "), "{err}");
+        assert!(err.problems[0].contains("wokers"), "{err}");
+    }
+
+    #[test]
+    fn every_semantic_problem_is_listed_with_its_line() {
+        let text = "[server]\nworkers = 0\nlog_level = \"loud\"\n[[listen]]\naddress = \"127.0.0.1:7000\"\napp = \"nope\"\n[[listen]]\naddress = \"nonsense\"\napp = \"echo\"\n[app.echo]\ndelay_ms = 1\n";
+        let err = parse(text).unwrap_err();
+        let all = err.to_string();
+        assert!(all.contains("test.toml:2: `workers` must be between 1"), "{all}");
+        assert!(all.contains("test.toml:3: `log_level`"), "{all}");
+        assert!(all.contains("test.toml:6: listener 127.0.0.1:7000 names app `nope`"), "{all}");
+        assert!(all.contains("test.toml:8: bad listen address"), "{all}");
+        assert!(all.contains("test.toml:10: [app.echo] has no `plugin`"), "{all}");
+    }
+
+    #[test]
+    fn unix_and_ipv6_addresses_parse() {
+        let base = Path::new("/srv");
+        assert_eq!(Address::parse("unix:run/a.sock", base).unwrap(), Address::Unix("/srv/run/a.sock".into()));
+        assert_eq!(Address::parse("[::1]:80", base).unwrap().to_string(), "[::1]:80");
+    }
+
+    #[test]
+    fn a_toml_syntax_error_names_the_line() {
+        let err = parse("[server\nworkers = 2\n").unwrap_err();
+        assert!(err.problems[0].starts_with("/etc/fdt/test.toml:1: "), "{err}");
+    }
+}

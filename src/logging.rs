@@ -1,0 +1,137 @@
+//! The `log` backend: one line per record with time, level, role and pid, to stderr or to the
+//! `error_log` file (reopened on `USR1`), or with journald priority prefixes under systemd.
+//!
+//! Written here rather than taken from a crate because it must change role after `fork`,
+//! reopen its file on a signal, and never start a thread (the master must stay
+//! single-threaded). Each line goes out in one `write`, so lines of concurrent processes
+//! never interleave.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use log::{Level, LevelFilter, Log, Metadata, Record};
+
+struct State {
+    role: String,
+    pid: u32,
+    /// `Some` when logging to a file; `None` means stderr.
+    file: Option<(PathBuf, File)>,
+    /// Started by systemd with stderr connected to the journal: use `<N>` priority prefixes.
+    journald: bool,
+}
+
+struct Logger {
+    state: Mutex<State>,
+}
+
+static LOGGER: Logger = Logger {
+    state: Mutex::new(State { role: String::new(), pid: 0, file: None, journald: false }),
+};
+
+/// Installs the logger for this process as `role` (e.g. `master`).
+pub fn init(role: &str, level: LevelFilter) {
+    {
+        let mut s = lock();
+        s.role = role.to_string();
+        s.pid = std::process::id();
+        s.journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    }
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(level);
+}
+
+/// Changes the role and pid shown in every line (after `fork`).
+pub fn set_role(role: &str) {
+    let mut s = lock();
+    s.role = role.to_string();
+    s.pid = std::process::id();
+}
+
+pub fn set_level(level: LevelFilter) {
+    log::set_max_level(level);
+}
+
+/// Sends the log to `path` (appending), or back to stderr with `None`.
+pub fn set_file(path: Option<&Path>) -> std::io::Result<()> {
+    let file = match path {
+        Some(p) => Some((p.to_path_buf(), open_log(p)?)),
+        None => None,
+    };
+    lock().file = file;
+    Ok(())
+}
+
+/// Reopens the log file at its path (after logrotate moved it away).
+pub fn reopen() -> std::io::Result<()> {
+    let mut s = lock();
+    if let Some((path, file)) = s.file.as_mut() {
+        *file = open_log(path)?;
+    }
+    Ok(())
+}
+
+/// The fd lines are written to, so that a forked worker keeps it open.
+pub fn raw_fd() -> Option<std::os::fd::RawFd> {
+    use std::os::fd::AsRawFd;
+    lock().file.as_ref().map(|(_, f)| f.as_raw_fd())
+}
+
+pub fn open_log(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+fn lock() -> std::sync::MutexGuard<'static, State> {
+    LOGGER.state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A log record from an app plugin, passed through the plugin ABI.
+pub fn log_from_app(level: u32, target: &str, msg: &str) {
+    let level = match level {
+        1 => Level::Error,
+        2 => Level::Warn,
+        3 => Level::Info,
+        4 => Level::Debug,
+        _ => Level::Trace,
+    };
+    if level <= log::max_level() {
+        LOGGER.write(level, target, format_args!("{msg}"));
+    }
+}
+
+impl Logger {
+    fn write(&self, level: Level, target: &str, args: std::fmt::Arguments<'_>) {
+        let mut s = lock();
+        let app = if target.starts_with("fdtserver") { String::new() } else { format!("{target}: ") };
+        let line = if s.journald && s.file.is_none() {
+            let prio = match level {
+                Level::Error => 3,
+                Level::Warn => 4,
+                Level::Info => 6,
+                Level::Debug | Level::Trace => 7,
+            };
+            format!("<{prio}>{} [{}] {app}{args}\n", s.role, s.pid)
+        } else {
+            let now = humantime::format_rfc3339_millis(SystemTime::now());
+            format!("{now} {level:<5} {} [{}] {app}{args}\n", s.role, s.pid)
+        };
+        let _ = match s.file.as_mut() {
+            Some((_, f)) => f.write_all(line.as_bytes()),
+            None => std::io::stderr().write_all(line.as_bytes()),
+        };
+    }
+}
+
+impl Log for Logger {
+    fn enabled(&self, metadata: &Metadata) -> bool {
+        metadata.level() <= log::max_level()
+    }
+    fn log(&self, record: &Record) {
+        if self.enabled(record.metadata()) {
+            self.write(record.level(), record.target(), *record.args());
+        }
+    }
+    fn flush(&self) {}
+}

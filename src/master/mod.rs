@@ -1,0 +1,982 @@
+//! The master process: binds the listeners, forks and supervises generations of workers,
+//! reloads, stops, and answers the control API.
+//!
+//! Shape (after nginx's master cycle): wait on one `mio::Poll` (self-pipe for signals,
+//! control socket, one channel per worker); turn what happened into [`Event`]s; handle them in
+//! a fixed order — reap children, stop, reload, reopen, resize, then worker messages and
+//! control requests — then fire due timers.
+//!
+//! Invariants: the master has exactly one thread, forever (checked before every fork); it never
+//! loads a plugin and never touches a client byte; [`table::Table`] is its only record of its
+//! children.
+
+mod status;
+pub mod table;
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, IntoRawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+use crate::config::{Address, Config};
+use crate::control::{self, ControlServer, Request, Response};
+use crate::ipc::{MasterMessage, WorkerMessage};
+use crate::listener::{self, Listener};
+use crate::sys::{self, Fork};
+use crate::worker::{self, WorkerSpec};
+use table::{CrashHistory, GenState, Generation, Table, Worker, WorkerState};
+
+const SIGNAL_TOKEN: Token = Token(0);
+const CONTROL_TOKEN: Token = Token(1);
+/// Worker channels use `Token(WORKER_TOKEN_BASE + pid)`.
+const WORKER_TOKEN_BASE: usize = 16;
+/// A draining generation gets this long past `graceful_timeout` to exit on its own (workers
+/// enforce the timeout themselves) before the master kills what is left.
+const DRAIN_KILL_MARGIN: Duration = Duration::from_secs(5);
+/// After a fast stop is asked for, workers that have not exited by then are killed.
+const FAST_STOP_GRACE: Duration = Duration::from_secs(2);
+/// The loop wakes at least this often, so a missed wake-up can delay nothing for long.
+const MAX_POLL_WAIT: Duration = Duration::from_secs(1);
+
+/// The signals the master acts on, in the order it handles them within one loop turn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sig {
+    /// CHLD: reap and maybe replace workers.
+    Child,
+    /// TERM, INT: graceful stop (a second one: fast).
+    Terminate,
+    /// QUIT: fast stop.
+    Quit,
+    /// HUP: reload.
+    Reload,
+    /// USR1: reopen log files.
+    Reopen,
+    /// USR2: binary upgrade.
+    Upgrade,
+    /// TTIN: one worker more.
+    MoreWorkers,
+    /// TTOU: one worker fewer.
+    FewerWorkers,
+}
+
+const SIGNALS: [(libc::c_int, Sig); 9] = [
+    (libc::SIGCHLD, Sig::Child),
+    (libc::SIGTERM, Sig::Terminate),
+    (libc::SIGINT, Sig::Terminate),
+    (libc::SIGQUIT, Sig::Quit),
+    (libc::SIGHUP, Sig::Reload),
+    (libc::SIGUSR1, Sig::Reopen),
+    (libc::SIGUSR2, Sig::Upgrade),
+    (libc::SIGTTIN, Sig::MoreWorkers),
+    (libc::SIGTTOU, Sig::FewerWorkers),
+];
+
+/// Signal flags set by signal-hook's handlers, and the self-pipe that wakes the loop.
+struct SignalPipe {
+    read: UnixStream,
+    flags: Vec<(libc::c_int, Sig, Arc<AtomicBool>)>,
+    ids: Vec<signal_hook::SigId>,
+}
+
+impl SignalPipe {
+    fn install() -> io::Result<SignalPipe> {
+        let (read, write) = UnixStream::pair()?;
+        read.set_nonblocking(true)?;
+        let mut flags = Vec::new();
+        let mut ids = Vec::new();
+        for (sig, what) in SIGNALS {
+            let flag = Arc::new(AtomicBool::new(false));
+            // The flag first: the loop, woken by the pipe, must find it set.
+            ids.push(signal_hook::flag::register(sig, flag.clone())?);
+            ids.push(signal_hook::low_level::pipe::register(sig, write.try_clone()?)?);
+            flags.push((sig, what, flag));
+        }
+        Ok(SignalPipe { read, flags, ids })
+    }
+
+    /// The signals that arrived since the last call, in handling order, each once (a second
+    /// TERM is noticed because the first one already put the master in the stopping state).
+    fn take(&mut self) -> Vec<Sig> {
+        let mut buf = [0u8; 64];
+        while matches!(self.read.read(&mut buf), Ok(n) if n > 0) {}
+        let mut arrived: Vec<Sig> =
+            self.flags.iter().filter(|(_, _, f)| f.swap(false, Ordering::SeqCst)).map(|(_, s, _)| *s).collect();
+        arrived.dedup();
+        arrived
+    }
+}
+
+/// Everything the master loop reacts to.
+enum Event {
+    Signal(Sig),
+    Worker(Pid, WorkerMessage),
+    Control(usize, Request),
+}
+
+/// How the master is stopping.
+struct Stopping {
+    fast: bool,
+    kill_at: Instant,
+}
+
+/// A respawn waiting for its back-off delay.
+struct Respawn {
+    generation: u64,
+    slot: usize,
+    at: Instant,
+}
+
+#[derive(Default)]
+struct Counters {
+    reloads_ok: u64,
+    reloads_failed: u64,
+    worker_restarts: u64,
+    last_reload_error: Option<String>,
+    last_drain_ms: Option<u64>,
+}
+
+pub struct Master {
+    config_path: PathBuf,
+    config: Arc<Config>,
+    poll: Poll,
+    signals: SignalPipe,
+    listeners: BTreeMap<Address, Listener>,
+    table: Table,
+    control: ControlServer,
+    runtime_dir: PathBuf,
+    stopping: Option<Stopping>,
+    reload_waiters: Vec<usize>,
+    respawns: Vec<Respawn>,
+    next_generation: u64,
+    started: Instant,
+    counters: Counters,
+    /// Set when the first generation could not start: the master exits 1 with it.
+    startup_failure: Option<String>,
+    pidfile_written: bool,
+}
+
+/// Prints a problem that stops the server from starting: to the log, and to stderr when the
+/// log goes to a file.
+fn fatal(config: &Config, msg: &str) {
+    log::error!("{msg}");
+    if config.server.error_log.is_some() {
+        eprintln!("fdtserver: {msg}");
+    }
+}
+
+/// Runs the server in the foreground until it is stopped. Returns the exit status.
+pub fn run(config_path: &Path) -> i32 {
+    let config = match Config::load(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            for p in &e.problems {
+                eprintln!("fdtserver: {p}");
+            }
+            return 1;
+        }
+    };
+    crate::logging::init("master", config.server.log_level);
+    if let Some(path) = &config.server.error_log {
+        if let Err(e) = crate::logging::set_file(Some(path)) {
+            eprintln!("fdtserver: cannot open error_log {}: {e}", path.display());
+            return 1;
+        }
+    }
+    match Master::start(config) {
+        Ok(mut master) => master.run_loop(),
+        Err(()) => 1,
+    }
+}
+
+impl Master {
+    fn start(config: Config) -> Result<Master, ()> {
+        match sys::raise_fd_limit() {
+            Ok(n) => log::debug!("open file limit: {n}"),
+            Err(e) => log::warn!("cannot raise the open file limit: {e}"),
+        }
+        if let Some(pidfile) = &config.server.pidfile {
+            if let Some(pid) = live_pid_in(pidfile) {
+                fatal(&config, &format!("another fdtserver (pid {pid}) is running with pidfile {}", pidfile.display()));
+                return Err(());
+            }
+        }
+        let mut problems = Vec::new();
+        let mut listeners = BTreeMap::new();
+        for l in &config.listeners {
+            match listener::bind(&l.address, l.backlog) {
+                Ok(bound) => {
+                    listeners.insert(l.address.clone(), bound);
+                }
+                Err(e) => problems.push(format!("cannot listen on {}: {e}", l.address)),
+            }
+        }
+        let control = ControlServer::bind(&config.server.control_socket).map_err(|e| {
+            problems.push(format!("cannot open the control socket {}: {e}", config.server.control_socket.display()))
+        });
+        if !problems.is_empty() {
+            for p in &problems {
+                fatal(&config, p);
+            }
+            return Err(());
+        }
+        let mut control = control.map_err(|_| ())?;
+        let runtime_dir = std::env::temp_dir().join(format!("fdtserver-{}", std::process::id()));
+        let setup = (|| -> io::Result<(Poll, SignalPipe)> {
+            std::fs::create_dir_all(runtime_dir.join("plugins"))?;
+            let poll = Poll::new()?;
+            let signals = SignalPipe::install()?;
+            poll.registry().register(&mut SourceFd(&signals.read.as_raw_fd()), SIGNAL_TOKEN, Interest::READABLE)?;
+            control.register(poll.registry(), CONTROL_TOKEN)?;
+            Ok((poll, signals))
+        })();
+        let (poll, signals) = match setup {
+            Ok(s) => s,
+            Err(e) => {
+                fatal(&config, &format!("cannot set up the master: {e}"));
+                control.remove_file();
+                return Err(());
+            }
+        };
+        for l in listeners.values() {
+            log::info!("listening on {} ({})", l.local, l.address);
+        }
+        let mut master = Master {
+            config_path: config.path.clone(),
+            config: Arc::new(config),
+            poll,
+            signals,
+            listeners,
+            table: Table::default(),
+            control,
+            runtime_dir,
+            stopping: None,
+            reload_waiters: Vec::new(),
+            respawns: Vec::new(),
+            next_generation: 1,
+            started: Instant::now(),
+            counters: Counters::default(),
+            startup_failure: None,
+            pidfile_written: false,
+        };
+        let config = Config::clone(&master.config);
+        if let Err(reason) = master.boot_generation(config) {
+            fatal(&master.config, &reason);
+            master.cleanup();
+            return Err(());
+        }
+        Ok(master)
+    }
+
+    /// The master loop. Returns the exit status.
+    fn run_loop(&mut self) -> i32 {
+        let mut events = Events::with_capacity(256);
+        loop {
+            let timeout = self.next_timeout();
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    log::error!("poll failed: {e}");
+                }
+            }
+            let mut happened: Vec<Event> = self.signals.take().into_iter().map(Event::Signal).collect();
+            for event in events.iter() {
+                match event.token() {
+                    SIGNAL_TOKEN => {}
+                    CONTROL_TOKEN => self.control.accept(self.poll.registry()),
+                    Token(t) if t >= control::CONN_TOKEN_BASE => {
+                        let id = t - control::CONN_TOKEN_BASE;
+                        if let Some(request) = self.control.ready(id, self.poll.registry()) {
+                            happened.push(Event::Control(id, request));
+                        }
+                    }
+                    Token(t) => {
+                        let pid = Pid::from_raw((t - WORKER_TOKEN_BASE) as i32);
+                        happened.extend(self.read_worker(pid).into_iter().map(|m| Event::Worker(pid, m)));
+                    }
+                }
+            }
+            for event in happened {
+                match event {
+                    Event::Signal(sig) => self.on_signal(sig),
+                    Event::Worker(pid, msg) => self.on_worker_message(pid, msg),
+                    Event::Control(id, request) => self.on_control(id, request),
+                }
+            }
+            self.on_timers();
+            if self.stopping.is_some() && self.table.workers.is_empty() {
+                return self.exit();
+            }
+        }
+    }
+
+    fn on_signal(&mut self, sig: Sig) {
+        match sig {
+            Sig::Child => self.reap(),
+            Sig::Terminate => self.begin_stop(self.stopping.is_some()),
+            Sig::Quit => self.begin_stop(true),
+            Sig::Reload => {
+                log::info!("HUP: reloading {}", self.config_path.display());
+                self.begin_reload(None);
+            }
+            Sig::Reopen => {
+                if let Err(e) = crate::logging::reopen() {
+                    log::error!("cannot reopen the log file: {e}");
+                }
+                log::info!("log files reopened");
+            }
+            Sig::Upgrade => log::warn!("USR2 (binary upgrade) is not supported yet; ignoring it"),
+            Sig::MoreWorkers => self.resize(1),
+            Sig::FewerWorkers => self.resize(-1),
+        }
+    }
+
+    // ---- workers --------------------------------------------------------------------------
+
+    /// Forks one worker of `generation` for `slot`.
+    fn spawn_worker(&mut self, generation: u64, slot: usize) -> io::Result<Pid> {
+        let gen_ = &self.table.generations[&generation];
+        let listeners: Vec<_> = gen_
+            .config
+            .listeners
+            .iter()
+            .map(|l| (self.listeners[&l.address].socket.as_raw_fd(), l.address.clone(), l.app.clone()))
+            .collect();
+        let (master_end, worker_end) = UnixStream::pair()?;
+        let master_pid = Pid::this();
+        // Fork before threads: the master is single-threaded (checked inside), the worker
+        // starts its threads after this point.
+        let (fork, saved_mask) = sys::fork_with_signals_blocked()?;
+        match fork {
+            Fork::Child => worker::run(
+                WorkerSpec {
+                    slot,
+                    generation,
+                    config: gen_.config.clone(),
+                    listeners,
+                    plugins: gen_.plugins.clone(),
+                    channel: worker_end.into_raw_fd(),
+                    master_pid,
+                    master_signals: self.signals.ids.clone(),
+                },
+                saved_mask,
+            ),
+            Fork::Parent(pid) => {
+                let _ = sys::restore_signal_mask(&saved_mask);
+                drop(worker_end);
+                master_end.set_nonblocking(true)?;
+                let mut channel = mio::net::UnixStream::from_std(master_end);
+                self.poll.registry().register(
+                    &mut channel,
+                    Token(WORKER_TOKEN_BASE + pid.as_raw() as usize),
+                    Interest::READABLE,
+                )?;
+                let now = Instant::now();
+                self.table.workers.insert(
+                    pid,
+                    Worker {
+                        pid,
+                        generation,
+                        slot,
+                        state: WorkerState::Booting,
+                        channel,
+                        lines: Default::default(),
+                        started: now,
+                        stats: Default::default(),
+                        last_heard: now,
+                        failure: None,
+                    },
+                );
+                log::debug!("forked worker {slot} of generation {generation}: pid {pid}");
+                Ok(pid)
+            }
+        }
+    }
+
+    fn send(&mut self, pid: Pid, msg: MasterMessage) {
+        if let Some(w) = self.table.workers.get_mut(&pid) {
+            // A full or broken channel means the worker is stuck or gone; waitpid tells.
+            let _ = w.channel.write_all(msg.to_string().as_bytes());
+        }
+    }
+
+    fn read_worker(&mut self, pid: Pid) -> Vec<WorkerMessage> {
+        let mut messages = Vec::new();
+        let Some(w) = self.table.workers.get_mut(&pid) else { return messages };
+        let mut buf = [0u8; 4096];
+        loop {
+            match w.channel.read(&mut buf) {
+                Ok(0) => {
+                    let _ = self.poll.registry().deregister(&mut w.channel);
+                    break;
+                }
+                Ok(n) => w.lines.push(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        while let Some(line) = w.lines.next_line() {
+            match WorkerMessage::parse(&line) {
+                Some(m) => messages.push(m),
+                None => log::warn!("worker {pid} sent an unknown message: {line:?}"),
+            }
+        }
+        messages
+    }
+
+    fn on_worker_message(&mut self, pid: Pid, msg: WorkerMessage) {
+        let Some(w) = self.table.workers.get_mut(&pid) else { return };
+        w.last_heard = Instant::now();
+        let generation = w.generation;
+        let gen_state = self.table.generations.get(&generation).map(|g| g.state);
+        match msg {
+            WorkerMessage::Stats(stats) => w.stats = stats,
+            WorkerMessage::Failed(reason) => {
+                w.failure = Some(reason.clone());
+                if matches!(gen_state, Some(GenState::Booting { .. })) {
+                    self.abandon(generation, reason);
+                } else {
+                    log::error!("worker {} (pid {pid}) failed to start: {reason}", w.slot);
+                }
+            }
+            WorkerMessage::Ready => {
+                w.state = WorkerState::Ready;
+                match gen_state {
+                    Some(GenState::Booting { .. }) => {
+                        let gen_ = &self.table.generations[&generation];
+                        let ready = self.table.workers_of(generation).filter(|w| w.state == WorkerState::Ready).count();
+                        if ready >= gen_.target_workers {
+                            self.promote(generation);
+                        }
+                    }
+                    Some(GenState::Active) if self.stopping.is_none() => {
+                        w.state = WorkerState::Serving;
+                        self.send(pid, MasterMessage::Accept);
+                        log::info!("worker {} (pid {pid}) of generation {generation} serving", self.table.workers[&pid].slot);
+                    }
+                    _ => self.send(pid, MasterMessage::Stop),
+                }
+            }
+        }
+    }
+
+    /// Reaps every child that exited (SIGCHLDs merge, so loop until none is left).
+    fn reap(&mut self) {
+        loop {
+            let (pid, how) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, 0)) => (pid, "exited".to_string()),
+                Ok(WaitStatus::Exited(pid, code)) => (pid, format!("exited with status {code}")),
+                Ok(WaitStatus::Signaled(pid, sig, core)) => {
+                    (pid, format!("was killed by {sig}{}", if core { " (core dumped)" } else { "" }))
+                }
+                Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::ECHILD) => break,
+                Ok(_) => continue,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    log::error!("waitpid failed: {e}");
+                    break;
+                }
+            };
+            self.on_worker_exit(pid, &how);
+        }
+        self.retire_finished_generations();
+    }
+
+    fn on_worker_exit(&mut self, pid: Pid, how: &str) {
+        let Some(mut w) = self.table.workers.remove(&pid) else { return };
+        let _ = self.poll.registry().deregister(&mut w.channel);
+        let Some(gen_) = self.table.generations.get_mut(&w.generation) else { return };
+        match gen_.state {
+            GenState::Booting { .. } => {
+                let reason = w.failure.take().unwrap_or_else(|| {
+                    format!("worker {} (pid {pid}) of generation {} {how} before it was ready", w.slot, gen_.id)
+                });
+                let id = gen_.id;
+                self.abandon(id, reason);
+            }
+            GenState::Active if self.stopping.is_none() && w.state != WorkerState::Draining => {
+                let lived = w.started.elapsed();
+                let history = gen_.crashes.entry(w.slot).or_default();
+                if lived < table::STABLE_AFTER {
+                    history.quick_deaths += 1;
+                } else {
+                    *history = CrashHistory { quick_deaths: 1 };
+                }
+                let quick = history.quick_deaths;
+                let delay = table::respawn_delay(quick);
+                let why = w.failure.as_deref().map(|f| format!(": {f}")).unwrap_or_default();
+                if quick >= table::CRASH_LOOP_THRESHOLD {
+                    log::error!(
+                        "CRASH LOOP: worker {} of generation {} {how}{why}; it died {quick} times in a row within {} s of starting. Next attempt in {} ms. Fix the app and reload.",
+                        w.slot,
+                        gen_.id,
+                        table::STABLE_AFTER.as_secs(),
+                        delay.as_millis()
+                    );
+                } else {
+                    log::error!(
+                        "worker {} (pid {pid}) of generation {} {how}{why}; replacing it{}",
+                        w.slot,
+                        gen_.id,
+                        if delay.is_zero() { String::new() } else { format!(" in {} ms", delay.as_millis()) }
+                    );
+                }
+                self.counters.worker_restarts += 1;
+                self.respawns.push(Respawn { generation: gen_.id, slot: w.slot, at: Instant::now() + delay });
+            }
+            _ => log::debug!("worker {} (pid {pid}) of generation {} {how}", w.slot, gen_.id),
+        }
+    }
+
+    /// Forgets generations that are done: drained or abandoned, with no worker left.
+    fn retire_finished_generations(&mut self) {
+        let done: Vec<u64> = self
+            .table
+            .generations
+            .values()
+            .filter(|g| matches!(g.state, GenState::Draining { .. } | GenState::Abandoned))
+            .filter(|g| self.table.workers_of(g.id).next().is_none())
+            .map(|g| g.id)
+            .collect();
+        for id in done {
+            if let Some(gen_) = self.table.generations.remove(&id) {
+                if let GenState::Draining { since, .. } = gen_.state {
+                    let ms = since.elapsed().as_millis() as u64;
+                    self.counters.last_drain_ms = Some(ms);
+                    log::info!("generation {id} finished draining in {ms} ms");
+                }
+            }
+        }
+        let keep: Vec<&Path> =
+            self.table.generations.values().flat_map(|g| g.plugins.values().map(PathBuf::as_path)).collect();
+        crate::plugin::pin::prune(&self.runtime_dir.join("plugins"), &keep);
+    }
+
+    // ---- generations and reloads ----------------------------------------------------------
+
+    /// Reads the config and starts a new generation; on failure nothing has changed.
+    fn begin_reload(&mut self, waiter: Option<usize>) {
+        if self.stopping.is_some() {
+            self.reply_reload(waiter, Err("the server is stopping".into()));
+            return;
+        }
+        if self.table.booting_id().is_some() {
+            // A reload is already under way: this request gets its outcome.
+            self.reload_waiters.extend(waiter);
+            return;
+        }
+        let result = Config::load(&self.config_path).map_err(|e| e.to_string());
+        let result = result.and_then(|config| self.boot_generation(config));
+        match result {
+            Ok(_) => self.reload_waiters.extend(waiter),
+            Err(reason) => {
+                self.counters.reloads_failed += 1;
+                self.counters.last_reload_error = Some(reason.clone());
+                log::error!("reload refused: {reason}; {}", self.keeps_serving());
+                self.reply_reload(waiter, Err(reason));
+            }
+        }
+    }
+
+    fn keeps_serving(&self) -> String {
+        match self.table.active_id() {
+            Some(id) => format!("generation {id} keeps serving"),
+            None => "nothing is serving".into(),
+        }
+    }
+
+    /// Binds new listeners, pins plugins and forks the workers of a new generation.
+    fn boot_generation(&mut self, config: Config) -> Result<u64, String> {
+        for l in &config.listeners {
+            if !self.listeners.contains_key(&l.address) {
+                let bound = listener::bind(&l.address, l.backlog)
+                    .map_err(|e| format!("cannot listen on {}: {e}", l.address))
+                    .inspect_err(|_| self.close_unused_listeners())?;
+                log::info!("listening on {} ({})", bound.local, bound.address);
+                self.listeners.insert(l.address.clone(), bound);
+            }
+        }
+        let mut plugins = BTreeMap::new();
+        let pin_dir = self.runtime_dir.join("plugins");
+        for l in &config.listeners {
+            let app = config.app(&l.app);
+            if plugins.contains_key(&app.name) {
+                continue;
+            }
+            match crate::plugin::pin::pin(&app.plugin, &pin_dir) {
+                Ok(pinned) => plugins.insert(app.name.clone(), pinned),
+                Err(e) => {
+                    self.close_unused_listeners();
+                    return Err(format!("app {}: plugin {}: {e}", app.name, app.plugin.display()));
+                }
+            };
+        }
+        let id = self.next_generation;
+        self.next_generation += 1;
+        let workers = config.server.workers;
+        let deadline = Instant::now() + config.server.boot_timeout;
+        self.table.generations.insert(
+            id,
+            Generation {
+                id,
+                config: Arc::new(config),
+                plugins,
+                state: GenState::Booting { deadline },
+                started: Instant::now(),
+                target_workers: workers,
+                crashes: BTreeMap::new(),
+            },
+        );
+        for slot in 0..workers {
+            if let Err(e) = self.spawn_worker(id, slot) {
+                let reason = format!("cannot fork a worker: {e}");
+                self.abandon(id, reason.clone());
+                return Err(reason);
+            }
+        }
+        log::info!("generation {id}: starting {workers} worker(s)");
+        Ok(id)
+    }
+
+    /// Every worker of a booting generation is ready: it takes over.
+    fn promote(&mut self, id: u64) {
+        let old = self.table.active_id();
+        if let Some(old) = old {
+            self.drain_generation(old);
+        }
+        let gen_ = self.table.generations.get_mut(&id).expect("promoted generation exists");
+        gen_.state = GenState::Active;
+        let took = gen_.started.elapsed().as_millis();
+        self.config = gen_.config.clone();
+        crate::logging::set_level(self.config.server.log_level);
+        for pid in self.table.pids_of(id) {
+            if let Some(w) = self.table.workers.get_mut(&pid) {
+                w.state = WorkerState::Serving;
+            }
+            self.send(pid, MasterMessage::Accept);
+        }
+        match old {
+            Some(old) => {
+                self.counters.reloads_ok += 1;
+                log::info!("reloaded: generation {id} serving (ready in {took} ms); generation {old} draining");
+            }
+            None => {
+                let s = &self.config.server;
+                log::info!("generation {id} serving: {} worker(s) × {} thread(s), ready in {took} ms", s.workers, s.threads);
+                self.write_pidfile();
+            }
+        }
+        self.close_unused_listeners();
+        let waiters = std::mem::take(&mut self.reload_waiters);
+        for w in waiters {
+            self.reply_reload(Some(w), Ok(id));
+        }
+    }
+
+    fn drain_generation(&mut self, id: u64) {
+        let Some(gen_) = self.table.generations.get_mut(&id) else { return };
+        let now = Instant::now();
+        gen_.state = GenState::Draining { since: now, kill_at: now + gen_.config.server.graceful_timeout + DRAIN_KILL_MARGIN };
+        for pid in self.table.pids_of(id) {
+            if let Some(w) = self.table.workers.get_mut(&pid) {
+                w.state = WorkerState::Draining;
+            }
+            self.send(pid, MasterMessage::Drain);
+        }
+        self.respawns.retain(|r| r.generation != id);
+    }
+
+    /// A booting generation failed: kill its workers, keep the old one, report why.
+    fn abandon(&mut self, id: u64, reason: String) {
+        let Some(gen_) = self.table.generations.get_mut(&id) else { return };
+        if gen_.state == GenState::Abandoned {
+            return;
+        }
+        gen_.state = GenState::Abandoned;
+        for pid in self.table.pids_of(id) {
+            // Nothing was accepted by a booting worker: killing it loses nothing.
+            let _ = kill(pid, Signal::SIGKILL);
+            if let Some(w) = self.table.workers.get_mut(&pid) {
+                w.state = WorkerState::Stopping;
+            }
+        }
+        if self.table.active_id().is_none() && self.stopping.is_none() {
+            // The first generation: the server cannot start.
+            fatal(&self.config, &format!("cannot start: {reason}"));
+            self.startup_failure = Some(reason.clone());
+            self.begin_stop(true);
+        } else {
+            self.counters.reloads_failed += 1;
+            self.counters.last_reload_error = Some(reason.clone());
+            log::error!("reload failed: {reason}; {}", self.keeps_serving());
+        }
+        self.close_unused_listeners();
+        let waiters = std::mem::take(&mut self.reload_waiters);
+        for w in waiters {
+            self.reply_reload(Some(w), Err(reason.clone()));
+        }
+    }
+
+    /// Closes the master's copy of listeners that neither the active nor a booting generation
+    /// serves (draining workers keep their own copies until they exit).
+    fn close_unused_listeners(&mut self) {
+        let used: Vec<Address> = self
+            .table
+            .generations
+            .values()
+            .filter(|g| matches!(g.state, GenState::Active | GenState::Booting { .. }))
+            .flat_map(|g| g.config.listeners.iter().map(|l| l.address.clone()))
+            .collect();
+        let unused: Vec<Address> = self.listeners.keys().filter(|a| !used.contains(a)).cloned().collect();
+        for address in unused {
+            if let Some(l) = self.listeners.remove(&address) {
+                log::info!("no longer listening on {}", l.address);
+                l.remove_file();
+            }
+        }
+    }
+
+    fn reply_reload(&mut self, waiter: Option<usize>, outcome: Result<u64, String>) {
+        let Some(id) = waiter else { return };
+        let response = match outcome {
+            Ok(generation) => Response::json(200, &serde_json::json!({ "ok": true, "generation": generation })),
+            Err(reason) => Response::json(409, &serde_json::json!({ "ok": false, "error": reason })),
+        };
+        self.control.respond(id, response, self.poll.registry());
+    }
+
+    /// TTIN / TTOU: one worker more or fewer in the active generation.
+    fn resize(&mut self, delta: i32) {
+        if self.stopping.is_some() {
+            return;
+        }
+        let Some(id) = self.table.active_id() else { return };
+        let gen_ = self.table.generations.get_mut(&id).expect("active exists");
+        if delta > 0 {
+            gen_.target_workers += 1;
+            let target = gen_.target_workers;
+            let occupied = self.table.occupied_slots(id);
+            let slot = (0..).find(|s| !occupied.contains(s)).unwrap_or(0);
+            log::info!("TTIN: {target} worker(s)");
+            if let Err(e) = self.spawn_worker(id, slot) {
+                log::error!("cannot fork a worker: {e}");
+            }
+        } else if gen_.target_workers > 1 {
+            gen_.target_workers -= 1;
+            let target = gen_.target_workers;
+            let victim = self
+                .table
+                .workers_of(id)
+                .filter(|w| w.state != WorkerState::Draining)
+                .max_by_key(|w| w.slot)
+                .map(|w| w.pid);
+            log::info!("TTOU: {target} worker(s)");
+            if let Some(pid) = victim {
+                if let Some(w) = self.table.workers.get_mut(&pid) {
+                    w.state = WorkerState::Draining;
+                }
+                self.send(pid, MasterMessage::Drain);
+            }
+        } else {
+            log::warn!("TTOU: already down to one worker");
+        }
+    }
+
+    // ---- stopping -------------------------------------------------------------------------
+
+    fn begin_stop(&mut self, fast: bool) {
+        let now = Instant::now();
+        if let Some(stopping) = &mut self.stopping {
+            if fast && !stopping.fast {
+                log::warn!("fast stop: closing every connection now");
+                stopping.fast = true;
+                stopping.kill_at = now + FAST_STOP_GRACE;
+                for pid in self.table.workers.keys().copied().collect::<Vec<_>>() {
+                    self.send(pid, MasterMessage::Stop);
+                }
+            }
+            return;
+        }
+        let timeout = self.config.server.graceful_timeout;
+        if fast {
+            log::info!("stopping now (fast)");
+        } else {
+            log::info!("stopping: no new connections; waiting up to {} s for connections in progress", timeout.as_secs_f64());
+        }
+        // New connections are refused from now on: close our copy of every listener (each
+        // worker closes its own as its acceptors notice the drain).
+        for (_, l) in std::mem::take(&mut self.listeners) {
+            l.remove_file();
+        }
+        if let Some(id) = self.table.booting_id() {
+            self.abandon(id, "the server is stopping".into());
+        }
+        self.respawns.clear();
+        let ids: Vec<u64> = self.table.generations.keys().copied().collect();
+        for id in ids {
+            if fast {
+                for pid in self.table.pids_of(id) {
+                    self.send(pid, MasterMessage::Stop);
+                }
+            } else if self.table.generations[&id].state == GenState::Active {
+                self.drain_generation(id);
+            }
+        }
+        let kill_at = now + if fast { FAST_STOP_GRACE } else { timeout + DRAIN_KILL_MARGIN };
+        self.stopping = Some(Stopping { fast, kill_at });
+        let waiters = std::mem::take(&mut self.reload_waiters);
+        for w in waiters {
+            self.reply_reload(Some(w), Err("the server is stopping".into()));
+        }
+    }
+
+    fn exit(&mut self) -> i32 {
+        self.cleanup();
+        match &self.startup_failure {
+            Some(_) => 1,
+            None => {
+                log::info!("stopped");
+                0
+            }
+        }
+    }
+
+    fn cleanup(&mut self) {
+        self.control.remove_file();
+        for (_, l) in std::mem::take(&mut self.listeners) {
+            l.remove_file();
+        }
+        if self.pidfile_written {
+            if let Some(p) = &self.config.server.pidfile {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.runtime_dir);
+    }
+
+    fn write_pidfile(&mut self) {
+        let Some(path) = self.config.server.pidfile.clone() else { return };
+        let tmp = path.with_extension("pid.tmp");
+        let result = (|| -> io::Result<()> {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(&tmp, format!("{}\n", std::process::id()))?;
+            std::fs::rename(&tmp, &path)
+        })();
+        match result {
+            Ok(()) => self.pidfile_written = true,
+            Err(e) => log::error!("cannot write pidfile {}: {e}", path.display()),
+        }
+    }
+
+    // ---- timers ---------------------------------------------------------------------------
+
+    fn next_timeout(&self) -> Duration {
+        let now = Instant::now();
+        let mut next = now + MAX_POLL_WAIT;
+        for r in &self.respawns {
+            next = next.min(r.at);
+        }
+        for g in self.table.generations.values() {
+            match g.state {
+                GenState::Booting { deadline } => next = next.min(deadline),
+                GenState::Draining { kill_at, .. } => next = next.min(kill_at),
+                _ => {}
+            }
+        }
+        if let Some(s) = &self.stopping {
+            next = next.min(s.kill_at);
+        }
+        next.saturating_duration_since(now)
+    }
+
+    fn on_timers(&mut self) {
+        let now = Instant::now();
+        let (due, later): (Vec<Respawn>, Vec<Respawn>) = std::mem::take(&mut self.respawns).into_iter().partition(|r| r.at <= now);
+        self.respawns = later;
+        for r in due {
+            let active = self.table.generations.get(&r.generation).is_some_and(|g| g.state == GenState::Active);
+            if active && self.stopping.is_none() && !self.table.occupied_slots(r.generation).contains(&r.slot) {
+                if let Err(e) = self.spawn_worker(r.generation, r.slot) {
+                    log::error!("cannot fork a worker: {e}; retrying in 1 s");
+                    self.respawns.push(Respawn { at: now + Duration::from_secs(1), ..r });
+                }
+            }
+        }
+        let gens: Vec<(u64, GenState)> = self.table.generations.values().map(|g| (g.id, g.state)).collect();
+        for (id, state) in gens {
+            match state {
+                GenState::Booting { deadline } if now >= deadline => {
+                    let waiting: Vec<String> = self
+                        .table
+                        .workers_of(id)
+                        .filter(|w| w.state == WorkerState::Booting)
+                        .map(|w| w.pid.to_string())
+                        .collect();
+                    let secs = self.table.generations[&id].config.server.boot_timeout.as_secs_f64();
+                    self.abandon(
+                        id,
+                        format!("generation {id} was not ready within boot_timeout ({secs} s); still booting: pid {}", waiting.join(", ")),
+                    );
+                }
+                GenState::Draining { kill_at, .. } if now >= kill_at => {
+                    for pid in self.table.pids_of(id) {
+                        log::warn!("worker pid {pid} of generation {id} did not finish draining in time; killing it");
+                        let _ = kill(pid, Signal::SIGKILL);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(s) = &self.stopping {
+            if now >= s.kill_at {
+                for pid in self.table.workers.keys() {
+                    log::warn!("worker pid {pid} did not stop in time; killing it");
+                    let _ = kill(*pid, Signal::SIGKILL);
+                }
+                self.stopping.as_mut().expect("checked").kill_at = now + MAX_POLL_WAIT;
+            }
+        }
+    }
+
+    // ---- control API ----------------------------------------------------------------------
+
+    fn on_control(&mut self, id: usize, request: Request) {
+        let response = match request {
+            Request::Status => Response::json(200, &self.status_json()),
+            Request::Metrics => Response {
+                status: 200,
+                content_type: "text/plain; version=0.0.4",
+                body: self.metrics_text(),
+            },
+            Request::Page => Response { status: 200, content_type: "text/html; charset=utf-8", body: self.status_page() },
+            Request::Reload => {
+                log::info!("reload requested over the control socket");
+                self.begin_reload(Some(id));
+                return;
+            }
+            Request::Stop => {
+                self.control.respond(id, Response::text(202, "stopping"), self.poll.registry());
+                self.begin_stop(false);
+                return;
+            }
+            Request::Bad(status, msg) => Response::text(status, msg),
+        };
+        self.control.respond(id, response, self.poll.registry());
+    }
+}
+
+/// The pid in a pidfile, if that process is alive.
+fn live_pid_in(path: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
+    (pid > 0 && kill(Pid::from_raw(pid), None).is_ok()).then_some(pid)
+}

@@ -1,0 +1,174 @@
+//! What the master reports about itself: the status JSON, Prometheus metrics and the HTML page.
+//!
+//! Read-only views of the process table; nothing here changes state.
+
+use std::fmt::Write;
+
+use serde_json::{Value, json};
+
+use super::Master;
+use super::table::GenState;
+
+impl Master {
+    pub(super) fn status_json(&self) -> Value {
+        let now = std::time::Instant::now();
+        let workers: Vec<Value> = self
+            .table
+            .workers
+            .values()
+            .map(|w| {
+                json!({
+                    "pid": w.pid.as_raw(),
+                    "generation": w.generation,
+                    "slot": w.slot,
+                    "state": w.state.name(),
+                    "connections": w.stats.open,
+                    "accepted": w.stats.accepted,
+                    "requests": w.stats.requests,
+                    "panics": w.stats.panics,
+                    "uptime_secs": w.started.elapsed().as_secs_f64(),
+                    "last_heard_secs": now.duration_since(w.last_heard).as_secs_f64(),
+                })
+            })
+            .collect();
+        let generations: Vec<Value> = self
+            .table
+            .generations
+            .values()
+            .map(|g| {
+                let since = match g.state {
+                    GenState::Draining { since, .. } => since,
+                    _ => g.started,
+                };
+                json!({
+                    "id": g.id,
+                    "state": g.state.name(),
+                    "since_secs": since.elapsed().as_secs_f64(),
+                    "workers": self.table.workers_of(g.id).count(),
+                    "target_workers": g.target_workers,
+                    "connections": self.table.workers_of(g.id).map(|w| w.stats.open).sum::<u64>(),
+                })
+            })
+            .collect();
+        let listeners: Vec<Value> = self
+            .config
+            .listeners
+            .iter()
+            .map(|l| {
+                json!({
+                    "address": l.address.to_string(),
+                    "bound": self.listeners.get(&l.address).map(|b| b.local.clone()),
+                    "app": l.app,
+                })
+            })
+            .collect();
+        json!({
+            "pid": std::process::id(),
+            "generation": self.table.active_id(),
+            "uptime_secs": self.started.elapsed().as_secs_f64(),
+            "state": if self.stopping.is_some() { "stopping" } else { "running" },
+            "config": self.config_path.display().to_string(),
+            "node_id": self.config.server.node_id,
+            "listeners": listeners,
+            "generations": generations,
+            "workers": workers,
+            "reloads": {
+                "ok": self.counters.reloads_ok,
+                "failed": self.counters.reloads_failed,
+                "last_error": self.counters.last_reload_error,
+            },
+            "worker_restarts": self.counters.worker_restarts,
+            "last_drain_ms": self.counters.last_drain_ms,
+        })
+    }
+
+    pub(super) fn metrics_text(&self) -> String {
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
+            let _ = writeln!(out, "# HELP fdtserver_{name} {help}\n# TYPE fdtserver_{name} {kind}");
+            for (labels, value) in rows {
+                let _ = writeln!(out, "fdtserver_{name}{labels} {value}");
+            }
+        };
+        let per_worker = |f: &dyn Fn(&super::table::Worker) -> u64| -> Vec<(String, f64)> {
+            self.table
+                .workers
+                .values()
+                .map(|w| {
+                    (format!("{{pid=\"{}\",generation=\"{}\",slot=\"{}\"}}", w.pid, w.generation, w.slot), f(w) as f64)
+                })
+                .collect()
+        };
+        metric("connections_open", "gauge", "Open client connections per worker.", per_worker(&|w| w.stats.open));
+        metric("connections_accepted_total", "counter", "Connections accepted per worker.", per_worker(&|w| w.stats.accepted));
+        metric("requests_total", "counter", "Requests served per worker.", per_worker(&|w| w.stats.requests));
+        metric("handler_panics_total", "counter", "App handler panics per worker.", per_worker(&|w| w.stats.panics));
+        metric("workers", "gauge", "Worker processes alive.", vec![(String::new(), self.table.workers.len() as f64)]);
+        metric(
+            "generation",
+            "gauge",
+            "The generation that serves.",
+            vec![(String::new(), self.table.active_id().unwrap_or(0) as f64)],
+        );
+        let draining = self.table.generations.values().filter(|g| matches!(g.state, GenState::Draining { .. })).count();
+        metric("generations_draining", "gauge", "Generations still draining.", vec![(String::new(), draining as f64)]);
+        metric(
+            "worker_restarts_total",
+            "counter",
+            "Workers replaced after dying.",
+            vec![(String::new(), self.counters.worker_restarts as f64)],
+        );
+        metric(
+            "reloads_total",
+            "counter",
+            "Reloads by outcome.",
+            vec![
+                ("{outcome=\"ok\"}".into(), self.counters.reloads_ok as f64),
+                ("{outcome=\"failed\"}".into(), self.counters.reloads_failed as f64),
+            ],
+        );
+        metric(
+            "last_drain_seconds",
+            "gauge",
+            "How long the last generation took to drain.",
+            vec![(String::new(), self.counters.last_drain_ms.unwrap_or(0) as f64 / 1000.0)],
+        );
+        metric(
+            "uptime_seconds",
+            "gauge",
+            "Seconds since the master started.",
+            vec![(String::new(), self.started.elapsed().as_secs_f64())],
+        );
+        out
+    }
+
+    pub(super) fn status_page(&self) -> String {
+        let mut rows = String::new();
+        for w in self.table.workers.values() {
+            let _ = write!(
+                rows,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                w.pid,
+                w.generation,
+                w.state.name(),
+                w.stats.open,
+                w.stats.requests,
+                w.stats.panics
+            );
+        }
+        format!(
+            "<!doctype html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"2\">\
+             <title>fdtserver</title><style>body{{font-family:sans-serif}}td,th{{padding:2px 10px;text-align:right}}</style>\
+             </head><body><h1>fdtserver</h1><p>master pid {} · generation {} · up {:.0} s · {} · reloads {} ok, {} failed · {} worker restarts</p>\
+             <table><tr><th>pid</th><th>generation</th><th>state</th><th>connections</th><th>requests</th><th>panics</th></tr>{rows}</table>\
+             </body></html>\n",
+            std::process::id(),
+            self.table.active_id().map_or("-".into(), |g| g.to_string()),
+            self.started.elapsed().as_secs_f64(),
+            if self.stopping.is_some() { "stopping" } else { "running" },
+            self.counters.reloads_ok,
+            self.counters.reloads_failed,
+            self.counters.worker_restarts,
+        )
+    }
+}

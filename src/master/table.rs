@@ -1,0 +1,167 @@
+//! The master's process table: every generation and every worker it has forked.
+//!
+//! Invariant: this is the master's only record of its children, and only the master loop
+//! mutates it. At most one generation is `Active` and at most one is `Booting`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::unistd::Pid;
+
+use crate::config::Config;
+use crate::ipc::{LineBuffer, WorkerStats};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GenState {
+    /// Workers are loading their apps; the reload is decided when all are ready.
+    Booting { deadline: Instant },
+    /// Serving: its workers accept connections.
+    Active,
+    /// Replaced (or stopping): its workers finish their connections and exit.
+    Draining { since: Instant, kill_at: Instant },
+    /// A reload that failed; its workers are being killed.
+    Abandoned,
+}
+
+impl GenState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            GenState::Booting { .. } => "booting",
+            GenState::Active => "active",
+            GenState::Draining { .. } => "draining",
+            GenState::Abandoned => "abandoned",
+        }
+    }
+}
+
+pub struct Generation {
+    pub id: u64,
+    pub config: Arc<Config>,
+    /// App name → pinned plugin copy.
+    pub plugins: BTreeMap<String, PathBuf>,
+    pub state: GenState,
+    pub started: Instant,
+    /// How many workers it should run (changed by TTIN/TTOU).
+    pub target_workers: usize,
+    /// Slot → crash history, for back-off.
+    pub crashes: BTreeMap<usize, CrashHistory>,
+}
+
+/// Deaths of the workers of one slot, for back-off and the crash-loop breaker.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CrashHistory {
+    /// Deaths in a row of workers that had run less than `STABLE_AFTER`.
+    pub quick_deaths: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkerState {
+    /// Loading its apps.
+    Booting,
+    /// Apps started; waiting for the generation to be ready.
+    Ready,
+    /// Accepting and serving connections.
+    Serving,
+    /// Told to drain; finishing its connections.
+    Draining,
+    /// Told to stop at once, or killed.
+    Stopping,
+}
+
+impl WorkerState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            WorkerState::Booting => "booting",
+            WorkerState::Ready => "ready",
+            WorkerState::Serving => "serving",
+            WorkerState::Draining => "draining",
+            WorkerState::Stopping => "stopping",
+        }
+    }
+}
+
+pub struct Worker {
+    pub pid: Pid,
+    pub generation: u64,
+    pub slot: usize,
+    pub state: WorkerState,
+    pub channel: mio::net::UnixStream,
+    pub lines: LineBuffer,
+    pub started: Instant,
+    pub stats: WorkerStats,
+    pub last_heard: Instant,
+    /// The reason the worker gave for failing to start.
+    pub failure: Option<String>,
+}
+
+#[derive(Default)]
+pub struct Table {
+    pub generations: BTreeMap<u64, Generation>,
+    pub workers: BTreeMap<Pid, Worker>,
+}
+
+impl Table {
+    pub fn active(&self) -> Option<&Generation> {
+        self.generations.values().find(|g| g.state == GenState::Active)
+    }
+
+    pub fn active_id(&self) -> Option<u64> {
+        self.active().map(|g| g.id)
+    }
+
+    pub fn booting_id(&self) -> Option<u64> {
+        self.generations.values().find(|g| matches!(g.state, GenState::Booting { .. })).map(|g| g.id)
+    }
+
+    pub fn workers_of(&self, generation: u64) -> impl Iterator<Item = &Worker> {
+        self.workers.values().filter(move |w| w.generation == generation)
+    }
+
+    pub fn pids_of(&self, generation: u64) -> Vec<Pid> {
+        self.workers_of(generation).map(|w| w.pid).collect()
+    }
+
+    /// Slots of a generation that have a live worker.
+    pub fn occupied_slots(&self, generation: u64) -> Vec<usize> {
+        self.workers_of(generation).filter(|w| w.state != WorkerState::Draining).map(|w| w.slot).collect()
+    }
+
+    pub fn by_token(&mut self, pid: Pid) -> Option<&mut Worker> {
+        self.workers.get_mut(&pid)
+    }
+}
+
+/// Workers that ran at least this long before dying reset their slot's crash history: they
+/// were not crash-looping at start.
+pub const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// The first respawn after a quick death is immediate; then the delay doubles from this...
+pub const RESPAWN_BASE_DELAY: Duration = Duration::from_millis(100);
+/// ...up to this cap, so a broken app costs at most one fork per slot every 30 s.
+pub const RESPAWN_MAX_DELAY: Duration = Duration::from_secs(30);
+/// From this many quick deaths in a row on, every death is logged as a crash loop.
+pub const CRASH_LOOP_THRESHOLD: u32 = 5;
+
+/// Delay before respawning a slot that has died `quick_deaths` times in a row.
+pub fn respawn_delay(quick_deaths: u32) -> Duration {
+    if quick_deaths <= 1 {
+        return Duration::ZERO;
+    }
+    let factor = 1u32 << (quick_deaths - 2).min(16);
+    (RESPAWN_BASE_DELAY * factor).min(RESPAWN_MAX_DELAY)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn back_off_starts_at_zero_doubles_and_is_capped() {
+        assert_eq!(respawn_delay(1), Duration::ZERO);
+        assert_eq!(respawn_delay(2), Duration::from_millis(100));
+        assert_eq!(respawn_delay(3), Duration::from_millis(200));
+        assert_eq!(respawn_delay(4), Duration::from_millis(400));
+        assert_eq!(respawn_delay(40), RESPAWN_MAX_DELAY);
+    }
+}

@@ -1,0 +1,276 @@
+//! Loads an app plugin, checks its descriptor before running any of its code, and wraps its
+//! `extern "C"` functions in a safe API.
+//!
+//! Invariants: no raw symbol or pointer from a plugin leaves this module; every check happens
+//! before the first call into the plugin; a library is never unloaded (`dlclose` of a Rust
+//! library runs thread-local destructors in unmapped code), so it outlives everything taken
+//! from it.
+
+use std::ffi::c_void;
+use std::mem::ManuallyDrop;
+use std::path::Path;
+
+use fdt_sdk::abi::{self, AppDescriptor, ConnInfo, ConnIo, HostApi, StrRef};
+
+/// What a worker tells an app at start.
+pub struct StartContext<'a> {
+    pub app_name: &'a str,
+    pub settings_toml: &'a str,
+    pub node_id: &'a str,
+    pub worker_pid: u32,
+    pub generation: u64,
+}
+
+/// Facts from a plugin's descriptor (shown by `fdtserver check`).
+#[derive(Clone, Debug)]
+pub struct Describe {
+    pub app_type: String,
+    pub sdk_version: String,
+    pub rustc_version: String,
+    pub abi_minor: u32,
+}
+
+/// A started app of a loaded plugin.
+pub struct App {
+    name: String,
+    descriptor: &'static AppDescriptor,
+    app: *mut c_void,
+    stopped: std::sync::atomic::AtomicBool,
+    /// Never dropped: see the module invariants.
+    _library: ManuallyDrop<libloading::os::unix::Library>,
+    pub describe: Describe,
+}
+
+// SAFETY: the app value behind `app` is `Send + Sync` (required by `fdt_sdk::App`), and the
+// descriptor is immutable static data.
+unsafe impl Send for App {}
+// SAFETY: as above.
+unsafe impl Sync for App {}
+
+/// One connection's state on the plugin side. Not `Clone`: exactly one handle per connection,
+/// consumed by [`App::close_conn`].
+pub struct ConnHandle(*mut c_void);
+
+// SAFETY: the plugin-side connection state is only used by one thread at a time (the worker
+// hands a connection to one handler thread at a time), and it is `Send` on the plugin side.
+unsafe impl Send for ConnHandle {}
+
+/// What an app did with new input.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DataOutcome {
+    /// See `fdt_sdk::Next`; `consumed` bytes of input were used, `requests` completed.
+    Next { next: fdt_sdk::Next, consumed: usize, requests: u64 },
+    /// The app panicked or failed; the connection must be closed.
+    Failed(String),
+}
+
+unsafe extern "C" fn host_log(level: abi::LogLevel, target: StrRef, msg: StrRef) {
+    // SAFETY: the plugin passes strings valid for the duration of this call.
+    let (target, msg) = unsafe { (lossy(target), lossy(msg)) };
+    crate::logging::log_from_app(level, &target, &msg);
+}
+
+unsafe extern "C" fn collect_message(ctx: *mut c_void, msg: StrRef) {
+    // SAFETY: `ctx` is the `&mut String` we passed for this call; `msg` is valid during it.
+    unsafe { (*ctx.cast::<String>()).push_str(&lossy(msg)) };
+}
+
+unsafe extern "C" fn append_output(ctx: *mut c_void, bytes: StrRef) {
+    // SAFETY: `ctx` is the `&mut Vec<u8>` we passed for this call; `bytes` is valid during it.
+    unsafe { (*ctx.cast::<Vec<u8>>()).extend_from_slice(bytes_of(bytes)) };
+}
+
+/// # Safety
+/// `s` must point at `s.len` readable bytes for the duration of the borrow.
+unsafe fn bytes_of<'a>(s: StrRef) -> &'a [u8] {
+    if s.len == 0 || s.ptr.is_null() {
+        return &[];
+    }
+    // SAFETY: guaranteed by the caller.
+    unsafe { std::slice::from_raw_parts(s.ptr, s.len) }
+}
+
+/// # Safety
+/// As for [`bytes_of`].
+unsafe fn lossy(s: StrRef) -> String {
+    // SAFETY: guaranteed by the caller.
+    String::from_utf8_lossy(unsafe { bytes_of(s) }).into_owned()
+}
+
+/// Opens the library and checks its descriptor; runs no plugin code but its ELF initialisers.
+fn open(path: &Path) -> Result<(libloading::os::unix::Library, &'static AppDescriptor), String> {
+    use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
+    // SAFETY: loading a library runs its ELF initialisers; that is the point of loading a
+    // plugin. RTLD_NOW makes a missing symbol fail here rather than at first call.
+    let library = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL) }
+        .map_err(|e| format!("cannot load the plugin: {e}"))?;
+    // SAFETY: we only take the address of the symbol here; it is read after the checks below.
+    let symbol = unsafe { library.get::<*const AppDescriptor>(abi::DESCRIPTOR_SYMBOL.as_bytes()) }
+        .map_err(|_| format!("not an fdtserver app: no `{}` symbol (use fdt_sdk::export_app!)", abi::DESCRIPTOR_SYMBOL))?;
+    let ptr: *const AppDescriptor = *symbol;
+    // SAFETY: the symbol names a static of at least the fixed header (magic, versions, size):
+    // every version of the ABI starts with these fields, so reading them is in bounds.
+    let (magic, major, minor, size) = unsafe {
+        (
+            std::ptr::addr_of!((*ptr).magic).read_unaligned(),
+            std::ptr::addr_of!((*ptr).abi_major).read_unaligned(),
+            std::ptr::addr_of!((*ptr).abi_minor).read_unaligned(),
+            std::ptr::addr_of!((*ptr).size).read_unaligned(),
+        )
+    };
+    if magic != abi::MAGIC {
+        return Err(format!("not an fdtserver app: `{}` has the wrong magic bytes", abi::DESCRIPTOR_SYMBOL));
+    }
+    if major != abi::ABI_MAJOR {
+        return Err(format!(
+            "plugin ABI {major}.{minor} is not supported by this server (ABI {}.{}); rebuild the app against fdt-sdk {}",
+            abi::ABI_MAJOR,
+            abi::ABI_MINOR,
+            abi::SDK_VERSION
+        ));
+    }
+    if (size as usize) < size_of::<AppDescriptor>() {
+        return Err(format!(
+            "plugin descriptor is {size} bytes, smaller than the {} bytes of ABI {major}.{minor}: corrupt or incompatible build",
+            size_of::<AppDescriptor>()
+        ));
+    }
+    // SAFETY: magic, major version and size checked: the static has the layout we compiled,
+    // lives as long as the library (forever, see invariants) and is immutable.
+    let descriptor: &'static AppDescriptor = unsafe { &*ptr };
+    // SAFETY: descriptor strings are 'static data of the plugin.
+    let target = unsafe { lossy(descriptor.target) };
+    if target != abi::TARGET {
+        return Err(format!("plugin was built for {target}, this server runs on {}", abi::TARGET));
+    }
+    Ok((library, descriptor))
+}
+
+fn describe(descriptor: &AppDescriptor) -> Describe {
+    // SAFETY: descriptor strings are 'static data of the loaded plugin.
+    unsafe {
+        Describe {
+            app_type: lossy(descriptor.app_type),
+            sdk_version: lossy(descriptor.sdk_version),
+            rustc_version: lossy(descriptor.rustc_version),
+            abi_minor: descriptor.abi_minor,
+        }
+    }
+}
+
+impl App {
+    /// Loads the plugin at `path` and starts its app. Errors are one line, without the path
+    /// (the caller names the app and file).
+    pub fn start(path: &Path, ctx: &StartContext<'_>) -> Result<App, String> {
+        let (library, descriptor) = open(path)?;
+        let describe = describe(descriptor);
+        if describe.rustc_version != abi::RUSTC_VERSION {
+            log::debug!(
+                "app {}: plugin built by {}, server by {} (fine: the boundary is a C ABI)",
+                ctx.app_name,
+                describe.rustc_version,
+                abi::RUSTC_VERSION
+            );
+        }
+        let host = HostApi {
+            size: size_of::<HostApi>() as u32,
+            abi_major: abi::ABI_MAJOR,
+            abi_minor: abi::ABI_MINOR,
+            settings_toml: StrRef::new(ctx.settings_toml),
+            app_name: StrRef::new(ctx.app_name),
+            node_id: StrRef::new(ctx.node_id),
+            worker_pid: ctx.worker_pid,
+            generation: ctx.generation,
+            log_level: log::max_level() as u32,
+            log: host_log,
+        };
+        let mut app: *mut c_void = std::ptr::null_mut();
+        let mut error = String::new();
+        // SAFETY: the descriptor passed its checks; `host`, `app` and `error` outlive the call.
+        let status = unsafe {
+            (descriptor.start)(&host, &mut app, collect_message, (&mut error as *mut String).cast())
+        };
+        match status {
+            abi::STATUS_OK if !app.is_null() => Ok(App {
+                name: ctx.app_name.to_string(),
+                descriptor,
+                app,
+                stopped: std::sync::atomic::AtomicBool::new(false),
+                _library: ManuallyDrop::new(library),
+                describe,
+            }),
+            abi::STATUS_PANIC => Err(format!("the app's start panicked: {error}")),
+            _ if error.is_empty() => Err(format!("the app's start failed (status {status})")),
+            _ => Err(format!("the app's start failed: {error}")),
+        }
+    }
+
+    /// Loads the plugin only to read its descriptor (for `fdtserver check`).
+    pub fn inspect(path: &Path) -> Result<Describe, String> {
+        let (library, descriptor) = open(path)?;
+        let describe = describe(descriptor);
+        std::mem::forget(library);
+        Ok(describe)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Creates the app's state for a new connection; `None` if the app failed to.
+    pub fn open_conn(&self, peer: &str, listener: &str, id: u64) -> Option<ConnHandle> {
+        let info =
+            ConnInfo { size: size_of::<ConnInfo>() as u32, peer: StrRef::new(peer), listener: StrRef::new(listener), id };
+        // SAFETY: `app` is live (not stopped), `info` outlives the call.
+        let conn = unsafe { (self.descriptor.conn_open)(self.app, &info) };
+        (!conn.is_null()).then_some(ConnHandle(conn))
+    }
+
+    /// Offers `input` to the app; what it writes is appended to `output`.
+    pub fn on_data(&self, conn: &mut ConnHandle, input: &[u8], flags: u32, output: &mut Vec<u8>) -> DataOutcome {
+        let mut error = String::new();
+        let mut io = ConnIo {
+            size: size_of::<ConnIo>() as u32,
+            flags,
+            input: input.as_ptr(),
+            input_len: input.len(),
+            consumed: 0,
+            requests: 0,
+            write: append_output,
+            write_ctx: (output as *mut Vec<u8>).cast(),
+            error: collect_message,
+            error_ctx: (&mut error as *mut String).cast(),
+        };
+        // SAFETY: `conn` is this app's live connection handle, used by this thread only
+        // (`&mut`); `io`, `input`, `output` and `error` outlive the call.
+        let code = unsafe { (self.descriptor.conn_data)(self.app, conn.0, &mut io) };
+        let next = match code {
+            abi::NEXT_KEEP_OPEN => fdt_sdk::Next::KeepOpen,
+            abi::NEXT_IN_PROGRESS => fdt_sdk::Next::InProgress,
+            abi::NEXT_CLOSE => fdt_sdk::Next::Close,
+            _ if error.is_empty() => return DataOutcome::Failed(format!("app failed (code {code})")),
+            _ => return DataOutcome::Failed(error),
+        };
+        if io.consumed > input.len() {
+            return DataOutcome::Failed(format!("app consumed {} bytes of {}", io.consumed, input.len()));
+        }
+        DataOutcome::Next { next, consumed: io.consumed, requests: io.requests }
+    }
+
+    /// Tells the app the connection is gone and frees its state.
+    pub fn close_conn(&self, conn: ConnHandle) {
+        // SAFETY: `conn` is a live handle of this app, consumed here, so never used again.
+        unsafe { (self.descriptor.conn_close)(self.app, conn.0) }
+    }
+
+    /// Runs the app's stop hook and frees it; later calls do nothing. The caller must have
+    /// closed every connection and must make no other call into this app afterwards.
+    pub fn stop(&self) {
+        use std::sync::atomic::Ordering;
+        if !self.stopped.swap(true, Ordering::SeqCst) {
+            // SAFETY: `app` is live (first stop) and, by the caller's contract, no other call
+            // into it is running or will be made.
+            unsafe { (self.descriptor.stop)(self.app) }
+        }
+    }
+}

@@ -1,0 +1,406 @@
+//! A worker process: loads its generation's apps after the fork, serves connections from the
+//! inherited listeners with a fixed pool of threads, reports to the master, and drains.
+//!
+//! Life: `start` (fresh signal handlers, fds, plugins) → report `ready` → wait for `accept` →
+//! serve → on `drain` (or TERM, or the master's death) stop accepting and close connections as
+//! they go idle → exit when none is left or at `graceful_timeout`.
+//!
+//! Invariants: a worker never returns into the master's code (it ends with `process::exit`);
+//! it never touches an fd it inherited but does not own; its only link to the master is the
+//! socketpair.
+
+mod conn;
+mod pool;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{SigSet, Signal};
+use nix::unistd::Pid;
+use socket2::Socket;
+
+use crate::config::{Address, Config};
+use crate::ipc::{LineBuffer, MasterMessage, WorkerMessage, WorkerStats};
+use crate::plugin::{App, StartContext};
+use crate::sys;
+use conn::{After, CloseReason, Phase};
+use pool::{Listening, Pool};
+
+/// How often a worker reports its counters (its heartbeat).
+pub const STATS_INTERVAL: Duration = Duration::from_millis(500);
+/// How often a draining worker looks for connections it may close.
+const DRAIN_SWEEP_INTERVAL: Duration = Duration::from_millis(50);
+/// A draining worker closes a connection that is between requests once it has been quiet
+/// this long. Closing a keep-alive connection races with a request the client may be sending
+/// right then; HTTP apps avoid that by answering the next request with `Connection: close`,
+/// which a busy client sends within microseconds, so only really idle ones are closed here.
+const DRAIN_IDLE_GRACE: Duration = Duration::from_millis(200);
+/// Exit status of a worker whose apps failed to start (the master reports the reason it sent).
+pub const EXIT_START_FAILED: i32 = 3;
+
+/// What the master hands a freshly forked worker.
+pub struct WorkerSpec {
+    pub slot: usize,
+    pub generation: u64,
+    pub config: Arc<Config>,
+    /// Listening sockets of this generation: (fd, address as configured, app name).
+    pub listeners: Vec<(RawFd, Address, String)>,
+    /// App name → the pinned plugin copy of this generation.
+    pub plugins: BTreeMap<String, PathBuf>,
+    /// This worker's end of its socketpair with the master.
+    pub channel: RawFd,
+    pub master_pid: Pid,
+    /// The master's signal-hook registrations, to drop in the child.
+    pub master_signals: Vec<signal_hook::SigId>,
+}
+
+/// Everything that can happen to a worker's control loop.
+enum Event {
+    Master(MasterMessage),
+    MasterGone,
+    DrainSignal,
+    StopSignal,
+    Tick,
+}
+
+/// Runs a worker in the child right after `fork`. Never returns.
+pub fn run(spec: WorkerSpec, saved_mask: SigSet) -> ! {
+    let code = match Worker::start(spec, &saved_mask) {
+        Ok(worker) => worker.serve(),
+        Err(code) => code,
+    };
+    std::process::exit(code)
+}
+
+struct Worker {
+    pool: &'static Pool,
+    channel: UnixStream,
+    lines: LineBuffer,
+    listeners: Option<Vec<Listening>>,
+    signal_pipe: UnixStream,
+    drain_flag: Arc<AtomicBool>,
+    stop_flag: Arc<AtomicBool>,
+    graceful_timeout: Duration,
+    handlers: Vec<std::thread::JoinHandle<()>>,
+    acceptors: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Worker {
+    fn start(spec: WorkerSpec, saved_mask: &SigSet) -> Result<Worker, i32> {
+        crate::logging::set_role(&format!("worker {} gen {}", spec.slot, spec.generation));
+        let _ = sys::set_parent_death_signal(Signal::SIGTERM);
+        if nix::unistd::getppid() != spec.master_pid {
+            std::process::exit(0); // the master died before we could ask to be told
+        }
+        // Order matters (see ARCHITECTURE.md, "fork"), and every signal is still blocked:
+        // 1. drop the master's signal actions (they would wake the master's loop through the
+        //    shared self-pipe); signal-hook closes their pipe ends right here;
+        for id in &spec.master_signals {
+            signal_hook::low_level::unregister(*id);
+        }
+        // 2. close every inherited fd this worker does not own (the master's epoll, control
+        //    socket, other workers' channels, other generations' listeners);
+        let mut keep: Vec<RawFd> = spec.listeners.iter().map(|l| l.0).collect();
+        keep.push(spec.channel);
+        keep.extend(crate::logging::raw_fd());
+        let _ = sys::close_fds_except(&keep);
+        // 3. install our own handlers, then unblock.
+        let drain_flag = Arc::new(AtomicBool::new(false));
+        let stop_flag = Arc::new(AtomicBool::new(false));
+        let (signal_pipe, signal_write) = UnixStream::pair().map_err(|_| 1)?;
+        let registered = (|| -> std::io::Result<()> {
+            for sig in [libc::SIGTERM, libc::SIGINT] {
+                signal_hook::flag::register(sig, drain_flag.clone())?;
+                signal_hook::low_level::pipe::register(sig, signal_write.try_clone()?)?;
+            }
+            signal_hook::flag::register(libc::SIGQUIT, stop_flag.clone())?;
+            signal_hook::low_level::pipe::register(libc::SIGQUIT, signal_write)?;
+            // Only there to interrupt a blocked accept() (see sys::interrupt_thread).
+            signal_hook::flag::register(sys::INTERRUPT_SIGNAL, Arc::new(AtomicBool::new(false)))?;
+            Ok(())
+        })();
+        let _ = sys::restore_signal_mask(saved_mask);
+        if let Err(e) = registered {
+            log::error!("cannot install signal handlers: {e}");
+            return Err(1);
+        }
+
+        let mut channel = UnixStream::from(sys::take_inherited_fd(spec.channel));
+        let max_fds = match sys::raise_fd_limit() {
+            Ok(n) => n as usize,
+            Err(_) => 1024,
+        };
+
+        let config = &spec.config;
+        let mut apps = Vec::new();
+        let mut app_index = BTreeMap::new();
+        for (_, _, name) in &spec.listeners {
+            if app_index.contains_key(name) {
+                continue;
+            }
+            let app_config = config.app(name);
+            let pinned = &spec.plugins[name];
+            let ctx = StartContext {
+                app_name: name,
+                settings_toml: &app_config.settings_toml,
+                node_id: &config.server.node_id,
+                worker_pid: std::process::id(),
+                generation: spec.generation,
+            };
+            match App::start(pinned, &ctx) {
+                Ok(app) => {
+                    app_index.insert(name.clone(), apps.len());
+                    apps.push(app);
+                }
+                Err(e) => {
+                    let reason = format!("app {name} ({}): {e}", app_config.plugin.display());
+                    log::error!("{reason}");
+                    let _ = channel.write_all(WorkerMessage::Failed(reason).to_string().as_bytes());
+                    return Err(EXIT_START_FAILED);
+                }
+            }
+        }
+        let listeners = spec
+            .listeners
+            .iter()
+            .map(|(fd, address, app)| Listening {
+                socket: Socket::from(sys::take_inherited_fd(*fd)),
+                address: address.to_string(),
+                app: app_index[app],
+                tcp: matches!(address, Address::Tcp(_)),
+            })
+            .collect();
+        let pool = match Pool::new(apps, config.server.threads, max_fds) {
+            Ok(pool) => Box::leak(Box::new(pool)),
+            Err(e) => {
+                let _ = channel.write_all(WorkerMessage::Failed(format!("cannot set up epoll: {e}")).to_string().as_bytes());
+                return Err(EXIT_START_FAILED);
+            }
+        };
+        let handlers = pool.spawn_handlers();
+        let _ = channel.set_nonblocking(true);
+        let _ = signal_pipe.set_nonblocking(true);
+        let mut worker = Worker {
+            pool,
+            channel,
+            lines: LineBuffer::default(),
+            listeners: Some(listeners),
+            signal_pipe,
+            drain_flag,
+            stop_flag,
+            graceful_timeout: config.server.graceful_timeout,
+            handlers,
+            acceptors: Vec::new(),
+        };
+        worker.send(WorkerMessage::Ready);
+        log::debug!("ready");
+        Ok(worker)
+    }
+
+    fn send(&mut self, msg: WorkerMessage) {
+        let _ = self.channel.write_all(msg.to_string().as_bytes());
+    }
+
+    fn stats(&self) -> WorkerStats {
+        let c = &self.pool.counters;
+        WorkerStats {
+            open: c.open.load(Ordering::Relaxed),
+            accepted: c.accepted.load(Ordering::Relaxed),
+            requests: c.requests.load(Ordering::Relaxed),
+            panics: c.panics.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Waits for the next events (at most `timeout`).
+    fn wait(&mut self, timeout: Duration) -> Vec<Event> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let mut events = Vec::new();
+        let (channel_ready, signal_ready) = {
+            let mut fds = [
+                PollFd::new(self.channel.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.signal_pipe.as_fd(), PollFlags::POLLIN),
+            ];
+            let ms = PollTimeout::try_from(timeout.as_millis().min(60_000) as u32).unwrap_or(PollTimeout::MAX);
+            let _ = poll(&mut fds, ms);
+            let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+            (ready(&fds[0]), ready(&fds[1]))
+        };
+        if signal_ready {
+            let mut buf = [0u8; 64];
+            while matches!(self.signal_pipe.read(&mut buf), Ok(n) if n > 0) {}
+        }
+        if self.stop_flag.swap(false, Ordering::SeqCst) {
+            events.push(Event::StopSignal);
+        }
+        if self.drain_flag.swap(false, Ordering::SeqCst) {
+            events.push(Event::DrainSignal);
+        }
+        if channel_ready {
+            let mut buf = [0u8; 1024];
+            loop {
+                match self.channel.read(&mut buf) {
+                    Ok(0) => {
+                        events.push(Event::MasterGone);
+                        break;
+                    }
+                    Ok(n) => self.lines.push(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        events.push(Event::MasterGone);
+                        break;
+                    }
+                }
+            }
+            while let Some(line) = self.lines.next_line() {
+                match MasterMessage::parse(&line) {
+                    Some(m) => events.push(Event::Master(m)),
+                    None => log::warn!("ignoring an unknown message from the master: {line:?}"),
+                }
+            }
+        }
+        if events.is_empty() {
+            events.push(Event::Tick);
+        }
+        events
+    }
+
+    /// The control loop: serve until drained or stopped. Returns the exit status.
+    fn serve(mut self) -> i32 {
+        let mut drain_deadline: Option<Instant> = None;
+        let mut last_stats = Instant::now();
+        loop {
+            let timeout = if drain_deadline.is_some() { DRAIN_SWEEP_INTERVAL } else { STATS_INTERVAL };
+            for event in self.wait(timeout) {
+                match event {
+                    Event::Master(MasterMessage::Accept) => self.start_accepting(),
+                    Event::Master(MasterMessage::Drain) | Event::DrainSignal => {
+                        if drain_deadline.is_none() {
+                            drain_deadline = Some(self.begin_drain());
+                        }
+                    }
+                    Event::MasterGone => {
+                        if drain_deadline.is_none() {
+                            log::warn!("the master is gone; draining");
+                            drain_deadline = Some(self.begin_drain());
+                        }
+                    }
+                    Event::Master(MasterMessage::Stop) | Event::StopSignal => {
+                        self.finish(false);
+                        return 0;
+                    }
+                    Event::Tick => {}
+                }
+            }
+            if last_stats.elapsed() >= STATS_INTERVAL {
+                last_stats = Instant::now();
+                let stats = self.stats();
+                self.send(WorkerMessage::Stats(stats));
+            }
+            self.close_expired_lingerers();
+            if let Some(deadline) = drain_deadline {
+                self.close_idle_connections();
+                // An acceptor may still hand over one last connection: done only once every
+                // acceptor has returned and no connection is open.
+                let accepting = self.acceptors.iter().any(|a| !a.is_finished());
+                if !accepting && self.pool.counters.open.load(Ordering::Acquire) == 0 {
+                    self.finish(true);
+                    return 0;
+                }
+                if Instant::now() >= deadline {
+                    let left = self.pool.counters.open.load(Ordering::Acquire);
+                    log::warn!("graceful_timeout reached with {left} connection(s) open; closing them");
+                    self.finish(false);
+                    return 0;
+                }
+            }
+        }
+    }
+
+    fn start_accepting(&mut self) {
+        if let Some(listeners) = self.listeners.take() {
+            self.acceptors = self.pool.spawn_acceptors(listeners);
+            log::debug!("accepting connections");
+        }
+    }
+
+    fn begin_drain(&mut self) -> Instant {
+        log::info!("draining: {} connection(s) open", self.pool.counters.open.load(Ordering::Relaxed));
+        self.pool.draining.store(true, Ordering::SeqCst);
+        // Listeners never handed to acceptors are closed now; acceptors close theirs as soon
+        // as they return from accept(), which this interrupt makes immediate.
+        self.listeners = None;
+        for acceptor in &self.acceptors {
+            use std::os::unix::thread::JoinHandleExt;
+            let _ = sys::interrupt_thread(acceptor.as_pthread_t());
+        }
+        Instant::now() + self.graceful_timeout
+    }
+
+    /// Closes (gently) every parked connection that is between requests and quiet.
+    fn close_idle_connections(&self) {
+        let now = Instant::now();
+        self.pool.conns.sweep(|slot| {
+            let conn = slot.as_mut().expect("sweep only offers occupied slots");
+            if conn.between_requests() && now.duration_since(conn.last_active) >= DRAIN_IDLE_GRACE {
+                if let After::Close(_) = conn.begin_close() {
+                    if let Some(conn) = slot.take() {
+                        self.pool.finish(conn, CloseReason::Drained);
+                    }
+                }
+            }
+        });
+    }
+
+    fn close_expired_lingerers(&self) {
+        let now = Instant::now();
+        self.pool.conns.sweep(|slot| {
+            if slot.as_ref().is_some_and(|c| c.linger_expired(now)) {
+                if let Some(conn) = slot.take() {
+                    self.pool.finish(conn, CloseReason::Done);
+                }
+            }
+        });
+    }
+
+    /// Ends the worker: every connection closed, handlers stopped, apps stopped.
+    fn finish(self, graceful: bool) {
+        self.pool.draining.store(true, Ordering::SeqCst);
+        self.pool.stop_handlers();
+        let deadline = Instant::now() + Duration::from_secs(1);
+        for h in self.handlers {
+            while !h.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if h.is_finished() {
+                let _ = h.join();
+            }
+        }
+        let stuck = self.pool.busy_handlers();
+        self.pool.conns.sweep(|slot| {
+            if let Some(conn) = slot.take() {
+                let reason = if conn.phase == Phase::Open { CloseReason::Forced } else { CloseReason::Done };
+                self.pool.finish(conn, reason);
+            }
+        });
+        drop(self.acceptors);
+        if stuck > 0 {
+            log::warn!("{stuck} handler(s) still inside app code; exiting without the apps' stop hooks");
+            return;
+        }
+        // Every connection is closed and no handler runs: the apps may stop.
+        for app in &self.pool.apps {
+            app.stop();
+        }
+        if graceful {
+            log::info!("drained; exiting");
+        }
+    }
+}
+

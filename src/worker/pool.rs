@@ -1,0 +1,322 @@
+//! The connection table, the handler threads and the acceptor threads of one worker.
+//!
+//! Shape: one acceptor thread per listener waits in a blocking `accept()` (the kernel queues
+//! blocked acceptors of all workers FIFO, which balances connections across processes) and
+//! pauses while every handler is busy, so an idle worker takes the next connection instead.
+//! Accepted connections are parked in one epoll instance with one-shot interest; `threads`
+//! handler threads wait on it, and the kernel hands each ready connection to exactly one idle
+//! handler, which serves it inline and parks it again. An idle connection costs no thread.
+//!
+//! Invariant: a connection's slot lock is held by whoever touches it; a connection is armed in
+//! the epoll instance only while parked.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::thread::{self, JoinHandle, Thread};
+use std::time::Instant;
+
+use socket2::Socket;
+
+use super::conn::{After, CloseReason, Conn, Scratch, prepare_socket};
+use crate::listener::ACCEPT_WAKE_INTERVAL;
+use crate::plugin::App;
+use crate::sys::{Epoll, Event, EventFd, interest};
+
+/// Connections per lazily allocated chunk of the table.
+const CHUNK: usize = 1024;
+/// Token of the stop eventfd in the epoll instance (connection tokens are `fd << 32 | seq`).
+const STOP_TOKEN: u64 = u64::MAX;
+
+type Slot = Mutex<Option<Conn>>;
+
+/// Connections indexed by fd: the kernel never hands out an fd twice while it is open, and a
+/// sequence number in the epoll token tells a stale event from a reused fd.
+pub struct ConnTable {
+    chunks: Vec<OnceLock<Box<[Slot]>>>,
+    /// One past the highest fd ever stored: the sweep need not look further.
+    high_water: AtomicUsize,
+}
+
+impl ConnTable {
+    pub fn new(max_fds: usize) -> ConnTable {
+        let n = max_fds.div_ceil(CHUNK).max(1);
+        ConnTable { chunks: (0..n).map(|_| OnceLock::new()).collect(), high_water: AtomicUsize::new(0) }
+    }
+
+    fn slot(&self, fd: usize) -> Option<&Slot> {
+        let chunk = self.chunks.get(fd / CHUNK)?;
+        let slots = chunk.get_or_init(|| (0..CHUNK).map(|_| Mutex::new(None)).collect());
+        Some(&slots[fd % CHUNK])
+    }
+
+    fn lock(slot: &Slot) -> MutexGuard<'_, Option<Conn>> {
+        slot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Calls `f` on every parked connection whose lock is free right now.
+    pub fn sweep(&self, mut f: impl FnMut(&mut Option<Conn>)) {
+        let high = self.high_water.load(Ordering::Acquire);
+        for fd in 0..high {
+            let Some(chunk) = self.chunks.get(fd / CHUNK).and_then(|c| c.get()) else { continue };
+            if let Ok(mut guard) = chunk[fd % CHUNK].try_lock() {
+                if guard.is_some() {
+                    f(&mut guard);
+                }
+            }
+        }
+    }
+}
+
+/// Counters reported to the master.
+#[derive(Default)]
+pub struct Counters {
+    pub open: AtomicU64,
+    pub accepted: AtomicU64,
+    pub requests: AtomicU64,
+    pub panics: AtomicU64,
+}
+
+/// A listener of this worker and the app serving it.
+pub struct Listening {
+    pub socket: Socket,
+    pub address: String,
+    pub app: usize,
+    pub tcp: bool,
+}
+
+/// State shared by the threads of one worker.
+pub struct Pool {
+    pub epoll: Epoll,
+    pub conns: ConnTable,
+    pub apps: Vec<App>,
+    pub counters: Counters,
+    pub draining: AtomicBool,
+    stopping: AtomicBool,
+    stop_event: EventFd,
+    threads: usize,
+    busy: AtomicUsize,
+    next_seq: AtomicU32,
+    acceptors: Mutex<Vec<Thread>>,
+}
+
+impl Pool {
+    pub fn new(apps: Vec<App>, threads: usize, max_fds: usize) -> std::io::Result<Pool> {
+        let epoll = Epoll::new()?;
+        let stop_event = EventFd::new()?;
+        // Level-triggered and not one-shot: once signalled, it wakes every handler.
+        epoll.add(stop_event.as_raw_fd(), interest::READ, STOP_TOKEN)?;
+        Ok(Pool {
+            epoll,
+            conns: ConnTable::new(max_fds),
+            apps,
+            counters: Counters::default(),
+            draining: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            stop_event,
+            threads,
+            busy: AtomicUsize::new(0),
+            next_seq: AtomicU32::new(1),
+            acceptors: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Starts the handler threads.
+    pub fn spawn_handlers(&'static self) -> Vec<JoinHandle<()>> {
+        (0..self.threads)
+            .map(|i| {
+                thread::Builder::new()
+                    .name(format!("handler-{i}"))
+                    .spawn(move || self.handler_loop())
+                    .expect("cannot start a handler thread")
+            })
+            .collect()
+    }
+
+    /// Starts one acceptor thread per listener.
+    pub fn spawn_acceptors(&'static self, listeners: Vec<Listening>) -> Vec<JoinHandle<()>> {
+        let handles: Vec<JoinHandle<()>> = listeners
+            .into_iter()
+            .map(|l| {
+                thread::Builder::new()
+                    .name(format!("accept {}", l.address))
+                    .spawn(move || self.acceptor_loop(l))
+                    .expect("cannot start an acceptor thread")
+            })
+            .collect();
+        *self.acceptors.lock().unwrap_or_else(|e| e.into_inner()) = handles.iter().map(|h| h.thread().clone()).collect();
+        handles
+    }
+
+    /// Makes handler threads return once the connections they are serving are done.
+    pub fn stop_handlers(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let _ = self.stop_event.notify();
+    }
+
+    pub fn busy_handlers(&self) -> usize {
+        self.busy.load(Ordering::Relaxed)
+    }
+
+    fn acceptor_loop(&self, listener: Listening) {
+        let mut last_error_log: Option<Instant> = None;
+        while !self.draining.load(Ordering::Acquire) {
+            // Saturated: let an idle worker take the next connection instead.
+            if self.busy.load(Ordering::Acquire) >= self.threads {
+                thread::park_timeout(ACCEPT_WAKE_INTERVAL);
+                continue;
+            }
+            match listener.socket.accept() {
+                Ok((socket, peer)) => {
+                    let peer = peer.as_socket().map(|a| a.to_string()).unwrap_or_default();
+                    self.register(socket, peer, &listener);
+                }
+                Err(e) => match e.raw_os_error() {
+                    // SO_RCVTIMEO expired, or the connection died in the queue: carry on.
+                    Some(libc::EAGAIN | libc::EINTR | libc::ECONNABORTED | libc::EPROTO) => {}
+                    _ => {
+                        // EMFILE and friends: log at most once a second, back off briefly.
+                        if last_error_log.is_none_or(|t| t.elapsed().as_secs() >= 1) {
+                            log::error!("accept on {} failed: {e}", listener.address);
+                            last_error_log = Some(Instant::now());
+                        }
+                        thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                },
+            }
+        }
+        log::debug!("stopped accepting on {}", listener.address);
+        // Dropping `listener` closes this worker's copy of the socket.
+    }
+
+    fn register(&self, socket: Socket, peer: String, listener: &Listening) {
+        if let Err(e) = prepare_socket(&socket, listener.tcp) {
+            log::warn!("dropping a connection from {peer}: {e}");
+            return;
+        }
+        let fd = socket.as_raw_fd() as usize;
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let app = &self.apps[listener.app];
+        let Some(handle) = app.open_conn(&peer, &listener.address, u64::from(seq)) else {
+            log::error!("app {} refused a connection from {peer}", app.name());
+            return;
+        };
+        let Some(slot) = self.conns.slot(fd) else {
+            log::error!("connection fd {fd} is beyond the table; closing it");
+            app.close_conn(handle);
+            return;
+        };
+        let token = token(fd, seq);
+        let mut guard = ConnTable::lock(slot);
+        *guard = Some(Conn::new(socket, seq, listener.app, handle, peer));
+        self.conns.high_water.fetch_max(fd + 1, Ordering::AcqRel);
+        self.counters.open.fetch_add(1, Ordering::Relaxed);
+        self.counters.accepted.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.epoll.add(fd as i32, interest::READ | interest::ONESHOT, token) {
+            log::error!("cannot watch a new connection: {e}");
+            if let Some(conn) = guard.take() {
+                drop(guard);
+                self.finish(conn, CloseReason::Error(e.to_string()));
+            }
+        }
+    }
+
+    fn handler_loop(&self) {
+        let mut scratch = Scratch::new();
+        // One event per wait: the others stay queued for idle handlers, so one slow request
+        // never delays a connection another thread could serve.
+        let mut events = [Event::EMPTY; 1];
+        loop {
+            let n = match self.epoll.wait(&mut events, None) {
+                Ok(n) => n,
+                Err(e) => {
+                    log::error!("epoll_wait failed: {e}");
+                    return;
+                }
+            };
+            for event in &events[..n] {
+                if event.token() == STOP_TOKEN {
+                    return;
+                }
+                self.busy.fetch_add(1, Ordering::AcqRel);
+                self.serve(*event, &mut scratch);
+                if self.busy.fetch_sub(1, Ordering::AcqRel) == self.threads {
+                    self.wake_acceptors();
+                }
+            }
+            if self.stopping.load(Ordering::Acquire) {
+                return;
+            }
+        }
+    }
+
+    fn wake_acceptors(&self) {
+        if let Ok(acceptors) = self.acceptors.try_lock() {
+            acceptors.iter().for_each(Thread::unpark);
+        }
+    }
+
+    fn serve(&self, event: Event, scratch: &mut Scratch) {
+        let (fd, seq) = split_token(event.token());
+        let Some(slot) = self.conns.slot(fd) else { return };
+        let mut guard = ConnTable::lock(slot);
+        let Some(conn) = guard.as_mut() else { return };
+        if conn.seq != seq {
+            return; // a stale event for an fd that was closed and reused
+        }
+        let app = &self.apps[conn.app];
+        let draining = self.draining.load(Ordering::Relaxed);
+        let (after, requests) = conn.on_ready(event.readable(), event.writable(), app, draining, scratch);
+        if requests > 0 {
+            self.counters.requests.fetch_add(requests, Ordering::Relaxed);
+        }
+        self.apply(guard, after);
+    }
+
+    /// Parks or closes a connection after it was handled. Takes the slot's guard.
+    pub fn apply(&self, mut guard: MutexGuard<'_, Option<Conn>>, after: After) {
+        let Some(conn) = guard.as_mut() else { return };
+        let reason = match after {
+            After::Park(interest) => {
+                let token = token(conn.fd() as usize, conn.seq);
+                match self.epoll.modify(conn.fd(), interest | crate::sys::interest::ONESHOT, token) {
+                    Ok(()) => return,
+                    Err(e) => CloseReason::Error(format!("cannot re-arm: {e}")),
+                }
+            }
+            After::Close(reason) => reason,
+        };
+        let conn = guard.take().expect("checked above");
+        // Release the slot before the fd is closed: once closed, the fd number may be reused
+        // by the acceptor, which then needs the slot.
+        drop(guard);
+        self.finish(conn, reason);
+    }
+
+    /// Ends a connection: tells the app, counts it, closes the socket.
+    pub fn finish(&self, mut conn: Conn, reason: CloseReason) {
+        let app = &self.apps[conn.app];
+        match &reason {
+            CloseReason::AppFailed(msg) => {
+                self.counters.panics.fetch_add(1, Ordering::Relaxed);
+                log::error!("app {}: connection from {} closed: {msg}", app.name(), conn.peer);
+            }
+            CloseReason::TooLarge => {
+                log::warn!("app {}: connection from {} closed: request larger than 1 MiB", app.name(), conn.peer)
+            }
+            CloseReason::Error(e) => log::debug!("connection from {} closed: {e}", conn.peer),
+            _ => {}
+        }
+        conn.release(app);
+        self.counters.open.fetch_sub(1, Ordering::Relaxed);
+        // Dropping `conn` closes the socket, which also removes it from the epoll instance.
+    }
+}
+
+fn token(fd: usize, seq: u32) -> u64 {
+    ((fd as u64) << 32) | u64::from(seq)
+}
+
+fn split_token(token: u64) -> (usize, u32) {
+    ((token >> 32) as usize, token as u32)
+}

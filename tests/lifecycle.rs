@@ -1,0 +1,142 @@
+//! Start, serve, stop: the shipped apps over real sockets, and the graceful and fast stops.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use util::*;
+
+#[test]
+fn echo_sends_every_line_back_unchanged_after_its_delay() {
+    let server = TestServer::start(&Setup::new(1, 2).app("echo", "echo", "delay_ms = 50"));
+    let mut c = LineClient::connect(server.addr("echo"));
+    let started = Instant::now();
+    assert_eq!(c.ask("hello world"), "hello world");
+    assert!(started.elapsed() >= Duration::from_millis(50), "the delay was not applied");
+    // A line split over two writes is answered once complete.
+    c.stream().write_all(b"par").unwrap();
+    c.stream().flush().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    c.stream().write_all(b"tial\r\n").unwrap();
+    assert_eq!(c.recv().unwrap(), "partial\r");
+}
+
+#[test]
+fn hello_serves_http11_keep_alive_and_http10() {
+    let server = TestServer::start(&Setup::new(2, 2).app("hello", "hello", "message = \"Hi!\""));
+    let addr = server.addr("hello");
+    let mut c = HttpClient::connect(addr).unwrap();
+    let workers = server.worker_pids();
+    for _ in 0..3 {
+        let r = c.get("/").unwrap();
+        assert_eq!((r.status, r.body.as_str()), (200, "Hi!"));
+        assert!(workers.contains(&r.worker_pid()), "X-Worker-Pid {} is not a worker", r.worker_pid());
+        assert!(!r.closes());
+    }
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(READY_TIMEOUT)).unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap(); // HTTP/1.0 without keep-alive: the server closes
+    assert!(answer.starts_with("HTTP/1.1 200 OK") && answer.ends_with("Hi!"), "{answer}");
+}
+
+#[test]
+fn tcp_v6_and_unix_listeners_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let unix = dir.path().join("hello.sock");
+    let setup = Setup::new(1, 2)
+        .app_at("v6", &plugin("echo"), "", "[::1]:0")
+        .app_at("unix", &plugin("echo"), "", &format!("unix:{}", unix.display()));
+    let server = TestServer::start(&setup);
+    let mut c = LineClient::connect(server.addr("v6"));
+    assert_eq!(c.ask("over v6"), "over v6");
+    let mut u = std::os::unix::net::UnixStream::connect(&unix).unwrap();
+    u.set_read_timeout(Some(READY_TIMEOUT)).unwrap();
+    u.write_all(b"over unix\n").unwrap();
+    let mut buf = [0u8; 10];
+    u.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"over unix\n");
+}
+
+#[test]
+fn the_master_stays_single_threaded_and_never_loads_a_plugin() {
+    let server = TestServer::start(&Setup::new(2, 3).app("hello", "hello", ""));
+    http_get(server.addr("hello")).unwrap();
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", server.pid)).unwrap().count();
+    assert_eq!(tasks, 1, "the master has {tasks} threads");
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", server.pid)).unwrap();
+    assert!(!maps.contains("libfdt_"), "the master mapped a plugin");
+    for pid in server.worker_pids() {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+        assert!(maps.contains("libfdt_hello"), "worker {pid} has not loaded the plugin");
+    }
+}
+
+#[test]
+fn term_lets_a_slow_request_finish_while_new_connections_are_refused() {
+    let mut server = TestServer::start(&Setup::new(2, 2).app("kit", "testkit", ""));
+    let addr = server.addr("kit");
+    let mut slow = LineClient::connect(addr);
+    slow.send("SLEEP 1500");
+    // Make sure the request is being handled before the stop begins.
+    wait_for(READY_TIMEOUT, "the slow request to be in flight", || {
+        server.status()["workers"].as_array().unwrap().iter().any(|w| w["connections"] == 1).then_some(())
+    });
+    server.signal(Signal::SIGTERM);
+    wait_for(Duration::from_secs(1), "new connections to be refused", || TcpStream::connect(addr).is_err().then_some(()));
+    assert_eq!(slow.recv().as_deref(), Some("SLEPT"), "the in-flight request was cut off");
+    let status = server.wait_exit(Duration::from_secs(5));
+    assert!(status.success(), "master exited with {status}");
+    assert!(!server.control_socket().exists(), "the control socket was left behind");
+}
+
+#[test]
+fn a_second_term_stops_at_once() {
+    let mut server = TestServer::start(&Setup::new(1, 2).app("kit", "testkit", "").server("graceful_timeout", "30"));
+    let mut busy = LineClient::connect(server.addr("kit"));
+    assert_eq!(busy.ask("BUSY"), "BUSY"); // InProgress: a drain would wait for it
+    server.signal(Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    server.assert_running();
+    let asked = Instant::now();
+    server.signal(Signal::SIGTERM);
+    let status = server.wait_exit(Duration::from_secs(5));
+    assert!(status.success());
+    assert!(asked.elapsed() < Duration::from_secs(3));
+    assert_eq!(busy.recv(), None, "the connection should have been closed");
+}
+
+#[test]
+fn quit_stops_fast_even_with_a_request_in_flight() {
+    let mut server = TestServer::start(&Setup::new(1, 2).app("kit", "testkit", ""));
+    let mut c = LineClient::connect(server.addr("kit"));
+    assert_eq!(c.ask("PID"), server.worker_pids()[0].to_string());
+    server.signal(Signal::SIGQUIT);
+    let status = server.wait_exit(Duration::from_secs(5));
+    assert!(status.success());
+}
+
+#[test]
+fn stop_command_waits_for_the_master_to_exit() {
+    let mut server = TestServer::start(&Setup::new(1, 1).app("echo", "echo", ""));
+    let (code, out, err) = server.cli(&["stop"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!alive(server.pid) || server.wait_exit(Duration::from_secs(1)).success());
+    let (code, _, err) = server.cli(&["status"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no fdtserver is answering"), "{err}");
+}
+
+#[test]
+fn workers_exit_when_the_master_is_killed() {
+    let server = TestServer::start(&Setup::new(2, 1).app("echo", "echo", ""));
+    let workers = server.worker_pids();
+    server.signal(Signal::SIGKILL);
+    wait_for(Duration::from_secs(5), "the orphaned workers to exit", || {
+        workers.iter().all(|&p| !alive(p)).then_some(())
+    });
+}
