@@ -54,6 +54,17 @@ pub struct ListenConfig {
     pub backlog: i32,
 }
 
+impl ListenConfig {
+    /// What identifies this listener's socket across reloads: its address, except that
+    /// every `host:0` (a port the kernel picks) is a socket of its own, told apart by its app.
+    pub fn key(&self) -> String {
+        match &self.address {
+            Address::Tcp(a) if a.port() == 0 => format!("{a}#{}", self.app),
+            other => other.to_string(),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct AppConfig {
     pub name: String,
@@ -350,7 +361,8 @@ fn build(raw: RawConfig, path: &Path, dir: &Path, problems: &mut Problems<'_>) -
                 continue;
             }
         };
-        if listeners.iter().any(|o: &ListenConfig| o.address == address) {
+        let ephemeral = matches!(address, Address::Tcp(a) if a.port() == 0);
+        if !ephemeral && listeners.iter().any(|o: &ListenConfig| o.address == address) {
             problems.at(l.address.span(), format!("address {address} is listed twice"));
             continue;
         }

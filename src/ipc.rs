@@ -14,6 +14,8 @@ pub enum WorkerMessage {
     Failed(String),
     /// Heartbeat with the worker's counters, sent every `STATS_INTERVAL`.
     Stats(WorkerStats),
+    /// Draining: the worker's acceptors have returned; it takes no new connection.
+    StoppedAccepting,
 }
 
 /// A worker's counters, as reported in its heartbeat.
@@ -42,6 +44,7 @@ impl fmt::Display for WorkerMessage {
             WorkerMessage::Ready => writeln!(f, "ready"),
             WorkerMessage::Failed(reason) => writeln!(f, "failed {}", reason.replace('\n', " ")),
             WorkerMessage::Stats(s) => writeln!(f, "stats {} {} {} {}", s.open, s.accepted, s.requests, s.panics),
+            WorkerMessage::StoppedAccepting => writeln!(f, "stopped-accepting"),
         }
     }
 }
@@ -61,6 +64,7 @@ impl WorkerMessage {
         let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
         match word {
             "ready" => Some(WorkerMessage::Ready),
+            "stopped-accepting" => Some(WorkerMessage::StoppedAccepting),
             "failed" => Some(WorkerMessage::Failed(rest.to_string())),
             "stats" => {
                 let n: Vec<u64> = rest.split(' ').filter_map(|w| w.parse().ok()).collect();

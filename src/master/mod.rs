@@ -28,7 +28,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
-use crate::config::{Address, Config};
+use crate::config::Config;
 use crate::control::{self, ControlServer, Request, Response};
 use crate::ipc::{MasterMessage, WorkerMessage};
 use crate::listener::{self, Listener};
@@ -45,6 +45,9 @@ const WORKER_TOKEN_BASE: usize = 16;
 const DRAIN_KILL_MARGIN: Duration = Duration::from_secs(5);
 /// After a fast stop is asked for, workers that have not exited by then are killed.
 const FAST_STOP_GRACE: Duration = Duration::from_secs(2);
+/// A successful reload is answered when the old workers confirm they stopped accepting, or
+/// after this long at the latest.
+const REPLY_AFTER_DRAIN_WAIT: Duration = Duration::from_secs(1);
 /// The loop wakes at least this often, so a missed wake-up can delay nothing for long.
 const MAX_POLL_WAIT: Duration = Duration::from_secs(1);
 
@@ -150,12 +153,16 @@ pub struct Master {
     config: Arc<Config>,
     poll: Poll,
     signals: SignalPipe,
-    listeners: BTreeMap<Address, Listener>,
+    /// Keyed by `ListenConfig::key`.
+    listeners: BTreeMap<String, Listener>,
     table: Table,
     control: ControlServer,
     runtime_dir: PathBuf,
     stopping: Option<Stopping>,
     reload_waiters: Vec<usize>,
+    /// Reloads that succeeded, waiting for the old workers to stop accepting:
+    /// (control connection, generation, answer at the latest by).
+    pending_replies: Vec<(usize, u64, Instant)>,
     respawns: Vec<Respawn>,
     next_generation: u64,
     started: Instant,
@@ -215,7 +222,7 @@ impl Master {
         for l in &config.listeners {
             match listener::bind(&l.address, l.backlog) {
                 Ok(bound) => {
-                    listeners.insert(l.address.clone(), bound);
+                    listeners.insert(l.key(), bound);
                 }
                 Err(e) => problems.push(format!("cannot listen on {}: {e}", l.address)),
             }
@@ -261,6 +268,7 @@ impl Master {
             runtime_dir,
             stopping: None,
             reload_waiters: Vec::new(),
+            pending_replies: Vec::new(),
             respawns: Vec::new(),
             next_generation: 1,
             started: Instant::now(),
@@ -287,7 +295,10 @@ impl Master {
                     log::error!("poll failed: {e}");
                 }
             }
-            let mut happened: Vec<Event> = self.signals.take().into_iter().map(Event::Signal).collect();
+            // What children said comes first (a worker's last words before its exit is reaped),
+            // then signals in their fixed order, then control requests.
+            let mut happened: Vec<Event> = Vec::new();
+            let mut requests: Vec<Event> = Vec::new();
             for event in events.iter() {
                 match event.token() {
                     SIGNAL_TOKEN => {}
@@ -295,7 +306,7 @@ impl Master {
                     Token(t) if t >= control::CONN_TOKEN_BASE => {
                         let id = t - control::CONN_TOKEN_BASE;
                         if let Some(request) = self.control.ready(id, self.poll.registry()) {
-                            happened.push(Event::Control(id, request));
+                            requests.push(Event::Control(id, request));
                         }
                     }
                     Token(t) => {
@@ -304,6 +315,8 @@ impl Master {
                     }
                 }
             }
+            happened.extend(self.signals.take().into_iter().map(Event::Signal));
+            happened.extend(requests);
             for event in happened {
                 match event {
                     Event::Signal(sig) => self.on_signal(sig),
@@ -348,7 +361,7 @@ impl Master {
             .config
             .listeners
             .iter()
-            .map(|l| (self.listeners[&l.address].socket.as_raw_fd(), l.address.clone(), l.app.clone()))
+            .map(|l| (self.listeners[&l.key()].socket.as_raw_fd(), l.address.clone(), l.app.clone()))
             .collect();
         let (master_end, worker_end) = UnixStream::pair()?;
         let master_pid = Pid::this();
@@ -393,6 +406,7 @@ impl Master {
                         stats: Default::default(),
                         last_heard: now,
                         failure: None,
+                        accepting: false,
                     },
                 );
                 log::debug!("forked worker {slot} of generation {generation}: pid {pid}");
@@ -439,6 +453,7 @@ impl Master {
         let gen_state = self.table.generations.get(&generation).map(|g| g.state);
         match msg {
             WorkerMessage::Stats(stats) => w.stats = stats,
+            WorkerMessage::StoppedAccepting => w.accepting = false,
             WorkerMessage::Failed(reason) => {
                 w.failure = Some(reason.clone());
                 if matches!(gen_state, Some(GenState::Booting { .. })) {
@@ -459,6 +474,7 @@ impl Master {
                     }
                     Some(GenState::Active) if self.stopping.is_none() => {
                         w.state = WorkerState::Serving;
+                        w.accepting = true;
                         self.send(pid, MasterMessage::Accept);
                         log::info!("worker {} (pid {pid}) of generation {generation} serving", self.table.workers[&pid].slot);
                     }
@@ -491,6 +507,16 @@ impl Master {
     }
 
     fn on_worker_exit(&mut self, pid: Pid, how: &str) {
+        if let Some(w) = self.table.workers.get_mut(&pid) {
+            w.accepting = false;
+        }
+        // Read what the worker said last (such as why it failed) before forgetting it: its
+        // exit may be noticed before its last message.
+        for msg in self.read_worker(pid) {
+            if let (WorkerMessage::Failed(reason), Some(w)) = (msg, self.table.workers.get_mut(&pid)) {
+                w.failure = Some(reason);
+            }
+        }
         let Some(mut w) = self.table.workers.remove(&pid) else { return };
         let _ = self.poll.registry().deregister(&mut w.channel);
         let Some(gen_) = self.table.generations.get_mut(&w.generation) else { return };
@@ -596,12 +622,12 @@ impl Master {
     /// Binds new listeners, pins plugins and forks the workers of a new generation.
     fn boot_generation(&mut self, config: Config) -> Result<u64, String> {
         for l in &config.listeners {
-            if !self.listeners.contains_key(&l.address) {
+            if !self.listeners.contains_key(&l.key()) {
                 let bound = listener::bind(&l.address, l.backlog)
                     .map_err(|e| format!("cannot listen on {}: {e}", l.address))
                     .inspect_err(|_| self.close_unused_listeners())?;
                 log::info!("listening on {} ({})", bound.local, bound.address);
-                self.listeners.insert(l.address.clone(), bound);
+                self.listeners.insert(l.key(), bound);
             }
         }
         let mut plugins = BTreeMap::new();
@@ -660,6 +686,7 @@ impl Master {
         for pid in self.table.pids_of(id) {
             if let Some(w) = self.table.workers.get_mut(&pid) {
                 w.state = WorkerState::Serving;
+                w.accepting = true;
             }
             self.send(pid, MasterMessage::Accept);
         }
@@ -675,9 +702,26 @@ impl Master {
             }
         }
         self.close_unused_listeners();
+        // Answered once the old workers confirm they stopped accepting (see on_timers).
         let waiters = std::mem::take(&mut self.reload_waiters);
-        for w in waiters {
-            self.reply_reload(Some(w), Ok(id));
+        let deadline = Instant::now() + REPLY_AFTER_DRAIN_WAIT;
+        self.pending_replies.extend(waiters.into_iter().map(|w| (w, id, deadline)));
+        self.send_pending_replies();
+    }
+
+    /// Answers reloads whose old generation no longer accepts (or that waited long enough).
+    fn send_pending_replies(&mut self) {
+        if self.pending_replies.is_empty() {
+            return;
+        }
+        let active = self.table.active_id();
+        let old_accepting = self.table.workers.values().any(|w| w.accepting && Some(w.generation) != active);
+        let now = Instant::now();
+        let (due, wait): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.pending_replies).into_iter().partition(|(_, _, deadline)| !old_accepting || now >= *deadline);
+        self.pending_replies = wait;
+        for (waiter, generation, _) in due {
+            self.reply_reload(Some(waiter), Ok(generation));
         }
     }
 
@@ -728,14 +772,14 @@ impl Master {
     /// Closes the master's copy of listeners that neither the active nor a booting generation
     /// serves (draining workers keep their own copies until they exit).
     fn close_unused_listeners(&mut self) {
-        let used: Vec<Address> = self
+        let used: Vec<String> = self
             .table
             .generations
             .values()
             .filter(|g| matches!(g.state, GenState::Active | GenState::Booting { .. }))
-            .flat_map(|g| g.config.listeners.iter().map(|l| l.address.clone()))
+            .flat_map(|g| g.config.listeners.iter().map(|l| l.key()))
             .collect();
-        let unused: Vec<Address> = self.listeners.keys().filter(|a| !used.contains(a)).cloned().collect();
+        let unused: Vec<String> = self.listeners.keys().filter(|a| !used.contains(a)).cloned().collect();
         for address in unused {
             if let Some(l) = self.listeners.remove(&address) {
                 log::info!("no longer listening on {}", l.address);
@@ -896,10 +940,14 @@ impl Master {
         if let Some(s) = &self.stopping {
             next = next.min(s.kill_at);
         }
+        for (_, _, deadline) in &self.pending_replies {
+            next = next.min(*deadline);
+        }
         next.saturating_duration_since(now)
     }
 
     fn on_timers(&mut self) {
+        self.send_pending_replies();
         let now = Instant::now();
         let (due, later): (Vec<Respawn>, Vec<Respawn>) = std::mem::take(&mut self.respawns).into_iter().partition(|r| r.at <= now);
         self.respawns = later;

@@ -57,7 +57,7 @@ impl Master {
             .map(|l| {
                 json!({
                     "address": l.address.to_string(),
-                    "bound": self.listeners.get(&l.address).map(|b| b.local.clone()),
+                    "bound": self.listeners.get(&l.key()).map(|b| b.local.clone()),
                     "app": l.app,
                 })
             })

@@ -94,6 +94,8 @@ pub struct Worker {
     pub last_heard: Instant,
     /// The reason the worker gave for failing to start.
     pub failure: Option<String>,
+    /// Told to accept and not yet confirmed that it stopped.
+    pub accepting: bool,
 }
 
 #[derive(Default)]

@@ -85,7 +85,6 @@ pub struct Conn {
     /// What the app said last.
     next: Next,
     pub last_active: Instant,
-    pub opened: Instant,
     pub peer: String,
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -105,7 +104,6 @@ impl Conn {
             phase: Phase::Open,
             next: Next::KeepOpen,
             last_active: now,
-            opened: now,
             peer,
             bytes_in: 0,
             bytes_out: 0,

@@ -41,6 +41,10 @@ const DRAIN_SWEEP_INTERVAL: Duration = Duration::from_millis(50);
 /// right then; HTTP apps avoid that by answering the next request with `Connection: close`,
 /// which a busy client sends within microseconds, so only really idle ones are closed here.
 const DRAIN_IDLE_GRACE: Duration = Duration::from_millis(200);
+/// How long a draining worker waits for its interrupted acceptors before it reports that it
+/// stopped accepting anyway (an acceptor caught between its flag check and `accept()` only
+/// notices after one `ACCEPT_WAKE_INTERVAL`).
+const ACCEPTOR_STOP_WAIT: Duration = crate::listener::ACCEPT_WAKE_INTERVAL;
 /// Exit status of a worker whose apps failed to start (the master reports the reason it sent).
 pub const EXIT_START_FAILED: i32 = 3;
 
@@ -340,6 +344,13 @@ impl Worker {
             use std::os::unix::thread::JoinHandleExt;
             let _ = sys::interrupt_thread(acceptor.as_pthread_t());
         }
+        // Tell the master once no acceptor can take a connection any more: it answers a
+        // reload only then, so that every connection made after a reload meets new code.
+        let deadline = Instant::now() + ACCEPTOR_STOP_WAIT;
+        while self.acceptors.iter().any(|a| !a.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.send(WorkerMessage::StoppedAccepting);
         Instant::now() + self.graceful_timeout
     }
 

@@ -1,7 +1,8 @@
 //! `testkit`: an app for fdtserver's own tests, with commands that misbehave on purpose.
 //!
-//! Settings: `fail_start = "reason"` makes `start` fail; `start_delay_ms` delays it;
-//! `tag` is echoed by `TAG`. Line commands, one answer line each:
+//! Settings: `fail_start = "reason"` makes `start` fail; `panic_at_start = true` makes it
+//! panic; `abort_at_start_if = "/path"` kills the worker at start while that file exists (a
+//! crash loop on demand); `start_delay_ms` delays the start; `tag` is echoed by `TAG`. Line commands, one answer line each:
 //! `PID`, `GEN`, `TAG`, `DRAINING` (yes/no), `SLEEP <ms>` (answers `SLEPT`), `PANIC`,
 //! `ABORT` (kills the worker process), `BUSY` (stays `InProgress` until `IDLE`), anything
 //! else is echoed.
@@ -26,6 +27,10 @@ impl App for Testkit {
         let fail = settings.string("fail_start", "")?;
         if !fail.is_empty() {
             return Err(fail);
+        }
+        let trap = settings.string("abort_at_start_if", "")?;
+        if !trap.is_empty() && std::path::Path::new(&trap).exists() {
+            std::process::abort();
         }
         if settings.bool("panic_at_start", false)? {
             panic!("testkit was told to panic at start");

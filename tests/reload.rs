@@ -1,0 +1,266 @@
+//! Reloads: a new generation takes over without losing a connection, and a broken one never
+//! takes the server down.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use util::*;
+
+/// Clients that hammer `hello` until stopped: half with a new connection per request, half
+/// with keep-alive connections that follow `Connection: close`. Returns (ok, failures).
+fn hammer(addr: std::net::SocketAddr, clients: usize, stop: Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<(u64, Vec<String>)>> {
+    (0..clients)
+        .map(|i| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut ok = 0;
+                let mut failures = Vec::new();
+                let mut conn: Option<HttpClient> = None;
+                while !stop.load(Ordering::Relaxed) {
+                    let keep_alive = i % 2 == 0;
+                    if conn.is_none() || !keep_alive {
+                        match HttpClient::connect(addr) {
+                            Ok(c) => conn = Some(c),
+                            Err(e) => {
+                                failures.push(format!("connect: {e}"));
+                                continue;
+                            }
+                        }
+                    }
+                    match conn.as_mut().unwrap().get("/") {
+                        Ok(r) if r.status == 200 => {
+                            ok += 1;
+                            if r.closes() {
+                                conn = None;
+                            }
+                        }
+                        Ok(r) => failures.push(format!("status {}", r.status)),
+                        Err(e) => {
+                            failures.push(format!("request: {e}"));
+                            conn = None;
+                        }
+                    }
+                }
+                (ok, failures)
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn reloads_while_clients_hammer_the_server_lose_no_request() {
+    let server = TestServer::start(&Setup::new(2, 4).app("hello", "hello", ""));
+    let addr = server.addr("hello");
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = hammer(addr, 8, stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    for round in 0..5 {
+        let (code, body) = server.reload();
+        assert_eq!(code, 200, "reload {round} failed: {body}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    let mut failures = Vec::new();
+    for c in clients {
+        let (ok, f) = c.join().unwrap();
+        total += ok;
+        failures.extend(f);
+    }
+    assert!(failures.is_empty(), "{} of {} requests failed: {:?}", failures.len(), total, &failures[..failures.len().min(10)]);
+    assert!(total > 200, "only {total} requests were made");
+    assert_eq!(server.generation(), 6);
+}
+
+#[test]
+fn hup_reloads_and_the_new_generation_serves_new_settings() {
+    let mut setup = Setup::new(1, 2).app("kit", "testkit", "tag = \"one\"");
+    let server = TestServer::start(&setup);
+    let addr = server.addr("kit");
+    assert_eq!(LineClient::connect(addr).ask("TAG"), "one");
+    setup.apps[0].settings = "tag = \"two\"".into();
+    server.write_config(&setup);
+    server.signal(Signal::SIGHUP);
+    wait_for(READY_TIMEOUT, "generation 2", || (server.generation() == 2).then_some(()));
+    server.wait_serving();
+    assert_eq!(LineClient::connect(addr).ask("TAG"), "two");
+    assert_eq!(LineClient::connect(addr).ask("GEN"), "2");
+}
+
+/// Rewrites the config with `broken` as the kit app, reloads, and checks that the reload is
+/// refused with a reason containing `expect` while generation 1 goes on serving.
+fn assert_reload_refused(settings_or_plugin: (&str, Option<&std::path::Path>), expect: &str) {
+    let setup = Setup::new(2, 2).app("kit", "testkit", "tag = \"old\"");
+    let server = TestServer::start(&setup);
+    let addr = server.addr("kit");
+    let before = server.worker_pids();
+    let mut open = LineClient::connect(addr);
+    assert_eq!(open.ask("TAG"), "old");
+
+    let mut broken = setup.clone();
+    broken.apps[0].settings = settings_or_plugin.0.into();
+    if let Some(p) = settings_or_plugin.1 {
+        broken.apps[0].plugin = p.to_path_buf();
+    }
+    server.write_config(&broken);
+    let (code, body) = server.reload();
+    assert_eq!(code, 409, "{body}");
+    let reason = body["error"].as_str().unwrap_or_default();
+    assert!(reason.contains(expect), "reason {reason:?} does not contain {expect:?}");
+    let (code, _, err) = server.cli(&["reload"]);
+    assert_eq!(code, 1);
+    assert!(err.contains(expect), "{err}");
+
+    assert_eq!(server.generation(), 1);
+    assert_eq!(server.worker_pids(), before, "the old workers were touched");
+    assert_eq!(open.ask("TAG"), "old", "an open connection was lost");
+    assert_eq!(LineClient::connect(addr).ask("TAG"), "old", "new connections are not served");
+    assert_eq!(server.status()["reloads"]["failed"], 2);
+}
+
+#[test]
+fn a_reload_to_an_app_whose_start_fails_keeps_the_old_generation() {
+    assert_reload_refused(("fail_start = \"database is down\"", None), "database is down");
+}
+
+#[test]
+fn a_reload_to_an_app_that_panics_at_start_keeps_the_old_generation() {
+    assert_reload_refused(("panic_at_start = true", None), "panicked");
+}
+
+#[test]
+fn a_reload_to_a_missing_plugin_keeps_the_old_generation() {
+    assert_reload_refused(("", Some(std::path::Path::new("/nonexistent/libfdt_gone.so"))), "libfdt_gone.so");
+}
+
+#[test]
+fn a_reload_to_a_file_that_is_not_a_library_keeps_the_old_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("libfdt_fake.so");
+    std::fs::write(&fake, "not a library").unwrap();
+    assert_reload_refused(("", Some(&fake)), "not a shared library");
+}
+
+#[test]
+fn a_reload_with_a_toml_error_names_the_file_and_line_and_changes_nothing() {
+    let setup = Setup::new(1, 1).app("echo", "echo", "");
+    let server = TestServer::start(&setup);
+    let text = setup.render(server.dir.path()).replace("workers = 1", "workers = 1\nwrokers = 2");
+    std::fs::write(&server.config, text).unwrap();
+    let (code, body) = server.reload();
+    assert_eq!(code, 409);
+    let reason = body["error"].as_str().unwrap();
+    assert!(reason.contains("fdt.toml:") && reason.contains("wrokers"), "{reason}");
+    assert_eq!(server.generation(), 1);
+}
+
+#[test]
+fn a_generation_not_ready_within_boot_timeout_is_abandoned() {
+    let setup = Setup::new(1, 1).app("kit", "testkit", "").server("boot_timeout", "1");
+    let server = TestServer::start(&setup);
+    let mut slow = setup.clone();
+    slow.apps[0].settings = "start_delay_ms = 5000".into();
+    server.write_config(&slow);
+    let started = std::time::Instant::now();
+    let (code, body) = server.reload();
+    assert_eq!(code, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("boot_timeout"), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert_eq!(server.generation(), 1);
+    assert_eq!(LineClient::connect(server.addr("kit")).ask("GEN"), "1");
+}
+
+#[test]
+fn overwriting_a_plugin_file_in_place_changes_nothing_until_the_next_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = dir.path().join("libapp.so");
+    std::fs::copy(plugin("testkit"), &app).unwrap();
+    let server = TestServer::start(&Setup::new(1, 1).app_at("app", &app, "", "127.0.0.1:0"));
+    let addr = server.addr("app");
+    let pid = server.worker_pids()[0];
+    // A deploy that copies over the running file (the new file is echo, which answers
+    // "PID" with "PID"; testkit answers with a number).
+    std::fs::write(&app, std::fs::read(plugin("echo")).unwrap()).unwrap();
+    assert_eq!(LineClient::connect(addr).ask("PID"), pid.to_string(), "the running worker broke");
+    // A worker respawned in the same generation still loads the generation's code.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    let respawned = wait_for(READY_TIMEOUT, "a replacement worker", || {
+        let pids = server.worker_pids();
+        (pids.len() == 1 && pids[0] != pid).then(|| pids[0])
+    });
+    server.wait_serving();
+    assert_eq!(LineClient::connect(addr).ask("PID"), respawned.to_string(), "the respawned worker runs new code");
+    // The next reload picks the new file up.
+    assert_eq!(server.reload().0, 200);
+    assert_eq!(LineClient::connect(addr).ask("PID"), "PID");
+}
+
+#[test]
+fn an_idle_keep_alive_connection_is_closed_gently_by_a_reload() {
+    let server = TestServer::start(&Setup::new(1, 2).app("hello", "hello", ""));
+    let mut idle = HttpClient::connect(server.addr("hello")).unwrap();
+    assert_eq!(idle.get("/").unwrap().status, 200);
+    assert_eq!(server.reload().0, 200);
+    // The old worker closes it between requests with a FIN (EOF), not a reset.
+    let mut buf = [0u8; 16];
+    match idle.stream().read(&mut buf) {
+        Ok(0) => {}
+        other => panic!("expected a clean EOF, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_request_half_sent_when_the_drain_begins_is_answered_with_connection_close() {
+    let server = TestServer::start(&Setup::new(1, 2).app("hello", "hello", ""));
+    let old = server.worker_pids()[0];
+    let mut c = HttpClient::connect(server.addr("hello")).unwrap();
+    c.stream().write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(server.reload().0, 200);
+    std::thread::sleep(Duration::from_millis(400)); // longer than the drain's idle grace
+    c.stream().write_all(b"\r\n").unwrap();
+    let r = c.read_response().expect("the half-sent request was dropped");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.worker_pid(), old);
+    assert!(r.closes(), "a draining worker must answer with Connection: close");
+}
+
+#[test]
+fn a_conversation_in_progress_outlives_the_reload_until_it_ends() {
+    let server = TestServer::start(&Setup::new(1, 2).app("kit", "testkit", ""));
+    let mut c = LineClient::connect(server.addr("kit"));
+    assert_eq!(c.ask("BUSY"), "BUSY");
+    assert_eq!(server.reload().0, 200);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(c.ask("GEN"), "1", "the old worker must still serve its conversation");
+    assert_eq!(c.ask("DRAINING"), "yes");
+    assert_eq!(c.ask("IDLE"), "IDLE");
+    // Between requests now: the draining worker closes it.
+    wait_for(Duration::from_secs(2), "the idle connection to be closed", || c.recv().is_none().then_some(()));
+    assert_eq!(LineClient::connect(server.addr("kit")).ask("GEN"), "2");
+}
+
+#[test]
+fn a_reload_can_add_a_listener() {
+    let setup = Setup::new(1, 1).app("echo", "echo", "");
+    let server = TestServer::start(&setup);
+    let with_two = setup.clone().app("kit", "testkit", "");
+    server.write_config(&with_two);
+    assert_eq!(server.reload().0, 200);
+    assert_eq!(LineClient::connect(server.addr("kit")).ask("GEN"), "2");
+    assert_eq!(LineClient::connect(server.addr("echo")).ask("x"), "x");
+}
+
+#[test]
+fn old_workers_exit_soon_after_a_reload_when_idle() {
+    let server = TestServer::start(&Setup::new(2, 2).app("echo", "echo", ""));
+    let old = server.worker_pids();
+    assert_eq!(server.reload().0, 200);
+    wait_for(Duration::from_secs(1), "the old generation to exit", || old.iter().all(|&p| !alive(p)).then_some(()));
+    assert_eq!(LineClient::connect(server.addr("echo")).ask("still here"), "still here");
+}
