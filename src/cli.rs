@@ -181,7 +181,8 @@ fn status(path: &Path, json: bool) -> i32 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let (code, body) = match control::request(&config.server.control_socket, "GET", "/status", Duration::from_secs(10)) {
+    let (code, body) = match control::request(&config.server.control_socket, "GET", "/status", Duration::from_secs(10))
+    {
         Ok(r) => r,
         Err(e) => return client_error(e),
     };
@@ -230,7 +231,11 @@ fn format_status(v: &serde_json::Value) -> String {
     if let Some(e) = v["reloads"]["last_error"].as_str() {
         let _ = writeln!(out, "last reload error: {e}");
     }
-    let _ = writeln!(out, "\n{:>8} {:>4} {:>4} {:<9} {:>8} {:>10} {:>7}", "PID", "GEN", "SLOT", "STATE", "CONNS", "REQUESTS", "PANICS");
+    let _ = writeln!(
+        out,
+        "\n{:>8} {:>4} {:>4} {:<9} {:>8} {:>10} {:>7}",
+        "PID", "GEN", "SLOT", "STATE", "CONNS", "REQUESTS", "PANICS"
+    );
     for w in v["workers"].as_array().into_iter().flatten() {
         let n = |key: &str| w[key].to_string();
         let _ = writeln!(

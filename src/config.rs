@@ -238,13 +238,10 @@ fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
-fn seconds(
-    value: Option<Spanned<f64>>,
-    default: f64,
-    key: &str,
-    problems: &mut Problems<'_>,
-) -> Duration {
-    let Some(v) = value else { return Duration::from_secs_f64(default) };
+fn seconds(value: Option<Spanned<f64>>, default: f64, key: &str, problems: &mut Problems<'_>) -> Duration {
+    let Some(v) = value else {
+        return Duration::from_secs_f64(default);
+    };
     let span = v.span();
     let secs = v.into_inner();
     if !(0.0..=1e7).contains(&secs) {
@@ -369,7 +366,11 @@ fn build(raw: RawConfig, path: &Path, dir: &Path, problems: &mut Problems<'_>) -
         if !apps.contains_key(l.app.get_ref()) {
             problems.at(
                 l.app.span(),
-                format!("listener {address} names app `{}`, but there is no [app.{}]", l.app.get_ref(), l.app.get_ref()),
+                format!(
+                    "listener {address} names app `{}`, but there is no [app.{}]",
+                    l.app.get_ref(),
+                    l.app.get_ref()
+                ),
             );
             continue;
         }

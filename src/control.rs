@@ -115,7 +115,8 @@ impl ControlServer {
                     let id = self.next_id;
                     self.next_id += 1;
                     if registry.register(&mut stream, Token(CONN_TOKEN_BASE + id), Interest::READABLE).is_ok() {
-                        self.conns.insert(id, Connection { stream, input: Vec::new(), output: Vec::new(), answered: false });
+                        self.conns
+                            .insert(id, Connection { stream, input: Vec::new(), output: Vec::new(), answered: false });
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -171,7 +172,9 @@ impl ControlServer {
 
     /// Sends the answer to connection `id` and closes it once written.
     pub fn respond(&mut self, id: usize, response: Response, registry: &Registry) {
-        let Some(conn) = self.conns.get_mut(&id) else { return };
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
         let head = format!(
             "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             response.status,
@@ -185,7 +188,9 @@ impl ControlServer {
     }
 
     fn flush(&mut self, id: usize, registry: &Registry) {
-        let Some(conn) = self.conns.get_mut(&id) else { return };
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
         loop {
             match conn.stream.write(&conn.output) {
                 Ok(0) => break,
@@ -263,9 +268,8 @@ impl std::fmt::Display for ClientError {
 /// Sends one request to the control socket and waits (up to `timeout`) for the answer.
 /// Returns the status code and body.
 pub fn request(socket: &Path, method: &str, path: &str, timeout: Duration) -> Result<(u16, String), ClientError> {
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
-        ClientError::NotRunning(format!("no fdtserver is answering on {} ({e})", socket.display()))
-    })?;
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(|e| ClientError::NotRunning(format!("no fdtserver is answering on {} ({e})", socket.display())))?;
     let io_err = |e: io::Error| ClientError::Other(format!("control socket {}: {e}", socket.display()));
     stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
     write!(stream, "{method} {path} HTTP/1.1\r\nHost: fdt\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")

@@ -14,6 +14,8 @@ pub enum WorkerMessage {
     Failed(String),
     /// Heartbeat with the worker's counters, sent every `STATS_INTERVAL`.
     Stats(WorkerStats),
+    /// The acceptors run: the worker takes connections.
+    Accepting,
     /// Draining: the worker's acceptors have returned; it takes no new connection.
     StoppedAccepting,
 }
@@ -45,6 +47,7 @@ impl fmt::Display for WorkerMessage {
             WorkerMessage::Failed(reason) => writeln!(f, "failed {}", reason.replace('\n', " ")),
             WorkerMessage::Stats(s) => writeln!(f, "stats {} {} {} {}", s.open, s.accepted, s.requests, s.panics),
             WorkerMessage::StoppedAccepting => writeln!(f, "stopped-accepting"),
+            WorkerMessage::Accepting => writeln!(f, "accepting"),
         }
     }
 }
@@ -65,10 +68,13 @@ impl WorkerMessage {
         match word {
             "ready" => Some(WorkerMessage::Ready),
             "stopped-accepting" => Some(WorkerMessage::StoppedAccepting),
+            "accepting" => Some(WorkerMessage::Accepting),
             "failed" => Some(WorkerMessage::Failed(rest.to_string())),
             "stats" => {
                 let n: Vec<u64> = rest.split(' ').filter_map(|w| w.parse().ok()).collect();
-                let [open, accepted, requests, panics] = n[..] else { return None };
+                let [open, accepted, requests, panics] = n[..] else {
+                    return None;
+                };
                 Some(WorkerMessage::Stats(WorkerStats { open, accepted, requests, panics }))
             }
             _ => None,

@@ -63,7 +63,9 @@ pub fn bind(address: &Address, backlog: i32) -> io::Result<Listener> {
 /// live server still listens on, or to delete anything that is not a socket.
 fn remove_stale_unix_socket(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
-    let Ok(meta) = std::fs::symlink_metadata(path) else { return Ok(()) };
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
     if !meta.file_type().is_socket() {
         return Err(io::Error::new(io::ErrorKind::AlreadyExists, "the path exists and is not a socket"));
     }

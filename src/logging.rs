@@ -27,9 +27,8 @@ struct Logger {
     state: Mutex<State>,
 }
 
-static LOGGER: Logger = Logger {
-    state: Mutex::new(State { role: String::new(), pid: 0, file: None, journald: false }),
-};
+static LOGGER: Logger =
+    Logger { state: Mutex::new(State { role: String::new(), pid: 0, file: None, journald: false }) };
 
 /// Installs the logger for this process as `role` (e.g. `master`).
 pub fn init(role: &str, level: LevelFilter) {

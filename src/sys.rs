@@ -84,9 +84,8 @@ pub fn set_parent_death_signal(signal: Signal) -> io::Result<()> {
 /// workers' pipes or listeners of other generations. Any Rust value that owned one of these is
 /// never dropped in the child (the child never returns into the master's code).
 pub fn close_fds_except(keep: &[RawFd]) -> io::Result<()> {
-    let fds: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
+    let fds: Vec<RawFd> =
+        std::fs::read_dir("/proc/self/fd")?.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
     for fd in fds {
         if fd > 2 && !keep.contains(&fd) {
             // SAFETY: closing an fd we do not keep; the values that owned it are never used
@@ -124,6 +123,55 @@ pub fn set_nonblocking(fd: RawFd, on: bool) -> io::Result<()> {
     // SAFETY: as above.
     syscall!(fcntl(fd, libc::F_SETFL, flags))?;
     Ok(())
+}
+
+/// Zeroed memory shared by this process and every child it forks afterwards
+/// (`MAP_SHARED | MAP_ANONYMOUS`), seen as 64-bit atomics.
+pub struct SharedAtomics {
+    ptr: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
+    len: usize,
+}
+
+// SAFETY: the memory is only accessed through atomics, which any thread (or process) may use.
+unsafe impl Send for SharedAtomics {}
+// SAFETY: as above.
+unsafe impl Sync for SharedAtomics {}
+
+impl SharedAtomics {
+    /// Maps `len` zeroed atomics.
+    pub fn new(len: usize) -> io::Result<SharedAtomics> {
+        let bytes = len * size_of::<u64>();
+        // SAFETY: an anonymous mapping at an address of the kernel's choosing touches no
+        // existing memory.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(SharedAtomics { ptr, len })
+    }
+
+    pub fn get(&self) -> &[std::sync::atomic::AtomicU64] {
+        // SAFETY: the mapping holds `len` u64s, zeroed by the kernel (a valid AtomicU64 bit
+        // pattern), page-aligned, and lives as long as `self` (it is never unmapped).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+/// Milliseconds of `CLOCK_MONOTONIC`: comparable across the processes of this machine.
+pub fn monotonic_ms() -> u64 {
+    let ts =
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap_or(nix::sys::time::TimeSpec::new(0, 0));
+    ts.tv_sec() as u64 * 1000 + ts.tv_nsec() as u64 / 1_000_000
 }
 
 /// The signal that [`interrupt_thread`] sends. Its default action is "ignore", so a stray one

@@ -33,10 +33,14 @@ fn keep_alive_connections_spread_evenly_over_the_workers() {
     let server = TestServer::start(&Setup::new(2, 4).app("hello", "hello", ""));
     let addr = server.addr("hello");
     let workers = server.worker_pids();
+    // Like a load generator: all connections open at once, then every one works.
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(16));
     let clients: Vec<_> = (0..16)
         .map(|_| {
+            let barrier = barrier.clone();
             std::thread::spawn(move || {
                 let mut c = HttpClient::connect(addr).unwrap();
+                barrier.wait();
                 let mut counts = BTreeMap::new();
                 for _ in 0..50 {
                     *counts.entry(c.get("/").unwrap().worker_pid()).or_insert(0u64) += 1;

@@ -48,9 +48,12 @@ fn hello_serves_http11_keep_alive_and_http10() {
 fn tcp_v6_and_unix_listeners_serve() {
     let dir = tempfile::tempdir().unwrap();
     let unix = dir.path().join("hello.sock");
-    let setup = Setup::new(1, 2)
-        .app_at("v6", &plugin("echo"), "", "[::1]:0")
-        .app_at("unix", &plugin("echo"), "", &format!("unix:{}", unix.display()));
+    let setup = Setup::new(1, 2).app_at("v6", &plugin("echo"), "", "[::1]:0").app_at(
+        "unix",
+        &plugin("echo"),
+        "",
+        &format!("unix:{}", unix.display()),
+    );
     let server = TestServer::start(&setup);
     let mut c = LineClient::connect(server.addr("v6"));
     assert_eq!(c.ask("over v6"), "over v6");
@@ -87,7 +90,9 @@ fn term_lets_a_slow_request_finish_while_new_connections_are_refused() {
         server.status()["workers"].as_array().unwrap().iter().any(|w| w["connections"] == 1).then_some(())
     });
     server.signal(Signal::SIGTERM);
-    wait_for(Duration::from_secs(1), "new connections to be refused", || TcpStream::connect(addr).is_err().then_some(()));
+    wait_for(Duration::from_secs(1), "new connections to be refused", || {
+        TcpStream::connect(addr).is_err().then_some(())
+    });
     assert_eq!(slow.recv().as_deref(), Some("SLEPT"), "the in-flight request was cut off");
     let status = server.wait_exit(Duration::from_secs(5));
     assert!(status.success(), "master exited with {status}");

@@ -72,7 +72,9 @@ fn broken(fault: Fault, dir: &Path) -> (PathBuf, &'static str, Reasons) {
             "",
             &[&["not an fdtserver app: no `FDT_APP_DESCRIPTOR_V1` symbol"]],
         ),
-        Fault::WrongMagic => (c_descriptor(dir, "libbadmagic.so", b"NOTMAGIC", 1), "", &[&["not an fdtserver app", "wrong magic"]]),
+        Fault::WrongMagic => {
+            (c_descriptor(dir, "libbadmagic.so", b"NOTMAGIC", 1), "", &[&["not an fdtserver app", "wrong magic"]])
+        }
         Fault::Abi99 => {
             (c_descriptor(dir, "libabi99.so", b"FDTAPP\0\x01", 99), "", &[&["plugin ABI 99.0 is not supported"]])
         }
@@ -118,7 +120,8 @@ fn assert_start_refused(fault: Fault) {
 #[test]
 fn check_accepts_valid_apps() {
     let dir = tempfile::tempdir().unwrap();
-    let setup = Setup::new(1, 1).app("echo", "echo", "delay_ms = 1").app("hello", "hello", "").app("kit", "testkit", "");
+    let setup =
+        Setup::new(1, 1).app("echo", "echo", "delay_ms = 1").app("hello", "hello", "").app("kit", "testkit", "");
     let config = write_config(&setup, dir.path());
     let (code, out, err) = cli(&["check"], &config);
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
@@ -165,10 +168,12 @@ fn check_reports_a_panicking_start() {
 #[test]
 fn check_lists_every_broken_app_not_just_the_first() {
     let dir = tempfile::tempdir().unwrap();
-    let setup = Setup::new(1, 1)
-        .app("fine", "echo", "")
-        .app("down", "testkit", "fail_start = \"db is down\"")
-        .app_at("ghost", &dir.path().join("libghost.so"), "", "127.0.0.1:0");
+    let setup = Setup::new(1, 1).app("fine", "echo", "").app("down", "testkit", "fail_start = \"db is down\"").app_at(
+        "ghost",
+        &dir.path().join("libghost.so"),
+        "",
+        "127.0.0.1:0",
+    );
     let config = write_config(&setup, dir.path());
     let (code, out, err) = cli(&["check"], &config);
     assert_eq!(code, 1, "stdout:\n{out}\nstderr:\n{err}");
@@ -236,4 +241,3 @@ fn the_echo_app_is_under_30_lines_without_unsafe() {
     assert!(!app.contains("unsafe"), "{} uses unsafe", path.display());
     assert!(app.contains("export_app!"), "{} does not export its app with the SDK macro", path.display());
 }
-

@@ -13,7 +13,11 @@ use util::*;
 
 /// Clients that hammer `hello` until stopped: half with a new connection per request, half
 /// with keep-alive connections that follow `Connection: close`. Returns (ok, failures).
-fn hammer(addr: std::net::SocketAddr, clients: usize, stop: Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<(u64, Vec<String>)>> {
+fn hammer(
+    addr: std::net::SocketAddr,
+    clients: usize,
+    stop: Arc<AtomicBool>,
+) -> Vec<std::thread::JoinHandle<(u64, Vec<String>)>> {
     (0..clients)
         .map(|i| {
             let stop = stop.clone();
@@ -72,7 +76,13 @@ fn reloads_while_clients_hammer_the_server_lose_no_request() {
         total += ok;
         failures.extend(f);
     }
-    assert!(failures.is_empty(), "{} of {} requests failed: {:?}", failures.len(), total, &failures[..failures.len().min(10)]);
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failures.len(),
+        total,
+        &failures[..failures.len().min(10)]
+    );
     assert!(total > 200, "only {total} requests were made");
     assert_eq!(server.generation(), 6);
 }

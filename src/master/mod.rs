@@ -170,6 +170,8 @@ pub struct Master {
     /// Set when the first generation could not start: the master exits 1 with it.
     startup_failure: Option<String>,
     pidfile_written: bool,
+    /// Shared with every worker: their open connections, for balancing bursts.
+    load: &'static crate::balance::LoadTable,
 }
 
 /// Prints a problem that stops the server from starting: to the log, and to stderr when the
@@ -246,6 +248,15 @@ impl Master {
             control.register(poll.registry(), CONTROL_TOKEN)?;
             Ok((poll, signals))
         })();
+        let load = match crate::balance::LoadTable::new() {
+            // Lives as long as the master: leaked on purpose.
+            Ok(t) => Box::leak(Box::new(t)),
+            Err(e) => {
+                fatal(&config, &format!("cannot map the shared load table: {e}"));
+                control.remove_file();
+                return Err(());
+            }
+        };
         let (poll, signals) = match setup {
             Ok(s) => s,
             Err(e) => {
@@ -275,6 +286,7 @@ impl Master {
             counters: Counters::default(),
             startup_failure: None,
             pidfile_written: false,
+            load,
         };
         let config = Config::clone(&master.config);
         if let Err(reason) = master.boot_generation(config) {
@@ -365,9 +377,13 @@ impl Master {
             .collect();
         let (master_end, worker_end) = UnixStream::pair()?;
         let master_pid = Pid::this();
+        let load_index = self
+            .load
+            .claim(generation)
+            .ok_or_else(|| io::Error::other(format!("more than {} workers alive at once", crate::balance::RECORDS)))?;
         // Fork before threads: the master is single-threaded (checked inside), the worker
         // starts its threads after this point.
-        let (fork, saved_mask) = sys::fork_with_signals_blocked()?;
+        let (fork, saved_mask) = sys::fork_with_signals_blocked().inspect_err(|_| self.load.release(load_index))?;
         match fork {
             Fork::Child => worker::run(
                 WorkerSpec {
@@ -379,6 +395,8 @@ impl Master {
                     channel: worker_end.into_raw_fd(),
                     master_pid,
                     master_signals: self.signals.ids.clone(),
+                    load: self.load,
+                    load_index,
                 },
                 saved_mask,
             ),
@@ -407,6 +425,7 @@ impl Master {
                         last_heard: now,
                         failure: None,
                         accepting: false,
+                        load_index,
                     },
                 );
                 log::debug!("forked worker {slot} of generation {generation}: pid {pid}");
@@ -424,7 +443,9 @@ impl Master {
 
     fn read_worker(&mut self, pid: Pid) -> Vec<WorkerMessage> {
         let mut messages = Vec::new();
-        let Some(w) = self.table.workers.get_mut(&pid) else { return messages };
+        let Some(w) = self.table.workers.get_mut(&pid) else {
+            return messages;
+        };
         let mut buf = [0u8; 4096];
         loop {
             match w.channel.read(&mut buf) {
@@ -447,13 +468,20 @@ impl Master {
     }
 
     fn on_worker_message(&mut self, pid: Pid, msg: WorkerMessage) {
-        let Some(w) = self.table.workers.get_mut(&pid) else { return };
+        let Some(w) = self.table.workers.get_mut(&pid) else {
+            return;
+        };
         w.last_heard = Instant::now();
         let generation = w.generation;
         let gen_state = self.table.generations.get(&generation).map(|g| g.state);
         match msg {
             WorkerMessage::Stats(stats) => w.stats = stats,
             WorkerMessage::StoppedAccepting => w.accepting = false,
+            WorkerMessage::Accepting => {
+                if w.state == WorkerState::Ready {
+                    w.state = WorkerState::Serving;
+                }
+            }
             WorkerMessage::Failed(reason) => {
                 w.failure = Some(reason.clone());
                 if matches!(gen_state, Some(GenState::Booting { .. })) {
@@ -473,10 +501,12 @@ impl Master {
                         }
                     }
                     Some(GenState::Active) if self.stopping.is_none() => {
-                        w.state = WorkerState::Serving;
                         w.accepting = true;
                         self.send(pid, MasterMessage::Accept);
-                        log::info!("worker {} (pid {pid}) of generation {generation} serving", self.table.workers[&pid].slot);
+                        log::info!(
+                            "worker {} (pid {pid}) of generation {generation} serving",
+                            self.table.workers[&pid].slot
+                        );
                     }
                     _ => self.send(pid, MasterMessage::Stop),
                 }
@@ -517,9 +547,14 @@ impl Master {
                 w.failure = Some(reason);
             }
         }
-        let Some(mut w) = self.table.workers.remove(&pid) else { return };
+        let Some(mut w) = self.table.workers.remove(&pid) else {
+            return;
+        };
         let _ = self.poll.registry().deregister(&mut w.channel);
-        let Some(gen_) = self.table.generations.get_mut(&w.generation) else { return };
+        self.load.release(w.load_index);
+        let Some(gen_) = self.table.generations.get_mut(&w.generation) else {
+            return;
+        };
         match gen_.state {
             GenState::Booting { .. } => {
                 let reason = w.failure.take().unwrap_or_else(|| {
@@ -685,7 +720,6 @@ impl Master {
         crate::logging::set_level(self.config.server.log_level);
         for pid in self.table.pids_of(id) {
             if let Some(w) = self.table.workers.get_mut(&pid) {
-                w.state = WorkerState::Serving;
                 w.accepting = true;
             }
             self.send(pid, MasterMessage::Accept);
@@ -697,7 +731,11 @@ impl Master {
             }
             None => {
                 let s = &self.config.server;
-                log::info!("generation {id} serving: {} worker(s) × {} thread(s), ready in {took} ms", s.workers, s.threads);
+                log::info!(
+                    "generation {id} serving: {} worker(s) × {} thread(s), ready in {took} ms",
+                    s.workers,
+                    s.threads
+                );
                 self.write_pidfile();
             }
         }
@@ -717,8 +755,9 @@ impl Master {
         let active = self.table.active_id();
         let old_accepting = self.table.workers.values().any(|w| w.accepting && Some(w.generation) != active);
         let now = Instant::now();
-        let (due, wait): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.pending_replies).into_iter().partition(|(_, _, deadline)| !old_accepting || now >= *deadline);
+        let (due, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_replies)
+            .into_iter()
+            .partition(|(_, _, deadline)| !old_accepting || now >= *deadline);
         self.pending_replies = wait;
         for (waiter, generation, _) in due {
             self.reply_reload(Some(waiter), Ok(generation));
@@ -726,9 +765,12 @@ impl Master {
     }
 
     fn drain_generation(&mut self, id: u64) {
-        let Some(gen_) = self.table.generations.get_mut(&id) else { return };
+        let Some(gen_) = self.table.generations.get_mut(&id) else {
+            return;
+        };
         let now = Instant::now();
-        gen_.state = GenState::Draining { since: now, kill_at: now + gen_.config.server.graceful_timeout + DRAIN_KILL_MARGIN };
+        gen_.state =
+            GenState::Draining { since: now, kill_at: now + gen_.config.server.graceful_timeout + DRAIN_KILL_MARGIN };
         for pid in self.table.pids_of(id) {
             if let Some(w) = self.table.workers.get_mut(&pid) {
                 w.state = WorkerState::Draining;
@@ -740,7 +782,9 @@ impl Master {
 
     /// A booting generation failed: kill its workers, keep the old one, report why.
     fn abandon(&mut self, id: u64, reason: String) {
-        let Some(gen_) = self.table.generations.get_mut(&id) else { return };
+        let Some(gen_) = self.table.generations.get_mut(&id) else {
+            return;
+        };
         if gen_.state == GenState::Abandoned {
             return;
         }
@@ -802,7 +846,9 @@ impl Master {
         if self.stopping.is_some() {
             return;
         }
-        let Some(id) = self.table.active_id() else { return };
+        let Some(id) = self.table.active_id() else {
+            return;
+        };
         let gen_ = self.table.generations.get_mut(&id).expect("active exists");
         if delta > 0 {
             gen_.target_workers += 1;
@@ -853,7 +899,10 @@ impl Master {
         if fast {
             log::info!("stopping now (fast)");
         } else {
-            log::info!("stopping: no new connections; waiting up to {} s for connections in progress", timeout.as_secs_f64());
+            log::info!(
+                "stopping: no new connections; waiting up to {} s for connections in progress",
+                timeout.as_secs_f64()
+            );
         }
         // New connections are refused from now on: close our copy of every listener (each
         // worker closes its own as its acceptors notice the drain).
@@ -907,7 +956,9 @@ impl Master {
     }
 
     fn write_pidfile(&mut self) {
-        let Some(path) = self.config.server.pidfile.clone() else { return };
+        let Some(path) = self.config.server.pidfile.clone() else {
+            return;
+        };
         let tmp = path.with_extension("pid.tmp");
         let result = (|| -> io::Result<()> {
             if let Some(dir) = path.parent() {
@@ -949,7 +1000,8 @@ impl Master {
     fn on_timers(&mut self) {
         self.send_pending_replies();
         let now = Instant::now();
-        let (due, later): (Vec<Respawn>, Vec<Respawn>) = std::mem::take(&mut self.respawns).into_iter().partition(|r| r.at <= now);
+        let (due, later): (Vec<Respawn>, Vec<Respawn>) =
+            std::mem::take(&mut self.respawns).into_iter().partition(|r| r.at <= now);
         self.respawns = later;
         for r in due {
             let active = self.table.generations.get(&r.generation).is_some_and(|g| g.state == GenState::Active);
@@ -973,7 +1025,10 @@ impl Master {
                     let secs = self.table.generations[&id].config.server.boot_timeout.as_secs_f64();
                     self.abandon(
                         id,
-                        format!("generation {id} was not ready within boot_timeout ({secs} s); still booting: pid {}", waiting.join(", ")),
+                        format!(
+                            "generation {id} was not ready within boot_timeout ({secs} s); still booting: pid {}",
+                            waiting.join(", ")
+                        ),
                     );
                 }
                 GenState::Draining { kill_at, .. } if now >= kill_at => {
@@ -1001,12 +1056,12 @@ impl Master {
     fn on_control(&mut self, id: usize, request: Request) {
         let response = match request {
             Request::Status => Response::json(200, &self.status_json()),
-            Request::Metrics => Response {
-                status: 200,
-                content_type: "text/plain; version=0.0.4",
-                body: self.metrics_text(),
-            },
-            Request::Page => Response { status: 200, content_type: "text/html; charset=utf-8", body: self.status_page() },
+            Request::Metrics => {
+                Response { status: 200, content_type: "text/plain; version=0.0.4", body: self.metrics_text() }
+            }
+            Request::Page => {
+                Response { status: 200, content_type: "text/html; charset=utf-8", body: self.status_page() }
+            }
             Request::Reload => {
                 log::info!("reload requested over the control socket");
                 self.begin_reload(Some(id));

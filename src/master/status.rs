@@ -100,7 +100,12 @@ impl Master {
                 .collect()
         };
         metric("connections_open", "gauge", "Open client connections per worker.", per_worker(&|w| w.stats.open));
-        metric("connections_accepted_total", "counter", "Connections accepted per worker.", per_worker(&|w| w.stats.accepted));
+        metric(
+            "connections_accepted_total",
+            "counter",
+            "Connections accepted per worker.",
+            per_worker(&|w| w.stats.accepted),
+        );
         metric("requests_total", "counter", "Requests served per worker.", per_worker(&|w| w.stats.requests));
         metric("handler_panics_total", "counter", "App handler panics per worker.", per_worker(&|w| w.stats.panics));
         metric("workers", "gauge", "Worker processes alive.", vec![(String::new(), self.table.workers.len() as f64)]);

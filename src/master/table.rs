@@ -60,9 +60,10 @@ pub struct CrashHistory {
 pub enum WorkerState {
     /// Loading its apps.
     Booting,
-    /// Apps started; waiting for the generation to be ready.
+    /// Apps started; waiting for the generation to be ready, or told to accept and not
+    /// confirmed yet.
     Ready,
-    /// Accepting and serving connections.
+    /// Accepting and serving connections (confirmed by the worker).
     Serving,
     /// Told to drain; finishing its connections.
     Draining,
@@ -96,6 +97,8 @@ pub struct Worker {
     pub failure: Option<String>,
     /// Told to accept and not yet confirmed that it stopped.
     pub accepting: bool,
+    /// Its record in the shared load table.
+    pub load_index: usize,
 }
 
 #[derive(Default)]

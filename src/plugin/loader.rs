@@ -102,11 +102,15 @@ fn open(path: &Path) -> Result<(libloading::os::unix::Library, &'static AppDescr
     use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
     // SAFETY: loading a library runs its ELF initialisers; that is the point of loading a
     // plugin. RTLD_NOW makes a missing symbol fail here rather than at first call.
-    let library = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL) }
-        .map_err(|e| format!("cannot load the plugin: {e}"))?;
+    let library = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL) }.map_err(|e| {
+        // libloading keeps dlerror()'s text (the useful part) in the error's source.
+        let detail = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
+        format!("cannot load the plugin: {detail}")
+    })?;
     // SAFETY: we only take the address of the symbol here; it is read after the checks below.
-    let symbol = unsafe { library.get::<*const AppDescriptor>(abi::DESCRIPTOR_SYMBOL.as_bytes()) }
-        .map_err(|_| format!("not an fdtserver app: no `{}` symbol (use fdt_sdk::export_app!)", abi::DESCRIPTOR_SYMBOL))?;
+    let symbol = unsafe { library.get::<*const AppDescriptor>(abi::DESCRIPTOR_SYMBOL.as_bytes()) }.map_err(|_| {
+        format!("not an fdtserver app: no `{}` symbol (use fdt_sdk::export_app!)", abi::DESCRIPTOR_SYMBOL)
+    })?;
     let ptr: *const AppDescriptor = *symbol;
     // SAFETY: the symbol names a static of at least the fixed header (magic, versions, size):
     // every version of the ABI starts with these fields, so reading them is in bounds.
@@ -187,9 +191,8 @@ impl App {
         let mut app: *mut c_void = std::ptr::null_mut();
         let mut error = String::new();
         // SAFETY: the descriptor passed its checks; `host`, `app` and `error` outlive the call.
-        let status = unsafe {
-            (descriptor.start)(&host, &mut app, collect_message, (&mut error as *mut String).cast())
-        };
+        let status =
+            unsafe { (descriptor.start)(&host, &mut app, collect_message, (&mut error as *mut String).cast()) };
         match status {
             abi::STATUS_OK if !app.is_null() => Ok(App {
                 name: ctx.app_name.to_string(),
@@ -219,8 +222,12 @@ impl App {
 
     /// Creates the app's state for a new connection; `None` if the app failed to.
     pub fn open_conn(&self, peer: &str, listener: &str, id: u64) -> Option<ConnHandle> {
-        let info =
-            ConnInfo { size: size_of::<ConnInfo>() as u32, peer: StrRef::new(peer), listener: StrRef::new(listener), id };
+        let info = ConnInfo {
+            size: size_of::<ConnInfo>() as u32,
+            peer: StrRef::new(peer),
+            listener: StrRef::new(listener),
+            id,
+        };
         // SAFETY: `app` is live (not stopped), `info` outlives the call.
         let conn = unsafe { (self.descriptor.conn_open)(self.app, &info) };
         (!conn.is_null()).then_some(ConnHandle(conn))
@@ -248,7 +255,9 @@ impl App {
             abi::NEXT_KEEP_OPEN => fdt_sdk::Next::KeepOpen,
             abi::NEXT_IN_PROGRESS => fdt_sdk::Next::InProgress,
             abi::NEXT_CLOSE => fdt_sdk::Next::Close,
-            _ if error.is_empty() => return DataOutcome::Failed(format!("app failed (code {code})")),
+            _ if error.is_empty() => {
+                return DataOutcome::Failed(format!("app failed (code {code})"));
+            }
             _ => return DataOutcome::Failed(error),
         };
         if io.consumed > input.len() {

@@ -35,7 +35,9 @@ pub fn pin(plugin: &Path, dir: &Path) -> io::Result<PathBuf> {
 
 /// Removes pinned copies in `dir` that are not in `keep`.
 pub fn prune(dir: &Path, keep: &[&Path]) {
-    let Ok(entries) = fs::read_dir(dir) else { return };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         if !keep.contains(&path.as_path()) {

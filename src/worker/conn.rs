@@ -187,7 +187,9 @@ impl Conn {
             scratch.output.clear();
             let handle = self.handle.as_mut().expect("open connection has an app handle");
             match app.on_data(handle, data, flags, &mut scratch.output) {
-                DataOutcome::Failed(reason) => return (After::Close(CloseReason::AppFailed(reason)), 0),
+                DataOutcome::Failed(reason) => {
+                    return (After::Close(CloseReason::AppFailed(reason)), 0);
+                }
                 DataOutcome::Next { next, consumed, requests: r } => {
                     requests = r;
                     self.requests += r;
@@ -220,7 +222,11 @@ impl Conn {
             self.phase = Phase::Flushing;
             return (self.flush_then(false), requests);
         }
-        if self.output.is_empty() { (After::Park(interest::READ), requests) } else { (After::Park(interest::WRITE), requests) }
+        if self.output.is_empty() {
+            (After::Park(interest::READ), requests)
+        } else {
+            (After::Park(interest::WRITE), requests)
+        }
     }
 
     /// Writes `bytes` (after anything already queued); queues what the socket does not take.
@@ -293,7 +299,9 @@ impl Conn {
             match (&self.socket).read(&mut buf) {
                 Ok(0) => return After::Close(CloseReason::Done),
                 Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return After::Park(interest::READ),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return After::Park(interest::READ);
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return After::Close(CloseReason::Done),
             }

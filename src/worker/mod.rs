@@ -62,6 +62,9 @@ pub struct WorkerSpec {
     pub master_pid: Pid,
     /// The master's signal-hook registrations, to drop in the child.
     pub master_signals: Vec<signal_hook::SigId>,
+    /// The shared load table and this worker's record in it.
+    pub load: &'static crate::balance::LoadTable,
+    pub load_index: usize,
 }
 
 /// Everything that can happen to a worker's control loop.
@@ -173,17 +176,21 @@ impl Worker {
         let listeners = spec
             .listeners
             .iter()
-            .map(|(fd, address, app)| Listening {
+            .enumerate()
+            .map(|(index, (fd, address, app))| Listening {
+                index,
                 socket: Socket::from(sys::take_inherited_fd(*fd)),
                 address: address.to_string(),
                 app: app_index[app],
                 tcp: matches!(address, Address::Tcp(_)),
             })
             .collect();
-        let pool = match Pool::new(apps, config.server.threads, max_fds) {
+        let load = spec.load.record(spec.load_index);
+        let pool = match Pool::new(apps, config.server.threads, max_fds, load) {
             Ok(pool) => Box::leak(Box::new(pool)),
             Err(e) => {
-                let _ = channel.write_all(WorkerMessage::Failed(format!("cannot set up epoll: {e}")).to_string().as_bytes());
+                let _ = channel
+                    .write_all(WorkerMessage::Failed(format!("cannot set up epoll: {e}")).to_string().as_bytes());
                 return Err(EXIT_START_FAILED);
             }
         };
@@ -330,6 +337,7 @@ impl Worker {
     fn start_accepting(&mut self) {
         if let Some(listeners) = self.listeners.take() {
             self.acceptors = self.pool.spawn_acceptors(listeners);
+            self.send(WorkerMessage::Accepting);
             log::debug!("accepting connections");
         }
     }
@@ -414,4 +422,3 @@ impl Worker {
         }
     }
 }
-

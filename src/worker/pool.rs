@@ -19,6 +19,7 @@ use std::time::Instant;
 use socket2::Socket;
 
 use super::conn::{After, CloseReason, Conn, Scratch, prepare_socket};
+use crate::balance::WorkerLoad;
 use crate::listener::ACCEPT_WAKE_INTERVAL;
 use crate::plugin::App;
 use crate::sys::{Epoll, Event, EventFd, interest};
@@ -29,6 +30,8 @@ const CHUNK: usize = 1024;
 const STOP_TOKEN: u64 = u64::MAX;
 
 type Slot = Mutex<Option<Conn>>;
+/// How long an acceptor steps aside for a less loaded sibling before it looks again.
+const YIELD_PAUSE: std::time::Duration = std::time::Duration::from_micros(500);
 
 /// Connections indexed by fd: the kernel never hands out an fd twice while it is open, and a
 /// sequence number in the epoll token tells a stale event from a reused fd.
@@ -58,7 +61,9 @@ impl ConnTable {
     pub fn sweep(&self, mut f: impl FnMut(&mut Option<Conn>)) {
         let high = self.high_water.load(Ordering::Acquire);
         for fd in 0..high {
-            let Some(chunk) = self.chunks.get(fd / CHUNK).and_then(|c| c.get()) else { continue };
+            let Some(chunk) = self.chunks.get(fd / CHUNK).and_then(|c| c.get()) else {
+                continue;
+            };
             if let Ok(mut guard) = chunk[fd % CHUNK].try_lock() {
                 if guard.is_some() {
                     f(&mut guard);
@@ -79,6 +84,8 @@ pub struct Counters {
 
 /// A listener of this worker and the app serving it.
 pub struct Listening {
+    /// Position in the generation's `[[listen]]` list (the same in every worker).
+    pub index: usize,
     pub socket: Socket,
     pub address: String,
     pub app: usize,
@@ -98,10 +105,11 @@ pub struct Pool {
     busy: AtomicUsize,
     next_seq: AtomicU32,
     acceptors: Mutex<Vec<Thread>>,
+    load: WorkerLoad,
 }
 
 impl Pool {
-    pub fn new(apps: Vec<App>, threads: usize, max_fds: usize) -> std::io::Result<Pool> {
+    pub fn new(apps: Vec<App>, threads: usize, max_fds: usize, load: WorkerLoad) -> std::io::Result<Pool> {
         let epoll = Epoll::new()?;
         let stop_event = EventFd::new()?;
         // Level-triggered and not one-shot: once signalled, it wakes every handler.
@@ -118,6 +126,7 @@ impl Pool {
             busy: AtomicUsize::new(0),
             next_seq: AtomicU32::new(1),
             acceptors: Mutex::new(Vec::new()),
+            load,
         })
     }
 
@@ -144,7 +153,8 @@ impl Pool {
                     .expect("cannot start an acceptor thread")
             })
             .collect();
-        *self.acceptors.lock().unwrap_or_else(|e| e.into_inner()) = handles.iter().map(|h| h.thread().clone()).collect();
+        *self.acceptors.lock().unwrap_or_else(|e| e.into_inner()) =
+            handles.iter().map(|h| h.thread().clone()).collect();
         handles
     }
 
@@ -163,7 +173,14 @@ impl Pool {
         while !self.draining.load(Ordering::Acquire) {
             // Saturated: let an idle worker take the next connection instead.
             if self.busy.load(Ordering::Acquire) >= self.threads {
+                self.load.not_ready(listener.index);
                 thread::park_timeout(ACCEPT_WAKE_INTERVAL);
+                continue;
+            }
+            self.load.ready(listener.index);
+            // Holding more than a sibling that is ready too: let it take the next one.
+            if self.load.should_yield(listener.index) {
+                thread::sleep(YIELD_PAUSE);
                 continue;
             }
             match listener.socket.accept() {
@@ -185,6 +202,7 @@ impl Pool {
                 },
             }
         }
+        self.load.not_ready(listener.index);
         log::debug!("stopped accepting on {}", listener.address);
         // Dropping `listener` closes this worker's copy of the socket.
     }
@@ -211,6 +229,7 @@ impl Pool {
         *guard = Some(Conn::new(socket, seq, listener.app, handle, peer));
         self.conns.high_water.fetch_max(fd + 1, Ordering::AcqRel);
         self.counters.open.fetch_add(1, Ordering::Relaxed);
+        self.load.opened();
         self.counters.accepted.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.epoll.add(fd as i32, interest::READ | interest::ONESHOT, token) {
             log::error!("cannot watch a new connection: {e}");
@@ -258,7 +277,9 @@ impl Pool {
 
     fn serve(&self, event: Event, scratch: &mut Scratch) {
         let (fd, seq) = split_token(event.token());
-        let Some(slot) = self.conns.slot(fd) else { return };
+        let Some(slot) = self.conns.slot(fd) else {
+            return;
+        };
         let mut guard = ConnTable::lock(slot);
         let Some(conn) = guard.as_mut() else { return };
         if conn.seq != seq {
@@ -309,6 +330,7 @@ impl Pool {
         }
         conn.release(app);
         self.counters.open.fetch_sub(1, Ordering::Relaxed);
+        self.load.closed();
         // Dropping `conn` closes the socket, which also removes it from the epoll instance.
     }
 }

@@ -65,7 +65,9 @@ fn parse(input: &[u8]) -> Parsed {
             return Parsed::Invalid("431 Request Header Fields Too Large");
         }
         Ok(httparse::Status::Partial) => return Parsed::Partial,
-        Err(httparse::Error::TooManyHeaders) => return Parsed::Invalid("431 Request Header Fields Too Large"),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Parsed::Invalid("431 Request Header Fields Too Large");
+        }
         Err(_) => return Parsed::Invalid("400 Bad Request"),
     };
     let http10 = req.version == Some(0);

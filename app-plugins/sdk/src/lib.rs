@@ -227,9 +227,16 @@ impl<'a> Conn<'a> {
 }
 
 /// Exports `$app` (a type implementing [`App`]) from a `cdylib` crate as an fdtserver app.
+/// Use it once per crate.
 ///
-/// ```ignore
-/// fdt_sdk::export_app!(Echo);
+/// ```
+/// use fdt_sdk::{App, Conn, Next, Settings};
+/// struct Nothing;
+/// impl App for Nothing {
+///     fn start(_: &Settings) -> Result<Self, String> { Ok(Nothing) }
+///     fn on_readable(&self, _: &mut Conn) -> Next { Next::Close }
+/// }
+/// fdt_sdk::export_app!(Nothing);
 /// ```
 #[macro_export]
 macro_rules! export_app {
