@@ -195,11 +195,11 @@ pub fn run(config_path: &Path) -> i32 {
         }
     };
     crate::logging::init("master", config.server.log_level);
-    if let Some(path) = &config.server.error_log {
-        if let Err(e) = crate::logging::set_file(Some(path)) {
-            eprintln!("fdtserver: cannot open error_log {}: {e}", path.display());
-            return 1;
-        }
+    if let Some(path) = &config.server.error_log
+        && let Err(e) = crate::logging::set_file(Some(path))
+    {
+        eprintln!("fdtserver: cannot open error_log {}: {e}", path.display());
+        return 1;
     }
     match Master::start(config) {
         Ok(mut master) => master.run_loop(),
@@ -213,11 +213,11 @@ impl Master {
             Ok(n) => log::debug!("open file limit: {n}"),
             Err(e) => log::warn!("cannot raise the open file limit: {e}"),
         }
-        if let Some(pidfile) = &config.server.pidfile {
-            if let Some(pid) = live_pid_in(pidfile) {
-                fatal(&config, &format!("another fdtserver (pid {pid}) is running with pidfile {}", pidfile.display()));
-                return Err(());
-            }
+        if let Some(pidfile) = &config.server.pidfile
+            && let Some(pid) = live_pid_in(pidfile)
+        {
+            fatal(&config, &format!("another fdtserver (pid {pid}) is running with pidfile {}", pidfile.display()));
+            return Err(());
         }
         let mut problems = Vec::new();
         let mut listeners = BTreeMap::new();
@@ -302,10 +302,10 @@ impl Master {
         let mut events = Events::with_capacity(256);
         loop {
             let timeout = self.next_timeout();
-            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    log::error!("poll failed: {e}");
-                }
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout))
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                log::error!("poll failed: {e}");
             }
             // What children said comes first (a worker's last words before its exit is reaped),
             // then signals in their fixed order, then control requests.
@@ -608,12 +608,12 @@ impl Master {
             .map(|g| g.id)
             .collect();
         for id in done {
-            if let Some(gen_) = self.table.generations.remove(&id) {
-                if let GenState::Draining { since, .. } = gen_.state {
-                    let ms = since.elapsed().as_millis() as u64;
-                    self.counters.last_drain_ms = Some(ms);
-                    log::info!("generation {id} finished draining in {ms} ms");
-                }
+            if let Some(gen_) = self.table.generations.remove(&id)
+                && let GenState::Draining { since, .. } = gen_.state
+            {
+                let ms = since.elapsed().as_millis() as u64;
+                self.counters.last_drain_ms = Some(ms);
+                log::info!("generation {id} finished draining in {ms} ms");
             }
         }
         let keep: Vec<&Path> =
@@ -947,10 +947,10 @@ impl Master {
         for (_, l) in std::mem::take(&mut self.listeners) {
             l.remove_file();
         }
-        if self.pidfile_written {
-            if let Some(p) = &self.config.server.pidfile {
-                let _ = std::fs::remove_file(p);
-            }
+        if self.pidfile_written
+            && let Some(p) = &self.config.server.pidfile
+        {
+            let _ = std::fs::remove_file(p);
         }
         let _ = std::fs::remove_dir_all(&self.runtime_dir);
     }
@@ -1005,11 +1005,13 @@ impl Master {
         self.respawns = later;
         for r in due {
             let active = self.table.generations.get(&r.generation).is_some_and(|g| g.state == GenState::Active);
-            if active && self.stopping.is_none() && !self.table.occupied_slots(r.generation).contains(&r.slot) {
-                if let Err(e) = self.spawn_worker(r.generation, r.slot) {
-                    log::error!("cannot fork a worker: {e}; retrying in 1 s");
-                    self.respawns.push(Respawn { at: now + Duration::from_secs(1), ..r });
-                }
+            if active
+                && self.stopping.is_none()
+                && !self.table.occupied_slots(r.generation).contains(&r.slot)
+                && let Err(e) = self.spawn_worker(r.generation, r.slot)
+            {
+                log::error!("cannot fork a worker: {e}; retrying in 1 s");
+                self.respawns.push(Respawn { at: now + Duration::from_secs(1), ..r });
             }
         }
         let gens: Vec<(u64, GenState)> = self.table.generations.values().map(|g| (g.id, g.state)).collect();
@@ -1040,14 +1042,14 @@ impl Master {
                 _ => {}
             }
         }
-        if let Some(s) = &self.stopping {
-            if now >= s.kill_at {
-                for pid in self.table.workers.keys() {
-                    log::warn!("worker pid {pid} did not stop in time; killing it");
-                    let _ = kill(*pid, Signal::SIGKILL);
-                }
-                self.stopping.as_mut().expect("checked").kill_at = now + MAX_POLL_WAIT;
+        if let Some(s) = &self.stopping
+            && now >= s.kill_at
+        {
+            for pid in self.table.workers.keys() {
+                log::warn!("worker pid {pid} did not stop in time; killing it");
+                let _ = kill(*pid, Signal::SIGKILL);
             }
+            self.stopping.as_mut().expect("checked").kill_at = now + MAX_POLL_WAIT;
         }
     }
 

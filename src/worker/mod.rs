@@ -367,12 +367,12 @@ impl Worker {
         let now = Instant::now();
         self.pool.conns.sweep(|slot| {
             let conn = slot.as_mut().expect("sweep only offers occupied slots");
-            if conn.between_requests() && now.duration_since(conn.last_active) >= DRAIN_IDLE_GRACE {
-                if let After::Close(_) = conn.begin_close() {
-                    if let Some(conn) = slot.take() {
-                        self.pool.finish(conn, CloseReason::Drained);
-                    }
-                }
+            if conn.between_requests()
+                && now.duration_since(conn.last_active) >= DRAIN_IDLE_GRACE
+                && let After::Close(_) = conn.begin_close()
+                && let Some(conn) = slot.take()
+            {
+                self.pool.finish(conn, CloseReason::Drained);
             }
         });
     }
@@ -380,10 +380,10 @@ impl Worker {
     fn close_expired_lingerers(&self) {
         let now = Instant::now();
         self.pool.conns.sweep(|slot| {
-            if slot.as_ref().is_some_and(|c| c.linger_expired(now)) {
-                if let Some(conn) = slot.take() {
-                    self.pool.finish(conn, CloseReason::Done);
-                }
+            if slot.as_ref().is_some_and(|c| c.linger_expired(now))
+                && let Some(conn) = slot.take()
+            {
+                self.pool.finish(conn, CloseReason::Done);
             }
         });
     }

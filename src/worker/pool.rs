@@ -64,10 +64,10 @@ impl ConnTable {
             let Some(chunk) = self.chunks.get(fd / CHUNK).and_then(|c| c.get()) else {
                 continue;
             };
-            if let Ok(mut guard) = chunk[fd % CHUNK].try_lock() {
-                if guard.is_some() {
-                    f(&mut guard);
-                }
+            if let Ok(mut guard) = chunk[fd % CHUNK].try_lock()
+                && guard.is_some()
+            {
+                f(&mut guard);
             }
         }
     }

@@ -26,7 +26,7 @@ pub const fn descriptor<A: App>(app_type: &'static str) -> AppDescriptor {
         app_type: StrRef::new(app_type),
         start: start::<A>,
         stop: stop::<A>,
-        conn_open: conn_open::<A>,
+        conn_open,
         conn_data: conn_data::<A>,
         conn_close: conn_close::<A>,
     }
@@ -50,7 +50,7 @@ unsafe fn borrowed<'a>(s: StrRef) -> &'a [u8] {
 
 /// # Safety
 /// As for [`borrowed`].
-unsafe fn borrowed_str<'a>(s: StrRef) -> String {
+unsafe fn borrowed_str(s: StrRef) -> String {
     // SAFETY: guaranteed by the caller.
     String::from_utf8_lossy(unsafe { borrowed(s) }).into_owned()
 }
@@ -182,7 +182,7 @@ unsafe extern "C" fn stop<A: App>(app: *mut c_void) {
     }));
 }
 
-unsafe extern "C" fn conn_open<A: App>(_app: *mut c_void, info: *const ConnInfo) -> *mut c_void {
+unsafe extern "C" fn conn_open(_app: *mut c_void, info: *const ConnInfo) -> *mut c_void {
     // SAFETY: the host passes a valid `ConnInfo` for the duration of this call.
     let info = unsafe { &*info };
     let state = catch_unwind(AssertUnwindSafe(|| ConnState {
