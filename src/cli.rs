@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 use crate::control::{self, ClientError};
+use crate::txn::TxnCommand;
 
 /// Exit codes of every `fdtserver` command.
 pub mod exit {
@@ -55,9 +56,13 @@ enum Command {
 
 #[derive(Subcommand)]
 enum TxnAction {
+    /// List prepared transactions: gid, database, owner, age.
     List,
+    /// Commit one prepared transaction.
     Commit { gid: String },
+    /// Roll back one prepared transaction.
     Rollback { gid: String },
+    /// Settle every prepared transaction this node coordinated (exit 2 if others remain).
     Recover,
 }
 
@@ -74,10 +79,15 @@ pub fn main() -> i32 {
         Some(Command::Status { json }) => status(&config_path, json),
         Some(Command::Reload) => reload(&config_path),
         Some(Command::Stop) => stop(&config_path),
-        Some(Command::Txn { action: _ }) => {
-            eprintln!("fdtserver: `txn` needs the transaction support, which this build does not have yet");
-            exit::FAILURE
-        }
+        Some(Command::Txn { action }) => crate::txn::run(
+            &config_path,
+            match action {
+                TxnAction::List => TxnCommand::List,
+                TxnAction::Commit { gid } => TxnCommand::Commit(gid),
+                TxnAction::Rollback { gid } => TxnCommand::Rollback(gid),
+                TxnAction::Recover => TxnCommand::Recover,
+            },
+        ),
         Some(Command::CheckApps) => check_apps(&config_path),
     }
 }
@@ -146,6 +156,7 @@ fn check_apps(path: &Path) -> i32 {
             app_name: &app.name,
             settings_toml: &app.settings_toml,
             node_id: &config.server.node_id,
+            databases_toml: &config.databases_toml(),
             worker_pid: std::process::id(),
             generation: 0,
         };

@@ -228,6 +228,18 @@ impl Config {
         if problems.list.is_empty() { Ok(config) } else { Err(ConfigError { problems: problems.list }) }
     }
 
+    /// The `[database.*]` tables as TOML text (what apps receive).
+    pub fn databases_toml(&self) -> String {
+        let mut table = toml::Table::new();
+        for db in self.databases.values() {
+            let mut t = toml::Table::new();
+            t.insert("url".into(), db.url.clone().into());
+            t.insert("pool_size".into(), (db.pool_size as i64).into());
+            table.insert(db.name.clone(), t.into());
+        }
+        toml::to_string(&table).unwrap_or_default()
+    }
+
     /// The app a listener serves.
     pub fn app(&self, name: &str) -> &AppConfig {
         &self.apps[name]

@@ -13,4 +13,5 @@ pub mod logging;
 pub mod master;
 pub mod plugin;
 pub mod sys;
+pub mod txn;
 pub mod worker;

@@ -17,6 +17,8 @@ pub struct StartContext<'a> {
     pub app_name: &'a str,
     pub settings_toml: &'a str,
     pub node_id: &'a str,
+    /// The config's `[database.*]` tables as TOML text.
+    pub databases_toml: &'a str,
     pub worker_pid: u32,
     pub generation: u64,
 }
@@ -187,6 +189,7 @@ impl App {
             generation: ctx.generation,
             log_level: log::max_level() as u32,
             log: host_log,
+            databases_toml: StrRef::new(ctx.databases_toml),
         };
         let mut app: *mut c_void = std::ptr::null_mut();
         let mut error = String::new();

@@ -157,6 +157,7 @@ impl Worker {
                 app_name: name,
                 settings_toml: &app_config.settings_toml,
                 node_id: &config.server.node_id,
+                databases_toml: &config.databases_toml(),
                 worker_pid: std::process::id(),
                 generation: spec.generation,
             };

@@ -150,9 +150,17 @@ unsafe extern "C" fn start<A: App>(
         }
         install_logger(host);
         // SAFETY: the host's strings are valid for the duration of this call.
-        let (name, text, node) =
-            unsafe { (borrowed_str(host.app_name), borrowed_str(host.settings_toml), borrowed_str(host.node_id)) };
-        let settings = Settings::parse(&name, &text)?.with_worker(&node, host.worker_pid, host.generation);
+        let (name, text, node, databases) = unsafe {
+            (
+                borrowed_str(host.app_name),
+                borrowed_str(host.settings_toml),
+                borrowed_str(host.node_id),
+                borrowed_str(host.databases_toml),
+            )
+        };
+        let settings = Settings::parse(&name, &text)?
+            .with_worker(&node, host.worker_pid, host.generation)
+            .with_databases(&databases)?;
         A::start(&settings)
     }));
     match result {

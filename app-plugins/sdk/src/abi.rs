@@ -86,6 +86,8 @@ pub struct HostApi {
     pub log_level: LogLevel,
     /// Writes one log record through the host's logger (thread-safe, callable any time).
     pub log: unsafe extern "C" fn(level: LogLevel, target: StrRef, msg: StrRef),
+    /// The config's `[database.NAME]` tables, as TOML text with one table per database.
+    pub databases_toml: StrRef,
 }
 
 /// What the host tells the plugin about a new connection; valid during `conn_open` only.

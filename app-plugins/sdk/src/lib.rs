@@ -47,7 +47,7 @@ pub mod __private;
 
 use std::any::Any;
 
-pub use settings::Settings;
+pub use settings::{DatabaseSettings, Settings};
 
 /// An application served by fdtserver. One value serves every connection of its listeners in
 /// one worker process, from several threads at once: keep per-connection state in

@@ -21,6 +21,17 @@ pub struct Settings {
     node_id: String,
     worker_pid: u32,
     generation: u64,
+    databases: toml::Table,
+}
+
+/// A `[database.NAME]` table of the server's config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatabaseSettings {
+    pub name: String,
+    /// A libpq-style connection string (`host=/tmp/pg port=5432 user=postgres dbname=bank`).
+    pub url: String,
+    /// Connections per worker process.
+    pub pool_size: usize,
 }
 
 impl Settings {
@@ -37,6 +48,27 @@ impl Settings {
         self.worker_pid = worker_pid;
         self.generation = generation;
         self
+    }
+
+    /// Adds the server's `[database.*]` tables (TOML text, one table per database).
+    pub fn with_databases(mut self, toml_text: &str) -> Result<Settings, String> {
+        self.databases = toml_text.parse::<toml::Table>().map_err(|e| format!("bad [database] settings: {e}"))?;
+        Ok(self)
+    }
+
+    /// The server's `[database.NAME]`, or an error naming what is configured.
+    pub fn database(&self, name: &str) -> Result<DatabaseSettings, String> {
+        let Some(toml::Value::Table(t)) = self.databases.get(name) else {
+            let known: Vec<&str> = self.databases.keys().map(String::as_str).collect();
+            return Err(format!(
+                "app {}: no [database.{name}] in the server's config (configured: {})",
+                self.app_name,
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            ));
+        };
+        let url = t.get("url").and_then(toml::Value::as_str).unwrap_or_default().to_string();
+        let pool_size = t.get("pool_size").and_then(toml::Value::as_integer).unwrap_or(8).max(1) as usize;
+        Ok(DatabaseSettings { name: name.to_string(), url, pool_size })
     }
 
     /// The app's name: the `NAME` of `[app.NAME]`.
