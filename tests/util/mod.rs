@@ -4,6 +4,8 @@
 //! the test failed.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -55,6 +57,8 @@ pub struct Setup {
     pub apps: Vec<AppSpec>,
     /// (address, app)
     pub listen: Vec<(String, String)>,
+    /// More TOML, appended as is (`[database.NAME]` tables, say).
+    pub extra: String,
 }
 
 impl Setup {
@@ -66,7 +70,7 @@ impl Setup {
         server.insert("graceful_timeout".into(), "10".into());
         server.insert("boot_timeout".into(), "10".into());
         server.insert("log_level".into(), "\"debug\"".into());
-        Setup { server, apps: Vec::new(), listen: Vec::new() }
+        Setup { server, apps: Vec::new(), listen: Vec::new(), extra: String::new() }
     }
 
     /// Sets a `[server]` key to a TOML value.
@@ -78,6 +82,13 @@ impl Setup {
     /// Adds `[app.NAME]` with the shipped plugin `plugin_name` and a listener on 127.0.0.1:0.
     pub fn app(self, name: &str, plugin_name: &str, settings: &str) -> Setup {
         self.app_at(name, &plugin(plugin_name), settings, "127.0.0.1:0")
+    }
+
+    /// Appends raw TOML to the config.
+    pub fn extra(mut self, toml: &str) -> Setup {
+        self.extra.push_str(toml);
+        self.extra.push('\n');
+        self
     }
 
     pub fn app_at(mut self, name: &str, plugin: &Path, settings: &str, address: &str) -> Setup {
@@ -98,6 +109,8 @@ impl Setup {
         for a in &self.apps {
             text.push_str(&format!("\n[app.{}]\nplugin = \"{}\"\n{}\n", a.name, a.plugin.display(), a.settings));
         }
+        text.push('\n');
+        text.push_str(&self.extra);
         text
     }
 }
