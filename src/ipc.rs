@@ -12,7 +12,8 @@ pub enum WorkerMessage {
     Ready,
     /// The worker could not start (the reason), and exits.
     Failed(String),
-    /// Heartbeat with the worker's counters, sent every `STATS_INTERVAL`.
+    /// Heartbeat with the worker's counters and its handler threads' progress, sent every
+    /// `STATS_INTERVAL` by the worker's control thread.
     Stats(WorkerStats),
     /// The acceptors run: the worker takes connections.
     Accepting,
@@ -21,12 +22,30 @@ pub enum WorkerMessage {
 }
 
 /// A worker's counters, as reported in its heartbeat.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WorkerStats {
     pub open: u64,
     pub accepted: u64,
     pub requests: u64,
     pub panics: u64,
+    /// Handler threads serving a connection right now.
+    pub busy_threads: u64,
+    /// When every handler thread is busy: how long the one that started last has been busy
+    /// (the worker made no progress at all for that long). 0 otherwise.
+    pub stalled_ms: u64,
+    /// The request that has been inside a handler longest, if any.
+    pub oldest: Option<RunningRequest>,
+}
+
+/// A request a handler thread is serving (for `request_timeout` and its log line).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunningRequest {
+    /// How long it has been running, in milliseconds.
+    pub ms: u64,
+    /// The client's address.
+    pub peer: String,
+    /// The app serving it.
+    pub app: String,
 }
 
 /// Master → worker.
@@ -38,6 +57,9 @@ pub enum MasterMessage {
     Drain,
     /// Close everything now and exit.
     Stop,
+    /// Switch the log files to the ones passed with this message (`SCM_RIGHTS`): the error log
+    /// when `error` is true, then the access log when `access` is true. See `USR1`.
+    Reopen { error: bool, access: bool },
 }
 
 impl fmt::Display for WorkerMessage {
@@ -45,7 +67,18 @@ impl fmt::Display for WorkerMessage {
         match self {
             WorkerMessage::Ready => writeln!(f, "ready"),
             WorkerMessage::Failed(reason) => writeln!(f, "failed {}", reason.replace('\n', " ")),
-            WorkerMessage::Stats(s) => writeln!(f, "stats {} {} {} {}", s.open, s.accepted, s.requests, s.panics),
+            WorkerMessage::Stats(s) => {
+                write!(
+                    f,
+                    "stats {} {} {} {} {} {}",
+                    s.open, s.accepted, s.requests, s.panics, s.busy_threads, s.stalled_ms
+                )?;
+                match &s.oldest {
+                    // The app name last: it is the only field that may contain spaces.
+                    Some(r) => writeln!(f, " {} {} {}", r.ms, r.peer.replace(' ', "_"), r.app.replace('\n', " ")),
+                    None => writeln!(f),
+                }
+            }
             WorkerMessage::StoppedAccepting => writeln!(f, "stopped-accepting"),
             WorkerMessage::Accepting => writeln!(f, "accepting"),
         }
@@ -58,6 +91,9 @@ impl fmt::Display for MasterMessage {
             MasterMessage::Accept => writeln!(f, "accept"),
             MasterMessage::Drain => writeln!(f, "drain"),
             MasterMessage::Stop => writeln!(f, "stop"),
+            MasterMessage::Reopen { error, access } => {
+                writeln!(f, "reopen{}{}", if *error { " error" } else { "" }, if *access { " access" } else { "" })
+            }
         }
     }
 }
@@ -71,11 +107,27 @@ impl WorkerMessage {
             "accepting" => Some(WorkerMessage::Accepting),
             "failed" => Some(WorkerMessage::Failed(rest.to_string())),
             "stats" => {
-                let n: Vec<u64> = rest.split(' ').filter_map(|w| w.parse().ok()).collect();
-                let [open, accepted, requests, panics] = n[..] else {
-                    return None;
+                let mut words = rest.splitn(9, ' ');
+                let mut n = [0u64; 6];
+                for v in &mut n {
+                    *v = words.next()?.parse().ok()?;
+                }
+                let [open, accepted, requests, panics, busy_threads, stalled_ms] = n;
+                let oldest = match (words.next(), words.next(), words.next()) {
+                    (Some(ms), Some(peer), Some(app)) => {
+                        Some(RunningRequest { ms: ms.parse().ok()?, peer: peer.to_string(), app: app.to_string() })
+                    }
+                    _ => None,
                 };
-                Some(WorkerMessage::Stats(WorkerStats { open, accepted, requests, panics }))
+                Some(WorkerMessage::Stats(WorkerStats {
+                    open,
+                    accepted,
+                    requests,
+                    panics,
+                    busy_threads,
+                    stalled_ms,
+                    oldest,
+                }))
             }
             _ => None,
         }
@@ -84,10 +136,15 @@ impl WorkerMessage {
 
 impl MasterMessage {
     pub fn parse(line: &str) -> Option<MasterMessage> {
-        match line {
+        let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
+        match word {
             "accept" => Some(MasterMessage::Accept),
             "drain" => Some(MasterMessage::Drain),
             "stop" => Some(MasterMessage::Stop),
+            "reopen" => {
+                let files: Vec<&str> = rest.split_whitespace().collect();
+                Some(MasterMessage::Reopen { error: files.contains(&"error"), access: files.contains(&"access") })
+            }
             _ => None,
         }
     }
@@ -127,7 +184,13 @@ mod tests {
         let msgs = [
             WorkerMessage::Ready,
             WorkerMessage::Failed("app echo: cannot load\nthe plugin".into()),
-            WorkerMessage::Stats(WorkerStats { open: 1, accepted: 2, requests: 3, panics: 4 }),
+            WorkerMessage::Stats(WorkerStats { open: 1, accepted: 2, requests: 3, panics: 4, ..Default::default() }),
+            WorkerMessage::Stats(WorkerStats {
+                busy_threads: 2,
+                stalled_ms: 5,
+                oldest: Some(RunningRequest { ms: 1500, peer: "127.0.0.1:5000".into(), app: "my app".into() }),
+                ..Default::default()
+            }),
         ];
         let mut lines = LineBuffer::default();
         for m in &msgs {
@@ -139,8 +202,15 @@ mod tests {
             Some(WorkerMessage::Failed("app echo: cannot load the plugin".into()))
         );
         assert_eq!(WorkerMessage::parse(&lines.next_line().unwrap()), Some(msgs[2].clone()));
+        assert_eq!(WorkerMessage::parse(&lines.next_line().unwrap()), Some(msgs[3].clone()));
         assert_eq!(lines.next_line(), None);
-        for m in [MasterMessage::Accept, MasterMessage::Drain, MasterMessage::Stop] {
+        for m in [
+            MasterMessage::Accept,
+            MasterMessage::Drain,
+            MasterMessage::Stop,
+            MasterMessage::Reopen { error: true, access: false },
+            MasterMessage::Reopen { error: true, access: true },
+        ] {
             assert_eq!(MasterMessage::parse(m.to_string().trim_end()), Some(m));
         }
     }

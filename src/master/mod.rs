@@ -11,6 +11,7 @@
 //! children.
 
 mod status;
+mod supervise;
 pub mod table;
 
 use std::collections::BTreeMap;
@@ -146,6 +147,14 @@ struct Counters {
     worker_restarts: u64,
     last_reload_error: Option<String>,
     last_drain_ms: Option<u64>,
+    /// Generations that finished draining, and the sum of their drain times.
+    drains: u64,
+    drain_ms_total: u64,
+    /// Workers killed for `heartbeat_timeout` / `request_timeout`.
+    heartbeat_kills: u64,
+    request_timeout_kills: u64,
+    /// Workers replaced gracefully after `max_requests`.
+    recycles: u64,
 }
 
 pub struct Master {
@@ -410,24 +419,10 @@ impl Master {
                     Token(WORKER_TOKEN_BASE + pid.as_raw() as usize),
                     Interest::READABLE,
                 )?;
-                let now = Instant::now();
-                self.table.workers.insert(
-                    pid,
-                    Worker {
-                        pid,
-                        generation,
-                        slot,
-                        state: WorkerState::Booting,
-                        channel,
-                        lines: Default::default(),
-                        started: now,
-                        stats: Default::default(),
-                        last_heard: now,
-                        failure: None,
-                        accepting: false,
-                        load_index,
-                    },
-                );
+                let mut worker = Worker::new(pid, generation, slot, channel, load_index);
+                let max_requests = gen_.config.server.max_requests;
+                worker.request_limit = (max_requests > 0).then(|| max_requests + supervise::jitter(max_requests));
+                self.table.workers.insert(pid, worker);
                 log::debug!("forked worker {slot} of generation {generation}: pid {pid}");
                 Ok(pid)
             }
@@ -475,12 +470,13 @@ impl Master {
         let generation = w.generation;
         let gen_state = self.table.generations.get(&generation).map(|g| g.state);
         match msg {
-            WorkerMessage::Stats(stats) => w.stats = stats,
+            WorkerMessage::Stats(stats) => self.on_stats(pid, stats),
             WorkerMessage::StoppedAccepting => w.accepting = false,
             WorkerMessage::Accepting => {
                 if w.state == WorkerState::Ready {
                     w.state = WorkerState::Serving;
                 }
+                self.on_replacement_accepting(pid);
             }
             WorkerMessage::Failed(reason) => {
                 w.failure = Some(reason.clone());
@@ -552,6 +548,12 @@ impl Master {
         };
         let _ = self.poll.registry().deregister(&mut w.channel);
         self.load.release(w.load_index);
+        self.forget_recycle(pid, w.replaces, w.replacement);
+        let how = match &w.killed {
+            Some(limit) => format!("{how} (killed by the master: {limit})"),
+            None => how.to_string(),
+        };
+        let how = how.as_str();
         let Some(gen_) = self.table.generations.get_mut(&w.generation) else {
             return;
         };
@@ -613,6 +615,8 @@ impl Master {
             {
                 let ms = since.elapsed().as_millis() as u64;
                 self.counters.last_drain_ms = Some(ms);
+                self.counters.drains += 1;
+                self.counters.drain_ms_total += ms;
                 log::info!("generation {id} finished draining in {ms} ms");
             }
         }
@@ -994,11 +998,15 @@ impl Master {
         for (_, _, deadline) in &self.pending_replies {
             next = next.min(*deadline);
         }
+        if let Some(deadline) = self.next_supervision_deadline() {
+            next = next.min(deadline);
+        }
         next.saturating_duration_since(now)
     }
 
     fn on_timers(&mut self) {
         self.send_pending_replies();
+        self.enforce_supervision_limits();
         let now = Instant::now();
         let (due, later): (Vec<Respawn>, Vec<Respawn>) =
             std::mem::take(&mut self.respawns).into_iter().partition(|r| r.at <= now);

@@ -28,6 +28,10 @@ impl Master {
                     "panics": w.stats.panics,
                     "uptime_secs": w.started.elapsed().as_secs_f64(),
                     "last_heard_secs": now.duration_since(w.last_heard).as_secs_f64(),
+                    "busy_threads": w.stats.busy_threads,
+                    "oldest_request_secs": w.running.as_ref().map(|r| now.duration_since(r.0).as_secs_f64()),
+                    "request_limit": w.request_limit,
+                    "recycling": w.replacement.is_some(),
                 })
             })
             .collect();
@@ -44,6 +48,10 @@ impl Master {
                     "id": g.id,
                     "state": g.state.name(),
                     "since_secs": since.elapsed().as_secs_f64(),
+                    "draining_since_secs": match g.state {
+                        GenState::Draining { since, .. } => Some(since.elapsed().as_secs_f64()),
+                        _ => None,
+                    },
                     "workers": self.table.workers_of(g.id).count(),
                     "target_workers": g.target_workers,
                     "connections": self.table.workers_of(g.id).map(|w| w.stats.open).sum::<u64>(),
@@ -78,7 +86,36 @@ impl Master {
                 "last_error": self.counters.last_reload_error,
             },
             "worker_restarts": self.counters.worker_restarts,
+            "worker_kills": {
+                "heartbeat_timeout": self.counters.heartbeat_kills,
+                "request_timeout": self.counters.request_timeout_kills,
+            },
+            "worker_recycles": self.counters.recycles,
+            "draining": self.draining_json(),
             "last_drain_ms": self.counters.last_drain_ms,
+            "drains": { "count": self.counters.drains, "total_ms": self.counters.drain_ms_total },
+        })
+    }
+
+    /// Generations and workers still draining: how many, since when, connections left.
+    fn draining_json(&self) -> Value {
+        let gens: Vec<_> =
+            self.table.generations.values().filter(|g| matches!(g.state, GenState::Draining { .. })).collect();
+        let oldest = gens
+            .iter()
+            .filter_map(|g| match g.state {
+                GenState::Draining { since, .. } => Some(since.elapsed().as_secs_f64()),
+                _ => None,
+            })
+            .fold(None, |m: Option<f64>, s| Some(m.map_or(s, |m| m.max(s))));
+        // Draining workers of the active generation too (TTOU, max_requests).
+        let workers: Vec<_> =
+            self.table.workers.values().filter(|w| w.state == super::table::WorkerState::Draining).collect();
+        json!({
+            "generations": gens.len(),
+            "oldest_since_secs": oldest,
+            "workers": workers.len(),
+            "connections": workers.iter().map(|w| w.stats.open).sum::<u64>(),
         })
     }
 
@@ -108,6 +145,12 @@ impl Master {
         );
         metric("requests_total", "counter", "Requests served per worker.", per_worker(&|w| w.stats.requests));
         metric("handler_panics_total", "counter", "App handler panics per worker.", per_worker(&|w| w.stats.panics));
+        metric(
+            "handler_threads_busy",
+            "gauge",
+            "Handler threads serving a connection, per worker.",
+            per_worker(&|w| w.stats.busy_threads),
+        );
         metric("workers", "gauge", "Worker processes alive.", vec![(String::new(), self.table.workers.len() as f64)]);
         metric(
             "generation",
@@ -117,6 +160,29 @@ impl Master {
         );
         let draining = self.table.generations.values().filter(|g| matches!(g.state, GenState::Draining { .. })).count();
         metric("generations_draining", "gauge", "Generations still draining.", vec![(String::new(), draining as f64)]);
+        let draining_workers: Vec<_> =
+            self.table.workers.values().filter(|w| w.state == super::table::WorkerState::Draining).collect();
+        metric(
+            "draining_connections",
+            "gauge",
+            "Connections left on draining workers.",
+            vec![(String::new(), draining_workers.iter().map(|w| w.stats.open).sum::<u64>() as f64)],
+        );
+        metric(
+            "worker_kills_total",
+            "counter",
+            "Workers the master killed for a supervision limit.",
+            vec![
+                ("{reason=\"heartbeat_timeout\"}".into(), self.counters.heartbeat_kills as f64),
+                ("{reason=\"request_timeout\"}".into(), self.counters.request_timeout_kills as f64),
+            ],
+        );
+        metric(
+            "worker_recycles_total",
+            "counter",
+            "Workers replaced gracefully after max_requests.",
+            vec![(String::new(), self.counters.recycles as f64)],
+        );
         metric(
             "worker_restarts_total",
             "counter",
@@ -130,6 +196,15 @@ impl Master {
             vec![
                 ("{outcome=\"ok\"}".into(), self.counters.reloads_ok as f64),
                 ("{outcome=\"failed\"}".into(), self.counters.reloads_failed as f64),
+            ],
+        );
+        metric(
+            "drain_duration_seconds",
+            "summary",
+            "How long generations took to drain.",
+            vec![
+                ("_count".into(), self.counters.drains as f64),
+                ("_sum".into(), self.counters.drain_ms_total as f64 / 1000.0),
             ],
         );
         metric(

@@ -99,6 +99,54 @@ pub struct Worker {
     pub accepting: bool,
     /// Its record in the shared load table.
     pub load_index: usize,
+    /// Recycled gracefully after this many requests (`max_requests` plus jitter).
+    pub request_limit: Option<u64>,
+    /// Since when every one of its handler threads has been busy (from its heartbeat).
+    pub stalled_since: Option<Instant>,
+    /// Its longest-running request, from its heartbeat: (started, peer, app).
+    pub running: Option<(Instant, String, String)>,
+    /// Why the master killed it (heartbeat or request timeout), for the log of its exit.
+    pub killed: Option<String>,
+    /// Being recycled: the worker started to take over its slot.
+    pub replacement: Option<Pid>,
+    /// Started to take over the slot of this (recycled) worker.
+    pub replaces: Option<Pid>,
+    /// A recycle whose replacement died is retried no earlier than this.
+    pub recycle_not_before: Option<Instant>,
+}
+
+impl Worker {
+    /// A freshly forked worker.
+    pub fn new(pid: Pid, generation: u64, slot: usize, channel: mio::net::UnixStream, load_index: usize) -> Worker {
+        let now = Instant::now();
+        Worker {
+            pid,
+            generation,
+            slot,
+            state: WorkerState::Booting,
+            channel,
+            lines: LineBuffer::default(),
+            started: now,
+            stats: WorkerStats::default(),
+            last_heard: now,
+            failure: None,
+            accepting: false,
+            load_index,
+            request_limit: None,
+            stalled_since: None,
+            running: None,
+            killed: None,
+            replacement: None,
+            replaces: None,
+            recycle_not_before: None,
+        }
+    }
+
+    /// True while the master expects heartbeats from it: it has started its apps and was
+    /// neither told to stop nor killed.
+    pub fn supervised(&self) -> bool {
+        matches!(self.state, WorkerState::Ready | WorkerState::Serving | WorkerState::Draining) && self.killed.is_none()
+    }
 }
 
 #[derive(Default)]

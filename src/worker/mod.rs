@@ -26,7 +26,7 @@ use nix::unistd::Pid;
 use socket2::Socket;
 
 use crate::config::{Address, Config};
-use crate::ipc::{LineBuffer, MasterMessage, WorkerMessage, WorkerStats};
+use crate::ipc::{LineBuffer, MasterMessage, RunningRequest, WorkerMessage, WorkerStats};
 use crate::plugin::{App, StartContext};
 use crate::sys;
 use conn::{After, CloseReason, Phase};
@@ -221,11 +221,19 @@ impl Worker {
 
     fn stats(&self) -> WorkerStats {
         let c = &self.pool.counters;
+        let handlers = self.pool.handlers_report();
         WorkerStats {
             open: c.open.load(Ordering::Relaxed),
             accepted: c.accepted.load(Ordering::Relaxed),
             requests: c.requests.load(Ordering::Relaxed),
             panics: c.panics.load(Ordering::Relaxed),
+            busy_threads: handlers.busy,
+            stalled_ms: handlers.stalled_ms,
+            oldest: handlers.oldest.map(|(ms, app, peer)| RunningRequest {
+                ms,
+                peer,
+                app: self.pool.apps[app].name().to_string(),
+            }),
         }
     }
 
@@ -307,6 +315,7 @@ impl Worker {
                         self.finish(false);
                         return 0;
                     }
+                    Event::Master(MasterMessage::Reopen { error, access }) => self.reopen_logs(error, access),
                     Event::Tick => {}
                 }
             }
@@ -334,6 +343,9 @@ impl Worker {
             }
         }
     }
+
+    /// Switches to the log files the master sent with its `reopen` message.
+    fn reopen_logs(&mut self, _error: bool, _access: bool) {}
 
     fn start_accepting(&mut self) {
         if let Some(listeners) = self.listeners.take() {

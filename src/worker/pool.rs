@@ -22,7 +22,7 @@ use super::conn::{After, CloseReason, Conn, Scratch, prepare_socket};
 use crate::balance::WorkerLoad;
 use crate::listener::ACCEPT_WAKE_INTERVAL;
 use crate::plugin::App;
-use crate::sys::{Epoll, Event, EventFd, interest};
+use crate::sys::{Epoll, Event, EventFd, interest, monotonic_ms};
 
 /// Connections per lazily allocated chunk of the table.
 const CHUNK: usize = 1024;
@@ -73,6 +73,27 @@ impl ConnTable {
     }
 }
 
+/// One handler thread's heartbeat: whether it is serving a connection, since when, and which.
+/// The control thread reads these for the heartbeat it sends the master, which kills a worker
+/// whose request outlives `request_timeout`, or whose every handler is stuck.
+#[derive(Default)]
+pub struct HandlerBeat {
+    /// `monotonic_ms()` when the thread took its current connection; 0 while it waits.
+    busy_since: AtomicU64,
+    /// The connection it serves: (app index, peer). Rewritten in place, so no allocation per
+    /// request once the string has grown to a peer's length.
+    serving: Mutex<(usize, String)>,
+}
+
+/// What the handler threads are doing, summed up for the heartbeat.
+pub struct HandlersReport {
+    pub busy: u64,
+    /// When every handler is busy: the shortest time one of them has been (0 otherwise).
+    pub stalled_ms: u64,
+    /// The longest-running request: (ms, app index, peer).
+    pub oldest: Option<(u64, usize, String)>,
+}
+
 /// Counters reported to the master.
 #[derive(Default)]
 pub struct Counters {
@@ -106,6 +127,7 @@ pub struct Pool {
     next_seq: AtomicU32,
     acceptors: Mutex<Vec<Thread>>,
     load: WorkerLoad,
+    beats: Box<[HandlerBeat]>,
 }
 
 impl Pool {
@@ -127,6 +149,7 @@ impl Pool {
             next_seq: AtomicU32::new(1),
             acceptors: Mutex::new(Vec::new()),
             load,
+            beats: (0..threads).map(|_| HandlerBeat::default()).collect(),
         })
     }
 
@@ -136,7 +159,7 @@ impl Pool {
             .map(|i| {
                 thread::Builder::new()
                     .name(format!("handler-{i}"))
-                    .spawn(move || self.handler_loop())
+                    .spawn(move || self.handler_loop(&self.beats[i]))
                     .expect("cannot start a handler thread")
             })
             .collect()
@@ -166,6 +189,34 @@ impl Pool {
 
     pub fn busy_handlers(&self) -> usize {
         self.busy.load(Ordering::Relaxed)
+    }
+
+    /// Reads every handler's heartbeat (for the worker's report to the master).
+    pub fn handlers_report(&self) -> HandlersReport {
+        let now = monotonic_ms();
+        let mut report = HandlersReport { busy: 0, stalled_ms: u64::MAX, oldest: None };
+        let mut oldest: Option<(u64, &HandlerBeat)> = None;
+        for beat in self.beats.iter() {
+            let since = beat.busy_since.load(Ordering::Acquire);
+            if since == 0 {
+                report.stalled_ms = 0;
+                continue;
+            }
+            let ms = now.saturating_sub(since);
+            report.busy += 1;
+            report.stalled_ms = report.stalled_ms.min(ms);
+            if oldest.is_none_or(|(o, _)| ms > o) {
+                oldest = Some((ms, beat));
+            }
+        }
+        if report.busy == 0 {
+            report.stalled_ms = 0;
+        }
+        if let Some((ms, beat)) = oldest {
+            let serving = beat.serving.lock().unwrap_or_else(|e| e.into_inner());
+            report.oldest = Some((ms, serving.0, serving.1.clone()));
+        }
+        report
     }
 
     fn acceptor_loop(&self, listener: Listening) {
@@ -240,7 +291,7 @@ impl Pool {
         }
     }
 
-    fn handler_loop(&self) {
+    fn handler_loop(&self, beat: &HandlerBeat) {
         let mut scratch = Scratch::new();
         // One event per wait: the others stay queued for idle handlers, so one slow request
         // never delays a connection another thread could serve.
@@ -258,7 +309,7 @@ impl Pool {
                     return;
                 }
                 self.busy.fetch_add(1, Ordering::AcqRel);
-                self.serve(*event, &mut scratch);
+                self.serve(*event, &mut scratch, beat);
                 if self.busy.fetch_sub(1, Ordering::AcqRel) == self.threads {
                     self.wake_acceptors();
                 }
@@ -275,7 +326,7 @@ impl Pool {
         }
     }
 
-    fn serve(&self, event: Event, scratch: &mut Scratch) {
+    fn serve(&self, event: Event, scratch: &mut Scratch, beat: &HandlerBeat) {
         let (fd, seq) = split_token(event.token());
         let Some(slot) = self.conns.slot(fd) else {
             return;
@@ -287,7 +338,15 @@ impl Pool {
         }
         let app = &self.apps[conn.app];
         let draining = self.draining.load(Ordering::Relaxed);
+        {
+            let mut serving = beat.serving.lock().unwrap_or_else(|e| e.into_inner());
+            serving.0 = conn.app;
+            serving.1.clear();
+            serving.1.push_str(&conn.peer);
+        }
+        beat.busy_since.store(monotonic_ms().max(1), Ordering::Release);
         let (after, requests) = conn.on_ready(event.readable(), event.writable(), app, draining, scratch);
+        beat.busy_since.store(0, Ordering::Release);
         if requests > 0 {
             self.counters.requests.fetch_add(requests, Ordering::Relaxed);
         }

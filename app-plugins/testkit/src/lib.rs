@@ -4,8 +4,9 @@
 //! panic; `abort_at_start_if = "/path"` kills the worker at start while that file exists (a
 //! crash loop on demand); `start_delay_ms` delays the start; `tag` is echoed by `TAG`. Line commands, one answer line each:
 //! `PID`, `GEN`, `TAG`, `DRAINING` (yes/no), `SLEEP <ms>` (answers `SLEPT`), `PANIC`,
-//! `ABORT` (kills the worker process), `BUSY` (stays `InProgress` until `IDLE`), anything
-//! else is echoed.
+//! `ABORT` (kills the worker process), `BUSY` (stays `InProgress` until `IDLE`), `SPIN`
+//! (loops forever inside the handler, never answering: a request stuck in app code), `UID`
+//! (the worker's real and effective uid and gid: `uid euid gid egid`), anything else is echoed.
 
 use fdt_sdk::{App, Conn, Next, Settings};
 use std::time::Duration;
@@ -53,6 +54,26 @@ impl App for Testkit {
                 }
                 ("PANIC", _) => panic!("testkit was told to panic"),
                 ("ABORT", _) => std::process::abort(),
+                ("SPIN", _) => loop {
+                    std::hint::black_box(&line);
+                },
+                ("UID", _) => {
+                    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+                    let field = |name: &str| {
+                        status
+                            .lines()
+                            .find_map(|l| l.strip_prefix(name))
+                            .map(|v| v.split_whitespace().collect::<Vec<_>>())
+                    };
+                    let (uid, gid) = (field("Uid:").unwrap_or_default(), field("Gid:").unwrap_or_default());
+                    format!(
+                        "{} {} {} {}",
+                        uid.first().unwrap_or(&"?"),
+                        uid.get(1).unwrap_or(&"?"),
+                        gid.first().unwrap_or(&"?"),
+                        gid.get(1).unwrap_or(&"?")
+                    )
+                }
                 ("BUSY", _) => {
                     conn.session::<Session>().busy = true;
                     "BUSY".to_string()

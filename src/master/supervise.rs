@@ -1,0 +1,229 @@
+//! Supervision limits: the master kills a worker that stopped making progress
+//! (`heartbeat_timeout`) or whose request runs too long (`request_timeout`), and recycles a
+//! worker gracefully after `max_requests` (a replacement first, then the old one drains).
+//!
+//! Inputs are the heartbeats workers send every `worker::STATS_INTERVAL` from their control
+//! thread, with a summary of their handler threads (see `ipc::WorkerStats`). A worker that is
+//! stopped or deadlocked sends nothing; one whose every handler is stuck in app code reports
+//! that it is stalled; one stuck request is named in the heartbeat. Killed workers are replaced
+//! by the ordinary reaping path. Nothing here blocks: deadlines feed the master's poll timeout.
+
+use std::hash::{BuildHasher, Hasher};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use super::Master;
+use super::table::{GenState, WorkerState};
+use crate::ipc::{MasterMessage, WorkerStats};
+
+/// Why the master killed a worker (a label of the `worker_kills_total` metric).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KillReason {
+    Heartbeat,
+    RequestTimeout,
+}
+
+/// A recycle whose replacement died before serving is retried after this long, so that an
+/// app that cannot start costs one fork per slot per interval, not one per heartbeat.
+const RECYCLE_RETRY: Duration = Duration::from_secs(5);
+
+/// A little randomness for `max_requests`, so that workers started together do not all recycle
+/// at once: 0 to a tenth of the limit more (gunicorn's `max_requests_jitter`, built in). The
+/// randomness comes from std's randomly keyed hasher: no extra dependency.
+pub fn jitter(max_requests: u64) -> u64 {
+    let spread = max_requests / 10;
+    if spread == 0 {
+        return 0;
+    }
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(max_requests);
+    h.finish() % (spread + 1)
+}
+
+impl Master {
+    /// A heartbeat arrived: record it, and recycle the worker if it reached its request limit.
+    pub(super) fn on_stats(&mut self, pid: Pid, stats: WorkerStats) {
+        let now = Instant::now();
+        let Some(w) = self.table.workers.get_mut(&pid) else {
+            return;
+        };
+        w.stalled_since = (stats.stalled_ms > 0).then(|| now - Duration::from_millis(stats.stalled_ms));
+        w.running = stats.oldest.as_ref().map(|r| (now - Duration::from_millis(r.ms), r.peer.clone(), r.app.clone()));
+        w.stats = stats;
+        let due = w.request_limit.is_some_and(|limit| w.stats.requests >= limit)
+            && w.state == WorkerState::Serving
+            && w.replacement.is_none()
+            && w.killed.is_none()
+            && w.recycle_not_before.is_none_or(|t| now >= t);
+        let active = self.table.generations.get(&w.generation).is_some_and(|g| g.state == GenState::Active);
+        if due && active && self.stopping.is_none() {
+            self.recycle(pid);
+        }
+    }
+
+    /// Starts a replacement for a worker that served its `max_requests`; the old one drains
+    /// once the replacement accepts (see [`Master::on_replacement_accepting`]).
+    fn recycle(&mut self, pid: Pid) {
+        let w = &self.table.workers[&pid];
+        let (generation, slot, requests) = (w.generation, w.slot, w.stats.requests);
+        let limit = w.request_limit.unwrap_or(0);
+        match self.spawn_worker(generation, slot) {
+            Ok(new) => {
+                log::info!(
+                    "worker {slot} (pid {pid}) of generation {generation} served {requests} requests (limit {limit}): recycling it; pid {new} takes over"
+                );
+                if let Some(w) = self.table.workers.get_mut(&pid) {
+                    w.replacement = Some(new);
+                }
+                if let Some(n) = self.table.workers.get_mut(&new) {
+                    n.replaces = Some(pid);
+                }
+            }
+            Err(e) => {
+                log::error!("cannot fork a replacement for worker {slot} (pid {pid}): {e}");
+                if let Some(w) = self.table.workers.get_mut(&pid) {
+                    w.recycle_not_before = Some(Instant::now() + RECYCLE_RETRY);
+                }
+            }
+        }
+    }
+
+    /// A worker confirmed it accepts: if it replaces a recycled worker, that one drains now.
+    pub(super) fn on_replacement_accepting(&mut self, pid: Pid) {
+        let Some(old) = self.table.workers.get_mut(&pid).and_then(|w| w.replaces.take()) else {
+            return;
+        };
+        let Some(w) = self.table.workers.get_mut(&old) else {
+            return;
+        };
+        w.replacement = None;
+        if w.state == WorkerState::Draining || w.state == WorkerState::Stopping {
+            return;
+        }
+        w.state = WorkerState::Draining;
+        self.counters.recycles += 1;
+        log::info!("worker {} (pid {old}) recycled: pid {pid} serves; draining", w.slot);
+        self.send(old, MasterMessage::Drain);
+    }
+
+    /// A worker exited: undo the recycle pairing it was part of.
+    pub(super) fn forget_recycle(&mut self, pid: Pid, replaces: Option<Pid>, replacement: Option<Pid>) {
+        if let Some(old) = replaces
+            && let Some(w) = self.table.workers.get_mut(&old)
+        {
+            log::warn!(
+                "the replacement (pid {pid}) of worker {} (pid {old}) died; the old worker keeps serving",
+                w.slot
+            );
+            w.replacement = None;
+            w.recycle_not_before = Some(Instant::now() + RECYCLE_RETRY);
+        }
+        if let Some(new) = replacement
+            && let Some(n) = self.table.workers.get_mut(&new)
+        {
+            n.replaces = None;
+        }
+    }
+
+    /// The earliest moment a supervision limit may expire.
+    pub(super) fn next_supervision_deadline(&self) -> Option<Instant> {
+        self.table.workers.values().filter(|w| w.supervised()).filter_map(|w| self.deadlines(w.pid).0).min()
+    }
+
+    /// (earliest deadline, the limit that expires then, with the log line if it has).
+    fn deadlines(&self, pid: Pid) -> (Option<Instant>, Option<(KillReason, String)>) {
+        let w = &self.table.workers[&pid];
+        let Some(gen_) = self.table.generations.get(&w.generation) else {
+            return (None, None);
+        };
+        let server = &gen_.config.server;
+        let now = Instant::now();
+        let who = format!("worker {} (pid {pid}) of generation {}", w.slot, w.generation);
+        let mut candidates: Vec<(Instant, KillReason, String)> = Vec::new();
+        let heartbeat = server.heartbeat_timeout;
+        if !heartbeat.is_zero() {
+            candidates.push((
+                w.last_heard + heartbeat,
+                KillReason::Heartbeat,
+                format!(
+                    "{who} sent no heartbeat for {:.1} s (heartbeat_timeout {} s): it is stopped or hung; killing it",
+                    now.duration_since(w.last_heard).as_secs_f64(),
+                    heartbeat.as_secs_f64()
+                ),
+            ));
+            if let Some(since) = w.stalled_since {
+                candidates.push((
+                    since + heartbeat,
+                    KillReason::Heartbeat,
+                    format!(
+                        "{who} made no progress for {:.1} s: all {} handler threads are busy (heartbeat_timeout {} s); killing it",
+                        now.duration_since(since).as_secs_f64(),
+                        w.stats.busy_threads,
+                        heartbeat.as_secs_f64()
+                    ),
+                ));
+            }
+        }
+        if let (Some(limit), Some((since, peer, app))) = (server.request_timeout, &w.running) {
+            candidates.push((
+                *since + limit,
+                KillReason::RequestTimeout,
+                format!(
+                    "{who}: a request of app {app} from {peer} has been running for {:.1} s (request_timeout {} s); killing the worker",
+                    now.duration_since(*since).as_secs_f64(),
+                    limit.as_secs_f64()
+                ),
+            ));
+        }
+        let first = candidates.into_iter().min_by_key(|c| c.0);
+        match first {
+            Some((at, reason, line)) if at <= now => (Some(at), Some((reason, line))),
+            Some((at, _, _)) => (Some(at), None),
+            None => (None, None),
+        }
+    }
+
+    /// Kills every worker whose supervision limit expired; the reaper replaces them.
+    pub(super) fn enforce_supervision_limits(&mut self) {
+        let expired: Vec<(Pid, KillReason, String)> = self
+            .table
+            .workers
+            .values()
+            .filter(|w| w.supervised())
+            .filter_map(|w| self.deadlines(w.pid).1.map(|(reason, line)| (w.pid, reason, line)))
+            .collect();
+        for (pid, reason, line) in expired {
+            log::error!("{line}");
+            match reason {
+                KillReason::Heartbeat => self.counters.heartbeat_kills += 1,
+                KillReason::RequestTimeout => self.counters.request_timeout_kills += 1,
+            }
+            if let Some(w) = self.table.workers.get_mut(&pid) {
+                w.killed = Some(match reason {
+                    KillReason::Heartbeat => "heartbeat_timeout".into(),
+                    KillReason::RequestTimeout => "request_timeout".into(),
+                });
+            }
+            // SIGKILL also ends a stopped process; a stuck app thread cannot be stopped any
+            // other way.
+            if let Err(e) = kill(pid, Signal::SIGKILL) {
+                log::error!("cannot kill worker pid {pid}: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_a_tenth_of_the_limit() {
+        assert_eq!(jitter(5), 0);
+        for _ in 0..100 {
+            assert!(jitter(1000) <= 100);
+        }
+    }
+}
