@@ -63,7 +63,12 @@ enum TxnAction {
     /// Roll back one prepared transaction.
     Rollback { gid: String },
     /// Settle every prepared transaction this node coordinated (exit 2 if others remain).
-    Recover,
+    Recover {
+        /// Leave alone what was prepared less than this many seconds ago (it may still be in
+        /// flight). Default: 0 when no server is running, else 60.
+        #[arg(long, value_name = "SECS")]
+        min_age: Option<f64>,
+    },
 }
 
 /// Entry point of the binary; returns the process exit code.
@@ -85,7 +90,7 @@ pub fn main() -> i32 {
                 TxnAction::List => TxnCommand::List,
                 TxnAction::Commit { gid } => TxnCommand::Commit(gid),
                 TxnAction::Rollback { gid } => TxnCommand::Rollback(gid),
-                TxnAction::Recover => TxnCommand::Recover,
+                TxnAction::Recover { min_age } => TxnCommand::Recover { min_age },
             },
         ),
         Some(Command::CheckApps) => check_apps(&config_path),

@@ -39,8 +39,11 @@
 //! connections go on. Log with the `log` crate's macros: records go to the server's log.
 
 pub mod abi;
+pub mod gid;
 mod settings;
 pub mod testing;
+#[cfg(feature = "postgres")]
+pub mod txn;
 
 #[doc(hidden)]
 pub mod __private;

@@ -1,0 +1,250 @@
+//! `bank`: a line protocol over PostgreSQL, built on the SDK's transactions (`fdt_sdk::txn`)
+//! with no transaction logic of its own.
+//!
+//! Settings: `database = "main"`, or `databases = ["a", "b"]` to spread accounts over several
+//! databases (an account lives in the one its id hashes to; a transfer between two of them is
+//! committed by two-phase commit). Table `accounts(id text primary key, balance bigint not null
+//! check (balance >= 0))`, created if missing.
+//!
+//! Commands (one answer line each, `ERR <reason>` on any error): `BALANCE a`,
+//! `TRANSFER from to n`, `BEGIN`, `DEBIT a n`, `CREDIT a n`, `PREPARE gtrid`, `COMMIT`,
+//! `ROLLBACK`, `RESOLVE COMMIT gid`, `RESOLVE ROLLBACK gid`, `RECOVER`, and `OPEN a [n]` to
+//! create an account (for setting up).
+
+use fdt_sdk::txn::{Databases, Transaction, TxnError, TxnState};
+use fdt_sdk::{App, Conn, Next, Settings};
+
+struct Bank {
+    dbs: Databases,
+    names: Vec<String>,
+}
+
+/// A connection's state: its open transaction, if any.
+#[derive(Default)]
+struct Session {
+    tx: Option<Transaction>,
+}
+
+const CREATE_ACCOUNTS: &str =
+    "CREATE TABLE IF NOT EXISTS accounts (id text PRIMARY KEY, balance bigint NOT NULL CHECK (balance >= 0))";
+
+type Reply = Result<String, String>;
+
+fn err(e: TxnError) -> String {
+    match e {
+        TxnError::Database(m) if m.contains("(23514)") => "insufficient funds".into(),
+        other => other.to_string(),
+    }
+}
+
+fn amount(word: Option<&str>) -> Result<i64, String> {
+    match word.map(str::parse::<i64>) {
+        Some(Ok(n)) if n > 0 => Ok(n),
+        _ => Err("amount must be a positive integer".into()),
+    }
+}
+
+fn account(word: Option<&str>) -> Result<&str, String> {
+    match word {
+        Some(a) if !a.is_empty() && a.len() <= 64 => Ok(a),
+        Some(_) => Err("account ids are 1 to 64 characters".into()),
+        None => Err("missing account".into()),
+    }
+}
+
+impl Bank {
+    /// The database an account lives in (stable: FNV-1a of its id).
+    fn home(&self, acct: &str) -> &str {
+        let hash =
+            acct.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+        &self.names[(hash % self.names.len() as u64) as usize]
+    }
+
+    fn debit(&self, tx: &mut Transaction, acct: &str, n: i64) -> Result<(), String> {
+        let db = self.home(acct);
+        let changed = tx
+            .execute(db, "UPDATE accounts SET balance = balance - $1 WHERE id = $2 AND balance >= $1", &[&n, &acct])
+            .map_err(err)?;
+        if changed == 1 {
+            return Ok(());
+        }
+        let exists = tx.query(db, "SELECT 1 FROM accounts WHERE id = $1", &[&acct]).map_err(err)?;
+        Err(if exists.is_empty() { "unknown account".into() } else { "insufficient funds".into() })
+    }
+
+    fn credit(&self, tx: &mut Transaction, acct: &str, n: i64) -> Result<(), String> {
+        let db = self.home(acct);
+        let changed =
+            tx.execute(db, "UPDATE accounts SET balance = balance + $1 WHERE id = $2", &[&n, &acct]).map_err(err)?;
+        if changed == 1 { Ok(()) } else { Err("unknown account".into()) }
+    }
+
+    /// Runs `f` in the session's open transaction, or in a transaction of its own that is
+    /// committed when `f` succeeds (and rolled back when it fails).
+    fn in_transaction(
+        &self,
+        session: &mut Session,
+        f: impl FnOnce(&mut Transaction) -> Result<String, String>,
+    ) -> Reply {
+        if let Ok(tx) = Self::open_tx(session) {
+            if let TxnState::Prepared(_) = tx.state() {
+                return Err(err(TxnError::AlreadyPrepared));
+            }
+            return f(tx);
+        }
+        let mut tx = self.dbs.transaction();
+        let answer = f(&mut tx)?; // on error, dropping `tx` rolls it back
+        tx.commit().map_err(err)?;
+        Ok(answer)
+    }
+
+    /// The session's open transaction; forgets one that has ended (a failed PREPARE, say).
+    fn open_tx(session: &mut Session) -> Result<&mut Transaction, String> {
+        if !session.tx.as_ref().is_some_and(Transaction::is_open) {
+            session.tx = None;
+            return Err("no transaction open (send BEGIN first)".into());
+        }
+        Ok(session.tx.as_mut().expect("checked"))
+    }
+
+    fn command(&self, session: &mut Session, line: &str) -> Reply {
+        let mut words = line.split_whitespace();
+        let verb = words.next().unwrap_or("").to_ascii_uppercase();
+        match verb.as_str() {
+            "BALANCE" => {
+                let acct = account(words.next())?;
+                let db = self.home(acct);
+                self.in_transaction(session, |tx| {
+                    let rows = tx.query(db, "SELECT balance FROM accounts WHERE id = $1", &[&acct]).map_err(err)?;
+                    let row = rows.first().ok_or("unknown account")?;
+                    Ok(format!("OK {}", row.get::<_, i64>(0)))
+                })
+            }
+            "OPEN" => {
+                let acct = account(words.next())?;
+                let balance = match words.next() {
+                    None => 0,
+                    Some(w) => {
+                        w.parse::<i64>().ok().filter(|n| *n >= 0).ok_or("balance must be a non-negative integer")?
+                    }
+                };
+                let db = self.home(acct);
+                self.in_transaction(session, |tx| {
+                    let sql = "INSERT INTO accounts (id, balance) VALUES ($1, $2) ON CONFLICT DO NOTHING";
+                    match tx.execute(db, sql, &[&acct, &balance]).map_err(err)? {
+                        1 => Ok("OK".into()),
+                        _ => Err("account exists".into()),
+                    }
+                })
+            }
+            "TRANSFER" => {
+                let (from, to) = (account(words.next())?, account(words.next())?);
+                let n = amount(words.next())?;
+                if from == to {
+                    return Err("cannot transfer to the same account".into());
+                }
+                self.in_transaction(session, |tx| {
+                    self.debit(tx, from, n)?;
+                    self.credit(tx, to, n)?;
+                    Ok("OK".into())
+                })
+            }
+            "BEGIN" => {
+                if session.tx.as_ref().is_some_and(Transaction::is_open) {
+                    return Err("a transaction is already open".into());
+                }
+                let mut tx = self.dbs.transaction();
+                tx.begin().map_err(err)?;
+                session.tx = Some(tx);
+                Ok("OK".into())
+            }
+            "DEBIT" | "CREDIT" => {
+                let acct = account(words.next())?;
+                let n = amount(words.next())?;
+                let tx = Self::open_tx(session)?;
+                if verb == "DEBIT" {
+                    self.debit(tx, acct, n)?
+                } else {
+                    self.credit(tx, acct, n)?
+                }
+                Ok("OK".into())
+            }
+            "PREPARE" => {
+                let gtrid = words.next().ok_or("missing gtrid")?;
+                let gid = Self::open_tx(session)?.prepare(gtrid).map_err(err)?;
+                Ok(format!("PREPARED {gid}"))
+            }
+            "COMMIT" => {
+                Self::open_tx(session)?;
+                session.tx.take().expect("checked").commit().map_err(err)?;
+                Ok("COMMITTED".into())
+            }
+            "ROLLBACK" => {
+                Self::open_tx(session)?;
+                session.tx.take().expect("checked").rollback().map_err(err)?;
+                Ok("ROLLED-BACK".into())
+            }
+            "RESOLVE" => {
+                let commit = match words.next().map(str::to_ascii_uppercase).as_deref() {
+                    Some("COMMIT") => true,
+                    Some("ROLLBACK") => false,
+                    _ => return Err("usage: RESOLVE COMMIT|ROLLBACK <gid>".into()),
+                };
+                let gid = words.next().ok_or("missing gid")?;
+                self.dbs.resolve(gid, commit).map_err(err)?;
+                Ok(if commit { "COMMITTED" } else { "ROLLED-BACK" }.into())
+            }
+            "RECOVER" => {
+                let gids = self.dbs.prepared().map_err(err)?;
+                Ok(if gids.is_empty() { "OK".into() } else { format!("OK {}", gids.join(" ")) })
+            }
+            "" => Err("empty command".into()),
+            other => Err(format!("unknown command {other}")),
+        }
+    }
+}
+
+impl App for Bank {
+    fn start(settings: &Settings) -> Result<Self, String> {
+        let names = match (settings.string("database", "")?, settings.string_list("databases")?) {
+            (one, None) if !one.is_empty() => vec![one],
+            (one, Some(many)) if one.is_empty() && !many.is_empty() => many,
+            (_, Some(_)) => return Err("app bank: set `database` or `databases`, not both".into()),
+            _ => return Err("app bank: set `database = \"NAME\"` or `databases = [\"A\", \"B\"]`".into()),
+        };
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let dbs = Databases::open(settings, &refs)?;
+        for db in &names {
+            dbs.with_client(db, |c| match c.batch_execute(CREATE_ACCOUNTS) {
+                Ok(()) => Ok(()),
+                // Another worker created it at the same moment.
+                Err(e) if matches!(e.as_db_error().map(|d| d.code().code()), Some("23505" | "42P07")) => Ok(()),
+                Err(e) => Err(TxnError::Database(fdt_sdk::txn::describe(&e))),
+            })
+            .map_err(|e| format!("database {db}: cannot create table accounts: {e}"))?;
+        }
+        let mut names = dbs.names();
+        names.sort();
+        Ok(Bank { dbs, names })
+    }
+
+    fn on_readable(&self, conn: &mut Conn) -> Next {
+        while let Some(line) = conn.take_line() {
+            let line = String::from_utf8_lossy(line);
+            let reply = self.command(conn.session::<Session>(), line.trim());
+            match reply {
+                Ok(answer) => conn.write(answer.as_bytes()),
+                Err(reason) => {
+                    conn.write(b"ERR ");
+                    conn.write(reason.as_bytes());
+                }
+            }
+            conn.write(b"\n");
+        }
+        // An open (or prepared) transaction spans requests: a drain must leave it be.
+        let open = conn.session::<Session>().tx.as_ref().is_some_and(Transaction::is_open);
+        if open { Next::InProgress } else { Next::KeepOpen }
+    }
+}
+
+fdt_sdk::export_app!(Bank);

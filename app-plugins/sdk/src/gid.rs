@@ -1,0 +1,109 @@
+//! Global transaction ids: `fdt1:<node_id>:<gtrid>:<app>`.
+//!
+//! A gid is built only from things that survive any restart — the node's stable name, the
+//! coordinator's gtrid and the app's name — so a coordinator can always find its branch again.
+//! Gids of transactions that a worker coordinates itself across several databases use gtrids
+//! `lc.<n>.<database>` (`lc` = local coordination), which outside coordinators may not use.
+
+use std::fmt;
+
+/// Gid format version prefix.
+pub const PREFIX: &str = "fdt1";
+/// Gtrids that start with this are reserved for local coordination.
+pub const LOCAL_MARKER: &str = "lc.";
+/// Longest gtrid an outside coordinator may choose.
+pub const MAX_GTRID: usize = 64;
+
+/// A parsed gid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Gid {
+    pub node_id: String,
+    pub gtrid: String,
+    pub app: String,
+}
+
+impl fmt::Display for Gid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{PREFIX}:{}:{}:{}", self.node_id, self.gtrid, self.app)
+    }
+}
+
+impl Gid {
+    pub fn new(node_id: &str, gtrid: &str, app: &str) -> Gid {
+        Gid { node_id: node_id.into(), gtrid: gtrid.into(), app: app.into() }
+    }
+
+    /// Parses a gid of ours; `None` for anything else (another product's prepared xact).
+    pub fn parse(text: &str) -> Option<Gid> {
+        let mut parts = text.splitn(4, ':');
+        if parts.next()? != PREFIX {
+            return None;
+        }
+        let (node_id, gtrid, app) = (parts.next()?, parts.next()?, parts.next()?);
+        if node_id.is_empty() || gtrid.is_empty() || app.is_empty() || !safe(text) {
+            return None;
+        }
+        Some(Gid::new(node_id, gtrid, app))
+    }
+
+    /// True for a branch of a transaction a worker coordinated itself.
+    pub fn is_local(&self) -> bool {
+        self.gtrid.starts_with(LOCAL_MARKER)
+    }
+
+    /// For a local branch `lc.<n>.<db>`: the transaction's id `lc.<n>` (its decision key).
+    pub fn local_transaction(&self) -> Option<&str> {
+        if !self.is_local() {
+            return None;
+        }
+        let rest = &self.gtrid[LOCAL_MARKER.len()..];
+        let n = rest.split('.').next()?;
+        Some(&self.gtrid[..LOCAL_MARKER.len() + n.len()])
+    }
+}
+
+/// Checks a gtrid chosen by an outside coordinator: `[A-Za-z0-9._-]{1,64}`, not reserved.
+pub fn check_gtrid(gtrid: &str) -> Result<(), String> {
+    if gtrid.is_empty() || gtrid.len() > MAX_GTRID {
+        return Err(format!("gtrid must be 1 to {MAX_GTRID} characters"));
+    }
+    if !gtrid.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+        return Err("gtrid may only contain A-Z a-z 0-9 . _ -".into());
+    }
+    if gtrid.starts_with(LOCAL_MARKER) {
+        return Err(format!("gtrids starting with {LOCAL_MARKER} are reserved"));
+    }
+    Ok(())
+}
+
+/// Characters that may appear in a gid we put into SQL as a literal.
+pub fn safe(gid: &str) -> bool {
+    !gid.is_empty() && gid.len() < 200 && gid.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gids_round_trip_and_local_ones_name_their_transaction() {
+        let g = Gid::new("web-1", "t-42", "bank");
+        assert_eq!(g.to_string(), "fdt1:web-1:t-42:bank");
+        assert_eq!(Gid::parse("fdt1:web-1:t-42:bank"), Some(g.clone()));
+        assert!(!g.is_local());
+        let l = Gid::parse("fdt1:web-1:lc.17.a:bank").unwrap();
+        assert_eq!(l.local_transaction(), Some("lc.17"));
+        assert_eq!(Gid::parse("other:thing"), None);
+        assert_eq!(Gid::parse("fdt1:x:y'; drop table x; --:z"), None);
+    }
+
+    #[test]
+    fn outside_gtrids_are_checked() {
+        assert!(check_gtrid("order-17.b_2").is_ok());
+        assert!(check_gtrid("").is_err());
+        assert!(check_gtrid(&"x".repeat(65)).is_err());
+        assert!(check_gtrid("a b").is_err());
+        assert!(check_gtrid("a'b").is_err());
+        assert!(check_gtrid("lc.5").is_err());
+    }
+}

@@ -1,0 +1,595 @@
+//! Transactions tied to a client connection, on PostgreSQL, with two-phase commit
+//! (feature `postgres`).
+//!
+//! An app opens its databases once at start ([`Databases::open`]) and gives each connection a
+//! [`Transaction`] (kept in [`Conn::session`](crate::Conn::session)). The transaction begins
+//! lazily, on its first statement in each database, on a connection from the worker's pool, and
+//! keeps that connection until it ends. What happens when the client goes away follows from
+//! ownership: the session, and so the transaction, is dropped when the connection closes.
+//!
+//! | state when the connection ends | outcome |
+//! |---|---|
+//! | active (or doomed by a failed statement) | rolled back at once, locks freed |
+//! | prepared (`prepare`) | left prepared, logged with its gid, for its coordinator |
+//! | committing | the commit is finished first (it runs inside the request) |
+//!
+//! ```no_run
+//! use fdt_sdk::txn::{Databases, Transaction};
+//! # fn demo(settings: &fdt_sdk::Settings) -> Result<(), Box<dyn std::error::Error>> {
+//! let dbs = Databases::open(settings, &["main"])?;
+//! let mut tx: Transaction = dbs.transaction();
+//! tx.execute("main", "UPDATE accounts SET balance = balance - 5 WHERE id = $1", &[&"alice"])?;
+//! let gid = tx.prepare("order-17")?; // phase one: durable, in doubt
+//! tx.commit()?; // COMMIT PREPARED
+//! # let _ = gid; Ok(()) }
+//! ```
+//!
+//! A transaction spanning several databases is committed by the worker itself with two-phase
+//! commit: prepare every branch, record the decision durably (table `fdt_decisions` in the
+//! first database), then `COMMIT PREPARED` each; [`recovery`] settles what a crash left behind
+//! (commit with a decision record, roll back without: presumed abort).
+
+mod pool;
+pub mod recovery;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+pub use postgres;
+use postgres::types::ToSql;
+use postgres::{Client, Row};
+
+use crate::Settings;
+use crate::gid::{self, Gid};
+use pool::Pool;
+
+/// Why a transaction operation failed. `Display` is a short reason fit for a client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TxnError {
+    /// No transaction is open.
+    NotOpen,
+    /// A statement failed earlier: the transaction can only roll back.
+    Doomed,
+    /// Phase one is done: only commit or rollback remain.
+    AlreadyPrepared,
+    /// No prepared transaction has this gid (its outcome is unknown to the server).
+    UnknownGid(String),
+    /// A gtrid or name that is not allowed.
+    Invalid(String),
+    /// The app used the API wrongly (for example an unknown database name).
+    Usage(String),
+    /// No pool connection became free in time.
+    PoolExhausted(String),
+    /// PostgreSQL reported an error (with its SQLSTATE), or the connection failed.
+    Database(String),
+    /// The connection broke while a commit was in flight: the outcome is unknown.
+    OutcomeUnknown(String),
+}
+
+impl fmt::Display for TxnError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TxnError::NotOpen => write!(f, "no transaction open"),
+            TxnError::Doomed => write!(f, "transaction failed earlier; only ROLLBACK is possible"),
+            TxnError::AlreadyPrepared => write!(f, "transaction is prepared; only COMMIT or ROLLBACK is possible"),
+            TxnError::UnknownGid(_) => write!(f, "unknown gid"),
+            TxnError::Invalid(m)
+            | TxnError::Usage(m)
+            | TxnError::PoolExhausted(m)
+            | TxnError::Database(m)
+            | TxnError::OutcomeUnknown(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+impl std::error::Error for TxnError {}
+
+/// Describes a PostgreSQL error in one line, with its SQLSTATE when there is one.
+pub fn describe(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
+/// The SQLSTATE of a database error (`None` for connection errors).
+fn sqlstate(e: &postgres::Error) -> Option<&str> {
+    e.as_db_error().map(|d| d.code().code())
+}
+
+/// Where a transaction is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TxnState {
+    /// Nothing done yet (no `BEGIN` sent anywhere).
+    Idle,
+    /// Statements ran; it can prepare, commit or roll back.
+    Active,
+    /// A statement failed: it can only roll back.
+    Doomed,
+    /// Phase one done under this gid.
+    Prepared(String),
+    /// Committed or rolled back.
+    Finished,
+}
+
+struct Shared {
+    pools: BTreeMap<String, Pool>,
+    node_id: String,
+    app: String,
+}
+
+/// The databases an app uses, with one connection pool each per worker. Cheap to clone.
+#[derive(Clone)]
+pub struct Databases {
+    shared: Arc<Shared>,
+}
+
+/// In-flight guard: recovery at worker start leaves alone anything prepared more recently than
+/// this, since a sibling worker may still be committing it.
+pub const START_RECOVERY_MIN_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl Databases {
+    /// Opens the `[database.NAME]`s the app uses: checks each is reachable and has
+    /// `max_prepared_transactions > 0`, creates the bookkeeping tables, logs this node's
+    /// prepared transactions, and settles old ones this node coordinated itself.
+    pub fn open(settings: &Settings, names: &[&str]) -> Result<Databases, String> {
+        if names.is_empty() {
+            return Err(format!("app {}: no database given", settings.app_name()));
+        }
+        let mut pools = BTreeMap::new();
+        for name in names {
+            let db = settings.database(name)?;
+            pools.insert(db.name.clone(), Pool::new(&db.name, &db.url, db.pool_size));
+        }
+        let dbs = Databases {
+            shared: Arc::new(Shared {
+                pools,
+                node_id: settings.node_id().to_string(),
+                app: settings.app_name().to_string(),
+            }),
+        };
+        let mut clients = Vec::new();
+        for pool in dbs.shared.pools.values() {
+            let mut client = pool.checkout().map_err(|e| e.to_string())?;
+            recovery::check_server(&mut client, &pool.name)?;
+            recovery::ensure_schema(&mut client).map_err(|e| format!("database {}: {e}", pool.name))?;
+            clients.push((pool.name.clone(), client));
+        }
+        match recovery::recover(&mut clients, &dbs.shared.node_id, START_RECOVERY_MIN_AGE) {
+            Ok(report) => report.log(),
+            Err(e) => log::warn!("recovery at start failed: {e}"),
+        }
+        for (name, client) in clients {
+            dbs.pool(&name).expect("opened above").checkin(client);
+        }
+        Ok(dbs)
+    }
+
+    fn pool(&self, name: &str) -> Result<&Pool, TxnError> {
+        self.shared.pools.get(name).ok_or_else(|| {
+            let known: Vec<&str> = self.shared.pools.keys().map(String::as_str).collect();
+            TxnError::Usage(format!("unknown database {name} (this app has: {})", known.join(", ")))
+        })
+    }
+
+    /// The database names, in order.
+    pub fn names(&self) -> Vec<String> {
+        self.shared.pools.keys().cloned().collect()
+    }
+
+    /// A new transaction; nothing is sent until its first statement.
+    pub fn transaction(&self) -> Transaction {
+        Transaction { dbs: self.clone(), branches: BTreeMap::new(), state: TxnState::Idle }
+    }
+
+    /// The gid this node and app give a gtrid.
+    pub fn gid(&self, gtrid: &str) -> String {
+        Gid::new(&self.shared.node_id, gtrid, &self.shared.app).to_string()
+    }
+
+    /// Runs `f` on a pooled connection outside any transaction (autocommit).
+    pub fn with_client<T>(&self, db: &str, f: impl FnOnce(&mut Client) -> Result<T, TxnError>) -> Result<T, TxnError> {
+        let pool = self.pool(db)?;
+        let mut client = pool.checkout()?;
+        let result = f(&mut client);
+        match &result {
+            Err(TxnError::Database(_) | TxnError::OutcomeUnknown(_)) if client.is_closed() => pool.discard(client),
+            _ => pool.checkin(client),
+        }
+        result
+    }
+
+    /// This node's prepared transactions of this app, in its databases.
+    pub fn prepared(&self) -> Result<Vec<String>, TxnError> {
+        let mut gids = Vec::new();
+        for name in self.names() {
+            let list = self.with_client(&name, |c| recovery::list(c).map_err(TxnError::Database))?;
+            gids.extend(
+                list.into_iter()
+                    .filter(|p| {
+                        Gid::parse(&p.gid).is_some_and(|g| g.node_id == self.shared.node_id && g.app == self.shared.app)
+                    })
+                    .map(|p| p.gid),
+            );
+        }
+        Ok(gids)
+    }
+
+    /// Settles a prepared transaction of this node by gid, from any connection.
+    pub fn resolve(&self, gid: &str, commit: bool) -> Result<(), TxnError> {
+        let ours = Gid::parse(gid).is_some_and(|g| g.node_id == self.shared.node_id);
+        if !ours {
+            return Err(TxnError::UnknownGid(gid.to_string()));
+        }
+        for name in self.names() {
+            match self.with_client(&name, |c| recovery::settle(c, gid, commit)) {
+                Err(TxnError::UnknownGid(_)) => continue,
+                other => return other,
+            }
+        }
+        Err(TxnError::UnknownGid(gid.to_string()))
+    }
+}
+
+/// One database's part of a transaction: the pooled connection with `BEGIN` sent.
+struct Branch {
+    client: Option<Client>,
+}
+
+/// A transaction over one or more of an app's databases. Dropping one that is not finished
+/// rolls it back — unless it is prepared, which is left for its coordinator.
+pub struct Transaction {
+    dbs: Databases,
+    branches: BTreeMap<String, Branch>,
+    state: TxnState,
+}
+
+impl Transaction {
+    pub fn state(&self) -> &TxnState {
+        &self.state
+    }
+
+    /// True from the first statement (or [`Transaction::begin`]) until commit or rollback.
+    pub fn is_open(&self) -> bool {
+        !matches!(self.state, TxnState::Idle | TxnState::Finished)
+    }
+
+    /// Marks the transaction as begun; `BEGIN` itself is sent lazily per database.
+    pub fn begin(&mut self) -> Result<(), TxnError> {
+        match self.state {
+            TxnState::Idle | TxnState::Finished => {
+                self.state = TxnState::Active;
+                Ok(())
+            }
+            _ => Err(TxnError::Usage("a transaction is already open".into())),
+        }
+    }
+
+    /// The databases this transaction has touched.
+    pub fn databases(&self) -> Vec<String> {
+        self.branches.keys().cloned().collect()
+    }
+
+    fn usable(&self) -> Result<(), TxnError> {
+        match self.state {
+            TxnState::Doomed => Err(TxnError::Doomed),
+            TxnState::Prepared(_) => Err(TxnError::AlreadyPrepared),
+            _ => Ok(()),
+        }
+    }
+
+    /// The branch for `db`, sending `BEGIN` on a pooled connection the first time.
+    fn branch(&mut self, db: &str) -> Result<&mut Client, TxnError> {
+        self.usable()?;
+        if !self.branches.contains_key(db) {
+            let pool = self.dbs.pool(db)?;
+            let mut client = pool.checkout()?;
+            if let Err(e) = client.batch_execute("BEGIN") {
+                pool.discard(client);
+                return Err(TxnError::Database(format!("database {db}: BEGIN failed: {}", describe(&e))));
+            }
+            self.branches.insert(db.to_string(), Branch { client: Some(client) });
+        }
+        self.state = TxnState::Active;
+        Ok(self.branches.get_mut(db).and_then(|b| b.client.as_mut()).expect("branch just ensured"))
+    }
+
+    /// Runs a statement in `db`; returns the rows affected. A failure dooms the transaction.
+    pub fn execute(&mut self, db: &str, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, TxnError> {
+        let client = self.branch(db)?;
+        let result = client.execute(sql, params);
+        result.map_err(|e| self.doom(db, &e))
+    }
+
+    /// Runs a query in `db`. A failure dooms the transaction.
+    pub fn query(&mut self, db: &str, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, TxnError> {
+        let client = self.branch(db)?;
+        let result = client.query(sql, params);
+        result.map_err(|e| self.doom(db, &e))
+    }
+
+    fn doom(&mut self, db: &str, e: &postgres::Error) -> TxnError {
+        self.state = TxnState::Doomed;
+        TxnError::Database(format!("database {db}: {}", describe(e)))
+    }
+
+    fn check_name(name: &str) -> Result<(), TxnError> {
+        let ok = name.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+            && name.len() <= 63
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if ok { Ok(()) } else { Err(TxnError::Invalid(format!("bad savepoint name {name:?}"))) }
+    }
+
+    /// `SAVEPOINT name` in `db`.
+    pub fn savepoint(&mut self, db: &str, name: &str) -> Result<(), TxnError> {
+        Self::check_name(name)?;
+        let client = self.branch(db)?;
+        let result = client.batch_execute(&format!("SAVEPOINT {name}"));
+        result.map_err(|e| self.doom(db, &e))
+    }
+
+    /// `ROLLBACK TO SAVEPOINT name` in `db`: undoes what followed it, and un-dooms the
+    /// transaction if the failure came after the savepoint.
+    pub fn rollback_to(&mut self, db: &str, name: &str) -> Result<(), TxnError> {
+        Self::check_name(name)?;
+        if let TxnState::Prepared(_) = self.state {
+            return Err(TxnError::AlreadyPrepared);
+        }
+        let client = self.branches.get_mut(db).and_then(|b| b.client.as_mut()).ok_or(TxnError::NotOpen)?;
+        match client.batch_execute(&format!("ROLLBACK TO SAVEPOINT {name}")) {
+            Ok(()) => {
+                self.state = TxnState::Active;
+                Ok(())
+            }
+            Err(e) => Err(self.doom(db, &e)),
+        }
+    }
+
+    /// `RELEASE SAVEPOINT name` in `db`.
+    pub fn release(&mut self, db: &str, name: &str) -> Result<(), TxnError> {
+        Self::check_name(name)?;
+        let client = self.branch(db)?;
+        let result = client.batch_execute(&format!("RELEASE SAVEPOINT {name}"));
+        result.map_err(|e| self.doom(db, &e))
+    }
+
+    /// Phase one under a gtrid chosen by an outside coordinator: `PREPARE TRANSACTION`, then
+    /// checks that PostgreSQL really prepared it (it answers a prepare of a failed transaction
+    /// with a rollback that looks like success). Returns the gid. Works for a transaction on
+    /// one database; one that touched none is prepared (empty) on the app's first database.
+    pub fn prepare(&mut self, gtrid: &str) -> Result<String, TxnError> {
+        gid::check_gtrid(gtrid).map_err(TxnError::Invalid)?;
+        match self.state {
+            TxnState::Idle | TxnState::Finished => return Err(TxnError::NotOpen),
+            _ => self.usable()?,
+        }
+        if self.branches.len() > 1 {
+            return Err(TxnError::Usage(format!(
+                "PREPARE needs a transaction on one database; this one spans {}",
+                self.databases().join(", ")
+            )));
+        }
+        if self.branches.is_empty() {
+            let first = self.dbs.names().into_iter().next().expect("an app has a database");
+            self.branch(&first)?;
+        }
+        let gid = self.dbs.gid(gtrid);
+        let db = self.databases().remove(0);
+        self.prepare_branch(&db, &gid)?;
+        self.state = TxnState::Prepared(gid.clone());
+        Ok(gid)
+    }
+
+    /// Prepares one branch under `gid` and verifies it; returns its connection to the pool.
+    fn prepare_branch(&mut self, db: &str, gid: &str) -> Result<(), TxnError> {
+        let pool = self.dbs.pool(db)?;
+        let branch = self.branches.get_mut(db).ok_or(TxnError::NotOpen)?;
+        let mut client = branch.client.take().ok_or(TxnError::NotOpen)?;
+        if let Err(e) = client.batch_execute(&format!("PREPARE TRANSACTION '{gid}'")) {
+            // A failed PREPARE TRANSACTION is a ROLLBACK: the transaction is gone.
+            self.state = TxnState::Finished;
+            let reason = if sqlstate(&e) == Some("42710") {
+                format!("gid {gid} is already in use")
+            } else {
+                format!("database {db}: PREPARE failed, transaction rolled back: {}", describe(&e))
+            };
+            if client.is_closed() {
+                pool.discard(client)
+            } else {
+                pool.checkin(client)
+            }
+            return Err(TxnError::Database(reason));
+        }
+        let verified = client.query_opt("SELECT 1 FROM pg_prepared_xacts WHERE gid = $1", &[&gid]);
+        pool.checkin(client);
+        match verified {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => {
+                self.state = TxnState::Finished;
+                Err(TxnError::Database(
+                    "PREPARE did not prepare: a statement of the transaction had failed, so it was rolled back".into(),
+                ))
+            }
+            Err(e) => {
+                Err(TxnError::OutcomeUnknown(format!("database {db}: cannot verify the prepare: {}", describe(&e))))
+            }
+        }
+    }
+
+    /// Commits: one-phase on one database, `COMMIT PREPARED` after [`Transaction::prepare`],
+    /// or two-phase commit coordinated by this worker across several databases.
+    pub fn commit(mut self) -> Result<(), TxnError> {
+        let state = std::mem::replace(&mut self.state, TxnState::Finished);
+        match state {
+            TxnState::Idle | TxnState::Finished => Ok(()),
+            TxnState::Doomed => {
+                self.rollback_branches();
+                Err(TxnError::Doomed)
+            }
+            TxnState::Prepared(gid) => {
+                let db = self.databases().remove(0);
+                settle_with_retry(&self.dbs, &db, &gid, true)
+            }
+            TxnState::Active if self.branches.len() <= 1 => self.commit_one_phase(),
+            TxnState::Active => self.commit_two_phase(),
+        }
+    }
+
+    fn commit_one_phase(&mut self) -> Result<(), TxnError> {
+        let Some((db, mut branch)) = self.branches.pop_first() else { return Ok(()) };
+        let pool = self.dbs.pool(&db)?;
+        let mut client = branch.client.take().ok_or(TxnError::NotOpen)?;
+        match client.batch_execute("COMMIT") {
+            Ok(()) => {
+                pool.checkin(client);
+                Ok(())
+            }
+            Err(e) if client.is_closed() || e.as_db_error().is_none() => {
+                pool.discard(client);
+                Err(TxnError::OutcomeUnknown(format!("database {db}: connection lost during COMMIT: {}", describe(&e))))
+            }
+            Err(e) => {
+                // COMMIT failed (a deferred constraint, say): PostgreSQL rolled back.
+                let _ = client.batch_execute("ROLLBACK");
+                pool.checkin(client);
+                Err(TxnError::Database(format!("database {db}: COMMIT failed, rolled back: {}", describe(&e))))
+            }
+        }
+    }
+
+    /// Local coordination: prepare all, record the decision, commit all.
+    fn commit_two_phase(&mut self) -> Result<(), TxnError> {
+        let dbs = self.databases();
+        let coordinator = dbs[0].clone();
+        // A transaction id no restart can repeat: a sequence in the coordinator database.
+        let n: i64 = {
+            let client =
+                self.branches.get_mut(&coordinator).and_then(|b| b.client.as_mut()).ok_or(TxnError::NotOpen)?;
+            match client.query_one("SELECT nextval('fdt_lc_seq')", &[]) {
+                Ok(row) => row.get(0),
+                Err(e) => {
+                    self.rollback_branches();
+                    return Err(TxnError::Database(format!("database {coordinator}: {}", describe(&e))));
+                }
+            }
+        };
+        let txn_id = format!("{}{n}", gid::LOCAL_MARKER);
+        let gids: Vec<(String, String)> =
+            dbs.iter().map(|db| (db.clone(), self.dbs.gid(&format!("{txn_id}.{db}")))).collect();
+        // Phase one. Any failure: roll back what was prepared and what was not (presumed abort).
+        for (i, (db, gid)) in gids.iter().enumerate() {
+            if let Err(e) = self.prepare_branch(db, gid) {
+                for (db, gid) in &gids[..i] {
+                    let _ = settle_with_retry(&self.dbs, db, gid, false);
+                }
+                self.rollback_branches();
+                return Err(e);
+            }
+        }
+        // The decision, durable before any COMMIT PREPARED.
+        let participants = dbs.join(",");
+        let decided = self.dbs.with_client(&coordinator, |c| {
+            c.execute("INSERT INTO fdt_decisions (gtrid, participants) VALUES ($1, $2)", &[&txn_id, &participants])
+                .map_err(|e| {
+                    if e.as_db_error().is_some() {
+                        TxnError::Database(describe(&e))
+                    } else {
+                        TxnError::OutcomeUnknown(describe(&e))
+                    }
+                })
+        });
+        match decided {
+            Ok(_) => {}
+            Err(TxnError::OutcomeUnknown(e)) => {
+                log::error!(
+                    "transaction {txn_id}: the decision may or may not be recorded ({e}); recovery will settle it"
+                );
+                return Err(TxnError::OutcomeUnknown(format!("commit outcome unknown: {e}")));
+            }
+            Err(e) => {
+                for (db, gid) in &gids {
+                    let _ = settle_with_retry(&self.dbs, db, gid, false);
+                }
+                return Err(e);
+            }
+        }
+        // Phase two: from here on the transaction is committed, whatever fails.
+        let mut pending = 0;
+        for (db, gid) in &gids {
+            if let Err(e) = settle_with_retry(&self.dbs, db, gid, true) {
+                pending += 1;
+                log::error!("transaction {txn_id}: COMMIT PREPARED {gid} failed ({e}); recovery will finish it");
+            }
+        }
+        if pending == 0 {
+            let _ = self.dbs.with_client(&coordinator, |c| {
+                c.execute("DELETE FROM fdt_decisions WHERE gtrid = $1", &[&txn_id])
+                    .map_err(|e| TxnError::Database(describe(&e)))
+            });
+        }
+        Ok(())
+    }
+
+    /// Rolls back: `ROLLBACK` on each branch, or `ROLLBACK PREPARED` after a prepare.
+    pub fn rollback(mut self) -> Result<(), TxnError> {
+        match std::mem::replace(&mut self.state, TxnState::Finished) {
+            TxnState::Prepared(gid) => {
+                let db = self.databases().remove(0);
+                settle_with_retry(&self.dbs, &db, &gid, false)
+            }
+            _ => {
+                self.rollback_branches();
+                Ok(())
+            }
+        }
+    }
+
+    fn rollback_branches(&mut self) {
+        for (db, mut branch) in std::mem::take(&mut self.branches) {
+            let Some(mut client) = branch.client.take() else { continue };
+            let Ok(pool) = self.dbs.pool(&db) else { continue };
+            match client.batch_execute("ROLLBACK") {
+                Ok(()) => pool.checkin(client),
+                // Unknown state: closing the connection makes PostgreSQL abort the transaction.
+                Err(_) => pool.discard(client),
+            }
+        }
+    }
+}
+
+impl Drop for Transaction {
+    fn drop(&mut self) {
+        match &self.state {
+            TxnState::Active | TxnState::Doomed => {
+                log::debug!("rolling back the open transaction of a closed connection");
+                self.rollback_branches();
+            }
+            TxnState::Prepared(gid) => {
+                log::warn!("connection ended with transaction {gid} prepared: left for its coordinator to settle");
+            }
+            TxnState::Idle | TxnState::Finished => {}
+        }
+    }
+}
+
+/// How often settling a prepared transaction is tried on fresh connections before giving up
+/// (leaving it to recovery).
+const SETTLE_ATTEMPTS: usize = 3;
+
+/// `COMMIT PREPARED` / `ROLLBACK PREPARED` on `db`, retried on connection failures.
+fn settle_with_retry(dbs: &Databases, db: &str, gid: &str, commit: bool) -> Result<(), TxnError> {
+    let mut last = TxnError::NotOpen;
+    for attempt in 0..SETTLE_ATTEMPTS {
+        match dbs.with_client(db, |c| recovery::settle(c, gid, commit)) {
+            Ok(()) => return Ok(()),
+            Err(e @ (TxnError::UnknownGid(_) | TxnError::Usage(_))) => return Err(e),
+            Err(e) => {
+                log::warn!("settling {gid} (attempt {}): {e}", attempt + 1);
+                last = e;
+                std::thread::sleep(std::time::Duration::from_millis(50 << attempt));
+            }
+        }
+    }
+    Err(last)
+}

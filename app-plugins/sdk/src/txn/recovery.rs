@@ -1,0 +1,177 @@
+//! Prepared transactions after the fact: list them, settle one by gid, and recover what this
+//! node coordinated itself. Used by workers at start and by `fdtserver txn`.
+//!
+//! Recovery of a locally coordinated transaction (gtrid `lc.<n>.<db>`): commit every branch
+//! when the decision table holds `lc.<n>`, roll back when it does not (presumed abort: the
+//! decision is written before any commit). It never touches a transaction prepared less than
+//! `min_age` ago, which may still be in flight. Branches prepared for an outside coordinator are
+//! never settled here: only that coordinator knows their outcome.
+
+use std::time::Duration;
+
+use postgres::Client;
+
+use super::{TxnError, describe};
+use crate::gid::{self, Gid};
+
+/// One row of `pg_prepared_xacts` in the connected database.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    pub gid: String,
+    pub owner: String,
+    pub age: Duration,
+}
+
+/// Refuses a server without two-phase commit, with what to do about it.
+pub fn check_server(client: &mut Client, db: &str) -> Result<(), String> {
+    let row = client
+        .query_one("SELECT current_setting('max_prepared_transactions')::int", &[])
+        .map_err(|e| format!("database {db}: {}", describe(&e)))?;
+    let max: i32 = row.get(0);
+    if max <= 0 {
+        return Err(format!(
+            "database {db}: max_prepared_transactions is 0, so PostgreSQL refuses two-phase commit; \
+             set it to a positive value (for example 64) in postgresql.conf and restart PostgreSQL"
+        ));
+    }
+    Ok(())
+}
+
+/// Creates the bookkeeping of local coordination if missing: the decision table and the
+/// sequence that numbers locally coordinated transactions.
+pub fn ensure_schema(client: &mut Client) -> Result<(), String> {
+    let ddl = "CREATE TABLE IF NOT EXISTS fdt_decisions (\
+                   gtrid text PRIMARY KEY, participants text NOT NULL, decided_at timestamptz NOT NULL DEFAULT now());\
+               CREATE SEQUENCE IF NOT EXISTS fdt_lc_seq;";
+    match client.batch_execute(ddl) {
+        Ok(()) => Ok(()),
+        // Two workers creating it at once: one of them loses a catalog race; it exists now.
+        Err(e) if matches!(e.as_db_error().map(|d| d.code().code()), Some("23505" | "42P07")) => Ok(()),
+        Err(e) => Err(describe(&e)),
+    }
+}
+
+/// Prepared transactions of the connected database.
+pub fn list(client: &mut Client) -> Result<Vec<Prepared>, String> {
+    let rows = client
+        .query(
+            "SELECT gid, owner, extract(epoch FROM now() - prepared)::float8 FROM pg_prepared_xacts \
+             WHERE database = current_database() ORDER BY prepared",
+            &[],
+        )
+        .map_err(|e| describe(&e))?;
+    Ok(rows
+        .iter()
+        .map(|r| Prepared { gid: r.get(0), owner: r.get(1), age: Duration::from_secs_f64(r.get::<_, f64>(2).max(0.0)) })
+        .collect())
+}
+
+/// `COMMIT PREPARED` (or `ROLLBACK PREPARED`) `gid` on this connection.
+pub fn settle(client: &mut Client, gid: &str, commit: bool) -> Result<(), TxnError> {
+    if !gid::safe(gid) {
+        return Err(TxnError::UnknownGid(gid.to_string()));
+    }
+    let verb = if commit { "COMMIT" } else { "ROLLBACK" };
+    match client.batch_execute(&format!("{verb} PREPARED '{gid}'")) {
+        Ok(()) => Ok(()),
+        Err(e) if e.as_db_error().is_some_and(|d| d.code().code() == "42704") => Err(TxnError::UnknownGid(gid.into())),
+        Err(e) if e.as_db_error().is_some() => Err(TxnError::Database(describe(&e))),
+        Err(e) => Err(TxnError::OutcomeUnknown(describe(&e))),
+    }
+}
+
+/// Whether the decision to commit local transaction `txn_id` was recorded in this database.
+pub fn decided(client: &mut Client, txn_id: &str) -> Result<bool, String> {
+    match client.query_opt("SELECT 1 FROM fdt_decisions WHERE gtrid = $1", &[&txn_id]) {
+        Ok(row) => Ok(row.is_some()),
+        // No decision table in this database: no decision was ever recorded here.
+        Err(e) if e.as_db_error().is_some_and(|d| d.code().code() == "42P01") => Ok(false),
+        Err(e) => Err(describe(&e)),
+    }
+}
+
+/// What a recovery did and found.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub committed: Vec<String>,
+    pub rolled_back: Vec<String>,
+    /// Prepared for an outside coordinator: only it can settle them.
+    pub in_doubt: Vec<String>,
+    /// Locally coordinated, but too recent to touch (maybe still in flight).
+    pub too_recent: Vec<String>,
+}
+
+impl Report {
+    pub fn log(&self) {
+        for g in &self.committed {
+            log::warn!("recovery: committed {g} (its decision was recorded)");
+        }
+        for g in &self.rolled_back {
+            log::warn!("recovery: rolled back {g} (no decision was recorded)");
+        }
+        for g in &self.in_doubt {
+            log::warn!("prepared transaction {g} waits for its coordinator (RESOLVE or fdtserver txn)");
+        }
+    }
+}
+
+/// Recovers what `node_id` coordinated in these databases (`(config name, connection)` each).
+pub fn recover(dbs: &mut [(String, Client)], node_id: &str, min_age: Duration) -> Result<Report, String> {
+    let mut report = Report::default();
+    let mut branches = Vec::new();
+    for (i, (name, client)) in dbs.iter_mut().enumerate() {
+        for p in list(client).map_err(|e| format!("database {name}: {e}"))? {
+            match Gid::parse(&p.gid) {
+                Some(g) if g.node_id == node_id => branches.push((i, g, p)),
+                _ => {}
+            }
+        }
+    }
+    let mut committed_txns = Vec::new();
+    for (i, g, p) in branches {
+        let Some(txn_id) = g.local_transaction().map(str::to_string) else {
+            report.in_doubt.push(p.gid);
+            continue;
+        };
+        if p.age < min_age {
+            report.too_recent.push(p.gid);
+            continue;
+        }
+        let mut commit = false;
+        for (name, client) in dbs.iter_mut() {
+            if decided(client, &txn_id).map_err(|e| format!("database {name}: {e}"))? {
+                commit = true;
+                break;
+            }
+        }
+        let (name, client) = &mut dbs[i];
+        match settle(client, &p.gid, commit) {
+            Ok(()) | Err(TxnError::UnknownGid(_)) => {
+                if commit {
+                    committed_txns.push(txn_id);
+                    report.committed.push(p.gid);
+                } else {
+                    report.rolled_back.push(p.gid);
+                }
+            }
+            Err(e) => return Err(format!("database {name}: settling {}: {e}", p.gid)),
+        }
+    }
+    // Decisions whose branches are all settled are not needed any more.
+    committed_txns.sort();
+    committed_txns.dedup();
+    for txn_id in committed_txns {
+        let still_prepared = dbs.iter_mut().any(|(_, c)| {
+            list(c).is_ok_and(|l| {
+                l.iter()
+                    .any(|p| Gid::parse(&p.gid).and_then(|g| g.local_transaction().map(|t| t == txn_id)) == Some(true))
+            })
+        });
+        if !still_prepared {
+            for (_, c) in dbs.iter_mut() {
+                let _ = c.execute("DELETE FROM fdt_decisions WHERE gtrid = $1", &[&txn_id]);
+            }
+        }
+    }
+    Ok(report)
+}
