@@ -1,5 +1,10 @@
 //! The `log` backend: one line per record with time, level, role and pid, to stderr or to the
-//! `error_log` file (reopened on `USR1`), or with journald priority prefixes under systemd.
+//! `error_log` file (reopened on `USR1`), or with journald priority prefixes under systemd;
+//! and the `access_log`: one line per connection.
+//!
+//! Files are opened by the master only: it reopens them on `USR1` and hands the new files to
+//! its workers over their channel (`SCM_RIGHTS`), so a worker that dropped its privileges
+//! never needs the right to open a log file.
 //!
 //! Written here rather than taken from a crate because it must change role after `fork`,
 //! reopen its file on a signal, and never start a thread (the master must stay
@@ -10,6 +15,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
@@ -29,6 +35,11 @@ struct Logger {
 
 static LOGGER: Logger =
     Logger { state: Mutex::new(State { role: String::new(), pid: 0, file: None, journald: false }) };
+
+/// The access log file, if any, and its path (the master reopens it by path).
+static ACCESS: Mutex<Option<(PathBuf, File)>> = Mutex::new(None);
+/// Checked before formatting an access line, so a server without an access log pays nothing.
+static ACCESS_ON: AtomicBool = AtomicBool::new(false);
 
 /// Installs the logger for this process as `role` (e.g. `master`).
 pub fn init(role: &str, level: LevelFilter) {
@@ -63,19 +74,81 @@ pub fn set_file(path: Option<&Path>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Reopens the log file at its path (after logrotate moved it away).
-pub fn reopen() -> std::io::Result<()> {
-    let mut s = lock();
-    if let Some((path, file)) = s.file.as_mut() {
-        *file = open_log(path)?;
-    }
+/// Sends access lines to `path` (appending), or nowhere with `None`.
+pub fn set_access_file(path: Option<&Path>) -> std::io::Result<()> {
+    let file = match path {
+        Some(p) => Some((p.to_path_buf(), open_log(p)?)),
+        None => None,
+    };
+    ACCESS_ON.store(file.is_some(), Ordering::Release);
+    *lock_access() = file;
     Ok(())
+}
+
+/// Reopens both log files at their paths (after logrotate moved them away). Each file that
+/// cannot be reopened keeps its old one; the errors name the file.
+pub fn reopen() -> Result<(), Vec<String>> {
+    let mut errors = Vec::new();
+    if let Some((path, file)) = lock().file.as_mut() {
+        match open_log(path) {
+            Ok(f) => *file = f,
+            Err(e) => errors.push(format!("cannot reopen error_log {}: {e}", path.display())),
+        }
+    }
+    if let Some((path, file)) = lock_access().as_mut() {
+        match open_log(path) {
+            Ok(f) => *file = f,
+            Err(e) => errors.push(format!("cannot reopen access_log {}: {e}", path.display())),
+        }
+    }
+    if errors.is_empty() { Ok(()) } else { Err(errors) }
+}
+
+/// A worker: write to these files from now on (the master reopened them and sent them).
+pub fn use_files(error_log: Option<File>, access_log: Option<File>) {
+    if let Some(f) = error_log
+        && let Some((_, file)) = lock().file.as_mut()
+    {
+        *file = f;
+    }
+    if let Some(f) = access_log
+        && let Some((_, file)) = lock_access().as_mut()
+    {
+        *file = f;
+    }
 }
 
 /// The fd lines are written to, so that a forked worker keeps it open.
 pub fn raw_fd() -> Option<std::os::fd::RawFd> {
     use std::os::fd::AsRawFd;
     lock().file.as_ref().map(|(_, f)| f.as_raw_fd())
+}
+
+/// The access log's fd, so that a forked worker keeps it open.
+pub fn access_raw_fd() -> Option<std::os::fd::RawFd> {
+    use std::os::fd::AsRawFd;
+    lock_access().as_ref().map(|(_, f)| f.as_raw_fd())
+}
+
+/// True when there is an access log to write to.
+pub fn access_enabled() -> bool {
+    ACCESS_ON.load(Ordering::Acquire)
+}
+
+/// Writes one access line (time first, then `fields`), in one `write`.
+pub fn access(fields: std::fmt::Arguments<'_>) {
+    if !access_enabled() {
+        return;
+    }
+    let now = humantime::format_rfc3339_millis(SystemTime::now());
+    let line = format!("{now} {fields}\n");
+    if let Some((_, f)) = lock_access().as_mut() {
+        let _ = f.write_all(line.as_bytes());
+    }
+}
+
+fn lock_access() -> std::sync::MutexGuard<'static, Option<(PathBuf, File)>> {
+    ACCESS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 pub fn open_log(path: &Path) -> std::io::Result<File> {

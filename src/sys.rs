@@ -105,6 +105,64 @@ pub fn take_inherited_fd(fd: RawFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
+/// Sends `bytes` with `fds` attached (`SCM_RIGHTS`) over a Unix stream socket, in one
+/// `sendmsg`. The receiver gets its own copies of the fds with the first byte of `bytes`.
+pub fn send_with_fds(socket: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<usize> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
+    let iov = [io::IoSlice::new(bytes)];
+    let cmsgs = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &cmsgs };
+    Ok(sendmsg::<UnixAddr>(socket, &iov, cmsgs, MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT, None)?)
+}
+
+/// The most fds [`recv_with_fds`] takes in one message (the master sends at most two).
+const MAX_PASSED_FDS: usize = 4;
+
+/// Reads from a Unix stream socket like `read`, and also returns the fds that came with the
+/// bytes (`SCM_RIGHTS`), close-on-exec. `Ok((0, _))` is the end of the stream.
+pub fn recv_with_fds(socket: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, UnixAddr, recvmsg};
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let mut space = nix::cmsg_space!([RawFd; MAX_PASSED_FDS]);
+    let msg = recvmsg::<UnixAddr>(socket, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(received) = cmsg {
+            // SAFETY: the kernel just installed these fds in our table for this message;
+            // nothing else refers to them, so each `OwnedFd` is the only owner.
+            fds.extend(received.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+        }
+    }
+    Ok((msg.bytes, fds))
+}
+
+/// Sets or clears `FD_CLOEXEC` on an fd: cleared, the fd survives an `exec` (binary upgrade).
+pub fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
+    // SAFETY: F_GETFD/F_SETFD on an fd we hold; no memory is passed.
+    let flags = syscall!(fcntl(fd, libc::F_GETFD))?;
+    let flags = if on { flags | libc::FD_CLOEXEC } else { flags & !libc::FD_CLOEXEC };
+    // SAFETY: as above.
+    syscall!(fcntl(fd, libc::F_SETFD, flags))?;
+    Ok(())
+}
+
+/// Removes variables from this process's environment.
+///
+/// Only for a process that has exactly one thread (checked): `setenv`/`unsetenv` race with
+/// any other thread reading the environment, which is why `remove_var` is `unsafe`.
+pub fn remove_env_single_threaded(names: &[&str]) -> io::Result<()> {
+    let threads = thread_count()?;
+    if threads != 1 {
+        return Err(io::Error::other(format!("cannot change the environment with {threads} threads running")));
+    }
+    for name in names {
+        // SAFETY: this process has one thread (checked above), so nothing reads the
+        // environment concurrently.
+        unsafe { std::env::remove_var(name) };
+    }
+    Ok(())
+}
+
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the new soft limit.
 pub fn raise_fd_limit() -> io::Result<u64> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
@@ -299,6 +357,25 @@ impl EventFd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fds_sent_with_a_message_arrive_with_it() {
+        use std::io::{Seek, Write};
+        use std::os::unix::net::UnixStream;
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(b"passed").unwrap();
+        send_with_fds(a.as_raw_fd(), b"reopen error\n", &[file.as_raw_fd()]).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, fds) = recv_with_fds(b.as_raw_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"reopen error\n");
+        assert_eq!(fds.len(), 1);
+        let mut received = std::fs::File::from(fds.into_iter().next().unwrap());
+        received.rewind().unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut received, &mut text).unwrap();
+        assert_eq!(text, "passed");
+    }
 
     #[test]
     fn a_oneshot_event_fires_once_until_rearmed() {

@@ -210,6 +210,12 @@ pub fn run(config_path: &Path) -> i32 {
         eprintln!("fdtserver: cannot open error_log {}: {e}", path.display());
         return 1;
     }
+    if let Some(path) = &config.server.access_log
+        && let Err(e) = crate::logging::set_access_file(Some(path))
+    {
+        fatal(&config, &format!("cannot open access_log {}: {e}", path.display()));
+        return 1;
+    }
     match Master::start(config) {
         Ok(mut master) => master.run_loop(),
         Err(()) => 1,
@@ -361,16 +367,34 @@ impl Master {
                 log::info!("HUP: reloading {}", self.config_path.display());
                 self.begin_reload(None);
             }
-            Sig::Reopen => {
-                if let Err(e) = crate::logging::reopen() {
-                    log::error!("cannot reopen the log file: {e}");
-                }
-                log::info!("log files reopened");
-            }
+            Sig::Reopen => self.reopen_logs(),
             Sig::Upgrade => log::warn!("USR2 (binary upgrade) is not supported yet; ignoring it"),
             Sig::MoreWorkers => self.resize(1),
             Sig::FewerWorkers => self.resize(-1),
         }
+    }
+
+    /// USR1: reopen the log files, and hand the new ones to every worker.
+    fn reopen_logs(&mut self) {
+        if let Err(errors) = crate::logging::reopen() {
+            for e in errors {
+                log::error!("{e}");
+            }
+        }
+        let error = crate::logging::raw_fd();
+        let access = crate::logging::access_raw_fd();
+        if error.is_none() && access.is_none() {
+            log::info!("USR1: no log file to reopen (logging to stderr)");
+            return;
+        }
+        let message = MasterMessage::Reopen { error: error.is_some(), access: access.is_some() }.to_string();
+        let fds: Vec<i32> = error.into_iter().chain(access).collect();
+        for w in self.table.workers.values() {
+            if let Err(e) = sys::send_with_fds(w.channel.as_raw_fd(), message.as_bytes(), &fds) {
+                log::warn!("cannot hand the reopened log files to worker pid {}: {e}", w.pid);
+            }
+        }
+        log::info!("log files reopened");
     }
 
     // ---- workers --------------------------------------------------------------------------

@@ -47,6 +47,21 @@ pub enum CloseReason {
     Forced,
 }
 
+impl CloseReason {
+    /// The word for the access log.
+    pub fn label(&self) -> &'static str {
+        match self {
+            CloseReason::PeerClosed => "peer",
+            CloseReason::Done => "done",
+            CloseReason::AppFailed(_) => "app-failed",
+            CloseReason::TooLarge => "too-large",
+            CloseReason::Error(_) => "error",
+            CloseReason::Drained => "drained",
+            CloseReason::Forced => "forced",
+        }
+    }
+}
+
 /// What the handler must do with the connection after an event.
 #[derive(Debug, PartialEq, Eq)]
 pub enum After {
@@ -85,6 +100,8 @@ pub struct Conn {
     /// What the app said last.
     next: Next,
     pub last_active: Instant,
+    /// When it was accepted (for the access log's duration).
+    pub opened: Instant,
     pub peer: String,
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -104,6 +121,7 @@ impl Conn {
             phase: Phase::Open,
             next: Next::KeepOpen,
             last_active: now,
+            opened: now,
             peer,
             bytes_in: 0,
             bytes_out: 0,

@@ -14,7 +14,7 @@ mod pool;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -96,6 +96,8 @@ struct Worker {
     graceful_timeout: Duration,
     handlers: Vec<std::thread::JoinHandle<()>>,
     acceptors: Vec<std::thread::JoinHandle<()>>,
+    /// Fds that came over the channel, waiting for the message that says what they are.
+    passed_fds: std::collections::VecDeque<std::os::fd::OwnedFd>,
 }
 
 impl Worker {
@@ -116,6 +118,7 @@ impl Worker {
         let mut keep: Vec<RawFd> = spec.listeners.iter().map(|l| l.0).collect();
         keep.push(spec.channel);
         keep.extend(crate::logging::raw_fd());
+        keep.extend(crate::logging::access_raw_fd());
         let _ = sys::close_fds_except(&keep);
         // 3. install our own handlers, then unblock.
         let drain_flag = Arc::new(AtomicBool::new(false));
@@ -209,6 +212,7 @@ impl Worker {
             graceful_timeout: config.server.graceful_timeout,
             handlers,
             acceptors: Vec::new(),
+            passed_fds: Default::default(),
         };
         worker.send(WorkerMessage::Ready);
         log::debug!("ready");
@@ -264,12 +268,16 @@ impl Worker {
         if channel_ready {
             let mut buf = [0u8; 1024];
             loop {
-                match self.channel.read(&mut buf) {
-                    Ok(0) => {
+                // recvmsg, not read: a `reopen` message comes with the new log files.
+                match sys::recv_with_fds(self.channel.as_raw_fd(), &mut buf) {
+                    Ok((0, _)) => {
                         events.push(Event::MasterGone);
                         break;
                     }
-                    Ok(n) => self.lines.push(&buf[..n]),
+                    Ok((n, fds)) => {
+                        self.passed_fds.extend(fds);
+                        self.lines.push(&buf[..n]);
+                    }
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(_) => {
@@ -345,7 +353,16 @@ impl Worker {
     }
 
     /// Switches to the log files the master sent with its `reopen` message.
-    fn reopen_logs(&mut self, _error: bool, _access: bool) {}
+    fn reopen_logs(&mut self, error: bool, access: bool) {
+        let mut take = |wanted: bool| if wanted { self.passed_fds.pop_front().map(std::fs::File::from) } else { None };
+        let (error_log, access_log) = (take(error), take(access));
+        if (error && error_log.is_none()) || (access && access_log.is_none()) {
+            log::warn!("the master's reopen message came without its files; keeping the old ones");
+        }
+        crate::logging::use_files(error_log, access_log);
+        self.passed_fds.clear();
+        log::debug!("log files reopened");
+    }
 
     fn start_accepting(&mut self) {
         if let Some(listeners) = self.listeners.take() {

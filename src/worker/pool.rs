@@ -388,6 +388,19 @@ impl Pool {
             _ => {}
         }
         conn.release(app);
+        if crate::logging::access_enabled() {
+            crate::logging::access(format_args!(
+                "pid={} peer={} app={} requests={} in={} out={} ms={:.3} close={}",
+                std::process::id(),
+                if conn.peer.is_empty() { "unix" } else { &conn.peer },
+                app.name(),
+                conn.requests,
+                conn.bytes_in,
+                conn.bytes_out,
+                conn.opened.elapsed().as_secs_f64() * 1000.0,
+                reason.label()
+            ));
+        }
         self.counters.open.fetch_sub(1, Ordering::Relaxed);
         self.load.closed();
         // Dropping `conn` closes the socket, which also removes it from the epoll instance.

@@ -1,0 +1,95 @@
+//! Log files: `access_log` has one line per connection, and `USR1` makes the master and every
+//! worker switch to fresh `error_log` and `access_log` files (as logrotate needs).
+
+mod util;
+
+use std::io::Write;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use util::*;
+
+fn read(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+#[test]
+fn the_access_log_has_one_line_per_connection_with_peer_app_bytes_duration_and_reason() {
+    let server = TestServer::start(&Setup::new(1, 2).app("hello", "hello", "").server("access_log", "\"access.log\""));
+    let access = server.dir.path().join("access.log");
+    let request = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n";
+    let mut c = HttpClient::connect(server.addr("hello")).unwrap();
+    let peer = c.stream().local_addr().unwrap().to_string();
+    c.stream().write_all(request).unwrap();
+    let first = c.read_response().unwrap();
+    c.stream().write_all(request).unwrap();
+    c.read_response().unwrap();
+    drop(c);
+    let line = wait_for(READY_TIMEOUT, "the access line", || {
+        read(&access).lines().find(|l| l.contains(&format!("peer={peer} "))).map(str::to_string)
+    });
+    let field = |name: &str| -> String {
+        line.split(' ').find_map(|f| f.strip_prefix(&format!("{name}="))).unwrap_or_else(|| panic!("{line}")).into()
+    };
+    assert_eq!(field("app"), "hello", "{line}");
+    assert_eq!(field("pid"), first.worker_pid().to_string(), "{line}");
+    assert_eq!(field("requests"), "2", "{line}");
+    assert_eq!(field("in"), (2 * request.len()).to_string(), "{line}");
+    let out: usize = field("out").parse().unwrap();
+    assert!(out > 2 * first.body.len(), "{line}");
+    let ms: f64 = field("ms").parse().unwrap();
+    assert!(ms > 0.0 && ms < 10_000.0, "{line}");
+    assert_eq!(field("close"), "peer", "{line}");
+    assert!(line.starts_with("20"), "a line starts with its time: {line}");
+}
+
+#[test]
+fn usr1_makes_the_master_and_every_worker_reopen_both_log_files() {
+    let setup = Setup::new(2, 2)
+        .app("kit", "testkit", "")
+        .server("error_log", "\"error.log\"")
+        .server("access_log", "\"access.log\"");
+    let server = TestServer::start(&setup);
+    let (error, access) = (server.dir.path().join("error.log"), server.dir.path().join("access.log"));
+    let addr = server.addr("kit");
+    let workers = server.worker_pids();
+    let one_connection = || {
+        let mut c = LineClient::connect(addr);
+        c.ask("PID")
+    };
+    one_connection();
+    wait_for(READY_TIMEOUT, "an access line", || read(&access).contains("app=kit").then_some(()));
+
+    // What logrotate does: move the files away, then signal.
+    let (old_error, old_access) = (server.dir.path().join("error.log.1"), server.dir.path().join("access.log.1"));
+    std::fs::rename(&error, &old_error).unwrap();
+    std::fs::rename(&access, &old_access).unwrap();
+    server.signal(Signal::SIGUSR1);
+    wait_for(READY_TIMEOUT, "every process to reopen its log files", || {
+        let text = read(&error);
+        let master = text.contains(&format!("master [{}] log files reopened", server.pid));
+        let all_workers = workers.iter().all(|p| text.contains(&format!("[{p}] log files reopened")));
+        (master && all_workers).then_some(())
+    });
+
+    let old_access_len = read(&old_access).len();
+    let old_error_len = read(&old_error).len();
+    // Connections on every worker, each logged by the worker that served it.
+    let mut seen = std::collections::BTreeSet::new();
+    wait_for(READY_TIMEOUT, "a connection on every worker", || {
+        seen.insert(one_connection().parse::<i32>().unwrap());
+        (seen.len() == workers.len()).then_some(())
+    });
+    wait_for(READY_TIMEOUT, "access lines of every worker in the new file", || {
+        let text = read(&access);
+        workers.iter().all(|p| text.contains(&format!("pid={p} "))).then_some(())
+    });
+    // A worker's own log line after the reopen goes to the new error log.
+    server.signal(Signal::SIGTTOU);
+    wait_for(READY_TIMEOUT, "a worker's drain line in the new error log", || {
+        read(&error).contains("worker 1 gen 1").then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(read(&old_access).len(), old_access_len, "a worker still writes to the rotated access log");
+    assert_eq!(read(&old_error).len(), old_error_len, "a process still writes to the rotated error log");
+}
