@@ -215,13 +215,8 @@ impl App for Bank {
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let dbs = Databases::open(settings, &refs)?;
         for db in &names {
-            dbs.with_client(db, |c| match c.batch_execute(CREATE_ACCOUNTS) {
-                Ok(()) => Ok(()),
-                // Another worker created it at the same moment.
-                Err(e) if matches!(e.as_db_error().map(|d| d.code().code()), Some("23505" | "42P07")) => Ok(()),
-                Err(e) => Err(TxnError::Database(fdt_sdk::txn::describe(&e))),
-            })
-            .map_err(|e| format!("database {db}: cannot create table accounts: {e}"))?;
+            dbs.with_client(db, |c| fdt_sdk::txn::recovery::set_up(c, CREATE_ACCOUNTS).map_err(TxnError::Database))
+                .map_err(|e| format!("database {db}: cannot create table accounts: {e}"))?;
         }
         let mut names = dbs.names();
         names.sort();

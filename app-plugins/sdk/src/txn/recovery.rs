@@ -37,18 +37,27 @@ pub fn check_server(client: &mut Client, db: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Runs schema set-up statements (`CREATE … IF NOT EXISTS`) in one transaction under an
+/// advisory lock, so workers starting at the same time do not trip over each other in the
+/// catalog (concurrent `IF NOT EXISTS` can still fail with a duplicate key).
+pub fn set_up(client: &mut Client, ddl: &str) -> Result<(), String> {
+    /// The advisory lock key of schema set-up ("fdtddl" in ASCII).
+    const DDL_LOCK: i64 = 0x66_6474_6464_6c;
+    let mut tx = client.transaction().map_err(|e| describe(&e))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&DDL_LOCK]).map_err(|e| describe(&e))?;
+    tx.batch_execute(ddl).map_err(|e| describe(&e))?;
+    tx.commit().map_err(|e| describe(&e))
+}
+
 /// Creates the bookkeeping of local coordination if missing: the decision table and the
 /// sequence that numbers locally coordinated transactions.
 pub fn ensure_schema(client: &mut Client) -> Result<(), String> {
-    let ddl = "CREATE TABLE IF NOT EXISTS fdt_decisions (\
-                   gtrid text PRIMARY KEY, participants text NOT NULL, decided_at timestamptz NOT NULL DEFAULT now());\
-               CREATE SEQUENCE IF NOT EXISTS fdt_lc_seq;";
-    match client.batch_execute(ddl) {
-        Ok(()) => Ok(()),
-        // Two workers creating it at once: one of them loses a catalog race; it exists now.
-        Err(e) if matches!(e.as_db_error().map(|d| d.code().code()), Some("23505" | "42P07")) => Ok(()),
-        Err(e) => Err(describe(&e)),
-    }
+    set_up(
+        client,
+        "CREATE TABLE IF NOT EXISTS fdt_decisions (\
+             gtrid text PRIMARY KEY, participants text NOT NULL, decided_at timestamptz NOT NULL DEFAULT now());\
+         CREATE SEQUENCE IF NOT EXISTS fdt_lc_seq;",
+    )
 }
 
 /// Prepared transactions of the connected database.
