@@ -43,7 +43,8 @@ impl Settings {
         Ok(Settings { table, app_name: app_name.to_string(), ..Settings::default() })
     }
 
-    pub(crate) fn with_worker(mut self, node_id: &str, worker_pid: u32, generation: u64) -> Self {
+    /// Sets the facts about the worker (the server does this; handy in tests).
+    pub fn with_worker(mut self, node_id: &str, worker_pid: u32, generation: u64) -> Self {
         self.node_id = node_id.to_string();
         self.worker_pid = worker_pid;
         self.generation = generation;

@@ -1,0 +1,107 @@
+//! The SDK's transaction API used directly (as an app does), against a real PostgreSQL.
+
+mod util;
+
+use fdt_sdk::Settings;
+use fdt_sdk::txn::{Databases, TxnError, TxnState};
+use util::pg::PgCluster;
+
+fn open(pg: &PgCluster, pool_size: usize) -> Databases {
+    pg.create_db("app");
+    pg.client("app").batch_execute("CREATE TABLE t (v int PRIMARY KEY)").unwrap();
+    let settings = Settings::parse("demo", "")
+        .unwrap()
+        .with_worker("sdk-node", std::process::id(), 1)
+        .with_databases(&format!("[main]\nurl = \"{}\"\npool_size = {pool_size}\n", pg.url("app")))
+        .unwrap();
+    Databases::open(&settings, &["main"]).unwrap()
+}
+
+fn count(pg: &PgCluster) -> i64 {
+    pg.client("app").query_one("SELECT count(*) FROM t", &[]).unwrap().get(0)
+}
+
+#[test]
+fn a_failed_statement_dooms_the_transaction_until_it_rolls_back() {
+    let pg = PgCluster::start();
+    let dbs = open(&pg, 2);
+    let mut tx = dbs.transaction();
+    tx.execute("main", "INSERT INTO t VALUES (1)", &[]).unwrap();
+    let err = tx.execute("main", "INSERT INTO t VALUES (1)", &[]).unwrap_err();
+    assert!(err.to_string().contains("23505"), "{err}");
+    assert_eq!(tx.state(), &TxnState::Doomed);
+    assert_eq!(tx.execute("main", "INSERT INTO t VALUES (2)", &[]), Err(TxnError::Doomed));
+    assert_eq!(tx.prepare("g1"), Err(TxnError::Doomed));
+    assert_eq!(tx.commit(), Err(TxnError::Doomed));
+    assert_eq!(count(&pg), 0);
+}
+
+#[test]
+fn rolling_back_to_a_savepoint_undoes_only_what_followed_it() {
+    let pg = PgCluster::start();
+    let dbs = open(&pg, 2);
+    let mut tx = dbs.transaction();
+    tx.execute("main", "INSERT INTO t VALUES (1)", &[]).unwrap();
+    tx.savepoint("main", "before_two").unwrap();
+    tx.execute("main", "INSERT INTO t VALUES (2)", &[]).unwrap();
+    assert!(tx.execute("main", "INSERT INTO t VALUES (2)", &[]).is_err());
+    tx.rollback_to("main", "before_two").unwrap();
+    assert_eq!(tx.state(), &TxnState::Active);
+    tx.execute("main", "INSERT INTO t VALUES (3)", &[]).unwrap();
+    tx.commit().unwrap();
+    let rows: Vec<i32> =
+        pg.client("app").query("SELECT v FROM t ORDER BY v", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(rows, [1, 3]);
+}
+
+#[test]
+fn prepare_is_verified_and_the_gid_follows_the_contract() {
+    let pg = PgCluster::start();
+    let dbs = open(&pg, 2);
+    let mut tx = dbs.transaction();
+    tx.execute("main", "INSERT INTO t VALUES (1)", &[]).unwrap();
+    assert_eq!(tx.prepare("order.7"), Ok("fdt1:sdk-node:order.7:demo".into()));
+    assert_eq!(tx.execute("main", "INSERT INTO t VALUES (2)", &[]), Err(TxnError::AlreadyPrepared));
+    assert_eq!(dbs.prepared().unwrap(), ["fdt1:sdk-node:order.7:demo"]);
+    // A second transaction cannot reuse the gid.
+    let mut other = dbs.transaction();
+    other.execute("main", "INSERT INTO t VALUES (5)", &[]).unwrap();
+    let err = other.prepare("order.7").unwrap_err();
+    assert!(err.to_string().contains("already in use"), "{err}");
+    assert_eq!(other.state(), &TxnState::Finished);
+    tx.commit().unwrap();
+    assert_eq!(count(&pg), 1);
+    assert_eq!(
+        dbs.resolve("fdt1:sdk-node:order.7:demo", true),
+        Err(TxnError::UnknownGid("fdt1:sdk-node:order.7:demo".into()))
+    );
+}
+
+#[test]
+fn dropping_an_open_transaction_rolls_it_back_and_returns_its_connection() {
+    let pg = PgCluster::start();
+    let dbs = open(&pg, 1);
+    {
+        let mut tx = dbs.transaction();
+        tx.execute("main", "INSERT INTO t VALUES (1)", &[]).unwrap();
+    }
+    // The pool's only connection is back and clean.
+    let mut tx = dbs.transaction();
+    tx.execute("main", "INSERT INTO t VALUES (2)", &[]).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(count(&pg), 1);
+}
+
+#[test]
+fn an_exhausted_pool_gives_a_clear_error_after_its_timeout() {
+    let pg = PgCluster::start();
+    let dbs = open(&pg, 1);
+    let mut holder = dbs.transaction();
+    holder.execute("main", "INSERT INTO t VALUES (1)", &[]).unwrap();
+    let started = std::time::Instant::now();
+    let err = dbs.transaction().execute("main", "SELECT 1", &[]).unwrap_err();
+    assert!(matches!(err, TxnError::PoolExhausted(_)), "{err:?}");
+    assert!(err.to_string().contains("pool_size"), "{err}");
+    assert!(started.elapsed() >= std::time::Duration::from_secs(4));
+    holder.rollback().unwrap();
+}
