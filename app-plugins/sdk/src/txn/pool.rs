@@ -50,7 +50,9 @@ impl Pool {
         let mut config: postgres::Config =
             self.url.parse().map_err(|e| TxnError::Database(format!("database {}: bad url: {e}", self.name)))?;
         config.connect_timeout(CONNECT_TIMEOUT);
-        config.connect(NoTls).map_err(|e| TxnError::Database(format!("database {}: cannot connect: {e}", self.name)))
+        config
+            .connect(NoTls)
+            .map_err(|e| TxnError::Database(format!("database {}: cannot connect: {}", self.name, super::describe(&e))))
     }
 
     /// A connection for exclusive use, waiting up to [`CHECKOUT_TIMEOUT`] for one to be free.
