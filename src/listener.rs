@@ -1,4 +1,5 @@
-//! Listening sockets: bound once by the master, inherited by every worker of every generation.
+//! Listening sockets: bound once by the master (or adopted from systemd socket activation or
+//! from the master a binary upgrade replaces), inherited by every worker of every generation.
 //!
 //! Invariant: a listener is bound once and closed only when no generation serves its address
 //! any more, so its kernel accept queue survives every reload. Nothing here ever calls
@@ -6,12 +7,13 @@
 //! for all of them.
 
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::time::Duration;
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
-use crate::config::Address;
+use crate::config::{Address, ListenConfig};
 
 /// How long a worker's acceptor thread stays blocked in `accept()` before it looks at its
 /// drain flag. Neither `close()` nor a signal wakes a thread blocked in `accept()`; this
@@ -26,6 +28,29 @@ pub struct Listener {
     /// Where it really listens (the port the kernel chose for `:0`).
     pub local: String,
     pub socket: Socket,
+    /// Where the socket came from.
+    pub origin: Origin,
+}
+
+/// Where a listening socket came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Bound by this master.
+    Bound,
+    /// Passed by systemd (socket activation): its Unix socket file belongs to systemd.
+    Systemd,
+    /// Handed over by the master this one replaced (binary upgrade).
+    Upgrade,
+}
+
+impl Origin {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Origin::Bound => "bound",
+            Origin::Systemd => "systemd",
+            Origin::Upgrade => "upgrade",
+        }
+    }
 }
 
 /// Binds and listens on `address`.
@@ -48,6 +73,11 @@ pub fn bind(address: &Address, backlog: i32) -> io::Result<Listener> {
         }
     };
     socket.listen(backlog)?;
+    ready(address, socket, Origin::Bound)
+}
+
+/// Sets up a listening socket for blocking accepts by the workers.
+fn ready(address: &Address, socket: Socket, origin: Origin) -> io::Result<Listener> {
     // Workers wait in blocking accept(): blocked accept() calls form one FIFO queue in the
     // kernel across all processes, which spreads connections evenly over idle workers.
     socket.set_nonblocking(false)?;
@@ -56,7 +86,94 @@ pub fn bind(address: &Address, backlog: i32) -> io::Result<Listener> {
         Some(a) => a.to_string(),
         None => address.to_string(),
     };
-    Ok(Listener { address: address.clone(), local, socket })
+    Ok(Listener { address: address.clone(), local, socket, origin })
+}
+
+/// Listening sockets this master was given rather than bound: by systemd socket activation
+/// (`LISTEN_FDS`) or by the master it replaces in a binary upgrade. Each is adopted by the
+/// `[[listen]]` it matches; the others wait in case a reload adds their address.
+#[derive(Default)]
+pub struct Inherited {
+    sockets: Vec<InheritedSocket>,
+}
+
+struct InheritedSocket {
+    socket: Socket,
+    /// The `ListenConfig::key` it served (upgrade), or `None` (systemd: matched by address).
+    key: Option<String>,
+    /// The systemd fd name, for messages.
+    name: Option<String>,
+    origin: Origin,
+}
+
+impl Inherited {
+    /// Takes ownership of an inherited fd, after checking that it is a listening stream socket.
+    pub fn add(&mut self, fd: OwnedFd, key: Option<String>, name: Option<String>, origin: Origin) -> io::Result<()> {
+        let raw = fd.as_raw_fd();
+        let socket = Socket::from(fd);
+        if socket.r#type()? != Type::STREAM || !socket.is_listener()? {
+            return Err(io::Error::other(format!("fd {raw} is not a listening stream socket")));
+        }
+        // Only the master holds these until a worker is forked; never passed on by exec.
+        crate::sys::set_cloexec(raw, true)?;
+        self.sockets.push(InheritedSocket { socket, key, name, origin });
+        Ok(())
+    }
+
+    /// The inherited socket for `listen`, if there is one: by its key when the socket came from
+    /// an upgrade, else by its address (a `:0` address never matches a systemd socket).
+    pub fn take(&mut self, listen: &ListenConfig) -> io::Result<Option<Listener>> {
+        let key = listen.key();
+        let position = self.sockets.iter().position(|s| match &s.key {
+            Some(k) => *k == key,
+            None => matches_address(&s.socket, &listen.address),
+        });
+        let Some(i) = position else { return Ok(None) };
+        let inherited = self.sockets.remove(i);
+        // A second listen() only updates the backlog of a listening socket.
+        inherited.socket.listen(listen.backlog)?;
+        ready(&listen.address, inherited.socket, inherited.origin).map(Some)
+    }
+
+    /// Descriptions of the sockets nobody adopted (for a log line).
+    pub fn leftovers(&self) -> Vec<String> {
+        self.sockets
+            .iter()
+            .map(|s| {
+                let addr = s.socket.local_addr().ok().map(|a| describe(&a)).unwrap_or_else(|| "?".into());
+                match &s.name {
+                    Some(n) => format!("{addr} (\"{n}\", from {})", s.origin.name()),
+                    None => format!("{addr} (from {})", s.origin.name()),
+                }
+            })
+            .collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sockets.is_empty()
+    }
+}
+
+fn describe(addr: &SockAddr) -> String {
+    match (addr.as_socket(), addr.as_pathname()) {
+        (Some(a), _) => a.to_string(),
+        (None, Some(p)) => format!("unix:{}", p.display()),
+        _ => "an unnamed socket".into(),
+    }
+}
+
+/// True when `socket` is bound to `address` (for a TCP address with port 0, never).
+fn matches_address(socket: &Socket, address: &Address) -> bool {
+    let Ok(local) = socket.local_addr() else { return false };
+    match address {
+        Address::Tcp(a) => a.port() != 0 && local.as_socket() == Some(*a),
+        Address::Unix(path) => local.as_pathname() == Some(path.as_path()),
+    }
+}
+
+/// The raw fd of a listener (for handing it to a new master).
+pub fn raw_fd(listener: &Listener) -> RawFd {
+    listener.socket.as_raw_fd()
 }
 
 /// Removes a Unix socket file left by a server that died, but refuses to steal one that a
@@ -76,9 +193,12 @@ fn remove_stale_unix_socket(path: &Path) -> io::Result<()> {
 }
 
 impl Listener {
-    /// Removes the socket file of a Unix listener (when the server stops serving it).
+    /// Removes the socket file of a Unix listener (when the server stops serving it), unless
+    /// systemd made it: systemd owns that file and keeps listening on it.
     pub fn remove_file(&self) {
-        if let Address::Unix(path) = &self.address {
+        if let Address::Unix(path) = &self.address
+            && self.origin != Origin::Systemd
+        {
             let _ = std::fs::remove_file(path);
         }
     }

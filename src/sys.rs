@@ -163,6 +163,22 @@ pub fn remove_env_single_threaded(names: &[&str]) -> io::Result<()> {
     Ok(())
 }
 
+/// Takes ownership of an fd this process received across `exec` (systemd socket activation,
+/// binary upgrade), after checking that it is open.
+///
+/// The caller must only pass an fd number that the protocol it follows reserves for this
+/// purpose (`LISTEN_FDS`, or the upgrade's variable): nothing else in the process owns it.
+pub fn adopt_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    if fd < 3 {
+        return Err(io::Error::other(format!("fd {fd} is stdio, not a passed socket")));
+    }
+    // SAFETY: F_GETFD only checks that the fd is open; no memory is passed.
+    syscall!(fcntl(fd, libc::F_GETFD)).map_err(|e| io::Error::other(format!("fd {fd}: {e}")))?;
+    // SAFETY: the fd is open (checked above) and, by the passing protocol, owned by nothing
+    // else in this process (see the doc comment), so the `OwnedFd` is its only owner.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the new soft limit.
 pub fn raise_fd_limit() -> io::Result<u64> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
@@ -230,6 +246,13 @@ pub fn monotonic_ms() -> u64 {
     let ts =
         nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap_or(nix::sys::time::TimeSpec::new(0, 0));
     ts.tv_sec() as u64 * 1000 + ts.tv_nsec() as u64 / 1_000_000
+}
+
+/// Microseconds of `CLOCK_MONOTONIC` (systemd's `MONOTONIC_USEC`).
+pub fn monotonic_us() -> u64 {
+    let ts =
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap_or(nix::sys::time::TimeSpec::new(0, 0));
+    ts.tv_sec() as u64 * 1_000_000 + ts.tv_nsec() as u64 / 1000
 }
 
 /// The signal that [`interrupt_thread`] sends. Its default action is "ignore", so a stray one

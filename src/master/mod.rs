@@ -12,6 +12,7 @@
 
 mod status;
 mod supervise;
+pub mod systemd;
 pub mod table;
 
 use std::collections::BTreeMap;
@@ -181,6 +182,10 @@ pub struct Master {
     pidfile_written: bool,
     /// Shared with every worker: their open connections, for balancing bursts.
     load: &'static crate::balance::LoadTable,
+    /// systemd's notify socket (a no-op when not under systemd).
+    notifier: systemd::Notifier,
+    /// Sockets passed by systemd or the master of a binary upgrade, not adopted yet.
+    inherited: listener::Inherited,
 }
 
 /// Prints a problem that stops the server from starting: to the log, and to stderr when the
@@ -234,14 +239,15 @@ impl Master {
             fatal(&config, &format!("another fdtserver (pid {pid}) is running with pidfile {}", pidfile.display()));
             return Err(());
         }
-        let mut problems = Vec::new();
+        let mut inherited = listener::Inherited::default();
+        let mut problems = systemd::adopt_listen_fds(&mut inherited);
         let mut listeners = BTreeMap::new();
         for l in &config.listeners {
-            match listener::bind(&l.address, l.backlog) {
+            match adopt_or_bind(&mut inherited, l) {
                 Ok(bound) => {
                     listeners.insert(l.key(), bound);
                 }
-                Err(e) => problems.push(format!("cannot listen on {}: {e}", l.address)),
+                Err(e) => problems.push(e),
             }
         }
         let control = ControlServer::bind(&config.server.control_socket).map_err(|e| {
@@ -281,7 +287,13 @@ impl Master {
             }
         };
         for l in listeners.values() {
-            log::info!("listening on {} ({})", l.local, l.address);
+            log::info!("listening on {} ({}, {})", l.local, l.address, l.origin.name());
+        }
+        if !inherited.is_empty() {
+            log::warn!(
+                "passed sockets that no [[listen]] uses (kept for a reload that adds them): {}",
+                inherited.leftovers().join(", ")
+            );
         }
         let mut master = Master {
             config_path: config.path.clone(),
@@ -302,6 +314,8 @@ impl Master {
             startup_failure: None,
             pidfile_written: false,
             load,
+            notifier: systemd::Notifier::from_env(),
+            inherited,
         };
         let config = Config::clone(&master.config);
         if let Err(reason) = master.boot_generation(config) {
@@ -662,6 +676,7 @@ impl Master {
             self.reload_waiters.extend(waiter);
             return;
         }
+        self.notifier.reloading();
         let result = Config::load(&self.config_path).map_err(|e| e.to_string());
         let result = result.and_then(|config| self.boot_generation(config));
         match result {
@@ -670,6 +685,7 @@ impl Master {
                 self.counters.reloads_failed += 1;
                 self.counters.last_reload_error = Some(reason.clone());
                 log::error!("reload refused: {reason}; {}", self.keeps_serving());
+                self.notifier.ready(&format!("reload refused: {reason}; {}", self.keeps_serving()));
                 self.reply_reload(waiter, Err(reason));
             }
         }
@@ -686,10 +702,8 @@ impl Master {
     fn boot_generation(&mut self, config: Config) -> Result<u64, String> {
         for l in &config.listeners {
             if !self.listeners.contains_key(&l.key()) {
-                let bound = listener::bind(&l.address, l.backlog)
-                    .map_err(|e| format!("cannot listen on {}: {e}", l.address))
-                    .inspect_err(|_| self.close_unused_listeners())?;
-                log::info!("listening on {} ({})", bound.local, bound.address);
+                let bound = adopt_or_bind(&mut self.inherited, l).inspect_err(|_| self.close_unused_listeners())?;
+                log::info!("listening on {} ({}, {})", bound.local, bound.address, bound.origin.name());
                 self.listeners.insert(l.key(), bound);
             }
         }
@@ -767,6 +781,8 @@ impl Master {
                 self.write_pidfile();
             }
         }
+        let s = &self.config.server;
+        self.notifier.ready(&format!("generation {id} serving: {} worker(s) × {} thread(s)", s.workers, s.threads));
         self.close_unused_listeners();
         // Answered once the old workers confirm they stopped accepting (see on_timers).
         let waiters = std::mem::take(&mut self.reload_waiters);
@@ -833,6 +849,7 @@ impl Master {
             self.counters.reloads_failed += 1;
             self.counters.last_reload_error = Some(reason.clone());
             log::error!("reload failed: {reason}; {}", self.keeps_serving());
+            self.notifier.ready(&format!("reload failed: {reason}; {}", self.keeps_serving()));
         }
         self.close_unused_listeners();
         let waiters = std::mem::take(&mut self.reload_waiters);
@@ -953,6 +970,8 @@ impl Master {
         }
         let kill_at = now + if fast { FAST_STOP_GRACE } else { timeout + DRAIN_KILL_MARGIN };
         self.stopping = Some(Stopping { fast, kill_at });
+        // After abandoning a booting generation, whose failed reload ends with READY=1.
+        self.notifier.stopping();
         let waiters = std::mem::take(&mut self.reload_waiters);
         for w in waiters {
             self.reply_reload(Some(w), Err("the server is stopping".into()));
@@ -1109,6 +1128,15 @@ impl Master {
             Request::Bad(status, msg) => Response::text(status, msg),
         };
         self.control.respond(id, response, self.poll.registry());
+    }
+}
+
+/// The inherited socket for `l` if there is one, else a freshly bound one.
+fn adopt_or_bind(inherited: &mut listener::Inherited, l: &crate::config::ListenConfig) -> Result<Listener, String> {
+    match inherited.take(l) {
+        Ok(Some(adopted)) => Ok(adopted),
+        Ok(None) => listener::bind(&l.address, l.backlog).map_err(|e| format!("cannot listen on {}: {e}", l.address)),
+        Err(e) => Err(format!("cannot use the passed socket for {}: {e}", l.address)),
     }
 }
 

@@ -66,6 +66,7 @@ impl Master {
                 json!({
                     "address": l.address.to_string(),
                     "bound": self.listeners.get(&l.key()).map(|b| b.local.clone()),
+                    "origin": self.listeners.get(&l.key()).map(|b| b.origin.name()),
                     "app": l.app,
                 })
             })

@@ -120,6 +120,8 @@ impl Worker {
         keep.extend(crate::logging::raw_fd());
         keep.extend(crate::logging::access_raw_fd());
         let _ = sys::close_fds_except(&keep);
+        // Only the master talks to systemd; a plugin must not mistake these for its own.
+        let _ = sys::remove_env_single_threaded(&["NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"]);
         // 3. install our own handlers, then unblock.
         let drain_flag = Arc::new(AtomicBool::new(false));
         let stop_flag = Arc::new(AtomicBool::new(false));

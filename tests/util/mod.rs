@@ -134,13 +134,27 @@ impl TestServer {
 
     /// Starts the server without waiting.
     pub fn spawn(setup: &Setup) -> TestServer {
+        TestServer::spawn_with(setup, server_command)
+    }
+
+    /// Starts the server with the command `make` builds from the config file's path (to set
+    /// environment variables, pass fds, or start it through a wrapper that `exec`s it), and
+    /// waits until it serves.
+    pub fn start_with(setup: &Setup, make: impl FnOnce(&Path) -> Command) -> TestServer {
+        let server = TestServer::spawn_with(setup, make);
+        server.wait_serving();
+        server
+    }
+
+    /// [`TestServer::start_with`] without waiting.
+    pub fn spawn_with(setup: &Setup, make: impl FnOnce(&Path) -> Command) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("fdt.toml");
         std::fs::write(&config, setup.render(dir.path())).unwrap();
         let log = dir.path().join("server.log");
         let log_file = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(BIN);
-        cmd.arg("--config").arg(&config).stdin(Stdio::null()).stdout(log_file.try_clone().unwrap()).stderr(log_file);
+        let mut cmd = make(&config);
+        cmd.stdin(Stdio::null()).stdout(log_file.try_clone().unwrap()).stderr(log_file);
         // Its own process group, so that drop can kill the master and every worker at once.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let child = cmd.spawn().expect("cannot start fdtserver");
@@ -250,6 +264,13 @@ impl TestServer {
     pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
         cli(args, &self.config)
     }
+}
+
+/// The plain command that runs the server on `config`.
+pub fn server_command(config: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--config").arg(config);
+    cmd
 }
 
 /// Runs `fdtserver ARGS --config CONFIG`; returns (exit code, stdout, stderr).

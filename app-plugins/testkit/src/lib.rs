@@ -6,7 +6,8 @@
 //! `PID`, `GEN`, `TAG`, `DRAINING` (yes/no), `SLEEP <ms>` (answers `SLEPT`), `PANIC`,
 //! `ABORT` (kills the worker process), `BUSY` (stays `InProgress` until `IDLE`), `SPIN`
 //! (loops forever inside the handler, never answering: a request stuck in app code), `UID`
-//! (the worker's real and effective uid and gid: `uid euid gid egid`), anything else is echoed.
+//! (the worker's real and effective uid and gid: `uid euid gid egid`), `ENV <name>` (the
+//! variable's value in the worker, `-` when unset), anything else is echoed.
 
 use fdt_sdk::{App, Conn, Next, Settings};
 use std::time::Duration;
@@ -57,6 +58,7 @@ impl App for Testkit {
                 ("SPIN", _) => loop {
                     std::hint::black_box(&line);
                 },
+                ("ENV", Some(name)) => std::env::var(name).unwrap_or_else(|_| "-".into()),
                 ("UID", _) => {
                     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
                     let field = |name: &str| {
