@@ -1,0 +1,71 @@
+//! Micro-benchmarks of the hot path inside a worker: one request handed across the plugin
+//! boundary to a real app and its answer copied back (`App::on_data`), for the shipped apps.
+//!
+//! Needs the release plugins: `cargo build --release --workspace && cargo bench --bench dispatch`.
+
+use std::path::PathBuf;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use fdtserver::plugin::{App, DataOutcome, StartContext};
+
+fn plugin(name: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("target/release/libfdt_{name}.so"));
+    assert!(path.exists(), "{} is missing: run `cargo build --release --workspace` first", path.display());
+    path
+}
+
+fn start(name: &str, settings: &str) -> App {
+    let ctx = StartContext {
+        app_name: name,
+        settings_toml: settings,
+        node_id: "bench",
+        databases_toml: "",
+        worker_pid: std::process::id(),
+        generation: 1,
+    };
+    App::start(&plugin(name), &ctx).unwrap_or_else(|e| panic!("cannot start {name}: {e}"))
+}
+
+/// Offers `input` (holding `requests` requests) to a connection of `app` again and again;
+/// checks the first answer.
+fn bench_request(c: &mut Criterion, id: &str, app: &App, (input, requests): (&[u8], u64), expect: &[u8]) {
+    let mut conn = app.open_conn("127.0.0.1:9", "127.0.0.1:0", 1).expect("conn_open");
+    let mut output = Vec::with_capacity(4096);
+    let outcome = app.on_data(&mut conn, input, 0, &mut output);
+    assert!(matches!(outcome, DataOutcome::Next { consumed, .. } if consumed == input.len()), "{outcome:?}");
+    assert!(
+        output.windows(expect.len()).any(|w| w == expect),
+        "unexpected answer: {}",
+        String::from_utf8_lossy(&output)
+    );
+    let mut group = c.benchmark_group("dispatch");
+    group.throughput(Throughput::Elements(requests));
+    group.bench_function(id, |b| {
+        b.iter(|| {
+            output.clear();
+            app.on_data(&mut conn, std::hint::black_box(input), 0, &mut output)
+        })
+    });
+    group.finish();
+    app.close_conn(conn);
+}
+
+fn dispatch(c: &mut Criterion) {
+    let hello = start("hello", "message = \"Hello, world!\"");
+    let request = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n";
+    bench_request(c, "hello: one keep-alive GET", &hello, (request, 1), b"Hello, world!");
+    let pipelined = request.repeat(16);
+    bench_request(c, "hello: 16 pipelined GETs", &hello, (&pipelined, 16), b"Hello, world!");
+    let echo = start("echo", "delay_ms = 0");
+    bench_request(c, "echo: one 32-byte line", &echo, (b"0123456789abcdef0123456789abcde\n", 1), b"0123");
+    let partial = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n";
+    let mut conn = hello.open_conn("127.0.0.1:9", "127.0.0.1:0", 2).expect("conn_open");
+    let mut output = Vec::new();
+    c.bench_function("dispatch/hello: partial request (nothing to answer)", |b| {
+        b.iter(|| hello.on_data(&mut conn, std::hint::black_box(partial), 0, &mut output))
+    });
+    hello.close_conn(conn);
+}
+
+criterion_group!(benches, dispatch);
+criterion_main!(benches);
