@@ -149,6 +149,16 @@ fn check_apps(path: &Path) -> i32 {
         Err(code) => return code,
     };
     crate::logging::init("check", log::LevelFilter::Warn);
+    // Start the apps as the workers would: as `user`, if one is configured.
+    match crate::privileges::resolve(config.server.user.as_deref(), config.server.group.as_deref())
+        .and_then(|identity| identity.map_or(Ok(()), |i| crate::privileges::drop_to(&i)))
+    {
+        Ok(()) => {}
+        Err(e) => {
+            eprintln!("fdtserver: {}: {e}", config.path.display());
+            return exit::FAILURE;
+        }
+    }
     let mut failed = false;
     let mut seen = Vec::new();
     for l in &config.listeners {

@@ -18,6 +18,7 @@ pub mod table;
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, IntoRawFd};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -263,6 +264,11 @@ impl Master {
         let runtime_dir = std::env::temp_dir().join(format!("fdtserver-{}", std::process::id()));
         let setup = (|| -> io::Result<(Poll, SignalPipe)> {
             std::fs::create_dir_all(runtime_dir.join("plugins"))?;
+            // Workers that dropped to `user` load plugins from here: traversable and readable
+            // by all, writable by the master only.
+            for dir in [runtime_dir.clone(), runtime_dir.join("plugins")] {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+            }
             let poll = Poll::new()?;
             let signals = SignalPipe::install()?;
             poll.registry().register(&mut SourceFd(&signals.read.as_raw_fd()), SIGNAL_TOKEN, Interest::READABLE)?;
@@ -444,6 +450,7 @@ impl Master {
                     master_signals: self.signals.ids.clone(),
                     load: self.load,
                     load_index,
+                    identity: gen_.identity.clone(),
                 },
                 saved_mask,
             ),
@@ -707,6 +714,8 @@ impl Master {
                 self.listeners.insert(l.key(), bound);
             }
         }
+        let identity = crate::privileges::resolve(config.server.user.as_deref(), config.server.group.as_deref())
+            .inspect_err(|_| self.close_unused_listeners())?;
         let mut plugins = BTreeMap::new();
         let pin_dir = self.runtime_dir.join("plugins");
         for l in &config.listeners {
@@ -714,7 +723,10 @@ impl Master {
             if plugins.contains_key(&app.name) {
                 continue;
             }
-            match crate::plugin::pin::pin(&app.plugin, &pin_dir) {
+            // Readable by the workers' user whatever the umask: they load it after dropping root.
+            let pinned = crate::plugin::pin::pin(&app.plugin, &pin_dir)
+                .and_then(|p| std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).map(|()| p));
+            match pinned {
                 Ok(pinned) => plugins.insert(app.name.clone(), pinned),
                 Err(e) => {
                     self.close_unused_listeners();
@@ -736,6 +748,7 @@ impl Master {
                 started: Instant::now(),
                 target_workers: workers,
                 crashes: BTreeMap::new(),
+                identity,
             },
         );
         for slot in 0..workers {

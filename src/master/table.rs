@@ -47,6 +47,8 @@ pub struct Generation {
     pub target_workers: usize,
     /// Slot → crash history, for back-off.
     pub crashes: BTreeMap<usize, CrashHistory>,
+    /// Who its workers run as (`user`/`group`), resolved when it booted.
+    pub identity: Option<crate::privileges::Identity>,
 }
 
 /// Deaths of the workers of one slot, for back-off and the crash-loop breaker.

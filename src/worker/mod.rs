@@ -65,6 +65,8 @@ pub struct WorkerSpec {
     /// The shared load table and this worker's record in it.
     pub load: &'static crate::balance::LoadTable,
     pub load_index: usize,
+    /// The user to become before loading any plugin (`user`/`group`).
+    pub identity: Option<crate::privileges::Identity>,
 }
 
 /// Everything that can happen to a worker's control loop.
@@ -144,6 +146,20 @@ impl Worker {
         }
 
         let mut channel = UnixStream::from(sys::take_inherited_fd(spec.channel));
+        // 4. become `user`, still single-threaded and before any plugin code runs. A change of
+        //    credentials clears the parent-death signal: set it again.
+        if let Some(identity) = &spec.identity {
+            if let Err(reason) = crate::privileges::drop_to(identity) {
+                let reason = format!("worker {} cannot run as user `{}`: {reason}", spec.slot, identity.user);
+                log::error!("{reason}");
+                let _ = channel.write_all(WorkerMessage::Failed(reason).to_string().as_bytes());
+                return Err(EXIT_START_FAILED);
+            }
+            let _ = sys::set_parent_death_signal(Signal::SIGTERM);
+            if nix::unistd::getppid() != spec.master_pid {
+                std::process::exit(0);
+            }
+        }
         let max_fds = match sys::raise_fd_limit() {
             Ok(n) => n as usize,
             Err(_) => 1024,
