@@ -78,7 +78,7 @@ fn a_client_that_vanishes_after_prepare_leaves_it_prepared_for_its_coordinator()
     assert_eq!(a.ask("PREPARE order-1"), format!("PREPARED {gid}"));
     drop(a);
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(prepared(&pg, "bank"), [gid.clone()], "not left prepared");
+    assert_eq!(prepared(&pg, "bank"), std::slice::from_ref(&gid), "not left prepared");
     // Visible to operators and to the coordinator…
     let (code, out, err) = server.cli(&["txn", "list"]);
     assert_eq!(code, 0, "{err}");
@@ -128,7 +128,7 @@ fn killing_the_worker_aborts_open_transactions_and_keeps_prepared_ones() {
     assert_eq!(answers, ["OK", "OK", "COMMITTED"]);
     assert_eq!(balance(&pg, "bank", "alice"), 99);
     // The prepared one survived the crash, and is settled by gid.
-    assert_eq!(prepared(&pg, "bank"), [gid.clone()]);
+    assert_eq!(prepared(&pg, "bank"), std::slice::from_ref(&gid));
     assert_eq!(LineClient::connect(addr).ask(&format!("RESOLVE ROLLBACK {gid}")), "ROLLED-BACK");
     assert_eq!(balance(&pg, "bank", "bob"), 100);
 }
@@ -171,7 +171,7 @@ fn a_stop_rolls_back_active_transactions_at_graceful_timeout_and_leaves_prepared
     assert!(status.success());
     assert!(stopping.elapsed() >= Duration::from_millis(900), "did not wait for graceful_timeout");
     assert_eq!(balance(&pg, "bank", "alice"), 100, "the active transaction was not rolled back");
-    assert_eq!(prepared(&pg, "bank"), [gid.clone()], "the prepared transaction must be left alone");
+    assert_eq!(prepared(&pg, "bank"), std::slice::from_ref(&gid), "the prepared transaction must be left alone");
     assert!(server.log().contains(&gid), "the log does not report the prepared gid");
     // The operator settles it with the CLI (no server running).
     let (code, out, err) = server.cli(&["txn", "commit", &gid]);
@@ -296,7 +296,7 @@ fn txn_recover_commits_decided_local_transactions_rolls_back_the_rest_and_report
     };
     assert_eq!(values("a"), [1], "lc.1 must be committed and lc.2 rolled back in a");
     assert_eq!(values("b"), [1]);
-    assert_eq!(prepared(&pg, "a"), [outside.clone()]);
+    assert_eq!(prepared(&pg, "a"), std::slice::from_ref(&outside));
     assert!(prepared(&pg, "b").is_empty());
     let (code, _, _) = cli(&["txn", "rollback", &outside], &config);
     assert_eq!(code, 0);

@@ -42,7 +42,7 @@ pub fn check_server(client: &mut Client, db: &str) -> Result<(), String> {
 /// catalog (concurrent `IF NOT EXISTS` can still fail with a duplicate key).
 pub fn set_up(client: &mut Client, ddl: &str) -> Result<(), String> {
     /// The advisory lock key of schema set-up ("fdtddl" in ASCII).
-    const DDL_LOCK: i64 = 0x66_6474_6464_6c;
+    const DDL_LOCK: i64 = 0x6664_7464_646c;
     let mut tx = client.transaction().map_err(|e| describe(&e))?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&DDL_LOCK]).map_err(|e| describe(&e))?;
     tx.batch_execute(ddl).map_err(|e| describe(&e))?;
