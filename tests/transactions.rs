@@ -39,6 +39,20 @@ fn prepared(pg: &PgCluster, db: &str) -> Vec<String> {
         .collect()
 }
 
+/// Two clients: one with alice debited 10 in an open transaction, one with bob debited 20 in a
+/// transaction prepared as `gtrid`. Returns both and the gid.
+fn active_and_prepared(addr: std::net::SocketAddr, gtrid: &str) -> (LineClient, LineClient, String) {
+    let mut active = LineClient::connect(addr);
+    assert_eq!(active.ask("BEGIN"), "OK");
+    assert_eq!(active.ask("DEBIT alice 10"), "OK");
+    let mut prep = LineClient::connect(addr);
+    assert_eq!(prep.ask("BEGIN"), "OK");
+    assert_eq!(prep.ask("DEBIT bob 20"), "OK");
+    let gid = format!("fdt1:{NODE}:{gtrid}:bank");
+    assert_eq!(prep.ask(&format!("PREPARE {gtrid}")), format!("PREPARED {gid}"));
+    (active, prep, gid)
+}
+
 /// Asks on a thread and gives up after `limit`: a lock that is not freed must fail the test,
 /// not hang it.
 fn ask_within(addr: std::net::SocketAddr, lines: &[&str], limit: Duration) -> Vec<String> {
@@ -111,14 +125,7 @@ fn killing_the_worker_aborts_open_transactions_and_keeps_prepared_ones() {
     let pg = PgCluster::start();
     let server = bank(&pg, 1, 10);
     let addr = server.addr("bank");
-    let mut active = LineClient::connect(addr);
-    assert_eq!(active.ask("BEGIN"), "OK");
-    assert_eq!(active.ask("DEBIT alice 10"), "OK");
-    let mut prep = LineClient::connect(addr);
-    assert_eq!(prep.ask("BEGIN"), "OK");
-    assert_eq!(prep.ask("DEBIT bob 20"), "OK");
-    let gid = format!("fdt1:{NODE}:k-1:bank");
-    assert_eq!(prep.ask("PREPARE k-1"), format!("PREPARED {gid}"));
+    let (_active, _prep, gid) = active_and_prepared(addr, "k-1");
     let worker = server.worker_pids()[0];
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(worker), Signal::SIGKILL).unwrap();
     wait_for(READY_TIMEOUT, "a replacement worker", || server.worker_pids().first().filter(|&&p| p != worker).copied());
@@ -156,15 +163,7 @@ fn a_reload_lets_open_transactions_finish_on_the_old_worker() {
 fn a_stop_rolls_back_active_transactions_at_graceful_timeout_and_leaves_prepared_ones() {
     let pg = PgCluster::start();
     let mut server = bank(&pg, 1, 1);
-    let addr = server.addr("bank");
-    let mut active = LineClient::connect(addr);
-    assert_eq!(active.ask("BEGIN"), "OK");
-    assert_eq!(active.ask("DEBIT alice 10"), "OK");
-    let mut prep = LineClient::connect(addr);
-    assert_eq!(prep.ask("BEGIN"), "OK");
-    assert_eq!(prep.ask("DEBIT bob 20"), "OK");
-    let gid = format!("fdt1:{NODE}:stop-1:bank");
-    assert_eq!(prep.ask("PREPARE stop-1"), format!("PREPARED {gid}"));
+    let (_active, _prep, gid) = active_and_prepared(server.addr("bank"), "stop-1");
     let stopping = Instant::now();
     server.signal(Signal::SIGTERM);
     let status = server.wait_exit(Duration::from_secs(10));
