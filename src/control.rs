@@ -77,8 +77,12 @@ struct Connection {
 
 /// The listening control socket and its connections.
 pub struct ControlServer {
-    listener: UnixListener,
+    /// `None` once handed over to a new master (binary upgrade).
+    listener: Option<UnixListener>,
     path: PathBuf,
+    /// Whether this master removes the socket file at exit: not while a binary upgrade's new
+    /// master only shares the old master's socket, nor after the old one handed it over.
+    owns_path: bool,
     conns: HashMap<usize, Connection>,
     next_id: usize,
 }
@@ -100,17 +104,70 @@ impl ControlServer {
         }
         let listener = UnixListener::bind(path)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        Ok(ControlServer { listener, path: path.to_path_buf(), conns: HashMap::new(), next_id: 0 })
+        Ok(ControlServer {
+            listener: Some(listener),
+            path: path.to_path_buf(),
+            owns_path: true,
+            conns: HashMap::new(),
+            next_id: 0,
+        })
+    }
+
+    /// Uses the control socket a binary upgrade's old master handed over, if it is the one at
+    /// `path`. The path stays the old master's until [`ControlServer::take_ownership`].
+    pub fn adopt(fd: std::os::fd::OwnedFd, path: &Path) -> io::Result<ControlServer> {
+        let listener = std::os::unix::net::UnixListener::from(fd);
+        let local = listener.local_addr()?;
+        if local.as_pathname() != Some(path) {
+            return Err(io::Error::other(format!(
+                "the handed-over control socket is {:?}, not {}",
+                local.as_pathname(),
+                path.display()
+            )));
+        }
+        listener.set_nonblocking(true)?;
+        Ok(ControlServer {
+            listener: Some(UnixListener::from_std(listener)),
+            path: path.to_path_buf(),
+            owns_path: false,
+            conns: HashMap::new(),
+            next_id: 0,
+        })
+    }
+
+    /// This master now answers at the path and removes the file at exit.
+    pub fn take_ownership(&mut self) {
+        self.owns_path = true;
+    }
+
+    /// The listening socket's fd, to hand to a new master.
+    pub fn listener_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.listener.as_ref().map(|l| l.as_raw_fd())
+    }
+
+    /// Stops accepting control connections and closes this process's copy of the socket,
+    /// leaving the file to the new master (which holds the same socket). Connections already
+    /// accepted are still answered.
+    pub fn hand_over(&mut self, registry: &Registry) {
+        if let Some(mut listener) = self.listener.take() {
+            let _ = registry.deregister(&mut listener);
+        }
+        self.owns_path = false;
     }
 
     pub fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
-        registry.register(&mut self.listener, token, Interest::READABLE)
+        match self.listener.as_mut() {
+            Some(l) => registry.register(l, token, Interest::READABLE),
+            None => Ok(()),
+        }
     }
 
     /// Accepts every waiting connection.
     pub fn accept(&mut self, registry: &Registry) {
+        let Some(listener) = self.listener.as_ref() else { return };
         loop {
-            match self.listener.accept() {
+            match listener.accept() {
                 Ok((mut stream, _)) => {
                     let id = self.next_id;
                     self.next_id += 1;
@@ -217,9 +274,11 @@ impl ControlServer {
         }
     }
 
-    /// Removes the socket file (at exit).
+    /// Removes the socket file (at exit), if this master owns it.
     pub fn remove_file(&self) {
-        let _ = std::fs::remove_file(&self.path);
+        if self.owns_path {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 

@@ -30,6 +30,9 @@ pub struct Listener {
     pub socket: Socket,
     /// Where the socket came from.
     pub origin: Origin,
+    /// Whether this master removes a Unix socket's file when it stops serving it: not
+    /// systemd's, nor the old master's until the upgrade is done, nor after handing it over.
+    pub owns_file: bool,
 }
 
 /// Where a listening socket came from.
@@ -86,7 +89,7 @@ fn ready(address: &Address, socket: Socket, origin: Origin) -> io::Result<Listen
         Some(a) => a.to_string(),
         None => address.to_string(),
     };
-    Ok(Listener { address: address.clone(), local, socket, origin })
+    Ok(Listener { address: address.clone(), local, socket, origin, owns_file: origin == Origin::Bound })
 }
 
 /// Listening sockets this master was given rather than bound: by systemd socket activation
@@ -152,6 +155,15 @@ impl Inherited {
     pub fn is_empty(&self) -> bool {
         self.sockets.is_empty()
     }
+
+    /// Closes the sockets an old master handed over that no `[[listen]]` uses any more (the
+    /// old master closes its copies as it exits, so nobody would accept on them).
+    pub fn close_upgrade_leftovers(&mut self) -> Vec<String> {
+        let leftovers: Vec<InheritedSocket>;
+        (leftovers, self.sockets) =
+            std::mem::take(&mut self.sockets).into_iter().partition(|s| s.origin == Origin::Upgrade);
+        leftovers.iter().map(|s| s.key.clone().unwrap_or_default()).collect()
+    }
 }
 
 fn describe(addr: &SockAddr) -> String {
@@ -197,7 +209,7 @@ impl Listener {
     /// systemd made it: systemd owns that file and keeps listening on it.
     pub fn remove_file(&self) {
         if let Address::Unix(path) = &self.address
-            && self.origin != Origin::Systemd
+            && self.owns_file
         {
             let _ = std::fs::remove_file(path);
         }

@@ -146,6 +146,28 @@ pub fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// Spawns `command` with `keep` open in the new program: their `FD_CLOEXEC` is cleared in the
+/// child only, between `fork` and `exec` (the parent's fds keep the flag). For a binary
+/// upgrade, which hands the listening sockets to the new master this way.
+pub fn spawn_keeping_fds(command: &mut std::process::Command, keep: Vec<RawFd>) -> io::Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe calls are allowed: it makes only fcntl calls on fds the parent owns
+    // (and the child inherited), and allocates nothing (`keep` was allocated before the fork).
+    unsafe {
+        command.pre_exec(move || {
+            for &fd in &keep {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags == -1 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        })
+    };
+    command.spawn()
+}
+
 /// Removes variables from this process's environment.
 ///
 /// Only for a process that has exactly one thread (checked): `setenv`/`unsetenv` race with

@@ -14,6 +14,7 @@ mod status;
 mod supervise;
 pub mod systemd;
 pub mod table;
+mod upgrade;
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -126,6 +127,8 @@ impl SignalPipe {
 enum Event {
     Signal(Sig),
     Worker(Pid, WorkerMessage),
+    /// The new master of a binary upgrade.
+    NewMaster(upgrade::NewMasterSays),
     Control(usize, Request),
 }
 
@@ -157,6 +160,8 @@ struct Counters {
     request_timeout_kills: u64,
     /// Workers replaced gracefully after `max_requests`.
     recycles: u64,
+    /// Binary upgrades whose new master did not take over.
+    upgrades_failed: u64,
 }
 
 pub struct Master {
@@ -187,6 +192,14 @@ pub struct Master {
     notifier: systemd::Notifier,
     /// Sockets passed by systemd or the master of a binary upgrade, not adopted yet.
     inherited: listener::Inherited,
+    /// How this master was started (re-executed for a binary upgrade).
+    argv: Vec<std::ffi::OsString>,
+    /// A binary upgrade this master started: the new master.
+    upgrade: Option<upgrade::Upgrade>,
+    /// This master was started by a binary upgrade and has not taken over yet.
+    handover: Option<upgrade::Handover>,
+    /// This master handed everything to a new master and is draining out.
+    handed_over: bool,
 }
 
 /// Prints a problem that stops the server from starting: to the log, and to stderr when the
@@ -234,13 +247,21 @@ impl Master {
             Ok(n) => log::debug!("open file limit: {n}"),
             Err(e) => log::warn!("cannot raise the open file limit: {e}"),
         }
+        let mut inherited = listener::Inherited::default();
+        let mut handover = match upgrade::take_handover(&mut inherited) {
+            Ok(h) => h,
+            Err(e) => {
+                fatal(&config, &format!("binary upgrade: {e}"));
+                return Err(());
+            }
+        };
         if let Some(pidfile) = &config.server.pidfile
             && let Some(pid) = live_pid_in(pidfile)
+            && handover.as_ref().is_none_or(|h| h.old_pid.as_raw() != pid)
         {
             fatal(&config, &format!("another fdtserver (pid {pid}) is running with pidfile {}", pidfile.display()));
             return Err(());
         }
-        let mut inherited = listener::Inherited::default();
         let mut problems = systemd::adopt_listen_fds(&mut inherited);
         let mut listeners = BTreeMap::new();
         for l in &config.listeners {
@@ -251,9 +272,16 @@ impl Master {
                 Err(e) => problems.push(e),
             }
         }
-        let control = ControlServer::bind(&config.server.control_socket).map_err(|e| {
-            problems.push(format!("cannot open the control socket {}: {e}", config.server.control_socket.display()))
-        });
+        let control_path = &config.server.control_socket;
+        let control = match handover.as_mut().and_then(|h| h.control.take()) {
+            // The old master's socket, at the same path: shared until this master takes over.
+            Some(fd) => ControlServer::adopt(fd, control_path).or_else(|e| {
+                log::warn!("{e}; binding a control socket of my own");
+                ControlServer::bind(control_path)
+            }),
+            None => ControlServer::bind(control_path),
+        }
+        .map_err(|e| problems.push(format!("cannot open the control socket {}: {e}", control_path.display())));
         if !problems.is_empty() {
             for p in &problems {
                 fatal(&config, p);
@@ -272,7 +300,11 @@ impl Master {
             let poll = Poll::new()?;
             let signals = SignalPipe::install()?;
             poll.registry().register(&mut SourceFd(&signals.read.as_raw_fd()), SIGNAL_TOKEN, Interest::READABLE)?;
-            control.register(poll.registry(), CONTROL_TOKEN)?;
+            // A new master of a binary upgrade leaves the control socket to the old one until
+            // its own generation serves.
+            if handover.is_none() {
+                control.register(poll.registry(), CONTROL_TOKEN)?;
+            }
             Ok((poll, signals))
         })();
         let load = match crate::balance::LoadTable::new() {
@@ -294,6 +326,9 @@ impl Master {
         };
         for l in listeners.values() {
             log::info!("listening on {} ({}, {})", l.local, l.address, l.origin.name());
+        }
+        for key in inherited.close_upgrade_leftovers() {
+            log::info!("closed the old master's listener {key}: the config no longer has it");
         }
         if !inherited.is_empty() {
             log::warn!(
@@ -322,7 +357,16 @@ impl Master {
             load,
             notifier: systemd::Notifier::from_env(),
             inherited,
+            argv: std::env::args_os().collect(),
+            upgrade: None,
+            handover: None,
+            handed_over: false,
         };
+        if let Some(h) = handover {
+            log::info!("binary upgrade: starting in place of the old master (pid {})", h.old_pid);
+            master.next_generation = h.next_generation;
+            master.handover = Some(h);
+        }
         let config = Config::clone(&master.config);
         if let Err(reason) = master.boot_generation(config) {
             fatal(&master.config, &reason);
@@ -350,6 +394,7 @@ impl Master {
                 match event.token() {
                     SIGNAL_TOKEN => {}
                     CONTROL_TOKEN => self.control.accept(self.poll.registry()),
+                    upgrade::UPGRADE_TOKEN => happened.extend(self.read_new_master().into_iter().map(Event::NewMaster)),
                     Token(t) if t >= control::CONN_TOKEN_BASE => {
                         let id = t - control::CONN_TOKEN_BASE;
                         if let Some(request) = self.control.ready(id, self.poll.registry()) {
@@ -368,6 +413,7 @@ impl Master {
                 match event {
                     Event::Signal(sig) => self.on_signal(sig),
                     Event::Worker(pid, msg) => self.on_worker_message(pid, msg),
+                    Event::NewMaster(said) => self.on_new_master(said),
                     Event::Control(id, request) => self.on_control(id, request),
                 }
             }
@@ -388,7 +434,10 @@ impl Master {
                 self.begin_reload(None);
             }
             Sig::Reopen => self.reopen_logs(),
-            Sig::Upgrade => log::warn!("USR2 (binary upgrade) is not supported yet; ignoring it"),
+            Sig::Upgrade => {
+                log::info!("USR2: binary upgrade");
+                self.begin_upgrade();
+            }
             Sig::MoreWorkers => self.resize(1),
             Sig::FewerWorkers => self.resize(-1),
         }
@@ -572,7 +621,9 @@ impl Master {
                     break;
                 }
             };
-            self.on_worker_exit(pid, &how);
+            if !self.on_new_master_exit(pid, &how) {
+                self.on_worker_exit(pid, &how);
+            }
         }
         self.retire_finished_generations();
     }
@@ -676,6 +727,12 @@ impl Master {
     fn begin_reload(&mut self, waiter: Option<usize>) {
         if self.stopping.is_some() {
             self.reply_reload(waiter, Err("the server is stopping".into()));
+            return;
+        }
+        if self.upgrade.is_some() || self.handover.is_some() {
+            let why = "a binary upgrade is under way";
+            log::warn!("reload refused: {why}");
+            self.reply_reload(waiter, Err(why.into()));
             return;
         }
         if self.table.booting_id().is_some() {
@@ -792,6 +849,7 @@ impl Master {
                     s.threads
                 );
                 self.write_pidfile();
+                self.take_over();
             }
         }
         let s = &self.config.server;
@@ -983,8 +1041,12 @@ impl Master {
         }
         let kill_at = now + if fast { FAST_STOP_GRACE } else { timeout + DRAIN_KILL_MARGIN };
         self.stopping = Some(Stopping { fast, kill_at });
-        // After abandoning a booting generation, whose failed reload ends with READY=1.
-        self.notifier.stopping();
+        // After abandoning a booting generation, whose failed reload ends with READY=1. A
+        // master that handed over to a new one stops quietly: the service goes on.
+        if !self.handed_over {
+            self.notifier.stopping();
+        }
+        self.abort_upgrade("the server is stopping".into());
         let waiters = std::mem::take(&mut self.reload_waiters);
         for w in waiters {
             self.reply_reload(Some(w), Err("the server is stopping".into()));
@@ -1057,12 +1119,16 @@ impl Master {
         if let Some(deadline) = self.next_supervision_deadline() {
             next = next.min(deadline);
         }
+        if let Some(deadline) = self.next_upgrade_deadline() {
+            next = next.min(deadline);
+        }
         next.saturating_duration_since(now)
     }
 
     fn on_timers(&mut self) {
         self.send_pending_replies();
         self.enforce_supervision_limits();
+        self.upgrade_timers();
         let now = Instant::now();
         let (due, later): (Vec<Respawn>, Vec<Respawn>) =
             std::mem::take(&mut self.respawns).into_iter().partition(|r| r.at <= now);

@@ -92,6 +92,10 @@ impl Master {
                 "request_timeout": self.counters.request_timeout_kills,
             },
             "worker_recycles": self.counters.recycles,
+            "upgrade": {
+                "new_master": self.upgrade.as_ref().map(|u| u.child.as_raw()),
+                "failed": self.counters.upgrades_failed,
+            },
             "draining": self.draining_json(),
             "last_drain_ms": self.counters.last_drain_ms,
             "drains": { "count": self.counters.drains, "total_ms": self.counters.drain_ms_total },
