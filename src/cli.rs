@@ -257,6 +257,26 @@ fn format_status(v: &serde_json::Value) -> String {
     if let Some(e) = v["reloads"]["last_error"].as_str() {
         let _ = writeln!(out, "last reload error: {e}");
     }
+    let kills = &v["worker_kills"];
+    let _ = writeln!(
+        out,
+        "workers killed: {} hung (heartbeat_timeout), {} stuck request (request_timeout), {} slow start; recycled (max_requests): {}",
+        kills["heartbeat_timeout"], kills["request_timeout"], kills["boot_timeout"], v["worker_recycles"]
+    );
+    let draining = &v["draining"];
+    if draining["workers"].as_u64().unwrap_or(0) > 0 {
+        let _ = writeln!(
+            out,
+            "draining: {} generation(s), {} worker(s), {} connection(s) left{}",
+            draining["generations"],
+            draining["workers"],
+            draining["connections"],
+            draining["oldest_since_secs"].as_f64().map(|s| format!(", oldest for {s:.1} s")).unwrap_or_default()
+        );
+    }
+    if let Some(pid) = v["upgrade"]["new_master"].as_i64() {
+        let _ = writeln!(out, "binary upgrade under way: new master pid {pid}");
+    }
     let _ = writeln!(
         out,
         "\n{:>8} {:>4} {:>4} {:<9} {:>8} {:>10} {:>7}",

@@ -161,3 +161,21 @@ fn max_requests_recycles_a_worker_after_starting_its_replacement_and_loses_no_re
     let old_drains = at(&format!("(pid {first}) recycled: pid {new} serves; draining"));
     assert!(recycling < new_serving && new_serving < old_drains, "wrong order:\n{log}");
 }
+
+#[test]
+fn a_replacement_worker_that_hangs_at_start_is_killed_after_boot_timeout_and_tried_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let trap = dir.path().join("hang");
+    let settings = format!("hang_at_start_if = \"{}\"", trap.display());
+    let server = TestServer::start(&Setup::new(1, 1).app("kit", "testkit", &settings).server("boot_timeout", "1"));
+    let (victim, slot) = serving(&server).unwrap()[0];
+    std::fs::write(&trap, "").unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), Signal::SIGKILL).unwrap();
+    wait_for(Duration::from_secs(3), "a hung replacement to be killed", || {
+        (server.status()["worker_kills"]["boot_timeout"].as_u64()? >= 1).then_some(())
+    });
+    assert!(server.log().contains("did not start its apps within boot_timeout (1 s)"), "{}", server.log());
+    std::fs::remove_file(&trap).unwrap();
+    let new = replaced(&server, victim, slot, READY_TIMEOUT);
+    assert_eq!(LineClient::connect(server.addr("kit")).ask("PID"), new.to_string());
+}

@@ -52,3 +52,113 @@ fn a_draining_generation_shows_its_age_and_connections_left_and_its_drain_time_i
     assert!((sum - drained_ms as f64 / 1000.0).abs() < 0.002, "{sum} vs {drained_ms} ms");
     assert_eq!(metric(&metrics, "fdtserver_generations_draining"), 0.0);
 }
+
+/// Every sample line of a Prometheus text exposition: (name with labels, value). Panics on a
+/// line that is neither a sample nor a `# HELP`/`# TYPE` comment.
+fn samples(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| {
+            if l.starts_with("# HELP fdtserver_") || l.starts_with("# TYPE fdtserver_") {
+                return None;
+            }
+            let (name, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {l:?}"));
+            assert!(name.starts_with("fdtserver_"), "not a sample: {l:?}");
+            if let Some((_, labels)) = name.split_once('{') {
+                assert!(labels.ends_with('}'), "bad labels: {l:?}");
+            }
+            Some((name.to_string(), value.parse().unwrap_or_else(|_| panic!("bad value: {l:?}"))))
+        })
+        .collect()
+}
+
+fn sum(samples: &[(String, f64)], name: &str) -> f64 {
+    samples.iter().filter(|(n, _)| n == name || n.starts_with(&format!("{name}{{"))).map(|(_, v)| v).sum()
+}
+
+#[test]
+fn status_and_metrics_count_a_known_amount_of_traffic() {
+    let server = TestServer::start(&Setup::new(2, 2).app("hello", "hello", ""));
+    let addr = server.addr("hello");
+    for _ in 0..10 {
+        let mut c = HttpClient::connect(addr).unwrap();
+        for _ in 0..3 {
+            assert_eq!(c.get("/").unwrap().status, 200);
+        }
+    }
+    // The counters come with each worker's next heartbeat.
+    let total = |v: &Value, key: &str| -> u64 {
+        v["workers"].as_array().unwrap().iter().map(|w| w[key].as_u64().unwrap()).sum()
+    };
+    let v = wait_for(READY_TIMEOUT, "the heartbeats to report the traffic", || {
+        let v = server.status();
+        (total(&v, "requests") == 30 && total(&v, "connections") == 0).then_some(v)
+    });
+    assert_eq!(total(&v, "accepted"), 10, "{v}");
+    assert_eq!(total(&v, "panics"), 0, "{v}");
+
+    let (code, text) = server.control("GET", "/metrics").unwrap();
+    assert_eq!(code, 200);
+    let s = samples(&text);
+    assert_eq!(sum(&s, "fdtserver_requests_total"), 30.0, "{text}");
+    assert_eq!(sum(&s, "fdtserver_connections_accepted_total"), 10.0, "{text}");
+    assert_eq!(sum(&s, "fdtserver_connections_open"), 0.0, "{text}");
+    assert_eq!(sum(&s, "fdtserver_workers"), 2.0, "{text}");
+    assert_eq!(sum(&s, "fdtserver_generation"), 1.0, "{text}");
+    assert_eq!(sum(&s, "fdtserver_worker_kills_total"), 0.0, "{text}");
+
+    // The CLI shows the same numbers.
+    let (code, out, err) = server.cli(&["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let cli: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(total(&cli, "requests"), 30);
+    let (code, table, _) = server.cli(&["status"]);
+    assert_eq!(code, 0);
+    for pid in server.worker_pids() {
+        assert!(table.contains(&pid.to_string()), "{table}");
+    }
+    assert!(table.contains("workers killed: 0 hung"), "{table}");
+}
+
+#[test]
+fn the_control_api_answers_bad_requests_with_4xx_and_its_socket_is_private() {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    let server = TestServer::start(&Setup::new(1, 1).app("echo", "echo", ""));
+    let mode = std::fs::metadata(server.control_socket()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "control socket mode {mode:o}");
+    let raw = |request: &[u8]| -> u16 {
+        let mut s = std::os::unix::net::UnixStream::connect(server.control_socket()).unwrap();
+        s.set_read_timeout(Some(READY_TIMEOUT)).unwrap();
+        s.write_all(request).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        answer.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    assert_eq!(raw(b"DELETE /reload HTTP/1.1\r\nHost: x\r\n\r\n"), 405);
+    assert_eq!(raw(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"), 404);
+    assert_eq!(raw(b"\x01\x02 garbage\r\n\r\n"), 400);
+    let (code, page) = server.control("GET", "/").unwrap();
+    assert_eq!(code, 200);
+    assert!(page.contains("<html") && page.contains("refresh") && page.contains(&server.pid.to_string()), "{page}");
+    assert_eq!(server.status()["pid"], server.pid);
+}
+
+#[test]
+fn a_second_server_on_the_same_pidfile_is_refused_and_the_pidfile_goes_at_exit() {
+    let pid_dir = tempfile::tempdir().unwrap();
+    let pidfile = pid_dir.path().join("fdt.pid");
+    let setup = Setup::new(1, 1).app("echo", "echo", "").server("pidfile", &format!("\"{}\"", pidfile.display()));
+    let mut first = TestServer::start(&setup);
+    assert_eq!(std::fs::read_to_string(&pidfile).unwrap().trim(), first.pid.to_string());
+    let mut second = TestServer::spawn(&setup);
+    assert_eq!(second.wait_exit(READY_TIMEOUT).code(), Some(1));
+    assert!(
+        second.log().contains(&format!("another fdtserver (pid {}) is running with pidfile", first.pid)),
+        "{}",
+        second.log()
+    );
+    first.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(first.wait_exit(READY_TIMEOUT).success());
+    assert!(!pidfile.exists(), "the pidfile is left behind");
+}

@@ -158,6 +158,8 @@ struct Counters {
     /// Workers killed for `heartbeat_timeout` / `request_timeout`.
     heartbeat_kills: u64,
     request_timeout_kills: u64,
+    /// Replacement workers killed for not starting within `boot_timeout`.
+    boot_kills: u64,
     /// Workers replaced gracefully after `max_requests`.
     recycles: u64,
     /// Binary upgrades whose new master did not take over.

@@ -90,6 +90,7 @@ impl Master {
             "worker_kills": {
                 "heartbeat_timeout": self.counters.heartbeat_kills,
                 "request_timeout": self.counters.request_timeout_kills,
+                "boot_timeout": self.counters.boot_kills,
             },
             "worker_recycles": self.counters.recycles,
             "upgrade": {
@@ -180,6 +181,7 @@ impl Master {
             vec![
                 ("{reason=\"heartbeat_timeout\"}".into(), self.counters.heartbeat_kills as f64),
                 ("{reason=\"request_timeout\"}".into(), self.counters.request_timeout_kills as f64),
+                ("{reason=\"boot_timeout\"}".into(), self.counters.boot_kills as f64),
             ],
         );
         metric(

@@ -23,6 +23,19 @@ use crate::ipc::{MasterMessage, WorkerStats};
 pub enum KillReason {
     Heartbeat,
     RequestTimeout,
+    /// A replacement worker of a serving generation that did not start its apps in time (a
+    /// booting generation has its own `boot_timeout`, which abandons the reload).
+    BootTimeout,
+}
+
+impl KillReason {
+    pub fn name(&self) -> &'static str {
+        match self {
+            KillReason::Heartbeat => "heartbeat_timeout",
+            KillReason::RequestTimeout => "request_timeout",
+            KillReason::BootTimeout => "boot_timeout",
+        }
+    }
 }
 
 /// A recycle whose replacement died before serving is retried after this long, so that an
@@ -142,6 +155,20 @@ impl Master {
         let now = Instant::now();
         let who = format!("worker {} (pid {pid}) of generation {}", w.slot, w.generation);
         let mut candidates: Vec<(Instant, KillReason, String)> = Vec::new();
+        if w.state == WorkerState::Booting {
+            // Heartbeats start once the apps are started.
+            if gen_.state == GenState::Active && !server.boot_timeout.is_zero() {
+                candidates.push((
+                    w.started + server.boot_timeout,
+                    KillReason::BootTimeout,
+                    format!(
+                        "{who} did not start its apps within boot_timeout ({} s); killing it",
+                        server.boot_timeout.as_secs_f64()
+                    ),
+                ));
+            }
+            return earliest(candidates, now);
+        }
         let heartbeat = server.heartbeat_timeout;
         if !heartbeat.is_zero() {
             candidates.push((
@@ -177,12 +204,7 @@ impl Master {
                 ),
             ));
         }
-        let first = candidates.into_iter().min_by_key(|c| c.0);
-        match first {
-            Some((at, reason, line)) if at <= now => (Some(at), Some((reason, line))),
-            Some((at, _, _)) => (Some(at), None),
-            None => (None, None),
-        }
+        earliest(candidates, now)
     }
 
     /// Kills every worker whose supervision limit expired; the reaper replaces them.
@@ -199,12 +221,10 @@ impl Master {
             match reason {
                 KillReason::Heartbeat => self.counters.heartbeat_kills += 1,
                 KillReason::RequestTimeout => self.counters.request_timeout_kills += 1,
+                KillReason::BootTimeout => self.counters.boot_kills += 1,
             }
             if let Some(w) = self.table.workers.get_mut(&pid) {
-                w.killed = Some(match reason {
-                    KillReason::Heartbeat => "heartbeat_timeout".into(),
-                    KillReason::RequestTimeout => "request_timeout".into(),
-                });
+                w.killed = Some(reason.name().into());
             }
             // SIGKILL also ends a stopped process; a stuck app thread cannot be stopped any
             // other way.
@@ -212,6 +232,18 @@ impl Master {
                 log::error!("cannot kill worker pid {pid}: {e}");
             }
         }
+    }
+}
+
+/// The earliest of `candidates`, with its log line if it expired by `now`.
+fn earliest(
+    candidates: Vec<(Instant, KillReason, String)>,
+    now: Instant,
+) -> (Option<Instant>, Option<(KillReason, String)>) {
+    match candidates.into_iter().min_by_key(|c| c.0) {
+        Some((at, reason, line)) if at <= now => (Some(at), Some((reason, line))),
+        Some((at, _, _)) => (Some(at), None),
+        None => (None, None),
     }
 }
 

@@ -144,10 +144,9 @@ impl Worker {
         }
     }
 
-    /// True while the master expects heartbeats from it: it has started its apps and was
-    /// neither told to stop nor killed.
+    /// True while a supervision limit applies to it: neither told to stop nor killed.
     pub fn supervised(&self) -> bool {
-        matches!(self.state, WorkerState::Ready | WorkerState::Serving | WorkerState::Draining) && self.killed.is_none()
+        self.state != WorkerState::Stopping && self.killed.is_none()
     }
 }
 

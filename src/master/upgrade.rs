@@ -33,7 +33,8 @@ use crate::sys;
 
 /// `OLD_MASTER_PID CHANNEL_FD CONTROL_FD NEXT_GENERATION` (`CONTROL_FD` is `-` when none).
 pub const ENV_UPGRADE: &str = "FDTSERVER_UPGRADE";
-/// One line per listener: `FD KEY` (the `ListenConfig::key` it serves).
+/// One line per listener: `FD ORIGIN KEY` (`ORIGIN`: `systemd` when systemd made the socket,
+/// so that no master ever removes its file; `KEY`: the `ListenConfig::key` it serves).
 pub const ENV_LISTENERS: &str = "FDTSERVER_LISTENERS";
 /// Token of the socketpair to the new master in the old master's poll.
 pub const UPGRADE_TOKEN: Token = Token(2);
@@ -92,11 +93,15 @@ pub fn take_handover(inherited: &mut Inherited) -> Result<Option<Handover>, Stri
         fd => Some(adopt(fd.parse().map_err(|_| bad())?, "control socket")?),
     };
     for line in listeners.as_deref().unwrap_or("").lines().filter(|l| !l.is_empty()) {
-        let (fd, key) = line.split_once(' ').ok_or_else(|| format!("{ENV_LISTENERS}: bad line {line:?}"))?;
+        let mut words = line.splitn(3, ' ');
+        let (Some(fd), Some(origin), Some(key)) = (words.next(), words.next(), words.next()) else {
+            return Err(format!("{ENV_LISTENERS}: bad line {line:?}"));
+        };
         let fd: RawFd = fd.parse().map_err(|_| format!("{ENV_LISTENERS}: bad fd in {line:?}"))?;
+        let origin = if origin == Origin::Systemd.name() { Origin::Systemd } else { Origin::Upgrade };
         let owned = sys::adopt_fd(fd).map_err(|e| format!("the old master's listener {key}: {e}"))?;
         inherited
-            .add(owned, Some(key.to_string()), None, Origin::Upgrade)
+            .add(owned, Some(key.to_string()), None, origin)
             .map_err(|e| format!("the old master's listener {key}: {e}"))?;
     }
     Ok(Some(Handover { old_pid, channel, control, next_generation }))
@@ -143,7 +148,7 @@ impl Master {
         for (key, l) in &self.listeners {
             let fd = crate::listener::raw_fd(l);
             keep.push(fd);
-            listeners.push_str(&format!("{fd} {key}\n"));
+            listeners.push_str(&format!("{fd} {} {key}\n", l.origin.name()));
         }
         let control = self.control.listener_fd();
         keep.extend(control);

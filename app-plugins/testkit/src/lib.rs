@@ -2,7 +2,8 @@
 //!
 //! Settings: `fail_start = "reason"` makes `start` fail; `panic_at_start = true` makes it
 //! panic; `abort_at_start_if = "/path"` kills the worker at start while that file exists (a
-//! crash loop on demand); `start_delay_ms` delays the start; `tag` is echoed by `TAG`. Line commands, one answer line each:
+//! crash loop on demand); `hang_at_start_if = "/path"` keeps the start waiting while that file
+//! exists (a hung start on demand); `start_delay_ms` delays the start; `tag` is echoed by `TAG`. Line commands, one answer line each:
 //! `PID`, `GEN`, `TAG`, `DRAINING` (yes/no), `SLEEP <ms>` (answers `SLEPT`), `PANIC`,
 //! `ABORT` (kills the worker process), `BUSY` (stays `InProgress` until `IDLE`), `SPIN`
 //! (loops forever inside the handler, never answering: a request stuck in app code), `UID`
@@ -29,6 +30,10 @@ impl App for Testkit {
         let fail = settings.string("fail_start", "")?;
         if !fail.is_empty() {
             return Err(fail);
+        }
+        let hang = settings.string("hang_at_start_if", "")?;
+        while !hang.is_empty() && std::path::Path::new(&hang).exists() {
+            std::thread::sleep(Duration::from_millis(20));
         }
         let trap = settings.string("abort_at_start_if", "")?;
         if !trap.is_empty() && std::path::Path::new(&trap).exists() {
