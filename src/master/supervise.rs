@@ -15,7 +15,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use super::Master;
-use super::table::{GenState, WorkerState};
+use super::table::{GenState, Worker, WorkerState};
 use crate::ipc::{MasterMessage, WorkerStats};
 
 /// Why the master killed a worker (a label of the `worker_kills_total` metric).
@@ -34,6 +34,29 @@ impl KillReason {
             KillReason::Heartbeat => "heartbeat_timeout",
             KillReason::RequestTimeout => "request_timeout",
             KillReason::BootTimeout => "boot_timeout",
+        }
+    }
+}
+
+/// Which limit a worker is up against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Limit {
+    /// A replacement worker still starting its apps.
+    Boot,
+    /// No heartbeat at all.
+    Silent,
+    /// Every handler thread busy.
+    Stalled,
+    /// One request running.
+    Request,
+}
+
+impl Limit {
+    fn reason(self) -> KillReason {
+        match self {
+            Limit::Boot => KillReason::BootTimeout,
+            Limit::Silent | Limit::Stalled => KillReason::Heartbeat,
+            Limit::Request => KillReason::RequestTimeout,
         }
     }
 }
@@ -142,82 +165,82 @@ impl Master {
 
     /// The earliest moment a supervision limit may expire.
     pub(super) fn next_supervision_deadline(&self) -> Option<Instant> {
-        self.table.workers.values().filter(|w| w.supervised()).filter_map(|w| self.deadlines(w.pid).0).min()
+        self.table.workers.values().filter(|w| w.supervised()).filter_map(|w| self.first_deadline(w)).map(|d| d.0).min()
     }
 
-    /// (earliest deadline, the limit that expires then, with the log line if it has).
-    fn deadlines(&self, pid: Pid) -> (Option<Instant>, Option<(KillReason, String)>) {
-        let w = &self.table.workers[&pid];
-        let Some(gen_) = self.table.generations.get(&w.generation) else {
-            return (None, None);
-        };
+    /// The limit of worker `w` that expires first, and when. Cheap: runs for every worker at
+    /// every turn of the master loop; the log line is only made for a limit that expired.
+    fn first_deadline(&self, w: &Worker) -> Option<(Instant, Limit)> {
+        let gen_ = self.table.generations.get(&w.generation)?;
         let server = &gen_.config.server;
-        let now = Instant::now();
-        let who = format!("worker {} (pid {pid}) of generation {}", w.slot, w.generation);
-        let mut candidates: Vec<(Instant, KillReason, String)> = Vec::new();
         if w.state == WorkerState::Booting {
-            // Heartbeats start once the apps are started.
-            if gen_.state == GenState::Active && !server.boot_timeout.is_zero() {
-                candidates.push((
-                    w.started + server.boot_timeout,
-                    KillReason::BootTimeout,
-                    format!(
-                        "{who} did not start its apps within boot_timeout ({} s); killing it",
-                        server.boot_timeout.as_secs_f64()
-                    ),
-                ));
-            }
-            return earliest(candidates, now);
+            // Heartbeats start once the apps are started; a booting generation has its own
+            // boot_timeout (which abandons the reload).
+            let applies = gen_.state == GenState::Active && !server.boot_timeout.is_zero();
+            return applies.then(|| (w.started + server.boot_timeout, Limit::Boot));
         }
         let heartbeat = server.heartbeat_timeout;
+        let mut candidates = Vec::with_capacity(3);
         if !heartbeat.is_zero() {
-            candidates.push((
-                w.last_heard + heartbeat,
-                KillReason::Heartbeat,
-                format!(
-                    "{who} sent no heartbeat for {:.1} s (heartbeat_timeout {} s): it is stopped or hung; killing it",
-                    now.duration_since(w.last_heard).as_secs_f64(),
-                    heartbeat.as_secs_f64()
-                ),
-            ));
+            candidates.push((w.last_heard + heartbeat, Limit::Silent));
             if let Some(since) = w.stalled_since {
-                candidates.push((
-                    since + heartbeat,
-                    KillReason::Heartbeat,
-                    format!(
-                        "{who} made no progress for {:.1} s: all {} handler threads are busy (heartbeat_timeout {} s); killing it",
-                        now.duration_since(since).as_secs_f64(),
-                        w.stats.busy_threads,
-                        heartbeat.as_secs_f64()
-                    ),
-                ));
+                candidates.push((since + heartbeat, Limit::Stalled));
             }
         }
-        if let (Some(limit), Some((since, peer, app))) = (server.request_timeout, &w.running) {
-            candidates.push((
-                *since + limit,
-                KillReason::RequestTimeout,
+        if let (Some(limit), Some((since, _, _))) = (server.request_timeout, &w.running) {
+            candidates.push((*since + limit, Limit::Request));
+        }
+        candidates.into_iter().min_by_key(|c| c.0)
+    }
+
+    /// The log line for worker `w` killed for `limit`.
+    fn describe(&self, w: &Worker, limit: Limit) -> String {
+        let server = &self.table.generations[&w.generation].config.server;
+        let now = Instant::now();
+        let who = format!("worker {} (pid {}) of generation {}", w.slot, w.pid, w.generation);
+        let secs = |since: Instant| now.duration_since(since).as_secs_f64();
+        let heartbeat = server.heartbeat_timeout.as_secs_f64();
+        match limit {
+            Limit::Boot => format!(
+                "{who} did not start its apps within boot_timeout ({} s); killing it",
+                server.boot_timeout.as_secs_f64()
+            ),
+            Limit::Silent => format!(
+                "{who} sent no heartbeat for {:.1} s (heartbeat_timeout {heartbeat} s): it is stopped or hung; killing it",
+                secs(w.last_heard)
+            ),
+            Limit::Stalled => format!(
+                "{who} made no progress for {:.1} s: all {} handler threads are busy (heartbeat_timeout {heartbeat} s); killing it",
+                w.stalled_since.map_or(0.0, secs),
+                w.stats.busy_threads
+            ),
+            Limit::Request => {
+                let (since, peer, app) = w.running.clone().unwrap_or_else(|| (now, "?".into(), "?".into()));
                 format!(
                     "{who}: a request of app {app} from {peer} has been running for {:.1} s (request_timeout {} s); killing the worker",
-                    now.duration_since(*since).as_secs_f64(),
-                    limit.as_secs_f64()
-                ),
-            ));
+                    secs(since),
+                    server.request_timeout.unwrap_or_default().as_secs_f64()
+                )
+            }
         }
-        earliest(candidates, now)
     }
 
     /// Kills every worker whose supervision limit expired; the reaper replaces them.
     pub(super) fn enforce_supervision_limits(&mut self) {
-        let expired: Vec<(Pid, KillReason, String)> = self
+        let now = Instant::now();
+        let expired: Vec<(Pid, Limit, String)> = self
             .table
             .workers
             .values()
             .filter(|w| w.supervised())
-            .filter_map(|w| self.deadlines(w.pid).1.map(|(reason, line)| (w.pid, reason, line)))
+            .filter_map(|w| match self.first_deadline(w) {
+                Some((at, limit)) if at <= now => Some((w.pid, limit, self.describe(w, limit))),
+                _ => None,
+            })
             .collect();
-        for (pid, reason, line) in expired {
+        for (pid, limit, line) in expired {
             log::error!("{line}");
+            let reason = limit.reason();
             match reason {
                 KillReason::Heartbeat => self.counters.heartbeat_kills += 1,
                 KillReason::RequestTimeout => self.counters.request_timeout_kills += 1,
@@ -232,18 +255,6 @@ impl Master {
                 log::error!("cannot kill worker pid {pid}: {e}");
             }
         }
-    }
-}
-
-/// The earliest of `candidates`, with its log line if it expired by `now`.
-fn earliest(
-    candidates: Vec<(Instant, KillReason, String)>,
-    now: Instant,
-) -> (Option<Instant>, Option<(KillReason, String)>) {
-    match candidates.into_iter().min_by_key(|c| c.0) {
-        Some((at, reason, line)) if at <= now => (Some(at), Some((reason, line))),
-        Some((at, _, _)) => (Some(at), None),
-        None => (None, None),
     }
 }
 

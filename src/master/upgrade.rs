@@ -213,7 +213,9 @@ impl Master {
 
     pub(super) fn on_new_master(&mut self, said: NewMasterSays) {
         match said {
-            NewMasterSays::Ready => self.hand_over(),
+            // Too late when it is already being stopped (failed upgrade, or this master stops).
+            NewMasterSays::Ready if self.upgrade.as_ref().is_some_and(|u| u.kill_at.is_none()) => self.hand_over(),
+            NewMasterSays::Ready => {}
             NewMasterSays::Gone => {
                 if self.upgrade.as_ref().is_some_and(|u| u.kill_at.is_none()) {
                     self.abort_upgrade("the new master exited before it served".into());
