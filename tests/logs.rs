@@ -93,3 +93,28 @@ fn usr1_makes_the_master_and_every_worker_reopen_both_log_files() {
     assert_eq!(read(&old_access).len(), old_access_len, "a worker still writes to the rotated access log");
     assert_eq!(read(&old_error).len(), old_error_len, "a process still writes to the rotated error log");
 }
+
+#[test]
+fn workers_running_as_nobody_write_to_reopened_logs_they_could_not_open_themselves() {
+    // The temp dir is 0700 root: `nobody` cannot open anything in it, so the new files can only
+    // come from the master.
+    let setup = Setup::new(1, 1)
+        .app("kit", "testkit", "")
+        .server("user", "\"nobody\"")
+        .server("error_log", "\"error.log\"")
+        .server("access_log", "\"access.log\"");
+    let server = TestServer::start(&setup);
+    let (error, access) = (server.dir.path().join("error.log"), server.dir.path().join("access.log"));
+    let worker = server.worker_pids()[0];
+    std::fs::rename(&access, server.dir.path().join("access.log.1")).unwrap();
+    std::fs::rename(&error, server.dir.path().join("error.log.1")).unwrap();
+    server.signal(Signal::SIGUSR1);
+    wait_for(READY_TIMEOUT, "the worker to reopen its logs", || {
+        read(&error).contains(&format!("[{worker}] log files reopened")).then_some(())
+    });
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap().uid.to_string();
+    assert_eq!(LineClient::connect(server.addr("kit")).ask("UID").split(' ').next(), Some(nobody.as_str()));
+    wait_for(READY_TIMEOUT, "the worker's access line in the new file", || {
+        read(&access).contains(&format!("pid={worker} ")).then_some(())
+    });
+}

@@ -90,9 +90,12 @@ fn an_upgrade_under_load_loses_no_request_and_changes_the_master_pid() {
     std::thread::sleep(Duration::from_millis(300)); // let the load build up
 
     server.signal(Signal::SIGUSR2);
+    let signalled = std::time::Instant::now();
     let v = new_master(&server, old);
+    let took_over = signalled.elapsed();
     let new = v["pid"].as_i64().unwrap() as i32;
     let status = server.wait_exit(READY_TIMEOUT);
+    eprintln!("the new master answered {took_over:?} after USR2; the old one exited after {:?}", signalled.elapsed());
     assert!(status.success(), "the old master exited with {status}");
     std::thread::sleep(Duration::from_millis(300)); // load on the new master alone
 
@@ -110,6 +113,7 @@ fn an_upgrade_under_load_loses_no_request_and_changes_the_master_pid() {
         &failures[..failures.len().min(10)]
     );
     assert!(total > 200, "only {total} requests were made");
+    eprintln!("{total} requests, none failed");
 
     let v = server.wait_serving();
     assert_eq!(v["pid"], new);
