@@ -2,9 +2,12 @@
 //! reloads, stops, and answers the control API.
 //!
 //! Shape (after nginx's master cycle): wait on one `mio::Poll` (self-pipe for signals,
-//! control socket, one channel per worker); turn what happened into [`Event`]s; handle them in
-//! a fixed order — reap children, stop, reload, reopen, resize, then worker messages and
-//! control requests — then fire due timers.
+//! control socket, one channel per worker, the socketpair to a binary upgrade's new master);
+//! turn what happened into [`Event`]s; handle them in a fixed order — what workers and a new
+//! master said, then signals (reap children, stop, reload, reopen, upgrade, resize), then
+//! control requests — then fire due timers (supervision limits, boot, drain and upgrade
+//! deadlines). Supervision limits live in `supervise`, systemd in `systemd`, the binary upgrade
+//! in `upgrade`.
 //!
 //! Invariants: the master has exactly one thread, forever (checked before every fork); it never
 //! loads a plugin and never touches a client byte; [`table::Table`] is its only record of its

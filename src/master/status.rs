@@ -7,7 +7,7 @@ use std::fmt::Write;
 use serde_json::{Value, json};
 
 use super::Master;
-use super::table::GenState;
+use super::table::{GenState, WorkerState};
 
 impl Master {
     pub(super) fn status_json(&self) -> Value {
@@ -115,8 +115,7 @@ impl Master {
             })
             .fold(None, |m: Option<f64>, s| Some(m.map_or(s, |m| m.max(s))));
         // Draining workers of the active generation too (TTOU, max_requests).
-        let workers: Vec<_> =
-            self.table.workers.values().filter(|w| w.state == super::table::WorkerState::Draining).collect();
+        let workers: Vec<_> = self.table.workers.values().filter(|w| w.state == WorkerState::Draining).collect();
         json!({
             "generations": gens.len(),
             "oldest_since_secs": oldest,
@@ -167,7 +166,7 @@ impl Master {
         let draining = self.table.generations.values().filter(|g| matches!(g.state, GenState::Draining { .. })).count();
         metric("generations_draining", "gauge", "Generations still draining.", vec![(String::new(), draining as f64)]);
         let draining_workers: Vec<_> =
-            self.table.workers.values().filter(|w| w.state == super::table::WorkerState::Draining).collect();
+            self.table.workers.values().filter(|w| w.state == WorkerState::Draining).collect();
         metric(
             "draining_connections",
             "gauge",
@@ -247,6 +246,7 @@ impl Master {
             "<!doctype html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"2\">\
              <title>fdtserver</title><style>body{{font-family:sans-serif}}td,th{{padding:2px 10px;text-align:right}}</style>\
              </head><body><h1>fdtserver</h1><p>master pid {} · generation {} · up {:.0} s · {} · reloads {} ok, {} failed · {} worker restarts</p>\
+             <p>killed: {} hung, {} stuck requests · {} recycled · draining: {} generation(s), {} connection(s) left</p>\
              <table><tr><th>pid</th><th>generation</th><th>state</th><th>connections</th><th>requests</th><th>panics</th></tr>{rows}</table>\
              </body></html>\n",
             std::process::id(),
@@ -256,6 +256,11 @@ impl Master {
             self.counters.reloads_ok,
             self.counters.reloads_failed,
             self.counters.worker_restarts,
+            self.counters.heartbeat_kills,
+            self.counters.request_timeout_kills,
+            self.counters.recycles,
+            self.table.generations.values().filter(|g| matches!(g.state, GenState::Draining { .. })).count(),
+            self.table.workers.values().filter(|w| w.state == WorkerState::Draining).map(|w| w.stats.open).sum::<u64>(),
         )
     }
 }
