@@ -185,7 +185,7 @@ fn an_upgrade_whose_new_master_cannot_start_leaves_the_old_master_serving() {
 }
 
 #[test]
-fn usr2_executes_the_binary_now_at_the_path_the_master_was_started_from() {
+fn usr2_executes_the_binary_now_at_the_path_the_master_was_started_from_or_fails_harmlessly() {
     let bin_dir = tempfile::tempdir().unwrap();
     let exe = bin_dir.path().join("fdtserver");
     std::fs::copy(BIN, &exe).unwrap();
@@ -195,7 +195,15 @@ fn usr2_executes_the_binary_now_at_the_path_the_master_was_started_from() {
         cmd.arg("--config").arg(config);
         cmd
     });
-    // A deploy: the new build is renamed over the old one.
+    // No binary at the path: the upgrade fails at once, and nothing changes.
+    std::fs::remove_file(&exe).unwrap();
+    server.signal(Signal::SIGUSR2);
+    wait_for(READY_TIMEOUT, "the upgrade to fail", || {
+        server.log().contains("binary upgrade failed: cannot execute").then_some(())
+    });
+    server.assert_running();
+    assert_eq!(server.status()["pid"], server.pid);
+    // A deploy: the new build is renamed into place.
     let staged = bin_dir.path().join("fdtserver.new");
     std::fs::copy(BIN, &staged).unwrap();
     std::fs::rename(&staged, &exe).unwrap();
