@@ -4,16 +4,60 @@
 //!
 //! Runs in the master: it reads and copies files, and never loads them.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 /// First bytes of an ELF file.
 const ELF_MAGIC: &[u8] = b"\x7fELF";
 
+/// What identifies one version of a file without reading it: replacing or rewriting the file
+/// (`cp`, a build, a rename over it) changes at least one of these.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FileVersion {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileVersion {
+    fn of(meta: &fs::Metadata) -> FileVersion {
+        FileVersion {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+        }
+    }
+}
+
+/// Plugin path → (the version last pinned, its copy). Plugins are tens of MB with debug info:
+/// reading and hashing them at every reload would dominate the reload's cost.
+static PINNED: Mutex<Option<HashMap<PathBuf, (FileVersion, PathBuf)>>> = Mutex::new(None);
+
 /// Copies `plugin` into `dir` under a name derived from its content, unless that copy exists.
-/// Returns the copy's path.
+/// Returns the copy's path. A file unchanged since it was last pinned is not read again.
 pub fn pin(plugin: &Path, dir: &Path) -> io::Result<PathBuf> {
+    let version = FileVersion::of(&fs::metadata(plugin)?);
+    let mut cache = PINNED.lock().unwrap_or_else(|e| e.into_inner());
+    let cache = cache.get_or_insert_with(HashMap::new);
+    if let Some((known, pinned)) = cache.get(plugin) {
+        if *known == version && pinned.starts_with(dir) && pinned.exists() {
+            return Ok(pinned.clone());
+        }
+    }
+    let pinned = pin_content(plugin, dir)?;
+    cache.insert(plugin.to_path_buf(), (version, pinned.clone()));
+    Ok(pinned)
+}
+
+fn pin_content(plugin: &Path, dir: &Path) -> io::Result<PathBuf> {
     let bytes = fs::read(plugin)?;
     if !bytes.starts_with(ELF_MAGIC) {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "not a shared library (no ELF header)"));
