@@ -163,3 +163,44 @@ fn a_listen_pid_of_another_process_means_no_socket_was_passed() {
     assert_ne!(v["listeners"][0]["bound"], passed.local_addr().unwrap().to_string());
     assert_eq!(LineClient::connect(server.addr("kit")).ask("x"), "x");
 }
+
+#[test]
+fn a_binary_upgrade_under_systemd_announces_the_new_mainpid_and_keeps_the_passed_socket() {
+    let notify = NotifySocket::new();
+    let path = notify.path.clone();
+    let passed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = passed.local_addr().unwrap();
+    let setup = Setup::new(1, 1).app_at("kit", &plugin("testkit"), "", &addr.to_string());
+    let fd = passed.as_raw_fd();
+    let mut server = TestServer::start_with(&setup, |config| {
+        let mut cmd = socket_activated(config, fd, "web", None);
+        cmd.env("NOTIFY_SOCKET", &path);
+        cmd
+    });
+    drop(passed);
+    notify.until("READY");
+    let old = server.pid;
+    server.signal(Signal::SIGUSR2);
+    let ready = notify.until("READY");
+    let new: i32 = ready
+        .iter()
+        .find_map(|l| l.strip_prefix("MAINPID="))
+        .unwrap_or_else(|| panic!("READY=1 without MAINPID: {ready:?}"))
+        .parse()
+        .unwrap();
+    assert_ne!(new, old, "{ready:?}");
+    assert!(server.wait_exit(READY_TIMEOUT).success());
+    let v = server.wait_serving();
+    assert_eq!(v["pid"], new);
+    assert_eq!(v["listeners"][0]["origin"], "systemd", "the socket is still systemd's: {v}");
+    assert_eq!(LineClient::connect(addr).ask("GEN"), "2");
+    // The old master left quietly: no STOPPING=1 for the service.
+    notify.socket.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = notify.socket.recv(&mut buf) {
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(!text.contains("STOPPING=1"), "the old master told systemd it stops: {text}");
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(new), Signal::SIGTERM).unwrap();
+    wait_for(READY_TIMEOUT, "the new master to stop", || (!alive(new)).then_some(()));
+}
