@@ -165,15 +165,18 @@ impl Master {
         // passed to us as its own (they are in the list above).
         command.env_remove("LISTEN_PID").env_remove("LISTEN_FDS").env_remove("LISTEN_FDNAMES");
         command.stdin(std::process::Stdio::null());
-        let child = sys::spawn_keeping_fds(&mut command, keep)
-            .map_err(|e| format!("cannot execute {}: {e}", self.argv[0].to_string_lossy()))?;
-        drop(theirs);
-        ours.set_nonblocking(true).map_err(|e| e.to_string())?;
+        // Watched before the new master exists, so that nothing can fail after it started.
+        ours.set_nonblocking(true).map_err(|e| format!("cannot set up the socketpair: {e}"))?;
         let mut channel = mio::net::UnixStream::from_std(ours);
         self.poll
             .registry()
             .register(&mut channel, UPGRADE_TOKEN, Interest::READABLE)
             .map_err(|e| format!("cannot watch the new master: {e}"))?;
+        let child = sys::spawn_keeping_fds(&mut command, keep).map_err(|e| {
+            let _ = self.poll.registry().deregister(&mut channel);
+            format!("cannot execute {}: {e}", self.argv[0].to_string_lossy())
+        })?;
+        drop(theirs);
         let deadline = Instant::now() + self.config.server.boot_timeout + NEW_MASTER_MARGIN;
         Ok(Upgrade {
             child: Pid::from_raw(child.id() as i32),
