@@ -77,7 +77,7 @@ fn stop_master(pid: i32) {
 }
 
 #[test]
-fn an_upgrade_under_load_loses_no_request_and_changes_the_master_pid() {
+fn upgrades_under_load_lose_no_request_and_change_the_master_pid() {
     let setup = Setup::new(2, 4)
         .app("hello", "hello", "")
         .app_at("echo", &plugin("echo"), "", "unix:echo.sock")
@@ -99,6 +99,13 @@ fn an_upgrade_under_load_loses_no_request_and_changes_the_master_pid() {
     assert!(status.success(), "the old master exited with {status}");
     std::thread::sleep(Duration::from_millis(300)); // load on the new master alone
 
+    // The new master (not the test's child) upgrades in turn, still under load.
+    server.wait_serving();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(new), Signal::SIGUSR2).unwrap();
+    let newer = new_master(&server, new)["pid"].as_i64().unwrap() as i32;
+    wait_for(READY_TIMEOUT, "the second master to exit", || (!alive(new)).then_some(()));
+    std::thread::sleep(Duration::from_millis(300));
+
     stop.store(true, Ordering::Relaxed);
     let (mut total, mut failures) = (0, Vec::new());
     for c in clients {
@@ -116,11 +123,11 @@ fn an_upgrade_under_load_loses_no_request_and_changes_the_master_pid() {
     eprintln!("{total} requests, none failed");
 
     let v = server.wait_serving();
-    assert_eq!(v["pid"], new);
-    assert_eq!(v["generation"], 2, "generation numbers go on across the upgrade: {v}");
+    assert_eq!(v["pid"], newer);
+    assert_eq!(v["generation"], 3, "generation numbers go on across upgrades: {v}");
     assert!(v["listeners"].as_array().unwrap().iter().all(|l| l["origin"] == "upgrade"), "{v}");
     let pidfile = std::fs::read_to_string(server.dir.path().join("fdt.pid")).unwrap();
-    assert_eq!(pidfile.trim(), new.to_string());
+    assert_eq!(pidfile.trim(), newer.to_string());
     // The old master removed no file the new one serves.
     let echo = std::os::unix::net::UnixStream::connect(server.dir.path().join("echo.sock")).unwrap();
     let mut echo = std::io::BufReader::new(echo);
@@ -130,7 +137,8 @@ fn an_upgrade_under_load_loses_no_request_and_changes_the_master_pid() {
     assert_eq!(line, "still here\n");
     let log = server.log();
     assert!(log.contains(&format!("the new master (pid {new}) serves; draining and exiting")), "{log}");
-    stop_master(new);
+    assert!(log.contains(&format!("the new master (pid {newer}) serves; draining and exiting")), "{log}");
+    stop_master(newer);
 }
 
 #[test]

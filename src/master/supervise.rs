@@ -1,6 +1,7 @@
 //! Supervision limits: the master kills a worker that stopped making progress
-//! (`heartbeat_timeout`) or whose request runs too long (`request_timeout`), and recycles a
-//! worker gracefully after `max_requests` (a replacement first, then the old one drains).
+//! (`heartbeat_timeout`), whose request runs too long (`request_timeout`), or that, as the
+//! replacement of a dead worker, does not start within `boot_timeout`; and it recycles a worker
+//! gracefully after `max_requests` (a replacement first, then the old one drains).
 //!
 //! Inputs are the heartbeats workers send every `worker::STATS_INTERVAL` from their control
 //! thread, with a summary of their handler threads (see `ipc::WorkerStats`). A worker that is
