@@ -821,6 +821,14 @@ impl Master {
             }
         }
         log::info!("generation {id}: starting {workers} worker(s)");
+        let heartbeat = self.table.generations[&id].config.server.heartbeat_timeout;
+        if supervise::effective_heartbeat_timeout(heartbeat) != heartbeat {
+            log::warn!(
+                "heartbeat_timeout {} s is shorter than two heartbeats; using {} s",
+                heartbeat.as_secs_f64(),
+                supervise::MIN_HEARTBEAT_TIMEOUT.as_secs_f64()
+            );
+        }
         Ok(id)
     }
 

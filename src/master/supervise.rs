@@ -62,6 +62,16 @@ impl Limit {
     }
 }
 
+/// The shortest `heartbeat_timeout` that makes sense: two heartbeats, so that one late
+/// heartbeat never gets a healthy worker killed. A shorter configured value is raised to it.
+pub const MIN_HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(2 * crate::worker::STATS_INTERVAL.as_millis() as u64);
+
+/// `heartbeat_timeout` as enforced: 0 stays "never", anything else is at least
+/// [`MIN_HEARTBEAT_TIMEOUT`].
+pub fn effective_heartbeat_timeout(configured: Duration) -> Duration {
+    if configured.is_zero() { configured } else { configured.max(MIN_HEARTBEAT_TIMEOUT) }
+}
+
 /// A recycle whose replacement died before serving is retried after this long, so that an
 /// app that cannot start costs one fork per slot per interval, not one per heartbeat.
 const RECYCLE_RETRY: Duration = Duration::from_secs(5);
@@ -180,7 +190,7 @@ impl Master {
             let applies = gen_.state == GenState::Active && !server.boot_timeout.is_zero();
             return applies.then(|| (w.started + server.boot_timeout, Limit::Boot));
         }
-        let heartbeat = server.heartbeat_timeout;
+        let heartbeat = effective_heartbeat_timeout(server.heartbeat_timeout);
         let mut candidates = Vec::with_capacity(3);
         if !heartbeat.is_zero() {
             candidates.push((w.last_heard + heartbeat, Limit::Silent));
@@ -200,7 +210,7 @@ impl Master {
         let now = Instant::now();
         let who = format!("worker {} (pid {}) of generation {}", w.slot, w.pid, w.generation);
         let secs = |since: Instant| now.duration_since(since).as_secs_f64();
-        let heartbeat = server.heartbeat_timeout.as_secs_f64();
+        let heartbeat = effective_heartbeat_timeout(server.heartbeat_timeout).as_secs_f64();
         match limit {
             Limit::Boot => format!(
                 "{who} did not start its apps within boot_timeout ({} s); killing it",
@@ -262,6 +272,13 @@ impl Master {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_heartbeat_timeout_shorter_than_two_heartbeats_is_raised_and_zero_means_never() {
+        assert_eq!(effective_heartbeat_timeout(Duration::ZERO), Duration::ZERO);
+        assert_eq!(effective_heartbeat_timeout(Duration::from_millis(200)), Duration::from_secs(1));
+        assert_eq!(effective_heartbeat_timeout(Duration::from_secs(30)), Duration::from_secs(30));
+    }
 
     #[test]
     fn jitter_stays_within_a_tenth_of_the_limit() {
