@@ -224,5 +224,7 @@ fn usr2_executes_the_binary_now_at_the_path_the_master_was_started_from_or_fails
     assert_eq!(running.ino(), installed.ino(), "the new master does not run the file now at {}", exe.display());
     assert_eq!(std::fs::read_link(format!("/proc/{new}/exe")).unwrap(), Path::new(&exe));
     server.wait_serving();
+    let threads = std::fs::read_dir(format!("/proc/{new}/task")).unwrap().count();
+    assert_eq!(threads, 1, "the new master must be single-threaded");
     stop_master(new);
 }

@@ -251,6 +251,8 @@ impl Master {
             .collect();
         for (pid, limit, line) in expired {
             log::error!("{line}");
+            // `systemctl status` shows the last one.
+            self.notifier.status(&line);
             let reason = limit.reason();
             match reason {
                 KillReason::Heartbeat => self.counters.heartbeat_kills += 1,
