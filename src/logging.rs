@@ -104,18 +104,26 @@ pub fn reopen() -> Result<(), Vec<String>> {
     if errors.is_empty() { Ok(()) } else { Err(errors) }
 }
 
-/// A worker: write to these files from now on (the master reopened them and sent them).
+/// A worker: write to these files from now on (the master reopened them, or a reload changed
+/// their paths, and sent them). A worker never reopens by path, so it keeps no path.
 pub fn use_files(error_log: Option<File>, access_log: Option<File>) {
-    if let Some(f) = error_log
-        && let Some((_, file)) = lock().file.as_mut()
-    {
-        *file = f;
+    if let Some(f) = error_log {
+        lock().file = Some((PathBuf::new(), f));
     }
-    if let Some(f) = access_log
-        && let Some((_, file)) = lock_access().as_mut()
-    {
-        *file = f;
+    if let Some(f) = access_log {
+        *lock_access() = Some((PathBuf::new(), f));
+        ACCESS_ON.store(true, Ordering::Release);
     }
+}
+
+/// The path of the error log file (`None`: stderr).
+pub fn error_log_path() -> Option<PathBuf> {
+    lock().file.as_ref().map(|(p, _)| p.clone())
+}
+
+/// The path of the access log file, if any.
+pub fn access_log_path() -> Option<PathBuf> {
+    lock_access().as_ref().map(|(p, _)| p.clone())
 }
 
 /// The fd lines are written to, so that a forked worker keeps it open.

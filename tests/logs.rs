@@ -118,3 +118,33 @@ fn workers_running_as_nobody_write_to_reopened_logs_they_could_not_open_themselv
         read(&access).contains(&format!("pid={worker} ")).then_some(())
     });
 }
+
+#[test]
+fn a_reload_switches_the_master_and_every_worker_to_new_log_paths_or_is_refused_if_they_cannot_open() {
+    let setup = Setup::new(2, 2).app("kit", "testkit", "").server("error_log", "\"error.log\"");
+    let server = TestServer::start(&setup);
+    let dir = server.dir.path();
+
+    // A path that cannot be opened refuses the reload; nothing changes.
+    server.write_config(&setup.clone().server("access_log", "\"no/such/dir/access.log\""));
+    let (code, body) = server.reload();
+    assert_eq!(code, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("cannot open access_log"), "{body}");
+
+    let moved = setup.clone().server("error_log", "\"error2.log\"").server("access_log", "\"access.log\"");
+    server.write_config(&moved);
+    assert_eq!(server.reload().0, 200);
+    let text = read(&dir.join("error2.log"));
+    assert!(text.contains("reloaded: generation 2 serving"), "{text}");
+    let new_workers = server.worker_pids();
+    for pid in &new_workers {
+        wait_for(READY_TIMEOUT, "a line of every new worker in the new error log", || {
+            read(&dir.join("error2.log")).contains(&format!("[{pid}] accepting connections")).then_some(())
+        });
+    }
+    let pid = LineClient::connect(server.addr("kit")).ask("PID");
+    wait_for(READY_TIMEOUT, "an access line in the new access log", || {
+        read(&dir.join("access.log")).contains(&format!("pid={pid} ")).then_some(())
+    });
+    assert!(!read(&dir.join("error.log")).contains("reloaded: generation 2"));
+}

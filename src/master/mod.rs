@@ -455,20 +455,78 @@ impl Master {
                 log::error!("{e}");
             }
         }
-        let error = crate::logging::raw_fd();
-        let access = crate::logging::access_raw_fd();
-        if error.is_none() && access.is_none() {
+        if crate::logging::raw_fd().is_none() && crate::logging::access_raw_fd().is_none() {
             log::info!("USR1: no log file to reopen (logging to stderr)");
             return;
         }
+        self.send_log_files();
+        log::info!("log files reopened");
+    }
+
+    /// Hands the master's current log files to every worker (`SCM_RIGHTS`).
+    fn send_log_files(&mut self) {
+        let error = crate::logging::raw_fd();
+        let access = crate::logging::access_raw_fd();
         let message = MasterMessage::Reopen { error: error.is_some(), access: access.is_some() }.to_string();
         let fds: Vec<i32> = error.into_iter().chain(access).collect();
         for w in self.table.workers.values() {
             if let Err(e) = sys::send_with_fds(w.channel.as_raw_fd(), message.as_bytes(), &fds) {
-                log::warn!("cannot hand the reopened log files to worker pid {}: {e}", w.pid);
+                log::warn!("cannot hand the log files to worker pid {}: {e}", w.pid);
             }
         }
-        log::info!("log files reopened");
+    }
+
+    /// A reload may name other log files: checks that they can be opened (before anything
+    /// changes, so that a bad path refuses the reload).
+    fn check_log_paths(config: &Config) -> Result<(), String> {
+        let changes = [
+            ("error_log", &config.server.error_log, crate::logging::error_log_path()),
+            ("access_log", &config.server.access_log, crate::logging::access_log_path()),
+        ];
+        for (key, wanted, current) in changes {
+            if let Some(path) = wanted
+                && Some(path) != current.as_ref()
+            {
+                crate::logging::open_log(path).map_err(|e| format!("cannot open {key} {}: {e}", path.display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A new generation serves: switch to the log files its config names (a removed path keeps
+    /// the old file until the next restart), and hand them to every worker.
+    fn switch_log_files(&mut self) {
+        let server = &self.config.server;
+        let mut changed = false;
+        let (error, access) = (server.error_log.clone(), server.access_log.clone());
+        if let Some(path) = &error
+            && Some(path) != crate::logging::error_log_path().as_ref()
+        {
+            match crate::logging::set_file(Some(path)) {
+                Ok(()) => changed = true,
+                Err(e) => log::error!("cannot open error_log {}: {e}; keeping the old one", path.display()),
+            }
+        }
+        if let Some(path) = &access
+            && Some(path) != crate::logging::access_log_path().as_ref()
+        {
+            match crate::logging::set_access_file(Some(path)) {
+                Ok(()) => changed = true,
+                Err(e) => log::error!("cannot open access_log {}: {e}; keeping the old one", path.display()),
+            }
+        }
+        for (key, wanted, current) in [
+            ("error_log", &error, crate::logging::error_log_path()),
+            ("access_log", &access, crate::logging::access_log_path()),
+        ] {
+            if wanted.is_none() && current.is_some() {
+                log::warn!("{key} was removed from the config: it stays open until the next restart");
+            }
+        }
+        if changed {
+            self.send_log_files();
+            log::info!("log files switched to the reloaded config's paths");
+        }
     }
 
     // ---- workers --------------------------------------------------------------------------
@@ -747,6 +805,7 @@ impl Master {
         }
         self.notifier.reloading();
         let result = Config::load(&self.config_path).map_err(|e| e.to_string());
+        let result = result.and_then(|config| Master::check_log_paths(&config).map(|()| config));
         let result = result.and_then(|config| self.boot_generation(config));
         match result {
             Ok(_) => self.reload_waiters.extend(waiter),
@@ -843,6 +902,7 @@ impl Master {
         let took = gen_.started.elapsed().as_millis();
         self.config = gen_.config.clone();
         crate::logging::set_level(self.config.server.log_level);
+        self.switch_log_files();
         for pid in self.table.pids_of(id) {
             if let Some(w) = self.table.workers.get_mut(&pid) {
                 w.accepting = true;
