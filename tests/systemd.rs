@@ -204,3 +204,22 @@ fn a_binary_upgrade_under_systemd_announces_the_new_mainpid_and_keeps_the_passed
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(new), Signal::SIGTERM).unwrap();
     wait_for(READY_TIMEOUT, "the new master to stop", || (!alive(new)).then_some(()));
 }
+
+#[test]
+fn a_unix_socket_passed_by_systemd_is_served_and_its_file_is_left_to_systemd() {
+    let sockets = tempfile::tempdir().unwrap();
+    let path = sockets.path().join("echo.sock");
+    let passed = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let setup = Setup::new(1, 1).app_at("echo", &plugin("echo"), "", &format!("unix:{}", path.display()));
+    let fd = passed.as_raw_fd();
+    let mut server = TestServer::start_with(&setup, |config| socket_activated(config, fd, "echo", None));
+    assert_eq!(server.status()["listeners"][0]["origin"], "systemd");
+    let mut c = std::io::BufReader::new(std::os::unix::net::UnixStream::connect(&path).unwrap());
+    std::io::Write::write_all(c.get_mut(), b"over unix\n").unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut c, &mut line).unwrap();
+    assert_eq!(line, "over unix\n");
+    server.signal(Signal::SIGTERM);
+    assert!(server.wait_exit(READY_TIMEOUT).success());
+    assert!(path.exists(), "the server removed the socket file systemd made");
+}
