@@ -3,6 +3,7 @@
 
 mod util;
 
+use nix::sys::signal::Signal;
 use serde_json::Value;
 use util::*;
 
@@ -161,4 +162,20 @@ fn a_second_server_on_the_same_pidfile_is_refused_and_the_pidfile_goes_at_exit()
     first.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(first.wait_exit(READY_TIMEOUT).success());
     assert!(!pidfile.exists(), "the pidfile is left behind");
+}
+
+#[test]
+fn operator_signals_sent_to_every_process_leave_the_workers_serving() {
+    // `systemctl kill -s SIG` and `pkill -SIG fdtserver` reach the workers too.
+    let server = TestServer::start(&Setup::new(1, 1).app("echo", "echo", ""));
+    let worker = server.worker_pids()[0];
+    for sig in [Signal::SIGHUP, Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGTTIN, Signal::SIGTTOU, Signal::SIGWINCH] {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(worker), sig).unwrap();
+    }
+    let mut c = LineClient::connect(server.addr("echo"));
+    assert_eq!(c.ask("still here"), "still here");
+    assert!(alive(worker));
+    assert_eq!(server.worker_pids(), vec![worker]);
+    let state = std::fs::read_to_string(format!("/proc/{worker}/stat")).unwrap();
+    assert!(!state.rsplit_once(") ").unwrap().1.starts_with('T'), "the worker was stopped: {state}");
 }
