@@ -112,6 +112,9 @@ impl Worker {
         // Order matters (see ARCHITECTURE.md, "fork"), and every signal is still blocked:
         // 1. drop the master's signal actions (they would wake the master's loop through the
         //    shared self-pipe); signal-hook closes their pipe ends right here;
+        //    signal-hook leaves its handler installed, so the master's other signals (HUP, USR1,
+        //    USR2, TTIN, TTOU) are swallowed here rather than killing or stopping the worker when
+        //    an operator signals every process (`pkill -HUP fdtserver`);
         for id in &spec.master_signals {
             signal_hook::low_level::unregister(*id);
         }
