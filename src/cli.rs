@@ -277,6 +277,9 @@ fn format_status(v: &serde_json::Value) -> String {
     if let Some(pid) = v["upgrade"]["new_master"].as_i64() {
         let _ = writeln!(out, "binary upgrade under way: new master pid {pid}");
     }
+    if let Some(pid) = v["upgrade"]["old_master_draining"].as_i64() {
+        let _ = writeln!(out, "binary upgrade: the old master (pid {pid}) is still draining");
+    }
     let _ = writeln!(
         out,
         "\n{:>8} {:>4} {:>4} {:<9} {:>8} {:>10} {:>7}",

@@ -179,13 +179,24 @@ fn an_upgrade_whose_new_master_cannot_start_leaves_the_old_master_serving() {
         "the pidfile changed"
     );
 
-    // Fixed: the next upgrade succeeds.
+    // Fixed: the next upgrade succeeds. A conversation in progress keeps the old master
+    // draining, which the new master's status shows.
+    assert_eq!(open.ask("BUSY"), "BUSY");
     server.write_config(&setup);
     server.signal(Signal::SIGUSR2);
-    let new = new_master(&server, server.pid)["pid"].as_i64().unwrap() as i32;
+    let old = server.pid;
+    let new = new_master(&server, old)["pid"].as_i64().unwrap() as i32;
+    assert_eq!(server.status()["upgrade"]["old_master_draining"], old);
+    let (_, table, _) = server.cli(&["status"]);
+    assert!(table.contains(&format!("the old master (pid {old}) is still draining")), "{table}");
+    assert_eq!(open.ask("GEN"), "1", "the old worker serves its conversation to the end");
+    assert_eq!(open.ask("IDLE"), "IDLE");
     assert!(server.wait_exit(READY_TIMEOUT).success());
     // The old worker drained: it closed the idle connection gently (EOF, not a reset).
     assert_eq!(open.recv(), None);
+    wait_for(READY_TIMEOUT, "the new master to see the old one gone", || {
+        server.status()["upgrade"]["old_master_draining"].is_null().then_some(())
+    });
     wait_for(READY_TIMEOUT, "the new master's workers to serve", || {
         (LineClient::connect(addr).ask("GEN") == "2").then_some(())
     });

@@ -206,6 +206,8 @@ pub struct Master {
     handover: Option<upgrade::Handover>,
     /// This master handed everything to a new master and is draining out.
     handed_over: bool,
+    /// The master this one took over from (binary upgrade), shown in `status` while it drains.
+    old_master: Option<Pid>,
 }
 
 /// Prints a problem that stops the server from starting: to the log, and to stderr when the
@@ -367,6 +369,7 @@ impl Master {
             upgrade: None,
             handover: None,
             handed_over: false,
+            old_master: None,
         };
         if let Some(h) = handover {
             log::info!("binary upgrade: starting in place of the old master (pid {})", h.old_pid);

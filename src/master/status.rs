@@ -95,6 +95,7 @@ impl Master {
             "worker_recycles": self.counters.recycles,
             "upgrade": {
                 "new_master": self.upgrade.as_ref().map(|u| u.child.as_raw()),
+                "old_master_draining": self.old_master_draining().map(|p| p.as_raw()),
                 "failed": self.counters.upgrades_failed,
             },
             "draining": self.draining_json(),

@@ -293,7 +293,17 @@ impl Master {
         for l in self.listeners.values_mut() {
             l.owns_file = l.origin != Origin::Systemd;
         }
-        log::info!("binary upgrade: took over from the old master (pid {})", handover.old_pid);
+        log::info!("binary upgrade: took over from the old master (pid {}), which drains", handover.old_pid);
+        self.old_master = Some(handover.old_pid);
+    }
+
+    /// The master this one took over from, while it still drains.
+    pub(super) fn old_master_draining(&self) -> Option<Pid> {
+        let pid = self.old_master?;
+        // Not our child: look at /proc (a zombie waiting for its parent has exited).
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let running = stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z'));
+        running.then_some(pid)
     }
 
     /// The earliest upgrade deadline.
@@ -302,6 +312,10 @@ impl Master {
     }
 
     pub(super) fn upgrade_timers(&mut self) {
+        // Forget the old master once it is gone, before its pid can be reused.
+        if self.old_master.is_some() && self.old_master_draining().is_none() {
+            log::info!("the old master (pid {}) has exited", self.old_master.take().expect("checked"));
+        }
         let now = Instant::now();
         let Some(upgrade) = self.upgrade.as_mut() else { return };
         match upgrade.kill_at {
