@@ -215,3 +215,42 @@ impl Listener {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn listen(address: &str, app: &str) -> ListenConfig {
+        ListenConfig { address: Address::parse(address, Path::new("/")).unwrap(), app: app.into(), backlog: 16 }
+    }
+
+    fn passed(addr: &str) -> OwnedFd {
+        OwnedFd::from(std::net::TcpListener::bind(addr).unwrap())
+    }
+
+    #[test]
+    fn passed_sockets_are_adopted_by_address_or_by_key_and_port_0_never_matches_an_address() {
+        let mut inherited = Inherited::default();
+        let systemd = passed("127.0.0.1:0");
+        let systemd_addr = Socket::from(systemd.try_clone().unwrap()).local_addr().unwrap().as_socket().unwrap();
+        inherited.add(systemd, None, Some("web".into()), Origin::Systemd).unwrap();
+        inherited.add(passed("127.0.0.1:0"), Some("127.0.0.1:0#kit".into()), None, Origin::Upgrade).unwrap();
+
+        assert!(inherited.take(&listen("127.0.0.1:0", "other")).unwrap().is_none(), "port 0 matched an address");
+        let by_key = inherited.take(&listen("127.0.0.1:0", "kit")).unwrap().expect("the upgrade socket by its key");
+        assert_eq!((by_key.origin, by_key.owns_file), (Origin::Upgrade, false));
+        let by_addr =
+            inherited.take(&listen(&systemd_addr.to_string(), "web")).unwrap().expect("the systemd socket by address");
+        assert_eq!(by_addr.origin, Origin::Systemd);
+        assert_eq!(by_addr.local, systemd_addr.to_string());
+        assert!(inherited.is_empty());
+    }
+
+    #[test]
+    fn a_passed_fd_that_is_not_a_listening_socket_is_refused() {
+        let connected = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let err = Inherited::default().add(OwnedFd::from(connected), None, None, Origin::Systemd).unwrap_err();
+        assert!(err.to_string().contains("not a listening stream socket"), "{err}");
+    }
+}

@@ -22,17 +22,22 @@ pub struct Notifier {
 impl Notifier {
     /// Reads `NOTIFY_SOCKET` (a path, or `@name` for an abstract socket).
     pub fn from_env() -> Notifier {
-        let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-            return Notifier { target: None };
-        };
+        match std::env::var_os("NOTIFY_SOCKET") {
+            Some(path) => Notifier::to(&path),
+            None => Notifier { target: None },
+        }
+    }
+
+    /// Notifies the socket at `path` (a path, or `@name` for an abstract socket).
+    pub fn to(path: &std::ffi::OsStr) -> Notifier {
         let target = (|| -> io::Result<_> {
-            let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+            let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path);
             let addr = match bytes.strip_prefix(b"@") {
                 Some(name) => {
                     use std::os::linux::net::SocketAddrExt;
                     std::os::unix::net::SocketAddr::from_abstract_name(name)?
                 }
-                None => std::os::unix::net::SocketAddr::from_pathname(&path)?,
+                None => std::os::unix::net::SocketAddr::from_pathname(path)?,
             };
             let socket = UnixDatagram::unbound()?;
             socket.set_nonblocking(true)?;
@@ -114,4 +119,31 @@ pub fn adopt_listen_fds(inherited: &mut Inherited) -> Vec<String> {
         }
     }
     problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_abstract_notify_socket_gets_one_datagram_per_notification() {
+        use std::os::linux::net::SocketAddrExt;
+        let name = format!("fdtserver-test-{}", std::process::id());
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        let listener = UnixDatagram::bind_addr(&addr).unwrap();
+        let notifier = Notifier::to(std::ffi::OsStr::new(&format!("@{name}")));
+        notifier.reloading();
+        let mut buf = [0u8; 512];
+        let n = listener.recv(&mut buf).unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "RELOADING=1");
+        assert!(lines[1].starts_with("MONOTONIC_USEC="), "{text}");
+        assert_eq!(lines[2], "STATUS=reloading");
+    }
+
+    #[test]
+    fn without_a_notify_socket_nothing_is_sent_and_nothing_fails() {
+        Notifier { target: None }.ready("serving");
+    }
 }
