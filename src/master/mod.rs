@@ -1118,12 +1118,16 @@ impl Master {
         if let Some(deadline) = self.next_upgrade_deadline() {
             next = next.min(deadline);
         }
+        if let Some(deadline) = self.next_condemned_kill() {
+            next = next.min(deadline);
+        }
         next.saturating_duration_since(now)
     }
 
     fn on_timers(&mut self) {
         self.send_pending_replies();
         self.enforce_supervision_limits();
+        self.kill_condemned();
         self.upgrade_timers();
         let now = Instant::now();
         let (due, later): (Vec<Respawn>, Vec<Respawn>) =

@@ -72,6 +72,12 @@ pub fn effective_heartbeat_timeout(configured: Duration) -> Duration {
     if configured.is_zero() { configured } else { configured.max(MIN_HEARTBEAT_TIMEOUT) }
 }
 
+/// How long a worker condemned for a stuck request keeps running, draining, before it is
+/// killed: enough for its drain to close idle keep-alive connections gently (it closes those
+/// quiet for 200 ms, every 50 ms) and for requests of normal length to finish, short enough
+/// that the stuck request ends within `request_timeout` plus a second.
+pub const CONDEMNED_GRACE: Duration = Duration::from_millis(500);
+
 /// A recycle whose replacement died before serving is retried after this long, so that an
 /// app that cannot start costs one fork per slot per interval, not one per heartbeat.
 const RECYCLE_RETRY: Duration = Duration::from_secs(5);
@@ -221,16 +227,18 @@ impl Master {
                 secs(w.last_heard)
             ),
             Limit::Stalled => format!(
-                "{who} made no progress for {:.1} s: all {} handler threads are busy (heartbeat_timeout {heartbeat} s); killing it",
+                "{who} made no progress for {:.1} s: all {} handler threads are busy (heartbeat_timeout {heartbeat} s); replacing it, killing it in {} ms",
                 w.stalled_since.map_or(0.0, secs),
-                w.stats.busy_threads
+                w.stats.busy_threads,
+                CONDEMNED_GRACE.as_millis()
             ),
             Limit::Request => {
                 let (since, peer, app) = w.running.clone().unwrap_or_else(|| (now, "?".into(), "?".into()));
                 format!(
-                    "{who}: a request of app {app} from {peer} has been running for {:.1} s (request_timeout {} s); killing the worker",
+                    "{who}: a request of app {app} from {peer} has been running for {:.1} s (request_timeout {} s); replacing the worker, which drains and is killed in {} ms",
                     secs(since),
-                    server.request_timeout.unwrap_or_default().as_secs_f64()
+                    server.request_timeout.unwrap_or_default().as_secs_f64(),
+                    CONDEMNED_GRACE.as_millis()
                 )
             }
         }
@@ -262,12 +270,59 @@ impl Master {
             if let Some(w) = self.table.workers.get_mut(&pid) {
                 w.killed = Some(reason.name().into());
             }
-            // SIGKILL also ends a stopped process; a stuck app thread cannot be stopped any
-            // other way.
-            if let Err(e) = kill(pid, Signal::SIGKILL) {
-                log::error!("cannot kill worker pid {pid}: {e}");
+            match limit {
+                // Its control thread still runs: let it close its other connections gently.
+                Limit::Request | Limit::Stalled => self.condemn(pid),
+                // SIGKILL also ends a stopped process.
+                Limit::Silent | Limit::Boot => kill_now(pid),
             }
         }
+    }
+
+    /// A worker with a thread stuck in app code (which nothing but its death can stop): start
+    /// its replacement, tell it to drain so that its idle connections are closed with a FIN and
+    /// its quick requests finish, and kill it [`CONDEMNED_GRACE`] later.
+    fn condemn(&mut self, pid: Pid) {
+        let Some(w) = self.table.workers.get(&pid) else { return };
+        let (generation, slot, was_draining) = (w.generation, w.slot, w.state == WorkerState::Draining);
+        let active = self.table.generations.get(&generation).is_some_and(|g| g.state == GenState::Active);
+        if active && !was_draining && self.stopping.is_none() && w.replacement.is_none() {
+            self.counters.worker_restarts += 1;
+            match self.spawn_worker(generation, slot) {
+                Ok(new) => log::info!("worker {slot}: pid {new} replaces pid {pid}"),
+                // The reaper replaces it once it is dead.
+                Err(e) => log::error!("cannot fork a replacement for worker {slot} (pid {pid}) yet: {e}"),
+            }
+        }
+        if let Some(w) = self.table.workers.get_mut(&pid) {
+            w.kill_at = Some(Instant::now() + CONDEMNED_GRACE);
+            if !was_draining {
+                w.state = WorkerState::Draining;
+                self.send(pid, MasterMessage::Drain);
+            }
+        }
+    }
+
+    /// Kills condemned workers whose grace is over.
+    pub(super) fn kill_condemned(&mut self) {
+        let now = Instant::now();
+        for w in self.table.workers.values_mut() {
+            if w.kill_at.is_some_and(|at| now >= at) {
+                w.kill_at = None;
+                kill_now(w.pid);
+            }
+        }
+    }
+
+    /// When the next condemned worker is due.
+    pub(super) fn next_condemned_kill(&self) -> Option<Instant> {
+        self.table.workers.values().filter_map(|w| w.kill_at).min()
+    }
+}
+
+fn kill_now(pid: Pid) {
+    if let Err(e) = kill(pid, Signal::SIGKILL) {
+        log::error!("cannot kill worker pid {pid}: {e}");
     }
 }
 

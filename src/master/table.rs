@@ -115,6 +115,8 @@ pub struct Worker {
     pub replaces: Option<Pid>,
     /// A recycle whose replacement died is retried no earlier than this.
     pub recycle_not_before: Option<Instant>,
+    /// Condemned (a thread stuck in app code): draining, and killed at this time.
+    pub kill_at: Option<Instant>,
 }
 
 impl Worker {
@@ -141,6 +143,7 @@ impl Worker {
             replacement: None,
             replaces: None,
             recycle_not_before: None,
+            kill_at: None,
         }
     }
 
