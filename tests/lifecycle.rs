@@ -145,3 +145,16 @@ fn workers_exit_when_the_master_is_killed() {
         workers.iter().all(|&p| !alive(p)).then_some(())
     });
 }
+
+#[test]
+fn term_during_the_first_boot_is_a_clean_stop() {
+    let mut server = TestServer::spawn(&Setup::new(1, 1).app("kit", "testkit", "start_delay_ms = 3000"));
+    wait_for(READY_TIMEOUT, "the first generation to be booting", || {
+        let (_, body) = server.control("GET", "/status")?;
+        body.contains("\"booting\"").then_some(())
+    });
+    server.signal(Signal::SIGTERM);
+    let status = server.wait_exit(Duration::from_secs(5));
+    assert!(status.success(), "a stop during the first boot exited with {status}");
+    assert!(!server.log().contains("cannot start"), "{}", server.log());
+}

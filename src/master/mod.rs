@@ -907,7 +907,10 @@ impl Master {
                 w.state = WorkerState::Stopping;
             }
         }
-        if self.table.active_id().is_none() && self.stopping.is_none() {
+        if self.stopping.is_some() {
+            // Abandoned because the server stops: not a failure of the generation.
+            log::info!("generation {id} abandoned: {reason}");
+        } else if self.table.active_id().is_none() {
             // The first generation: the server cannot start.
             fatal(&self.config, &format!("cannot start: {reason}"));
             self.startup_failure = Some(reason.clone());
@@ -1016,6 +1019,10 @@ impl Master {
                 timeout.as_secs_f64()
             );
         }
+        // From here on the master is stopping (so a booting generation abandoned below is not a
+        // failed start or reload).
+        let kill_at = now + if fast { FAST_STOP_GRACE } else { timeout + DRAIN_KILL_MARGIN };
+        self.stopping = Some(Stopping { fast, kill_at });
         // New connections are refused from now on: close our copy of every listener (each
         // worker closes its own as its acceptors notice the drain).
         for (_, l) in std::mem::take(&mut self.listeners) {
@@ -1035,8 +1042,6 @@ impl Master {
                 self.drain_generation(id);
             }
         }
-        let kill_at = now + if fast { FAST_STOP_GRACE } else { timeout + DRAIN_KILL_MARGIN };
-        self.stopping = Some(Stopping { fast, kill_at });
         // After abandoning a booting generation, whose failed reload ends with READY=1. A
         // master that handed over to a new one stops quietly: the service goes on.
         if !self.handed_over {

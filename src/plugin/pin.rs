@@ -47,10 +47,12 @@ pub fn pin(plugin: &Path, dir: &Path) -> io::Result<PathBuf> {
     let version = FileVersion::of(&fs::metadata(plugin)?);
     let mut cache = PINNED.lock().unwrap_or_else(|e| e.into_inner());
     let cache = cache.get_or_insert_with(HashMap::new);
-    if let Some((known, pinned)) = cache.get(plugin) {
-        if *known == version && pinned.starts_with(dir) && pinned.exists() {
-            return Ok(pinned.clone());
-        }
+    if let Some((known, pinned)) = cache.get(plugin)
+        && *known == version
+        && pinned.starts_with(dir)
+        && pinned.exists()
+    {
+        return Ok(pinned.clone());
     }
     let pinned = pin_content(plugin, dir)?;
     cache.insert(plugin.to_path_buf(), (version, pinned.clone()));
