@@ -19,6 +19,16 @@ pub enum WorkerMessage {
     Accepting,
     /// Draining: the worker's acceptors have returned; it takes no new connection.
     StoppedAccepting,
+    /// The apps' event counters (totals), sent with a heartbeat when they changed.
+    Events(Vec<AppEvent>),
+}
+
+/// One app event counter: (app, event, total).
+pub type AppEvent = (String, String, u64);
+
+/// Makes a name safe for the `events` line (no spaces, `/` or `=`).
+fn token(name: &str) -> String {
+    name.chars().map(|c| if c.is_whitespace() || c == '/' || c == '=' { '_' } else { c }).collect()
 }
 
 /// A worker's counters, as reported in its heartbeat.
@@ -81,6 +91,13 @@ impl fmt::Display for WorkerMessage {
             }
             WorkerMessage::StoppedAccepting => writeln!(f, "stopped-accepting"),
             WorkerMessage::Accepting => writeln!(f, "accepting"),
+            WorkerMessage::Events(events) => {
+                write!(f, "events")?;
+                for (app, event, total) in events {
+                    write!(f, " {}/{}={total}", token(app), token(event))?;
+                }
+                writeln!(f)
+            }
         }
     }
 }
@@ -105,6 +122,15 @@ impl WorkerMessage {
             "ready" => Some(WorkerMessage::Ready),
             "stopped-accepting" => Some(WorkerMessage::StoppedAccepting),
             "accepting" => Some(WorkerMessage::Accepting),
+            "events" => rest
+                .split_whitespace()
+                .map(|item| {
+                    let (name, total) = item.split_once('=')?;
+                    let (app, event) = name.split_once('/')?;
+                    Some((app.to_string(), event.to_string(), total.parse().ok()?))
+                })
+                .collect::<Option<Vec<_>>>()
+                .map(WorkerMessage::Events),
             "failed" => Some(WorkerMessage::Failed(rest.to_string())),
             "stats" => {
                 let mut words = rest.splitn(9, ' ');
@@ -204,6 +230,16 @@ mod tests {
         assert_eq!(WorkerMessage::parse(&lines.next_line().unwrap()), Some(msgs[2].clone()));
         assert_eq!(WorkerMessage::parse(&lines.next_line().unwrap()), Some(msgs[3].clone()));
         assert_eq!(lines.next_line(), None);
+        let events =
+            WorkerMessage::Events(vec![("bank".into(), "txn_committed".into(), 7), ("a b".into(), "x".into(), 0)]);
+        assert_eq!(
+            WorkerMessage::parse(events.to_string().trim_end()),
+            Some(WorkerMessage::Events(vec![
+                ("bank".into(), "txn_committed".into(), 7),
+                ("a_b".into(), "x".into(), 0)
+            ]))
+        );
+        assert_eq!(WorkerMessage::parse("events"), Some(WorkerMessage::Events(vec![])));
         for m in [
             MasterMessage::Accept,
             MasterMessage::Drain,

@@ -105,6 +105,11 @@ fn a_client_that_vanishes_after_prepare_leaves_it_prepared_for_its_coordinator()
     assert!(prepared(&pg, "bank").is_empty());
     assert_eq!(b.ask(&format!("RESOLVE COMMIT {gid}")), "ERR unknown gid");
     assert_eq!(b.ask("RECOVER"), "OK");
+    // …and it was counted.
+    for event in ["txn_prepared", "txn_left_prepared", "txn_resolved_commit"] {
+        let line = format!("fdtserver_app_events_total{{app=\"bank\",event=\"{event}\"}} 1");
+        wait_for(Duration::from_secs(3), &line, || server.control("GET", "/metrics")?.1.contains(&line).then_some(()));
+    }
 }
 
 #[test]

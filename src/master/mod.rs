@@ -208,6 +208,8 @@ pub struct Master {
     handed_over: bool,
     /// The master this one took over from (binary upgrade), shown in `status` while it drains.
     old_master: Option<Pid>,
+    /// App event counts of workers that have exited (the totals stay monotonic).
+    retired_events: BTreeMap<(String, String), u64>,
 }
 
 /// Prints a problem that stops the server from starting: to the log, and to stderr when the
@@ -363,6 +365,7 @@ impl Master {
             startup_failure: None,
             pidfile_written: false,
             load,
+            retired_events: BTreeMap::new(),
             notifier: systemd::Notifier::from_env(),
             inherited,
             argv: std::env::args_os().collect(),
@@ -552,6 +555,7 @@ impl Master {
         match msg {
             WorkerMessage::Stats(stats) => self.on_stats(pid, stats),
             WorkerMessage::StoppedAccepting => w.accepting = false,
+            WorkerMessage::Events(events) => w.events = events,
             WorkerMessage::Accepting => {
                 if w.state == WorkerState::Ready {
                     w.state = WorkerState::Serving;
@@ -621,13 +625,19 @@ impl Master {
         // Read what the worker said last (such as why it failed) before forgetting it: its
         // exit may be noticed before its last message.
         for msg in self.read_worker(pid) {
-            if let (WorkerMessage::Failed(reason), Some(w)) = (msg, self.table.workers.get_mut(&pid)) {
-                w.failure = Some(reason);
+            match (msg, self.table.workers.get_mut(&pid)) {
+                (WorkerMessage::Failed(reason), Some(w)) => w.failure = Some(reason),
+                (WorkerMessage::Events(events), Some(w)) => w.events = events,
+                _ => {}
             }
         }
         let Some(mut w) = self.table.workers.remove(&pid) else {
             return;
         };
+        // Its counts stay in the totals after it is gone.
+        for (app, event, n) in std::mem::take(&mut w.events) {
+            *self.retired_events.entry((app, event)).or_insert(0) += n;
+        }
         let _ = self.poll.registry().deregister(&mut w.channel);
         self.load.release(w.load_index);
         self.forget_recycle(pid, w.replaces, w.replacement);

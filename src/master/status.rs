@@ -87,6 +87,7 @@ impl Master {
                 "last_error": self.counters.last_reload_error,
             },
             "worker_restarts": self.counters.worker_restarts,
+            "app_events": self.app_events_json(),
             "worker_kills": {
                 "heartbeat_timeout": self.counters.heartbeat_kills,
                 "request_timeout": self.counters.request_timeout_kills,
@@ -125,6 +126,26 @@ impl Master {
         })
     }
 
+    /// App event totals: every live worker's last report plus what exited workers counted.
+    fn app_events(&self) -> std::collections::BTreeMap<(String, String), u64> {
+        let mut totals = self.retired_events.clone();
+        for w in self.table.workers.values() {
+            for (app, event, n) in &w.events {
+                *totals.entry((app.clone(), event.clone())).or_insert(0) += n;
+            }
+        }
+        totals
+    }
+
+    fn app_events_json(&self) -> Value {
+        let mut apps = serde_json::Map::new();
+        for ((app, event), n) in self.app_events() {
+            let entry = apps.entry(app).or_insert_with(|| json!({}));
+            entry[event] = json!(n);
+        }
+        Value::Object(apps)
+    }
+
     pub(super) fn metrics_text(&self) -> String {
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
@@ -142,6 +163,18 @@ impl Master {
                 })
                 .collect()
         };
+        let escape = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"");
+        metric(
+            "app_events_total",
+            "counter",
+            "Events counted by apps (fdt_sdk::Events), by app and event.",
+            self.app_events()
+                .into_iter()
+                .map(|((app, event), n)| {
+                    (format!("{{app=\"{}\",event=\"{}\"}}", escape(&app), escape(&event)), n as f64)
+                })
+                .collect(),
+        );
         metric("connections_open", "gauge", "Open client connections per worker.", per_worker(&|w| w.stats.open));
         metric(
             "connections_accepted_total",

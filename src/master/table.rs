@@ -117,6 +117,8 @@ pub struct Worker {
     pub recycle_not_before: Option<Instant>,
     /// Condemned (a thread stuck in app code): draining, and killed at this time.
     pub kill_at: Option<Instant>,
+    /// Its apps' event counters, as last reported.
+    pub events: Vec<crate::ipc::AppEvent>,
 }
 
 impl Worker {
@@ -144,6 +146,7 @@ impl Worker {
             replaces: None,
             recycle_not_before: None,
             kill_at: None,
+            events: Vec::new(),
         }
     }
 

@@ -35,6 +35,9 @@ pub struct Describe {
 /// A started app of a loaded plugin.
 pub struct App {
     name: String,
+    /// The app's event counters (see `fdt_sdk::Events`); never freed (the plugin may hold
+    /// the pointer until the process exits).
+    pub events: &'static AppEvents,
     descriptor: &'static AppDescriptor,
     app: *mut c_void,
     stopped: std::sync::atomic::AtomicBool,
@@ -70,6 +73,43 @@ unsafe extern "C" fn host_log(level: abi::LogLevel, target: StrRef, msg: StrRef)
     // SAFETY: the plugin passes strings valid for the duration of this call.
     let (target, msg) = unsafe { (lossy(target), lossy(msg)) };
     crate::logging::log_from_app(level, &target, &msg);
+}
+
+/// An app's event counters, filled through the ABI's `count` callback from any thread.
+#[derive(Default)]
+pub struct AppEvents {
+    counts: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+impl AppEvents {
+    /// Every counter and its total so far.
+    pub fn snapshot(&self) -> Vec<(String, u64)> {
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+}
+
+/// Counters per app beyond this many names are dropped: an app that counts unbounded names
+/// (ids, say) must not grow the worker's memory and the metrics without limit.
+const MAX_EVENT_NAMES: usize = 256;
+
+unsafe extern "C" fn host_count(ctx: *const c_void, name: StrRef, delta: u64) {
+    // SAFETY: `ctx` is the `AppEvents` we leaked for this app (valid forever); the name is
+    // valid during this call.
+    let (events, name) = unsafe { (&*ctx.cast::<AppEvents>(), bytes_of(name)) };
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_');
+    if !valid {
+        return;
+    }
+    let name = String::from_utf8_lossy(name);
+    let mut counts = events.counts.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(total) = counts.get_mut(name.as_ref()) {
+        *total = total.saturating_add(delta);
+    } else if counts.len() < MAX_EVENT_NAMES {
+        counts.insert(name.into_owned(), delta);
+    }
 }
 
 unsafe extern "C" fn collect_message(ctx: *mut c_void, msg: StrRef) {
@@ -178,6 +218,7 @@ impl App {
                 abi::RUSTC_VERSION
             );
         }
+        let events: &'static AppEvents = Box::leak(Box::default());
         let host = HostApi {
             size: size_of::<HostApi>() as u32,
             abi_major: abi::ABI_MAJOR,
@@ -190,6 +231,8 @@ impl App {
             log_level: log::max_level() as u32,
             log: host_log,
             databases_toml: StrRef::new(ctx.databases_toml),
+            count: host_count,
+            count_ctx: (events as *const AppEvents).cast(),
         };
         let mut app: *mut c_void = std::ptr::null_mut();
         let mut error = String::new();
@@ -199,6 +242,7 @@ impl App {
         match status {
             abi::STATUS_OK if !app.is_null() => Ok(App {
                 name: ctx.app_name.to_string(),
+                events,
                 descriptor,
                 app,
                 stopped: std::sync::atomic::AtomicBool::new(false),

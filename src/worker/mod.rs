@@ -100,6 +100,8 @@ struct Worker {
     acceptors: Vec<std::thread::JoinHandle<()>>,
     /// Fds that came over the channel, waiting for the message that says what they are.
     passed_fds: std::collections::VecDeque<std::os::fd::OwnedFd>,
+    /// The app event counters last sent to the master.
+    sent_events: Vec<crate::ipc::AppEvent>,
 }
 
 impl Worker {
@@ -234,10 +236,25 @@ impl Worker {
             handlers,
             acceptors: Vec::new(),
             passed_fds: Default::default(),
+            sent_events: Vec::new(),
         };
         worker.send(WorkerMessage::Ready);
         log::debug!("ready");
         Ok(worker)
+    }
+
+    /// Sends the apps' event counters when they changed since the last time.
+    fn send_events(&mut self) {
+        let events: Vec<crate::ipc::AppEvent> = self
+            .pool
+            .apps
+            .iter()
+            .flat_map(|app| app.events.snapshot().into_iter().map(|(event, n)| (app.name().to_string(), event, n)))
+            .collect();
+        if events != self.sent_events {
+            self.send(WorkerMessage::Events(events.clone()));
+            self.sent_events = events;
+        }
     }
 
     fn send(&mut self, msg: WorkerMessage) {
@@ -352,6 +369,7 @@ impl Worker {
                 last_stats = Instant::now();
                 let stats = self.stats();
                 self.send(WorkerMessage::Stats(stats));
+                self.send_events();
             }
             self.close_expired_lingerers();
             if let Some(deadline) = drain_deadline {
@@ -440,11 +458,11 @@ impl Worker {
     }
 
     /// Ends the worker: every connection closed, handlers stopped, apps stopped.
-    fn finish(self, graceful: bool) {
+    fn finish(mut self, graceful: bool) {
         self.pool.draining.store(true, Ordering::SeqCst);
         self.pool.stop_handlers();
         let deadline = Instant::now() + Duration::from_secs(1);
-        for h in self.handlers {
+        for h in std::mem::take(&mut self.handlers) {
             while !h.is_finished() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -459,7 +477,9 @@ impl Worker {
                 self.pool.finish(conn, reason);
             }
         });
-        drop(self.acceptors);
+        drop(std::mem::take(&mut self.acceptors));
+        // What closing the connections counted (transactions left prepared, say).
+        self.send_events();
         if stuck > 0 {
             log::warn!("{stuck} handler(s) still inside app code; exiting without the apps' stop hooks");
             return;

@@ -158,9 +158,14 @@ unsafe extern "C" fn start<A: App>(
                 borrowed_str(host.databases_toml),
             )
         };
+        // A host built before the counters existed passes a shorter `HostApi`.
+        let has_counters = host.size as usize >= std::mem::offset_of!(HostApi, count_ctx) + size_of::<*const c_void>();
+        let events =
+            if has_counters { crate::Events::from_host(host.count, host.count_ctx) } else { Default::default() };
         let settings = Settings::parse(&name, &text)?
             .with_worker(&node, host.worker_pid, host.generation)
-            .with_databases(&databases)?;
+            .with_databases(&databases)?
+            .with_events(events);
         A::start(&settings)
     }));
     match result {

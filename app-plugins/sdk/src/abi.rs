@@ -88,6 +88,11 @@ pub struct HostApi {
     pub log: unsafe extern "C" fn(level: LogLevel, target: StrRef, msg: StrRef),
     /// The config's `[database.NAME]` tables, as TOML text with one table per database.
     pub databases_toml: StrRef,
+    /// Adds `delta` to the app's event counter `name` (`[a-z0-9_]{1,64}`), reported in the
+    /// server's metrics. Thread-safe, callable any time, with `count_ctx`.
+    pub count: unsafe extern "C" fn(ctx: *const c_void, name: StrRef, delta: u64),
+    /// This app's counters on the host side; valid for the life of the process.
+    pub count_ctx: *const c_void,
 }
 
 /// What the host tells the plugin about a new connection; valid during `conn_open` only.

@@ -52,6 +52,56 @@ use std::any::Any;
 
 pub use settings::{DatabaseSettings, Settings};
 
+/// Event counters an app reports to the server's metrics, as
+/// `fdtserver_app_events_total{app="NAME",event="EVENT"}`. Get one from
+/// [`Settings::events`]; it is cheap to copy and usable from any thread. Outside a server (in
+/// [`testing`]) counting does nothing.
+///
+/// ```
+/// let events = fdt_sdk::Settings::parse("shop", "").unwrap().events();
+/// events.count("orders_placed", 1);
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct Events {
+    count: Option<unsafe extern "C" fn(*const std::ffi::c_void, abi::StrRef, u64)>,
+    ctx: *const std::ffi::c_void,
+}
+
+// SAFETY: `ctx` points at the host's counters for this app, which live for the whole process
+// and are updated under a lock by the host's `count` function.
+unsafe impl Send for Events {}
+// SAFETY: as above.
+unsafe impl Sync for Events {}
+
+impl Default for Events {
+    fn default() -> Events {
+        Events { count: None, ctx: std::ptr::null() }
+    }
+}
+
+impl Events {
+    pub(crate) fn from_host(
+        count: unsafe extern "C" fn(*const std::ffi::c_void, abi::StrRef, u64),
+        ctx: *const std::ffi::c_void,
+    ) -> Events {
+        Events { count: Some(count), ctx }
+    }
+
+    /// Adds `delta` to the counter `name` (`[a-z0-9_]`, up to 64 characters; other characters
+    /// become `_`).
+    pub fn count(&self, name: &str, delta: u64) {
+        let Some(count) = self.count else { return };
+        let clean: String = name
+            .chars()
+            .take(64)
+            .map(|c| if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' { c } else { '_' })
+            .collect();
+        // SAFETY: the host's function and context stay valid for the life of the process, and
+        // the host copies the name before returning.
+        unsafe { count(self.ctx, abi::StrRef::new(&clean), delta) }
+    }
+}
+
 /// An application served by fdtserver. One value serves every connection of its listeners in
 /// one worker process, from several threads at once: keep per-connection state in
 /// [`Conn::session`].

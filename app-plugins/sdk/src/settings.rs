@@ -22,6 +22,7 @@ pub struct Settings {
     worker_pid: u32,
     generation: u64,
     databases: toml::Table,
+    events: crate::Events,
 }
 
 /// A `[database.NAME]` table of the server's config.
@@ -55,6 +56,16 @@ impl Settings {
     pub fn with_databases(mut self, toml_text: &str) -> Result<Settings, String> {
         self.databases = toml_text.parse::<toml::Table>().map_err(|e| format!("bad [database] settings: {e}"))?;
         Ok(self)
+    }
+
+    /// The app's event counters (see [`Events`](crate::Events)).
+    pub fn events(&self) -> crate::Events {
+        self.events
+    }
+
+    pub(crate) fn with_events(mut self, events: crate::Events) -> Settings {
+        self.events = events;
+        self
     }
 
     /// The server's `[database.NAME]`, or an error naming what is configured.

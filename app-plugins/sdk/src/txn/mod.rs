@@ -121,6 +121,8 @@ struct Shared {
     pools: BTreeMap<String, Pool>,
     node_id: String,
     app: String,
+    /// Counts `txn_*` events into the server's metrics.
+    events: crate::Events,
 }
 
 /// The databases an app uses, with one connection pool each per worker. Cheap to clone.
@@ -151,6 +153,7 @@ impl Databases {
                 pools,
                 node_id: settings.node_id().to_string(),
                 app: settings.app_name().to_string(),
+                events: settings.events(),
             }),
         };
         let mut clients = Vec::new();
@@ -161,13 +164,23 @@ impl Databases {
             clients.push((pool.name.clone(), client));
         }
         match recovery::recover(&mut clients, &dbs.shared.node_id, START_RECOVERY_MIN_AGE) {
-            Ok(report) => report.log(),
+            Ok(report) => {
+                report.log();
+                dbs.count("txn_recovered_commit", report.committed.len());
+                dbs.count("txn_recovered_rollback", report.rolled_back.len());
+            }
             Err(e) => log::warn!("recovery at start failed: {e}"),
         }
         for (name, client) in clients {
             dbs.pool(&name).expect("opened above").checkin(client);
         }
         Ok(dbs)
+    }
+
+    fn count(&self, event: &str, n: usize) {
+        if n > 0 {
+            self.shared.events.count(event, n as u64);
+        }
     }
 
     fn pool(&self, name: &str) -> Result<&Pool, TxnError> {
@@ -229,6 +242,10 @@ impl Databases {
         for name in self.names() {
             match self.with_client(&name, |c| recovery::settle(c, gid, commit)) {
                 Err(TxnError::UnknownGid(_)) => continue,
+                Ok(()) => {
+                    self.count(if commit { "txn_resolved_commit" } else { "txn_resolved_rollback" }, 1);
+                    return Ok(());
+                }
                 other => return other,
             }
         }
@@ -382,6 +399,7 @@ impl Transaction {
         let db = self.databases().remove(0);
         self.prepare_branch(&db, &gid)?;
         self.state = TxnState::Prepared(gid.clone());
+        self.dbs.count("txn_prepared", 1);
         Ok(gid)
     }
 
@@ -425,6 +443,24 @@ impl Transaction {
     /// or two-phase commit coordinated by this worker across several databases.
     pub fn commit(mut self) -> Result<(), TxnError> {
         let state = std::mem::replace(&mut self.state, TxnState::Finished);
+        let counted = !matches!(state, TxnState::Idle | TxnState::Finished);
+        let two_phase = state == TxnState::Active && self.branches.len() > 1;
+        let result = self.commit_from(state);
+        if counted {
+            match &result {
+                Ok(()) if two_phase => {
+                    self.dbs.count("txn_committed", 1);
+                    self.dbs.count("txn_two_phase_committed", 1);
+                }
+                Ok(()) => self.dbs.count("txn_committed", 1),
+                Err(TxnError::OutcomeUnknown(_)) => self.dbs.count("txn_outcome_unknown", 1),
+                Err(_) => self.dbs.count("txn_rolled_back", 1),
+            }
+        }
+        result
+    }
+
+    fn commit_from(&mut self, state: TxnState) -> Result<(), TxnError> {
         match state {
             TxnState::Idle | TxnState::Finished => Ok(()),
             TxnState::Doomed => {
@@ -537,7 +573,11 @@ impl Transaction {
 
     /// Rolls back: `ROLLBACK` on each branch, or `ROLLBACK PREPARED` after a prepare.
     pub fn rollback(mut self) -> Result<(), TxnError> {
-        match std::mem::replace(&mut self.state, TxnState::Finished) {
+        let state = std::mem::replace(&mut self.state, TxnState::Finished);
+        if !matches!(state, TxnState::Idle | TxnState::Finished) {
+            self.dbs.count("txn_rolled_back", 1);
+        }
+        match state {
             TxnState::Prepared(gid) => {
                 let db = self.databases().remove(0);
                 settle_with_retry(&self.dbs, &db, &gid, false)
@@ -568,9 +608,11 @@ impl Drop for Transaction {
             TxnState::Active | TxnState::Doomed => {
                 log::debug!("rolling back the open transaction of a closed connection");
                 self.rollback_branches();
+                self.dbs.count("txn_rolled_back", 1);
             }
             TxnState::Prepared(gid) => {
                 log::warn!("connection ended with transaction {gid} prepared: left for its coordinator to settle");
+                self.dbs.count("txn_left_prepared", 1);
             }
             TxnState::Idle | TxnState::Finished => {}
         }
