@@ -12,6 +12,8 @@
 #   SERVER_CPU=0 CLIENT_CPU=1   where the servers and wrk are pinned
 #   BUILD=1            set BUILD=0 to skip `cargo build --release --workspace`
 #   KEEP_TMP=0         set KEEP_TMP=1 to keep the temp dir (configs, logs, raw wrk output)
+#   NOISE_BUDGET=60    seconds the whole run may spend waiting for other load on
+#                      the machine to pass, or repeating runs it disturbed (0: never)
 #
 # Method and results: BENCHMARKS.md. The table is printed and written to
 # benches/load/last-run.md.
@@ -27,15 +29,17 @@ SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
 BUILD=${BUILD:-1}
 KEEP_TMP=${KEEP_TMP:-0}
+NOISE_BUDGET=${NOISE_BUDGET:-60}
 
 BODY="Hello, world!"   # the same body for all three servers
 READY_TIMEOUT=15       # seconds a server may take to answer its first request
+OTHER_MAX=10           # % of a CPU used by other processes above which a run counts as disturbed
 
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'run.sh: error: %s\n' "$*" >&2; exit 1; }
 
 is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
-for var in DURATION ROUNDS WORKERS WARMUP PORT_BASE SERVER_CPU CLIENT_CPU; do
+for var in DURATION ROUNDS WORKERS WARMUP PORT_BASE SERVER_CPU CLIENT_CPU NOISE_BUDGET; do
     is_uint "${!var}" || die "$var must be a non-negative integer (got '${!var}')"
 done
 for var in DURATION ROUNDS WORKERS; do
@@ -189,7 +193,6 @@ status_line() {
 
 start_server() {
     local name=$1 port=${PORT[$1]} cmd
-    ! port_open "$port" || die "port $port (for $name) is already in use; set PORT_BASE"
     case $name in
         fdtserver) cmd=("$FDT_BIN" --config "$TMP/fdtserver.toml") ;;
         nginx) cmd=("$NGINX" -c "$TMP/nginx.conf" -p "$TMP/nginx" -e "$TMP/nginx/error.log" -g 'daemon off;') ;;
@@ -234,23 +237,64 @@ cpu_pct() { # before0 before1 after0 after1, each "busy steal total"
     }'
 }
 
+# CPU time (user + system, in clock ticks) used so far by a server's processes:
+# the one we started and its children (the workers). Other load on the machine
+# does not count here, unlike in the CPU-wide figures above.
+proc_ticks() {
+    local p t=0 ticks
+    for p in "$1" $(pgrep -P "$1" || true); do
+        # Fields after the command name's ")": utime and stime are the 12th and 13th.
+        ticks=$(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$p/stat" 2>/dev/null || true)
+        t=$((t + ${ticks:-0}))
+    done
+    echo "$t"
+}
+CLK_TCK=$(getconf CLK_TCK)
+
+# Tick counters at one moment, one line: cpu_ticks of the server's CPU and of
+# wrk's CPU, the server's own ticks, and the ticks of this script's finished
+# children (wrk, mostly), which the caller saved with `times >"$TMP/times"`:
+# `times` must run in this shell, as a subshell has no children of its own.
+snapshot() { # server-pid
+    echo "$(cpu_ticks "$SERVER_CPU") $(cpu_ticks "$CLIENT_CPU") $(proc_ticks "$1")" \
+        "$(awk -v hz="$CLK_TCK" 'NR == 2 { split($1, a, /[ms]/); split($2, b, /[ms]/)
+            printf "%d", (a[1] * 60 + a[2] + b[1] * 60 + b[2]) * hz }' "$TMP/times")"
+}
+
+# What two snapshots say: "busy0 busy1 steal other server_ms", where other is
+# the busy time of both CPUs not spent by the server or wrk (the rest of the
+# machine), in percent of one CPU. A process's time includes the interrupts
+# served while it ran, so this compares with busy time, interrupts included.
+usage() { # before after
+    awk -v a="$1" -v b="$2" -v hz="$CLK_TCK" 'BEGIN {
+        # fields: busy steal total (server CPU), the same (wrk CPU), server ticks, children ticks
+        split(a, x, " "); split(b, y, " "); for (i = 1; i <= 8; i++) d[i] = y[i] - x[i]
+        if (d[3] <= 0 || d[6] <= 0) { print "0 0 0 0 0"; exit }
+        other = 100 * (d[1] + d[4] - d[7] - d[8]) / d[3]
+        printf "%.0f %.0f %.0f %.0f %d\n", 100 * d[1] / d[3], 100 * d[4] / d[6],
+            50 * (d[2] / d[3] + d[5] / d[6]), other < 0 ? 0 : other, 1000 * d[7] / hz
+    }'
+}
+
 # wrk with one thread: the client has one vCPU, more threads only contend.
 # Appends how busy the server's and wrk's CPUs were, which shows which side
-# was the bottleneck (an idle server CPU means wrk limited the run).
+# was the bottleneck (an idle server CPU means wrk limited the run), and how
+# much other processes ran meanwhile (a disturbed run).
 run_wrk() { # server connections seconds outfile
-    local url="http://127.0.0.1:${PORT[$1]}/" s0 s1 c0 c1
-    s0=$(cpu_ticks "$SERVER_CPU")
-    c0=$(cpu_ticks "$CLIENT_CPU")
+    local url="http://127.0.0.1:${PORT[$1]}/" before after
+    times >"$TMP/times"
+    before=$(snapshot "${PID[$1]}")
     taskset -c "$CLIENT_CPU" wrk -t1 -c"$2" -d"$3"s --latency "$url" >"$4" 2>&1 ||
         { cat "$4" >&2; die "wrk failed against $1"; }
-    s1=$(cpu_ticks "$SERVER_CPU")
-    c1=$(cpu_ticks "$CLIENT_CPU")
-    echo "CPU busy/steal: $(cpu_pct "$s0" "$c0" "$s1" "$c1")" >>"$4"
+    times >"$TMP/times"
+    after=$(snapshot "${PID[$1]}")
+    echo "CPU busy/steal/other/server-ms: $(usage "$before" "$after")" >>"$4"
     alive "$1"
 }
 
 # One line from wrk's report: req/s p50_us p99_us connect read write timeout
-# non2xx server-CPU-busy% wrk-CPU-busy% steal%
+# non2xx server-CPU-busy% wrk-CPU-busy% steal% server-process-CPU-µs-per-request
+# other-load%
 parse_wrk() {
     awk '
     function us(v,   n, u) {
@@ -265,11 +309,28 @@ parse_wrk() {
     /^Requests\/sec:/ { rps = $2 }
     /Socket errors:/ { gsub(",", ""); c = $4; r = $6; w = $8; t = $10 }
     /Non-2xx or 3xx responses:/ { bad = $NF }
-    /^CPU busy\/steal:/ { scpu = $3; ccpu = $4; steal = $5 }
+    /^CPU busy\/steal\/other\/server-ms:/ { scpu = $3; ccpu = $4; steal = $5; other = $6; ms = $7 }
+    / requests in / { reqs = $1 }
     END {
-        if (rps == "" || p99 == "") exit 1
-        printf "%.0f %.0f %.0f %d %d %d %d %d %d %d %d\n", rps, p50, p99, c, r, w, t, bad, scpu, ccpu, steal
+        if (rps == "" || p99 == "" || reqs == 0) exit 1
+        printf "%.0f %.0f %.0f %d %d %d %d %d %d %d %d %.2f %d\n", rps, p50, p99, c, r, w, t, bad, scpu, ccpu, steal, 1000 * ms / reqs, other
     }' "$1" || die "cannot parse wrk output $1"
+}
+
+# "pid requests" of each fdtserver worker, from its control API (nothing if
+# that fails: the balance is then reported as n/a, the benchmark goes on).
+worker_requests() {
+    "$FDT_BIN" status --config "$TMP/fdtserver.toml" --json 2>/dev/null |
+        awk '/"pid":/ { pid = $2 + 0 } /"requests":/ { print pid, $2 + 0 }' || true
+}
+
+# Requests each worker served between two worker_requests snapshots, and
+# busiest/least: "a / b (busiest/least 1.04)".
+balance() { # before-file after-file
+    awk 'NR == FNR { before[$1] = $2; next }
+        { n = $2 - before[$1]; list = list (list == "" ? "" : " / ") n
+          if (k == 0 || n > hi) hi = n; if (k == 0 || n < lo) lo = n; k++ }
+        END { if (k < 2 || lo <= 0) print "n/a"; else printf "%s (busiest/least %.2f)\n", list, hi / lo }' "$1" "$2"
 }
 
 # A benchmark on a busy machine measures the other load: look for 1 s first.
@@ -284,6 +345,9 @@ if [ "$idle_s" -gt 10 ] || [ "$idle_c" -gt 10 ]; then
 fi
 
 for s in "${SERVERS[@]}"; do
+    ! port_open "${PORT[$s]}" || die "port ${PORT[$s]} (for $s) is already in use; set PORT_BASE"
+done
+for s in "${SERVERS[@]}"; do
     say "starting $s on 127.0.0.1:${PORT[$s]} (CPU $SERVER_CPU)"
     start_server "$s"
 done
@@ -297,6 +361,27 @@ if [ "$WARMUP" -gt 0 ]; then
     done
 fi
 
+# The machine may be shared (a build, a test suite): before each run, wait
+# for it to be quiet, and repeat a run that other processes disturbed, as long
+# as NOISE_BUDGET lasts. Between runs our servers are idle, so any busy CPU
+# now is someone else's.
+noise_left=$((NOISE_BUDGET * 10))   # in tenths of a second
+repeated=0
+wait_quiet() {
+    local a0 b0 busy0 busy1 waited=0
+    while :; do
+        a0=$(cpu_ticks "$SERVER_CPU")
+        b0=$(cpu_ticks "$CLIENT_CPU")
+        sleep 0.5
+        read -r busy0 busy1 _ <<<"$(cpu_pct "$a0" "$b0" "$(cpu_ticks "$SERVER_CPU")" "$(cpu_ticks "$CLIENT_CPU")")"
+        [ $((busy0 + busy1)) -gt "$OTHER_MAX" ] || break
+        [ "$noise_left" -ge 5 ] || { say "machine busy (${busy0}% + ${busy1}%) and NOISE_BUDGET spent: measuring anyway"; break; }
+        [ "$waited" = 1 ] || say "machine busy (${busy0}% + ${busy1}%): waiting for quiet"
+        waited=1
+        noise_left=$((noise_left - 5))
+    done
+}
+
 RESULTS=$TMP/results.txt   # conns server round, then parse_wrk's fields
 : >"$RESULTS"
 total=$((${#CONN_LIST[@]} * ROUNDS * ${#SERVERS[@]}))
@@ -304,22 +389,41 @@ n=0
 # Alternate servers inside each round (A B C A B C), so slow drift of this
 # shared, noisy VM hits every server alike instead of one whole block.
 for c in "${CONN_LIST[@]}"; do
+    [ ! -v "PID[fdtserver]" ] || worker_requests >"$TMP/workers-c$c-before.txt"
     for ((r = 1; r <= ROUNDS; r++)); do
         for s in "${SERVERS[@]}"; do
             n=$((n + 1))
             out="$TMP/wrk-$s-c$c-r$r.txt"
-            run_wrk "$s" "$c" "$DURATION" "$out"
-            line=$(parse_wrk "$out")
+            for ((try = 1; ; try++)); do
+                wait_quiet
+                run_wrk "$s" "$c" "$DURATION" "$out"
+                line=$(parse_wrk "$out")
+                other=$(awk '{ print $13 }' <<<"$line")
+                if [ "$other" -le "$OTHER_MAX" ] || [ "$try" -gt 2 ] || [ "$noise_left" -lt $((DURATION * 10)) ]; then
+                    break
+                fi
+                say "[$n/$total] c=$c round $r $s: disturbed (other load ${other}%), measuring again"
+                noise_left=$((noise_left - DURATION * 10))
+                repeated=$((repeated + 1))
+            done
             echo "$c $s $r $line" >>"$RESULTS"
-            read -r rps p50 p99 _ _ _ _ _ scpu ccpu steal <<<"$line"
-            say "[$n/$total] c=$c round $r $s: $rps req/s, p50 ${p50}us, p99 ${p99}us, CPU busy: server ${scpu}%, wrk ${ccpu}%, steal ${steal}%"
+            read -r rps p50 p99 _ _ _ _ _ scpu ccpu steal cost other <<<"$line"
+            say "[$n/$total] c=$c round $r $s: $rps req/s, p50 ${p50}us, p99 ${p99}us; CPU busy: server ${scpu}%, wrk ${ccpu}%; server ${cost} µs/req; other load ${other}%, steal ${steal}%"
         done
     done
+    [ ! -v "PID[fdtserver]" ] || worker_requests >"$TMP/workers-c$c-after.txt"
 done
 
 # --- 5. report -------------------------------------------------------------------
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-col() { awk -v c="$1" -v s="$2" -v k="$3" '$1 == c && $2 == s { print $k }' "$RESULTS"; }
+# Field k of the runs of server s at c connections; only the runs other load
+# did not disturb, if there is any such run.
+col() {
+    awk -v c="$1" -v s="$2" -v k="$3" -v m="$OTHER_MAX" '
+        $1 == c && $2 == s { all[++n] = $k; if ($16 <= m) clean[++q] = $k }
+        END { if (q) for (i = 1; i <= q; i++) print clean[i]; else for (i = 1; i <= n; i++) print all[i] }' "$RESULTS"
+}
+col_all() { awk -v k="$1" '{ print $k }' "$RESULTS"; }
 fmt_us() { awk -v v="$1" 'BEGIN { if (v < 1000) printf "%d µs", v; else printf "%.2f ms", v / 1000 }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b == 0) print "n/a"; else printf "%.2f", a / b }'; }
 
@@ -333,14 +437,17 @@ report() {
     echo "${DURATION} s per run, rounds: $ROUNDS, alternating ${SERVERS[*]} in each round; medians over the rounds. Command: \`benches/load/run.sh\` (DURATION=$DURATION ROUNDS=$ROUNDS CONNECTIONS=\"$CONNECTIONS\" WORKERS=$WORKERS)."
     [ -x "$FDT_BIN" ] || echo "**fdtserver was not measured: target/release/fdtserver did not exist.**"
     echo
-    echo "Background load: $BACKGROUND."
+    echo "Background load: $BACKGROUND; during the runs, other processes used $(col_all 16 | median)% of a CPU (median; max $(col_all 16 | sort -g | tail -n 1)%), the hypervisor stole $(col_all 14 | median)% (median)."
+    echo "Runs disturbed by other load and measured again: $repeated; runs kept with other load above ${OTHER_MAX}%: $(awk -v m="$OTHER_MAX" '$16 > m { n++ } END { print n + 0 }' "$RESULTS") of $total."
     echo
-    echo "| connections | server | req/s (median) | req/s (min–max) | p50 | p99 | socket errors | non-2xx | server CPU busy | wrk CPU busy | server CPU µs/req |"
-    echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-    local c s rps lo hi p50 p99 errs bad scpu ccpu cost
+    echo "| connections | server | runs used | req/s (median) | req/s (min–max) | p50 | p99 | socket errors | non-2xx | server CPU busy | wrk CPU busy | server process CPU µs/req |"
+    echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    local c s used rps lo hi p50 p99 errs bad scpu ccpu cost
     declare -A M_RPS=() M_P99=() M_COST=()
     for c in "${CONN_LIST[@]}"; do
         for s in "${SERVERS[@]}"; do
+            used=$(col "$c" "$s" 4 | wc -l)
+            [ "$(awk -v c="$c" -v s="$s" -v m="$OTHER_MAX" '$1 == c && $2 == s && $16 <= m' "$RESULTS")" ] || used="$used ⚠"
             rps=$(col "$c" "$s" 4 | median)
             lo=$(col "$c" "$s" 4 | sort -g | head -n 1)
             hi=$(col "$c" "$s" 4 | sort -g | tail -n 1)
@@ -350,12 +457,11 @@ report() {
             bad=$(awk -v c="$c" -v s="$s" '$1 == c && $2 == s { n += $11 } END { print n + 0 }' "$RESULTS")
             scpu=$(col "$c" "$s" 12 | median)
             ccpu=$(col "$c" "$s" 13 | median)
-            # CPU time the server's CPU spent per request, from each run, median.
-            cost=$(awk -v c="$c" -v s="$s" '$1 == c && $2 == s && $4 > 0 { print 10000 * $12 / $4 }' "$RESULTS" | median)
+            cost=$(col "$c" "$s" 15 | median)
             M_RPS[$c,$s]=$rps
             M_P99[$c,$s]=$p99
             M_COST[$c,$s]=$cost
-            printf '| %s | %s | %.0f | %.0f–%.0f | %s | %s | %s | %s | %.0f%% | %.0f%% | %.2f |\n' "$c" "$s" "$rps" "$lo" "$hi" \
+            printf '| %s | %s | %s | %.0f | %.0f–%.0f | %s | %s | %s | %s | %.0f%% | %.0f%% | %.2f |\n' "$c" "$s" "$used" "$rps" "$lo" "$hi" \
                 "$(fmt_us "$p50")" "$(fmt_us "$p99")" "$errs" "$bad" "$scpu" "$ccpu" "$cost"
         done
     done
@@ -372,19 +478,30 @@ report() {
             "$(ratio "${M_COST[$c,fdtserver]:-}" "${M_COST[$c,ceiling]:-}")"
     done
     echo
+    echo "Medians and ranges are over the runs that other load did not disturb (\"runs used\"), or over all runs, marked ⚠, when every run was disturbed. Errors are summed over all runs."
     echo "Ratios of medians; req/s ratio > 1 means fdtserver is faster; p99 and CPU/req ratios < 1 mean fdtserver's tail is shorter, or its CPU cost per request lower."
     echo "wrk is closed-loop: each server's p50/p99 is at its own throughput, not at equal request rates."
     echo "CPU busy = share of the CPU neither idle nor stolen during the run (CPU $SERVER_CPU: the server, CPU $CLIENT_CPU: wrk); a server CPU well under 100% means wrk, not the server, set the pace."
-    echo "Server CPU µs/req = server CPU busy time / requests: the server's cost per request (with the kernel work that lands on its CPU), comparable even when wrk sets the pace."
+    echo "Server process CPU µs/req = user + system time of the server's processes / requests answered: its cost per request (softirq work is not in it), comparable even when wrk sets the pace or other load shares the CPU."
+    echo "Other load = CPU time of processes other than the server and wrk during a run, in % of one CPU; a run above ${OTHER_MAX}% (⚠ below) was disturbed by the rest of the machine."
+    if [ -v "PID[fdtserver]" ]; then
+        echo
+        echo "Requests served per fdtserver worker over the measured runs (from \`fdtserver status --json\`):"
+        echo
+        for c in "${CONN_LIST[@]}"; do
+            echo "- $c connections: $(balance "$TMP/workers-c$c-before.txt" "$TMP/workers-c$c-after.txt")"
+        done
+    fi
     echo
     echo "<details><summary>Every run</summary>"
     echo
-    echo "| connections | server | round | req/s | p50 | p99 | connect/read/write/timeout errors | non-2xx | server/wrk CPU busy | steal |"
-    echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-    local rnd cn rd wr to steal
-    while read -r c s rnd rps p50 p99 cn rd wr to bad scpu ccpu steal; do
-        printf '| %s | %s | %s | %s | %s | %s | %s/%s/%s/%s | %s | %s%% / %s%% | %s%% |\n' "$c" "$s" "$rnd" "$rps" \
-            "$(fmt_us "$p50")" "$(fmt_us "$p99")" "$cn" "$rd" "$wr" "$to" "$bad" "$scpu" "$ccpu" "$steal"
+    echo "| connections | server | round | req/s | p50 | p99 | connect/read/write/timeout errors | non-2xx | server/wrk CPU busy | server process CPU µs/req | other load | steal |"
+    echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    local rnd cn rd wr to steal other
+    while read -r c s rnd rps p50 p99 cn rd wr to bad scpu ccpu steal cost other; do
+        printf '| %s | %s | %s | %s | %s | %s | %s/%s/%s/%s | %s | %s%% / %s%% | %s | %s%%%s | %s%% |\n' "$c" "$s" "$rnd" "$rps" \
+            "$(fmt_us "$p50")" "$(fmt_us "$p99")" "$cn" "$rd" "$wr" "$to" "$bad" "$scpu" "$ccpu" "$cost" \
+            "$other" "$([ "$other" -le "$OTHER_MAX" ] || echo ' ⚠')" "$steal"
     done <"$RESULTS"
     echo
     echo "</details>"
