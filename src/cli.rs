@@ -65,7 +65,7 @@ enum TxnAction {
     /// Settle every prepared transaction this node coordinated (exit 2 if others remain).
     Recover {
         /// Leave alone what was prepared less than this many seconds ago (it may still be in
-        /// flight). Default: 0 when no server is running, else 60.
+        /// flight). Default: 60. Use 0 when no server uses these databases.
         #[arg(long, value_name = "SECS")]
         min_age: Option<f64>,
     },

@@ -399,6 +399,9 @@ fn build(raw: RawConfig, path: &Path, dir: &Path, problems: &mut Problems<'_>) -
 
     let mut databases = BTreeMap::new();
     for (name, db) in raw.database {
+        if let Err(e) = fdt_sdk::gid::check_database_name(&name) {
+            problems.at(db.span(), format!("[database.{name}]: {e}"));
+        }
         let db = db.into_inner();
         let pool_size = count(db.pool_size, 8, 1024, "pool_size", problems);
         databases.insert(name.clone(), DatabaseConfig { name, url: db.url, pool_size });

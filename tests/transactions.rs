@@ -230,6 +230,14 @@ fn bad_commands_get_err_and_change_nothing() {
     assert_eq!((balance(&pg, "bank", "alice"), balance(&pg, "bank", "bob")), (100, 100));
     assert_eq!(c.ask("TRANSFER alice bob 30"), "OK");
     assert_eq!(c.ask("BALANCE alice"), "OK 70");
+    // Inside an open transaction, a failed transfer leaves nothing behind either.
+    assert_eq!(c.ask("BEGIN"), "OK");
+    assert_eq!(c.ask("TRANSFER alice nobody 5"), "ERR unknown account");
+    assert_eq!(c.ask("TRANSFER alice bob 500"), "ERR insufficient funds");
+    assert_eq!(c.ask("COMMIT"), "COMMITTED");
+    assert_eq!((balance(&pg, "bank", "alice"), balance(&pg, "bank", "bob")), (70, 130));
+    // A branch of a transaction the server coordinates itself cannot be settled by a client.
+    assert!(c.ask("RESOLVE ROLLBACK fdt1:test-node:lc.1.a.b:bank").starts_with("ERR this gid belongs"));
 }
 
 #[test]
@@ -273,16 +281,19 @@ fn txn_recover_commits_decided_local_transactions_rolls_back_the_rest_and_report
     for db in ["a", "b"] {
         pg.client(db).batch_execute("CREATE TABLE t (v int); CREATE TABLE fdt_decisions (gtrid text PRIMARY KEY, participants text NOT NULL, decided_at timestamptz NOT NULL DEFAULT now())").unwrap();
     }
-    // What a worker killed mid-commit leaves behind: lc.1 decided, lc.2 not.
+    // What a worker killed mid-commit leaves behind: lc.1 (coordinated from a) decided, lc.2
+    // not; and a branch of another app's lc.1, whose decision must not be taken for this one's.
     let prepare = |db: &str, v: i32, gid: &str| {
         let mut c = pg.client(db);
         c.batch_execute(&format!("BEGIN; INSERT INTO t VALUES ({v}); PREPARE TRANSACTION '{gid}'")).unwrap();
     };
-    prepare("a", 1, &format!("fdt1:{NODE}:lc.1.a:bank"));
-    prepare("b", 1, &format!("fdt1:{NODE}:lc.1.b:bank"));
-    prepare("a", 2, &format!("fdt1:{NODE}:lc.2.a:bank"));
-    prepare("b", 2, &format!("fdt1:{NODE}:lc.2.b:bank"));
-    pg.client("a").execute("INSERT INTO fdt_decisions (gtrid, participants) VALUES ('lc.1', 'a,b')", &[]).unwrap();
+    prepare("a", 1, &format!("fdt1:{NODE}:lc.1.a.a:bank"));
+    prepare("b", 1, &format!("fdt1:{NODE}:lc.1.a.b:bank"));
+    prepare("a", 2, &format!("fdt1:{NODE}:lc.2.a.a:bank"));
+    prepare("b", 2, &format!("fdt1:{NODE}:lc.2.a.b:bank"));
+    prepare("b", 4, &format!("fdt1:{NODE}:lc.1.a.b:shop"));
+    let decision = format!("fdt1:{NODE}:lc.1.a:bank");
+    pg.client("a").execute("INSERT INTO fdt_decisions (gtrid, participants) VALUES ($1, 'a,b')", &[&decision]).unwrap();
     let outside = format!("fdt1:{NODE}:ext-9:bank");
     prepare("a", 3, &outside);
     let dir = tempfile::tempdir().unwrap();
@@ -292,18 +303,24 @@ fn txn_recover_commits_decided_local_transactions_rolls_back_the_rest_and_report
         .server("node_id", &format!("\"{NODE}\""))
         .extra(&format!("[database.a]\nurl = \"{}\"\n[database.b]\nurl = \"{}\"\n", pg.url("a"), pg.url("b")));
     std::fs::write(&config, setup.render(dir.path())).unwrap();
+    // Without --min-age, anything prepared in the last minute may be in flight: left alone.
     let (code, out, err) = cli(&["txn", "recover"], &config);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(out.contains("left alone") && prepared(&pg, "b").len() == 3, "{out}");
+    let (code, out, err) = cli(&["txn", "recover", "--min-age", "0"], &config);
     assert_eq!(code, 2, "in-doubt outside transactions remain: exit 2\n{out}{err}");
     assert!(out.contains("in doubt") && out.contains(&outside), "{out}");
     let values = |db: &str| -> Vec<i32> {
         pg.client(db).query("SELECT v FROM t ORDER BY v", &[]).unwrap().iter().map(|r| r.get(0)).collect()
     };
     assert_eq!(values("a"), [1], "lc.1 must be committed and lc.2 rolled back in a");
-    assert_eq!(values("b"), [1]);
+    assert_eq!(values("b"), [1], "another app's lc.1 has no decision of its own: rolled back");
     assert_eq!(prepared(&pg, "a"), std::slice::from_ref(&outside));
     assert!(prepared(&pg, "b").is_empty());
+    let decisions: i64 = pg.client("a").query_one("SELECT count(*) FROM fdt_decisions", &[]).unwrap().get(0);
+    assert_eq!(decisions, 0, "a decision with no branch left must be deleted");
     let (code, _, _) = cli(&["txn", "rollback", &outside], &config);
     assert_eq!(code, 0);
-    let (code, out, _) = cli(&["txn", "recover"], &config);
+    let (code, out, _) = cli(&["txn", "recover", "--min-age", "0"], &config);
     assert_eq!(code, 0, "{out}");
 }

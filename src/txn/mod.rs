@@ -23,9 +23,12 @@ pub enum TxnCommand {
     Recover { min_age: Option<f64> },
 }
 
-/// The in-flight guard of `recover` while a server runs: a worker may still be committing
-/// what it prepared less than this long ago.
-const RUNNING_SERVER_MIN_AGE: Duration = Duration::from_secs(60);
+/// The in-flight guard of `recover` unless `--min-age` says otherwise: a worker (of this or of
+/// another server using the same databases and node id) may still be committing what it
+/// prepared less than this long ago.
+const DEFAULT_MIN_AGE: Duration = Duration::from_secs(60);
+/// How long connecting to a database may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs a `txn` command; returns the exit code.
 pub fn run(config_path: &Path, command: TxnCommand) -> i32 {
@@ -44,7 +47,11 @@ pub fn run(config_path: &Path, command: TxnCommand) -> i32 {
     }
     let mut clients = Vec::new();
     for db in config.databases.values() {
-        match Client::connect(&db.url, NoTls) {
+        let connected = db
+            .url
+            .parse::<fdt_sdk::txn::postgres::Config>()
+            .and_then(|mut c| c.connect_timeout(CONNECT_TIMEOUT).connect(NoTls));
+        match connected {
             Ok(c) => clients.push((db.name.clone(), c)),
             Err(e) => {
                 eprintln!("fdtserver: database {}: cannot connect: {}", db.name, fdt_sdk::txn::describe(&e));
@@ -64,16 +71,11 @@ pub fn run(config_path: &Path, command: TxnCommand) -> i32 {
                     eprintln!("fdtserver: --min-age must not be negative");
                     return exit::FAILURE;
                 }
-                None if server_running(&config) => RUNNING_SERVER_MIN_AGE,
-                None => Duration::ZERO,
+                None => DEFAULT_MIN_AGE,
             };
             recover(&mut clients, node, min_age)
         }
     }
-}
-
-fn server_running(config: &Config) -> bool {
-    std::os::unix::net::UnixStream::connect(&config.server.control_socket).is_ok()
 }
 
 /// Who can settle a prepared transaction, as shown by `list`.
@@ -132,7 +134,7 @@ fn settle(clients: &mut [(String, Client)], gid: &str, commit: bool) -> i32 {
 }
 
 fn recover(clients: &mut [(String, Client)], node: &str, min_age: Duration) -> i32 {
-    let report = match recovery::recover(clients, node, min_age) {
+    let report = match recovery::recover(clients, node, None, min_age) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("fdtserver: recovery failed: {e}");
@@ -145,22 +147,24 @@ fn recover(clients: &mut [(String, Client)], node: &str, min_age: Duration) -> i
     for g in &report.rolled_back {
         println!("rolled back {g} (no decision: presumed abort)");
     }
-    for g in &report.too_recent {
-        println!("left alone  {g} (prepared less than {} s ago; may be in flight)", min_age.as_secs());
+    for g in &report.left_alone {
+        println!(
+            "left alone  {g} (prepared less than {} s ago, so maybe in flight — use --min-age 0 when no server runs; \
+             or its coordinator database is not configured)",
+            min_age.as_secs()
+        );
     }
     for g in &report.in_doubt {
         println!(
             "in doubt    {g} (only its outside coordinator can settle it: RESOLVE or fdtserver txn commit|rollback)"
         );
     }
-    if report.in_doubt.is_empty() && report.too_recent.is_empty() {
-        println!(
-            "recovered: {} committed, {} rolled back, none left",
-            report.committed.len(),
-            report.rolled_back.len()
-        );
-        exit::OK
-    } else {
-        exit::IN_DOUBT
-    }
+    println!(
+        "recovered: {} committed, {} rolled back; {} left alone; {} waiting for an outside coordinator",
+        report.committed.len(),
+        report.rolled_back.len(),
+        report.left_alone.len(),
+        report.in_doubt.len()
+    );
+    if report.in_doubt.is_empty() { exit::OK } else { exit::IN_DOUBT }
 }

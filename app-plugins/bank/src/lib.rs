@@ -72,6 +72,11 @@ impl Bank {
         Err(if exists.is_empty() { "unknown account".into() } else { "insufficient funds".into() })
     }
 
+    fn exists(&self, tx: &mut Transaction, acct: &str) -> Result<(), String> {
+        let rows = tx.query(self.home(acct), "SELECT 1 FROM accounts WHERE id = $1", &[&acct]).map_err(err)?;
+        if rows.is_empty() { Err("unknown account".into()) } else { Ok(()) }
+    }
+
     fn credit(&self, tx: &mut Transaction, acct: &str, n: i64) -> Result<(), String> {
         let db = self.home(acct);
         let changed =
@@ -144,6 +149,10 @@ impl Bank {
                     return Err("cannot transfer to the same account".into());
                 }
                 self.in_transaction(session, |tx| {
+                    // Check the receiving account first: a transfer that fails inside an open
+                    // transaction must leave nothing behind (an unknown account is no SQL
+                    // error, so nothing would roll the debit back).
+                    self.exists(tx, to)?;
                     self.debit(tx, from, n)?;
                     self.credit(tx, to, n)?;
                     Ok("OK".into())

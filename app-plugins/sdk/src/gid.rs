@@ -3,7 +3,9 @@
 //! A gid is built only from things that survive any restart — the node's stable name, the
 //! coordinator's gtrid and the app's name — so a coordinator can always find its branch again.
 //! Gids of transactions that a worker coordinates itself across several databases use gtrids
-//! `lc.<n>.<database>` (`lc` = local coordination), which outside coordinators may not use.
+//! `lc.<n>.<coordinator>.<database>` (`lc` = local coordination; `n` from a sequence in the
+//! coordinator database, where the decision is recorded), which outside coordinators may not
+//! use.
 
 use std::fmt;
 
@@ -51,14 +53,42 @@ impl Gid {
         self.gtrid.starts_with(LOCAL_MARKER)
     }
 
-    /// For a local branch `lc.<n>.<db>`: the transaction's id `lc.<n>` (its decision key).
-    pub fn local_transaction(&self) -> Option<&str> {
-        if !self.is_local() {
-            return None;
-        }
-        let rest = &self.gtrid[LOCAL_MARKER.len()..];
-        let n = rest.split('.').next()?;
-        Some(&self.gtrid[..LOCAL_MARKER.len() + n.len()])
+    /// For a local branch `lc.<n>.<coordinator>.<db>`: (n, coordinator database, branch
+    /// database).
+    pub fn local_parts(&self) -> Option<(u64, &str, &str)> {
+        let rest = self.gtrid.strip_prefix(LOCAL_MARKER)?;
+        let mut parts = rest.split('.');
+        let (n, coordinator, db) = (parts.next()?.parse().ok()?, parts.next()?, parts.next()?);
+        (parts.next().is_none() && !coordinator.is_empty() && !db.is_empty()).then_some((n, coordinator, db))
+    }
+
+    /// The key under which the decision to commit a local transaction is recorded (in its
+    /// coordinator database): the gid with the branch's database left out. It names node, app
+    /// and coordinator, so transactions of different apps never share a decision.
+    pub fn decision_key(&self) -> Option<String> {
+        let (n, coordinator, _) = self.local_parts()?;
+        Some(Gid::new(&self.node_id, &local_transaction(n, coordinator), &self.app).to_string())
+    }
+}
+
+/// The gtrid of local transaction `n` coordinated from database `coordinator`.
+pub fn local_transaction(n: u64, coordinator: &str) -> String {
+    format!("{LOCAL_MARKER}{n}.{coordinator}")
+}
+
+/// The gtrid of the branch in `db` of local transaction `n`.
+pub fn local_branch(n: u64, coordinator: &str, db: &str) -> String {
+    format!("{}.{db}", local_transaction(n, coordinator))
+}
+
+/// Checks a database's name from the config for use inside gids: `[A-Za-z0-9_-]{1,32}`.
+pub fn check_database_name(name: &str) -> Result<(), String> {
+    let ok =
+        !name.is_empty() && name.len() <= 32 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err("database names may use only A-Z a-z 0-9 _ - (at most 32), as they appear in transaction ids".into())
     }
 }
 
@@ -91,8 +121,13 @@ mod tests {
         assert_eq!(g.to_string(), "fdt1:web-1:t-42:bank");
         assert_eq!(Gid::parse("fdt1:web-1:t-42:bank"), Some(g.clone()));
         assert!(!g.is_local());
-        let l = Gid::parse("fdt1:web-1:lc.17.a:bank").unwrap();
-        assert_eq!(l.local_transaction(), Some("lc.17"));
+        let l = Gid::parse("fdt1:web-1:lc.17.a.b:bank").unwrap();
+        assert!(l.is_local());
+        assert_eq!(l.local_parts(), Some((17, "a", "b")));
+        assert_eq!(l.decision_key().as_deref(), Some("fdt1:web-1:lc.17.a:bank"));
+        assert_eq!(local_branch(17, "a", "b"), "lc.17.a.b");
+        assert_eq!(Gid::parse("fdt1:web-1:lc.x.a.b:bank").unwrap().local_parts(), None);
+        assert!(check_database_name("main_1").is_ok() && check_database_name("a.b").is_err());
         assert_eq!(Gid::parse("other:thing"), None);
         assert_eq!(Gid::parse("fdt1:x:y'; drop table x; --:z"), None);
     }

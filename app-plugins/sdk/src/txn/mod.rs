@@ -163,7 +163,7 @@ impl Databases {
             recovery::ensure_schema(&mut client).map_err(|e| format!("database {}: {e}", pool.name))?;
             clients.push((pool.name.clone(), client));
         }
-        match recovery::recover(&mut clients, &dbs.shared.node_id, START_RECOVERY_MIN_AGE) {
+        match recovery::recover(&mut clients, &dbs.shared.node_id, Some(&dbs.shared.app), START_RECOVERY_MIN_AGE) {
             Ok(report) => {
                 report.log();
                 dbs.count("txn_recovered_commit", report.committed.len());
@@ -234,10 +234,20 @@ impl Databases {
     }
 
     /// Settles a prepared transaction of this node by gid, from any connection.
+    /// Only gids prepared for an outside coordinator, of this node and this app, qualify: a
+    /// branch of a transaction the worker coordinates itself is settled only by the worker or
+    /// by recovery.
     pub fn resolve(&self, gid: &str, commit: bool) -> Result<(), TxnError> {
-        let ours = Gid::parse(gid).is_some_and(|g| g.node_id == self.shared.node_id);
-        if !ours {
-            return Err(TxnError::UnknownGid(gid.to_string()));
+        let ours = Gid::parse(gid).filter(|g| g.node_id == self.shared.node_id && g.app == self.shared.app);
+        match ours {
+            None => return Err(TxnError::UnknownGid(gid.to_string())),
+            Some(g) if g.is_local() => {
+                return Err(TxnError::Usage(
+                    "this gid belongs to a transaction the server coordinates itself (fdtserver txn recover settles it)"
+                        .into(),
+                ));
+            }
+            Some(_) => {}
         }
         for name in self.names() {
             match self.with_client(&name, |c| recovery::settle(c, gid, commit)) {
@@ -514,9 +524,10 @@ impl Transaction {
                 }
             }
         };
-        let txn_id = format!("{}{n}", gid::LOCAL_MARKER);
+        let n = u64::try_from(n).map_err(|_| TxnError::Database("fdt_lc_seq returned a negative number".into()))?;
         let gids: Vec<(String, String)> =
-            dbs.iter().map(|db| (db.clone(), self.dbs.gid(&format!("{txn_id}.{db}")))).collect();
+            dbs.iter().map(|db| (db.clone(), self.dbs.gid(&gid::local_branch(n, &coordinator, db)))).collect();
+        let key = Gid::parse(&gids[0].1).and_then(|g| g.decision_key()).expect("a local gid has a decision key");
         // Phase one. Any failure: roll back what was prepared and what was not (presumed abort).
         for (i, (db, gid)) in gids.iter().enumerate() {
             if let Err(e) = self.prepare_branch(db, gid) {
@@ -530,7 +541,7 @@ impl Transaction {
         // The decision, durable before any COMMIT PREPARED.
         let participants = dbs.join(",");
         let decided = self.dbs.with_client(&coordinator, |c| {
-            c.execute("INSERT INTO fdt_decisions (gtrid, participants) VALUES ($1, $2)", &[&txn_id, &participants])
+            c.execute("INSERT INTO fdt_decisions (gtrid, participants) VALUES ($1, $2)", &[&key, &participants])
                 .map_err(|e| {
                     if e.as_db_error().is_some() {
                         TxnError::Database(describe(&e))
@@ -543,7 +554,7 @@ impl Transaction {
             Ok(_) => {}
             Err(TxnError::OutcomeUnknown(e)) => {
                 log::error!(
-                    "transaction {txn_id}: the decision may or may not be recorded ({e}); recovery will settle it"
+                    "transaction {key}: the decision may or may not be recorded ({e}); recovery will settle it"
                 );
                 return Err(TxnError::OutcomeUnknown(format!("commit outcome unknown: {e}")));
             }
@@ -555,16 +566,25 @@ impl Transaction {
             }
         }
         // Phase two: from here on the transaction is committed, whatever fails.
-        let mut pending = 0;
+        let mut pending = Vec::new();
         for (db, gid) in &gids {
-            if let Err(e) = settle_with_retry(&self.dbs, db, gid, true) {
-                pending += 1;
-                log::error!("transaction {txn_id}: COMMIT PREPARED {gid} failed ({e}); recovery will finish it");
+            match settle_with_retry(&self.dbs, db, gid, true) {
+                Ok(()) => {}
+                // Nobody may settle a branch of ours but us and recovery (which leaves recent
+                // ones alone): a branch that is gone was settled by an operator.
+                Err(TxnError::UnknownGid(_)) => {
+                    log::error!("transaction {key}: branch {gid} is no longer prepared; its outcome is unknown");
+                    return Err(TxnError::OutcomeUnknown(format!("branch {gid} was settled by someone else")));
+                }
+                Err(e) => {
+                    log::error!("transaction {key}: COMMIT PREPARED {gid} failed ({e}); recovery will finish it");
+                    pending.push(gid.clone());
+                }
             }
         }
-        if pending == 0 {
+        if pending.is_empty() {
             let _ = self.dbs.with_client(&coordinator, |c| {
-                c.execute("DELETE FROM fdt_decisions WHERE gtrid = $1", &[&txn_id])
+                c.execute("DELETE FROM fdt_decisions WHERE gtrid = $1", &[&key])
                     .map_err(|e| TxnError::Database(describe(&e)))
             });
         }

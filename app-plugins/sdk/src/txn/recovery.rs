@@ -89,9 +89,10 @@ pub fn settle(client: &mut Client, gid: &str, commit: bool) -> Result<(), TxnErr
     }
 }
 
-/// Whether the decision to commit local transaction `txn_id` was recorded in this database.
-pub fn decided(client: &mut Client, txn_id: &str) -> Result<bool, String> {
-    match client.query_opt("SELECT 1 FROM fdt_decisions WHERE gtrid = $1", &[&txn_id]) {
+/// Whether the decision to commit the local transaction `key` (see `Gid::decision_key`) was
+/// recorded in this database.
+pub fn decided(client: &mut Client, key: &str) -> Result<bool, String> {
+    match client.query_opt("SELECT 1 FROM fdt_decisions WHERE gtrid = $1", &[&key]) {
         Ok(row) => Ok(row.is_some()),
         // No decision table in this database: no decision was ever recorded here.
         Err(e) if e.as_db_error().is_some_and(|d| d.code().code() == "42P01") => Ok(false),
@@ -106,8 +107,9 @@ pub struct Report {
     pub rolled_back: Vec<String>,
     /// Prepared for an outside coordinator: only it can settle them.
     pub in_doubt: Vec<String>,
-    /// Locally coordinated, but too recent to touch (maybe still in flight).
-    pub too_recent: Vec<String>,
+    /// Locally coordinated, but too recent to touch (maybe still in flight), or coordinated
+    /// from a database this recovery cannot see.
+    pub left_alone: Vec<String>,
 }
 
 impl Report {
@@ -124,40 +126,51 @@ impl Report {
     }
 }
 
-/// Recovers what `node_id` coordinated in these databases (`(config name, connection)` each).
-pub fn recover(dbs: &mut [(String, Client)], node_id: &str, min_age: Duration) -> Result<Report, String> {
+/// Recovers what `node_id` coordinated (only `app`'s transactions when given) in these
+/// databases (`(config name, connection)` each): a local branch is committed when its
+/// coordinator database holds its decision, rolled back when it does not (presumed abort), and
+/// left alone when prepared less than `min_age` ago or when its coordinator database is not
+/// among `dbs`. Branches prepared for an outside coordinator are only reported.
+pub fn recover(
+    dbs: &mut [(String, Client)],
+    node_id: &str,
+    app: Option<&str>,
+    min_age: Duration,
+) -> Result<Report, String> {
     let mut report = Report::default();
     let mut branches = Vec::new();
     for (i, (name, client)) in dbs.iter_mut().enumerate() {
         for p in list(client).map_err(|e| format!("database {name}: {e}"))? {
             match Gid::parse(&p.gid) {
-                Some(g) if g.node_id == node_id => branches.push((i, g, p)),
+                Some(g) if g.node_id == node_id && app.is_none_or(|a| a == g.app) => branches.push((i, g, p)),
                 _ => {}
             }
         }
     }
-    let mut committed_txns = Vec::new();
+    let mut committed_keys = Vec::new();
     for (i, g, p) in branches {
-        let Some(txn_id) = g.local_transaction().map(str::to_string) else {
+        if !g.is_local() {
             report.in_doubt.push(p.gid);
+            continue;
+        }
+        let (Some((_, coordinator, _)), Some(key)) = (g.local_parts(), g.decision_key()) else {
+            report.left_alone.push(p.gid);
+            continue;
+        };
+        let Some(c) = dbs.iter().position(|(name, _)| name == coordinator) else {
+            report.left_alone.push(p.gid);
             continue;
         };
         if p.age < min_age {
-            report.too_recent.push(p.gid);
+            report.left_alone.push(p.gid);
             continue;
         }
-        let mut commit = false;
-        for (name, client) in dbs.iter_mut() {
-            if decided(client, &txn_id).map_err(|e| format!("database {name}: {e}"))? {
-                commit = true;
-                break;
-            }
-        }
+        let commit = decided(&mut dbs[c].1, &key).map_err(|e| format!("database {coordinator}: {e}"))?;
         let (name, client) = &mut dbs[i];
         match settle(client, &p.gid, commit) {
             Ok(()) | Err(TxnError::UnknownGid(_)) => {
                 if commit {
-                    committed_txns.push(txn_id);
+                    committed_keys.push((c, key));
                     report.committed.push(p.gid);
                 } else {
                     report.rolled_back.push(p.gid);
@@ -166,20 +179,17 @@ pub fn recover(dbs: &mut [(String, Client)], node_id: &str, min_age: Duration) -
             Err(e) => return Err(format!("database {name}: settling {}: {e}", p.gid)),
         }
     }
-    // Decisions whose branches are all settled are not needed any more.
-    committed_txns.sort();
-    committed_txns.dedup();
-    for txn_id in committed_txns {
-        let still_prepared = dbs.iter_mut().any(|(_, c)| {
-            list(c).is_ok_and(|l| {
-                l.iter()
-                    .any(|p| Gid::parse(&p.gid).and_then(|g| g.local_transaction().map(|t| t == txn_id)) == Some(true))
+    // A decision whose branches are all settled is not needed any more.
+    committed_keys.sort();
+    committed_keys.dedup();
+    for (c, key) in committed_keys {
+        let still_prepared = dbs.iter_mut().any(|(_, client)| {
+            list(client).is_ok_and(|l| {
+                l.iter().any(|p| Gid::parse(&p.gid).and_then(|g| g.decision_key()).as_ref() == Some(&key))
             })
         });
         if !still_prepared {
-            for (_, c) in dbs.iter_mut() {
-                let _ = c.execute("DELETE FROM fdt_decisions WHERE gtrid = $1", &[&txn_id]);
-            }
+            let _ = dbs[c].1.execute("DELETE FROM fdt_decisions WHERE gtrid = $1", &[&key]);
         }
     }
     Ok(report)
