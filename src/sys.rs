@@ -301,6 +301,7 @@ pub mod interest {
 
 /// One readiness event from [`Epoll::wait`].
 #[derive(Clone, Copy)]
+#[repr(transparent)]
 pub struct Event(libc::epoll_event);
 
 impl Event {

@@ -158,3 +158,23 @@ fn term_during_the_first_boot_is_a_clean_stop() {
     assert!(status.success(), "a stop during the first boot exited with {status}");
     assert!(!server.log().contains("cannot start"), "{}", server.log());
 }
+
+#[test]
+fn a_peer_that_half_closes_still_gets_every_answer() {
+    let server = TestServer::start(&Setup::new(1, 2).app("echo", "echo", ""));
+    let stream = TcpStream::connect(server.addr("echo")).unwrap();
+    stream.set_read_timeout(Some(READY_TIMEOUT)).unwrap();
+    let line = format!("{}\n", "x".repeat(999));
+    let lines = 4000; // about 4 MB: far more than the socket buffers hold
+    let mut writer = stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        for _ in 0..lines {
+            writer.write_all(line.as_bytes()).unwrap();
+        }
+        writer.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut got = Vec::new();
+    (&stream).read_to_end(&mut got).unwrap();
+    sender.join().unwrap();
+    assert_eq!(got.len(), lines * 1000, "answers were cut off after the half-close");
+}

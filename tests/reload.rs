@@ -274,3 +274,32 @@ fn old_workers_exit_soon_after_a_reload_when_idle() {
     wait_for(Duration::from_secs(1), "the old generation to exit", || old.iter().all(|&p| !alive(p)).then_some(()));
     assert_eq!(LineClient::connect(server.addr("echo")).ask("still here"), "still here");
 }
+
+#[test]
+fn a_reload_asked_during_another_one_reads_the_config_as_it_is_then() {
+    let mut setup = Setup::new(1, 1).app("kit", "testkit", "tag = \"one\"\nstart_delay_ms = 800");
+    let server = TestServer::start(&setup);
+    let addr = server.addr("kit");
+    setup.apps[0].settings = "tag = \"two\"\nstart_delay_ms = 800".into();
+    server.write_config(&setup);
+    let first = {
+        let control = server.control_socket();
+        std::thread::spawn(move || {
+            let mut s = std::os::unix::net::UnixStream::connect(control).unwrap();
+            std::io::Write::write_all(&mut s, b"POST /reload HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let mut answer = String::new();
+            std::io::Read::read_to_string(&mut s, &mut answer).unwrap();
+            answer
+        })
+    };
+    wait_for(READY_TIMEOUT, "the first reload to boot", || {
+        server.status()["generations"].as_array().unwrap().iter().any(|g| g["state"] == "booting").then_some(())
+    });
+    setup.apps[0].settings = "tag = \"three\"\nstart_delay_ms = 800".into();
+    server.write_config(&setup);
+    let (code, body) = server.reload();
+    assert_eq!(code, 200, "{body}");
+    assert!(first.join().unwrap().starts_with("HTTP/1.1 200"));
+    assert_eq!(body["generation"], 3, "the second reload must be a generation of its own");
+    assert_eq!(LineClient::connect(addr).ask("TAG"), "three");
+}

@@ -182,6 +182,9 @@ pub struct Master {
     runtime_dir: PathBuf,
     stopping: Option<Stopping>,
     reload_waiters: Vec<usize>,
+    /// A reload asked for while another was booting (with who waits for it): it starts once
+    /// that one is decided, so that it reads the config as it is now.
+    reload_again: Option<Vec<usize>>,
     /// Reloads that succeeded, waiting for the old workers to stop accepting:
     /// (control connection, generation, answer at the latest by).
     pending_replies: Vec<(usize, u64, Instant)>,
@@ -357,6 +360,7 @@ impl Master {
             runtime_dir,
             stopping: None,
             reload_waiters: Vec::new(),
+            reload_again: None,
             pending_replies: Vec::new(),
             respawns: Vec::new(),
             next_generation: 1,
@@ -701,6 +705,7 @@ impl Master {
             .filter(|g| self.table.workers_of(g.id).next().is_none())
             .map(|g| g.id)
             .collect();
+        let retired = done.len();
         for id in done {
             if let Some(gen_) = self.table.generations.remove(&id)
                 && let GenState::Draining { since, .. } = gen_.state
@@ -712,12 +717,35 @@ impl Master {
                 log::info!("generation {id} finished draining in {ms} ms");
             }
         }
+        if retired == 0 {
+            return;
+        }
         let keep: Vec<&Path> =
             self.table.generations.values().flat_map(|g| g.plugins.values().map(PathBuf::as_path)).collect();
         crate::plugin::pin::prune(&self.runtime_dir.join("plugins"), &keep);
     }
 
     // ---- generations and reloads ----------------------------------------------------------
+
+    /// Starts the reload asked for while another one was booting, once that one is decided.
+    fn start_queued_reload(&mut self) {
+        if self.table.booting_id().is_some() || self.stopping.is_some() {
+            return;
+        }
+        let Some(waiters) = self.reload_again.take() else { return };
+        log::info!("reloading again, as asked during the previous reload");
+        let mut waiters = waiters.into_iter();
+        self.begin_reload(waiters.next());
+        if self.table.booting_id().is_some() {
+            // The others wait for the same outcome.
+            self.reload_waiters.extend(waiters);
+        } else {
+            // Refused at once: each hears why.
+            for w in waiters {
+                self.begin_reload(Some(w));
+            }
+        }
+    }
 
     /// Reads the config and starts a new generation; on failure nothing has changed.
     fn begin_reload(&mut self, waiter: Option<usize>) {
@@ -732,8 +760,9 @@ impl Master {
             return;
         }
         if self.table.booting_id().is_some() {
-            // A reload is already under way: this request gets its outcome.
-            self.reload_waiters.extend(waiter);
+            // A reload is already under way, with the config as it was when it started: this
+            // one runs after it (see `on_timers`).
+            self.reload_again.get_or_insert_with(Vec::new).extend(waiter);
             return;
         }
         self.notifier.reloading();
@@ -978,7 +1007,9 @@ impl Master {
         if delta > 0 {
             gen_.target_workers += 1;
             let target = gen_.target_workers;
-            let occupied = self.table.occupied_slots(id);
+            // A slot waiting for a respawn is taken too.
+            let mut occupied = self.table.occupied_slots(id);
+            occupied.extend(self.respawns.iter().filter(|r| r.generation == id).map(|r| r.slot));
             let slot = (0..).find(|s| !occupied.contains(s)).unwrap_or(0);
             log::info!("TTIN: {target} worker(s)");
             if let Err(e) = self.spawn_worker(id, slot) {
@@ -1058,7 +1089,8 @@ impl Master {
             self.notifier.stopping();
         }
         self.abort_upgrade("the server is stopping".into());
-        let waiters = std::mem::take(&mut self.reload_waiters);
+        let mut waiters = std::mem::take(&mut self.reload_waiters);
+        waiters.extend(self.reload_again.take().unwrap_or_default());
         for w in waiters {
             self.reply_reload(Some(w), Err("the server is stopping".into()));
         }
@@ -1141,6 +1173,8 @@ impl Master {
 
     fn on_timers(&mut self) {
         self.send_pending_replies();
+        self.retire_finished_generations();
+        self.start_queued_reload();
         self.enforce_supervision_limits();
         self.kill_condemned();
         self.upgrade_timers();
@@ -1178,10 +1212,14 @@ impl Master {
                         ),
                     );
                 }
-                GenState::Draining { kill_at, .. } if now >= kill_at => {
+                GenState::Draining { since, kill_at } if now >= kill_at => {
                     for pid in self.table.pids_of(id) {
                         log::warn!("worker pid {pid} of generation {id} did not finish draining in time; killing it");
                         let _ = kill(pid, Signal::SIGKILL);
+                    }
+                    // Once is enough: look again in a while, not at every turn of the loop.
+                    if let Some(g) = self.table.generations.get_mut(&id) {
+                        g.state = GenState::Draining { since, kill_at: now + MAX_POLL_WAIT };
                     }
                 }
                 _ => {}

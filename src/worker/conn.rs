@@ -139,6 +139,12 @@ impl Conn {
         self.phase == Phase::Open && self.input.is_empty() && self.output.is_empty() && self.next == Next::KeepOpen
     }
 
+    /// True when input waits in the kernel's buffer, not yet read (its event not handled yet).
+    pub fn input_waiting(&self) -> bool {
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+        matches!(self.socket.peek(&mut byte), Ok(n) if n > 0)
+    }
+
     /// Handles readiness. `draining` is passed to the app so it can answer with a close.
     pub fn on_ready(
         &mut self,
@@ -232,9 +238,13 @@ impl Conn {
             }
         }
         if peer_closed {
-            // The peer sends no more. Answers it was sent can still go out if it only
-            // half-closed; try once, then close.
-            return (After::Close(CloseReason::PeerClosed), requests);
+            // The peer sends no more, but if it only half-closed it still reads: send the rest
+            // of the answers first.
+            if self.output.is_empty() {
+                return (After::Close(CloseReason::PeerClosed), requests);
+            }
+            self.phase = Phase::Flushing;
+            return (After::Park(interest::WRITE), requests);
         }
         if self.next == Next::Close {
             self.phase = Phase::Flushing;

@@ -417,18 +417,27 @@ impl Worker {
         // Listeners never handed to acceptors are closed now; acceptors close theirs as soon
         // as they return from accept(), which this interrupt makes immediate.
         self.listeners = None;
-        for acceptor in &self.acceptors {
-            use std::os::unix::thread::JoinHandleExt;
-            let _ = sys::interrupt_thread(acceptor.as_pthread_t());
-        }
         // Tell the master once no acceptor can take a connection any more: it answers a
         // reload only then, so that every connection made after a reload meets new code.
+        self.stop_acceptors();
+        self.send(WorkerMessage::StoppedAccepting);
+        Instant::now() + self.graceful_timeout
+    }
+
+    /// Interrupts the acceptors (the drain flag must be set) and waits, up to
+    /// `ACCEPTOR_STOP_WAIT`, for them to return. True when none is left.
+    fn stop_acceptors(&self) -> bool {
+        for acceptor in &self.acceptors {
+            use std::os::unix::thread::JoinHandleExt;
+            if !acceptor.is_finished() {
+                let _ = sys::interrupt_thread(acceptor.as_pthread_t());
+            }
+        }
         let deadline = Instant::now() + ACCEPTOR_STOP_WAIT;
         while self.acceptors.iter().any(|a| !a.is_finished()) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
-        self.send(WorkerMessage::StoppedAccepting);
-        Instant::now() + self.graceful_timeout
+        self.acceptors.iter().all(|a| a.is_finished())
     }
 
     /// Closes (gently) every parked connection that is between requests and quiet.
@@ -436,8 +445,11 @@ impl Worker {
         let now = Instant::now();
         self.pool.conns.sweep(|slot| {
             let conn = slot.as_mut().expect("sweep only offers occupied slots");
+            // A request already in the kernel's buffer (its event not handled yet) means the
+            // connection is not between requests after all.
             if conn.between_requests()
                 && now.duration_since(conn.last_active) >= DRAIN_IDLE_GRACE
+                && !conn.input_waiting()
                 && let After::Close(_) = conn.begin_close()
                 && let Some(conn) = slot.take()
             {
@@ -460,6 +472,9 @@ impl Worker {
     /// Ends the worker: every connection closed, handlers stopped, apps stopped.
     fn finish(mut self, graceful: bool) {
         self.pool.draining.store(true, Ordering::SeqCst);
+        // No acceptor may take a connection (or touch an app) once the apps stop: a sibling
+        // worker serves the connections this one no longer takes.
+        let acceptors_done = self.stop_acceptors();
         self.pool.stop_handlers();
         let deadline = Instant::now() + Duration::from_secs(1);
         for h in std::mem::take(&mut self.handlers) {
@@ -470,7 +485,7 @@ impl Worker {
                 let _ = h.join();
             }
         }
-        let stuck = self.pool.busy_handlers();
+        let stuck = self.pool.busy_handlers() + usize::from(!acceptors_done);
         self.pool.conns.sweep(|slot| {
             if let Some(conn) = slot.take() {
                 let reason = if conn.phase == Phase::Open { CloseReason::Forced } else { CloseReason::Done };
@@ -481,7 +496,7 @@ impl Worker {
         // What closing the connections counted (transactions left prepared, say).
         self.send_events();
         if stuck > 0 {
-            log::warn!("{stuck} handler(s) still inside app code; exiting without the apps' stop hooks");
+            log::warn!("{stuck} thread(s) still inside app code; exiting without the apps' stop hooks");
             return;
         }
         // Every connection is closed and no handler runs: the apps may stop.

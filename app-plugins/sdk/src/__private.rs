@@ -77,6 +77,16 @@ fn install_panic_hook() {
     });
 }
 
+/// Drops a panic payload without letting a panic in its `Drop` escape (it would cross the
+/// `extern "C"` boundary and abort the worker).
+fn discard<T>(result: std::thread::Result<T>) {
+    if let Err(payload) = result
+        && let Err(again) = catch_unwind(AssertUnwindSafe(move || drop(payload)))
+    {
+        std::mem::forget(again);
+    }
+}
+
 fn panic_message(payload: Box<dyn Any + Send>) -> String {
     let msg = if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_string()
@@ -85,6 +95,7 @@ fn panic_message(payload: Box<dyn Any + Send>) -> String {
     } else {
         "(non-string panic payload)".to_string()
     };
+    discard::<()>(Err(payload));
     match PANIC_LOCATION.with(|p| p.borrow_mut().take()) {
         Some(at) => format!("app panicked at {at}: {msg}"),
         None => format!("app panicked: {msg}"),
@@ -189,10 +200,9 @@ unsafe extern "C" fn stop<A: App>(app: *mut c_void) {
     // SAFETY: `app` came from `start::<A>` (a `Box<A>`), and the host calls `stop` once, after
     // every other call has returned, so we own it again.
     let app = unsafe { Box::from_raw(app.cast::<A>()) };
-    let _ = catch_unwind(AssertUnwindSafe(move || {
-        app.stop();
-        drop(app);
-    }));
+    // Two steps: a panicking stop hook must not make the app's `Drop` run during unwinding.
+    discard(catch_unwind(AssertUnwindSafe(|| app.stop())));
+    discard(catch_unwind(AssertUnwindSafe(move || drop(app))));
 }
 
 unsafe extern "C" fn conn_open(_app: *mut c_void, info: *const ConnInfo) -> *mut c_void {
@@ -208,7 +218,10 @@ unsafe extern "C" fn conn_open(_app: *mut c_void, info: *const ConnInfo) -> *mut
     }));
     match state {
         Ok(state) => Box::into_raw(Box::new(state)).cast::<c_void>(),
-        Err(_) => std::ptr::null_mut(),
+        Err(payload) => {
+            discard::<()>(Err(payload));
+            std::ptr::null_mut()
+        }
     }
 }
 
@@ -257,9 +270,11 @@ unsafe extern "C" fn conn_close<A: App>(app: *mut c_void, conn: *mut c_void) {
     let app = unsafe { &*app.cast::<A>() };
     // SAFETY: `conn` came from `conn_open` and the host calls this once, last.
     let mut state = unsafe { Box::from_raw(conn.cast::<ConnState>()) };
-    let _ = catch_unwind(AssertUnwindSafe(|| {
+    discard(catch_unwind(AssertUnwindSafe(|| {
         let mut c = Conn::new(&[], abi::FLAG_PEER_CLOSED, &mut state);
         app.on_close(&mut c);
-        drop(state);
-    }));
+    })));
+    // Dropping the session (a transaction rolls back here) is a step of its own, so that a
+    // panicking `on_close` does not drop it during unwinding.
+    discard(catch_unwind(AssertUnwindSafe(move || drop(state))));
 }
