@@ -73,7 +73,15 @@ struct Connection {
     output: Vec<u8>,
     /// A request was taken from it; reading is over.
     answered: bool,
+    opened: std::time::Instant,
 }
+
+/// Control connections beyond this many are closed at once: the control socket is for a few
+/// operators and scripts, and each connection costs the master an fd.
+const MAX_CONNECTIONS: usize = 64;
+/// A control connection that has not sent a whole request within this long is closed (a
+/// `POST /reload` waiting for its answer is not idle).
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The listening control socket and its connections.
 pub struct ControlServer {
@@ -169,11 +177,17 @@ impl ControlServer {
         loop {
             match listener.accept() {
                 Ok((mut stream, _)) => {
+                    if self.conns.len() >= MAX_CONNECTIONS {
+                        log::warn!("control socket: {MAX_CONNECTIONS} connections open already; refusing one more");
+                        continue; // dropping `stream` closes it
+                    }
                     let id = self.next_id;
                     self.next_id += 1;
                     if registry.register(&mut stream, Token(CONN_TOKEN_BASE + id), Interest::READABLE).is_ok() {
-                        self.conns
-                            .insert(id, Connection { stream, input: Vec::new(), output: Vec::new(), answered: false });
+                        let opened = std::time::Instant::now();
+                        let conn =
+                            Connection { stream, input: Vec::new(), output: Vec::new(), answered: false, opened };
+                        self.conns.insert(id, conn);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -183,6 +197,19 @@ impl ControlServer {
                     return;
                 }
             }
+        }
+    }
+
+    /// Closes connections that did not send a whole request within `REQUEST_TIMEOUT`.
+    pub fn expire(&mut self, registry: &Registry) {
+        let stale: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.answered && c.opened.elapsed() >= REQUEST_TIMEOUT)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            self.close(id, registry);
         }
     }
 

@@ -1172,6 +1172,7 @@ impl Master {
     }
 
     fn on_timers(&mut self) {
+        self.control.expire(self.poll.registry());
         self.send_pending_replies();
         self.retire_finished_generations();
         self.start_queued_reload();

@@ -8,7 +8,9 @@ use fdt_sdk::{App, Conn, Next, Settings};
 /// Requests whose headers have not ended within this many bytes are refused (431).
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Request bodies are read and discarded; larger ones are refused (413).
-const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Half the server's limit on a pending request (1 MiB), so that every refused body gets a
+/// 413 rather than a closed connection.
+const MAX_BODY_BYTES: usize = 512 * 1024;
 const MAX_HEADERS: usize = 64;
 
 struct Hello {
