@@ -257,7 +257,7 @@ pub fn run(config_path: &Path) -> i32 {
 impl Master {
     fn start(config: Config) -> Result<Master, ()> {
         match sys::raise_fd_limit() {
-            Ok(n) => log::debug!("open file limit: {n}"),
+            Ok(n) => log::info!("open file limit: {n} (each connection takes one)"),
             Err(e) => log::warn!("cannot raise the open file limit: {e}"),
         }
         let mut inherited = listener::Inherited::default();

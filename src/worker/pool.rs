@@ -24,6 +24,9 @@ use crate::listener::ACCEPT_WAKE_INTERVAL;
 use crate::plugin::App;
 use crate::sys::{Epoll, Event, EventFd, interest, monotonic_ms};
 
+/// The table covers fds below this (its index costs 16 bytes per 1,024 fds even when unused,
+/// and the open file limit can be a billion); a connection on a higher fd is refused, logged.
+const MAX_TABLE_FDS: usize = 1 << 22;
 /// Connections per lazily allocated chunk of the table.
 const CHUNK: usize = 1024;
 /// Events a handler thread takes per `epoll_wait`.
@@ -47,7 +50,7 @@ pub struct ConnTable {
 
 impl ConnTable {
     pub fn new(max_fds: usize) -> ConnTable {
-        let n = max_fds.div_ceil(CHUNK).max(1);
+        let n = max_fds.min(MAX_TABLE_FDS).div_ceil(CHUNK).max(1);
         ConnTable { chunks: (0..n).map(|_| OnceLock::new()).collect(), high_water: AtomicUsize::new(0) }
     }
 
