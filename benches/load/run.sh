@@ -14,6 +14,8 @@
 #   KEEP_TMP=0         set KEEP_TMP=1 to keep the temp dir (configs, logs, raw wrk output)
 #   NOISE_BUDGET=60    seconds the whole run may spend waiting for other load on
 #                      the machine to pass, or repeating runs it disturbed (0: never)
+#   RATES="20000 60000"  fixed request rates at which fdtserver's and nginx's latency
+#                      is compared with the open-loop examples/loadgen ("" skips it)
 #
 # Method and results: BENCHMARKS.md. The table is printed and written to
 # benches/load/last-run.md.
@@ -80,12 +82,14 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 # --- 2. build ----------------------------------------------------------------
 if [ "$BUILD" = 1 ]; then
-    say "building: cargo build --release --workspace"
-    cargo build --release --workspace ||
+    say "building: cargo build --release --workspace --example loadgen"
+    cargo build --release --workspace --example loadgen ||
         die "cargo build failed (BUILD=0 skips the build and benchmarks what is there)"
 fi
 FDT_BIN="$REPO/target/release/fdtserver"
 FDT_PLUGIN="$REPO/target/release/libfdt_hello.so"
+LOADGEN="$REPO/target/release/examples/loadgen"
+RATES=${RATES-20000 60000}
 SERVERS=(fdtserver nginx ceiling)
 if [ ! -x "$FDT_BIN" ]; then
     say "SKIPPING fdtserver: $FDT_BIN does not exist (not built yet?); measuring nginx and ceiling only"
@@ -414,6 +418,31 @@ for c in "${CONN_LIST[@]}"; do
     [ ! -v "PID[fdtserver]" ] || worker_requests >"$TMP/workers-c$c-after.txt"
 done
 
+# --- 4b. latency at equal request rates ------------------------------------------
+# wrk is closed-loop, so its latencies are each server's at its own throughput. The
+# issue's comparison is at equal rates: examples/loadgen sends at a fixed rate and
+# measures each request from when it was due (no coordinated omission).
+LAT=$TMP/latency.txt   # conns rate server round p50 p99 p999 errors
+: >"$LAT"
+if [ -n "$RATES" ] && [ -x "$LOADGEN" ]; then
+    for c in "${CONN_LIST[@]}"; do
+        for rate in $RATES; do
+            for ((r = 1; r <= ROUNDS; r++)); do
+                for s in fdtserver nginx; do
+                    [ -v "PID[$s]" ] || continue
+                    wait_quiet
+                    line=$(taskset -c "$CLIENT_CPU" "$LOADGEN" "127.0.0.1:${PORT[$s]}" --rate "$rate" --seconds "$DURATION" --connections "$c")
+                    read -r p50 p99 p999 errs <<<"$(sed -E 's/.*errors=([0-9]+).*p50_us=([0-9]+).*p99_us=([0-9]+) p999_us=([0-9]+).*/\2 \3 \4 \1/' <<<"$line")"
+                    echo "$c $rate $s $r $p50 $p99 $p999 $errs" >>"$LAT"
+                    say "c=$c rate=$rate round $r $s: p50 ${p50}us p99 ${p99}us p99.9 ${p999}us errors $errs"
+                done
+            done
+        done
+    done
+elif [ -n "$RATES" ]; then
+    say "SKIPPING the fixed-rate latency: $LOADGEN was not built"
+fi
+
 # --- 5. report -------------------------------------------------------------------
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 # Field k of the runs of server s at c connections; only the runs other load
@@ -490,6 +519,25 @@ report() {
         echo
         for c in "${CONN_LIST[@]}"; do
             echo "- $c connections: $(balance "$TMP/workers-c$c-before.txt" "$TMP/workers-c$c-after.txt")"
+        done
+    fi
+    if [ -s "$LAT" ]; then
+        echo
+        echo "Latency at equal request rates (examples/loadgen, open loop, pinned to CPU $CLIENT_CPU; medians over $ROUNDS rounds):"
+        echo
+        echo "| connections | req/s | fdtserver p50 | p99 | p99.9 | nginx p50 | p99 | p99.9 | p99 fdtserver/nginx | errors |"
+        echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        local rate fp50 fp99 fp999 np50 np99 np999 lerr
+        for c in "${CONN_LIST[@]}"; do
+            for rate in $RATES; do
+                lat() { awk -v c="$c" -v r="$rate" -v s="$1" -v k="$2" '$1 == c && $2 == r && $3 == s { print $k }' "$LAT" | median; }
+                fp50=$(lat fdtserver 5); fp99=$(lat fdtserver 6); fp999=$(lat fdtserver 7)
+                np50=$(lat nginx 5); np99=$(lat nginx 6); np999=$(lat nginx 7)
+                lerr=$(awk -v c="$c" -v r="$rate" '$1 == c && $2 == r { n += $8 } END { print n + 0 }' "$LAT")
+                printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$c" "$rate" \
+                    "$(fmt_us "$fp50")" "$(fmt_us "$fp99")" "$(fmt_us "$fp999")" \
+                    "$(fmt_us "$np50")" "$(fmt_us "$np99")" "$(fmt_us "$np999")" "$(ratio "$fp99" "$np99")" "$lerr"
+            done
         done
     fi
     echo
