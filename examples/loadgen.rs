@@ -78,7 +78,8 @@ fn main() {
     let mut poll = Poll::new().unwrap();
     let mut conns: Vec<Conn> = (0..a.connections)
         .map(|i| {
-            let std = std::net::TcpStream::connect(a.addr).unwrap_or_else(|e| panic!("cannot connect to {}: {e}", a.addr));
+            let std =
+                std::net::TcpStream::connect(a.addr).unwrap_or_else(|e| panic!("cannot connect to {}: {e}", a.addr));
             std.set_nodelay(true).unwrap();
             std.set_nonblocking(true).unwrap();
             let mut stream = TcpStream::from_std(std);
@@ -163,7 +164,8 @@ fn main() {
         }
     }
     latencies.sort_unstable();
-    let at = |q: f64| if latencies.is_empty() { 0 } else { latencies[((latencies.len() - 1) as f64 * q).round() as usize] };
+    let at =
+        |q: f64| if latencies.is_empty() { 0 } else { latencies[((latencies.len() - 1) as f64 * q).round() as usize] };
     println!(
         "rate={} sent={next} ok={} errors={errors} late={late} p50_us={} p90_us={} p99_us={} p999_us={} max_us={}",
         a.rate,

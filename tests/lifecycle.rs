@@ -178,3 +178,20 @@ fn a_peer_that_half_closes_still_gets_every_answer() {
     sender.join().unwrap();
     assert_eq!(got.len(), lines * 1000, "answers were cut off after the half-close");
 }
+
+#[test]
+fn a_slow_request_never_holds_up_another_connection_while_a_thread_is_free() {
+    let server = TestServer::start(&Setup::new(1, 2).app("kit", "testkit", ""));
+    let addr = server.addr("kit");
+    for _ in 0..5 {
+        let mut slow = LineClient::connect(addr);
+        let mut quick = LineClient::connect(addr);
+        // Both requests become ready together, for one worker with two handler threads.
+        slow.send("SLEEP 1000");
+        quick.send("PID");
+        let asked = Instant::now();
+        assert!(quick.recv().is_some());
+        assert!(asked.elapsed() < Duration::from_millis(500), "the quick request waited {:?}", asked.elapsed());
+        assert_eq!(slow.recv().as_deref(), Some("SLEPT"));
+    }
+}

@@ -4,7 +4,6 @@
 
 mod util;
 
-use std::io::Read;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -35,21 +34,6 @@ fn replaced(server: &TestServer, old: i32, slot: u64, within: Duration) -> i32 {
         }
         serving(server)?.into_iter().find(|&(pid, s)| s == slot && pid != old).map(|(pid, _)| pid)
     })
-}
-
-/// True once the peer has closed the connection (EOF or reset).
-fn closed(c: &mut LineClient) -> bool {
-    let mut buf = [0u8; 64];
-    loop {
-        match c.stream().read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                return false;
-            }
-            Err(_) => return true,
-        }
-    }
 }
 
 #[test]
@@ -93,7 +77,7 @@ fn a_request_stuck_in_an_endless_loop_is_killed_within_request_timeout_plus_a_se
     assert_eq!(other.ask("still served"), "still served");
     stuck.stream().set_read_timeout(Some(Duration::from_secs(2).saturating_sub(sent.elapsed()))).unwrap();
     // Only the worker's death closes a connection whose handler spins.
-    assert!(closed(&mut stuck), "the stuck connection was not closed within request_timeout + 1 s");
+    assert!(stuck.closed_by_peer(), "the stuck connection was not closed within request_timeout + 1 s");
     let killed = sent.elapsed();
     assert!(killed < Duration::from_secs(2), "killed {killed:?} after SPIN");
     let new = replaced(&server, victim, slot, READY_TIMEOUT);

@@ -11,51 +11,6 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use util::*;
 
-/// Clients that hammer `hello` until stopped: half with a new connection per request, half
-/// with keep-alive connections that follow `Connection: close`. Returns (ok, failures).
-fn hammer(
-    addr: std::net::SocketAddr,
-    clients: usize,
-    stop: Arc<AtomicBool>,
-) -> Vec<std::thread::JoinHandle<(u64, Vec<String>)>> {
-    (0..clients)
-        .map(|i| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut ok = 0;
-                let mut failures = Vec::new();
-                let mut conn: Option<HttpClient> = None;
-                while !stop.load(Ordering::Relaxed) {
-                    let keep_alive = i % 2 == 0;
-                    if conn.is_none() || !keep_alive {
-                        match HttpClient::connect(addr) {
-                            Ok(c) => conn = Some(c),
-                            Err(e) => {
-                                failures.push(format!("connect: {e}"));
-                                continue;
-                            }
-                        }
-                    }
-                    match conn.as_mut().unwrap().get("/") {
-                        Ok(r) if r.status == 200 => {
-                            ok += 1;
-                            if r.closes() {
-                                conn = None;
-                            }
-                        }
-                        Ok(r) => failures.push(format!("status {}", r.status)),
-                        Err(e) => {
-                            failures.push(format!("request: {e}"));
-                            conn = None;
-                        }
-                    }
-                }
-                (ok, failures)
-            })
-        })
-        .collect()
-}
-
 #[test]
 fn reloads_while_clients_hammer_the_server_lose_no_request() {
     let server = TestServer::start(&Setup::new(2, 4).app("hello", "hello", ""));
@@ -69,13 +24,7 @@ fn reloads_while_clients_hammer_the_server_lose_no_request() {
         std::thread::sleep(Duration::from_millis(200));
     }
     stop.store(true, Ordering::Relaxed);
-    let mut total = 0;
-    let mut failures = Vec::new();
-    for c in clients {
-        let (ok, f) = c.join().unwrap();
-        total += ok;
-        failures.extend(f);
-    }
+    let (total, failures) = join_hammer(clients);
     assert!(
         failures.is_empty(),
         "{} of {} requests failed: {:?}",

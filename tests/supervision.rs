@@ -4,7 +4,6 @@
 mod util;
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -34,21 +33,6 @@ fn serving(server: &TestServer) -> Option<Vec<(i32, u64)>> {
 
 fn kill9(pid: i32) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).unwrap();
-}
-
-/// True once the peer has closed the connection (EOF or reset), reading and discarding any data.
-fn closed_by_peer(c: &mut LineClient) -> bool {
-    let mut buf = [0u8; 256];
-    loop {
-        match c.stream().read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                return false;
-            }
-            Err(_) => return true, // reset
-        }
-    }
 }
 
 /// One `testkit` connection per worker of the active generation: pid → connection.
@@ -104,7 +88,7 @@ fn abort_in_a_plugin_replaces_its_worker_while_the_other_worker_keeps_serving() 
     let mut crasher = conns.remove(&doomed).unwrap();
 
     crasher.send("ABORT");
-    assert!(closed_by_peer(&mut crasher), "the connection to the aborted worker stayed open");
+    assert!(crasher.closed_by_peer(), "the connection to the aborted worker stayed open");
     let mut answers = 0;
     let (new_pid, _) = wait_for(Duration::from_secs(2), "a replacement for the aborted worker", || {
         // The connection on the other worker keeps working while the replacement boots.
@@ -133,7 +117,7 @@ fn a_panic_in_a_handler_closes_only_its_connection() {
     assert_eq!(panicker.ask("PID"), pid.to_string());
 
     panicker.send("PANIC");
-    assert!(closed_by_peer(&mut panicker), "the panicking connection was not closed");
+    assert!(panicker.closed_by_peer(), "the panicking connection was not closed");
     assert_eq!(bystander.ask("after the panic"), "after the panic");
     assert_eq!(bystander.ask("PID"), pid.to_string());
     assert_eq!(server.worker_pids(), vec![pid], "the worker was replaced");

@@ -14,49 +14,6 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 use util::*;
 
-/// Clients that hammer `hello` until stopped: half with a new connection per request, half
-/// with keep-alive connections that follow `Connection: close`. Each returns (ok, failures).
-fn hammer(
-    addr: std::net::SocketAddr,
-    clients: usize,
-    stop: Arc<AtomicBool>,
-) -> Vec<std::thread::JoinHandle<(u64, Vec<String>)>> {
-    (0..clients)
-        .map(|i| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let (mut ok, mut failures) = (0, Vec::new());
-                let mut conn: Option<HttpClient> = None;
-                while !stop.load(Ordering::Relaxed) {
-                    if conn.is_none() || i % 2 == 1 {
-                        match HttpClient::connect(addr) {
-                            Ok(c) => conn = Some(c),
-                            Err(e) => {
-                                failures.push(format!("connect: {e}"));
-                                continue;
-                            }
-                        }
-                    }
-                    match conn.as_mut().unwrap().get("/") {
-                        Ok(r) if r.status == 200 => {
-                            ok += 1;
-                            if r.closes() {
-                                conn = None;
-                            }
-                        }
-                        Ok(r) => failures.push(format!("status {}", r.status)),
-                        Err(e) => {
-                            failures.push(format!("request: {e}"));
-                            conn = None;
-                        }
-                    }
-                }
-                (ok, failures)
-            })
-        })
-        .collect()
-}
-
 /// The status, asked over the control socket at `path`, whoever answers it.
 fn status_at(server: &TestServer) -> Option<Value> {
     let (code, body) = server.control("GET", "/status")?;
@@ -107,12 +64,7 @@ fn upgrades_under_load_lose_no_request_and_change_the_master_pid() {
     std::thread::sleep(Duration::from_millis(300));
 
     stop.store(true, Ordering::Relaxed);
-    let (mut total, mut failures) = (0, Vec::new());
-    for c in clients {
-        let (ok, f) = c.join().unwrap();
-        total += ok;
-        failures.extend(f);
-    }
+    let (total, failures) = join_hammer(clients);
     assert!(
         failures.is_empty(),
         "{} of {total} requests failed: {:?}",

@@ -339,6 +339,22 @@ impl LineClient {
     pub fn stream(&mut self) -> &mut TcpStream {
         self.reader.get_mut()
     }
+
+    /// True once the peer has closed the connection (EOF or reset), reading and discarding
+    /// any data; false when nothing more came within the read timeout.
+    pub fn closed_by_peer(&mut self) -> bool {
+        let mut buf = [0u8; 256];
+        loop {
+            match self.reader.get_mut().read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    return false;
+                }
+                Err(_) => return true, // reset
+            }
+        }
+    }
 }
 
 /// A minimal HTTP/1.1 client on one connection (keep-alive).
@@ -419,4 +435,60 @@ impl HttpClient {
 /// One request on a fresh connection.
 pub fn http_get(addr: SocketAddr) -> std::io::Result<HttpResponse> {
     HttpClient::connect(addr)?.get("/")
+}
+
+/// Clients that hammer `hello` until stopped: half with a new connection per request, half
+/// with keep-alive connections that follow `Connection: close`. Returns (ok, failures).
+pub fn hammer(
+    addr: std::net::SocketAddr,
+    clients: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<std::thread::JoinHandle<(u64, Vec<String>)>> {
+    (0..clients)
+        .map(|i| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut ok = 0;
+                let mut failures = Vec::new();
+                let mut conn: Option<HttpClient> = None;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let keep_alive = i % 2 == 0;
+                    if conn.is_none() || !keep_alive {
+                        match HttpClient::connect(addr) {
+                            Ok(c) => conn = Some(c),
+                            Err(e) => {
+                                failures.push(format!("connect: {e}"));
+                                continue;
+                            }
+                        }
+                    }
+                    match conn.as_mut().unwrap().get("/") {
+                        Ok(r) if r.status == 200 => {
+                            ok += 1;
+                            if r.closes() {
+                                conn = None;
+                            }
+                        }
+                        Ok(r) => failures.push(format!("status {}", r.status)),
+                        Err(e) => {
+                            failures.push(format!("request: {e}"));
+                            conn = None;
+                        }
+                    }
+                }
+                (ok, failures)
+            })
+        })
+        .collect()
+}
+
+/// Joins the clients of [`hammer`]: (requests answered, failures).
+pub fn join_hammer(clients: Vec<std::thread::JoinHandle<(u64, Vec<String>)>>) -> (u64, Vec<String>) {
+    let (mut total, mut failures) = (0, Vec::new());
+    for c in clients {
+        let (ok, f) = c.join().unwrap();
+        total += ok;
+        failures.extend(f);
+    }
+    (total, failures)
 }
