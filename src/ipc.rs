@@ -176,6 +176,48 @@ impl MasterMessage {
     }
 }
 
+/// Lines waiting to go out on a non-blocking socket. A line the socket takes only in part is
+/// finished first, so lines never interleave, whatever the other side's reading pace.
+#[derive(Default)]
+pub struct Outbox {
+    pending: Vec<u8>,
+}
+
+/// Beyond this much unsent data the peer is not reading at all (stopped, hung): new lines are
+/// dropped rather than queued without bound; the supervision limits deal with such a peer.
+const MAX_PENDING: usize = 1024 * 1024;
+
+impl Outbox {
+    /// Queues `line` and sends what the socket takes now.
+    pub fn send(&mut self, stream: &mut impl std::io::Write, line: &str) -> std::io::Result<()> {
+        if self.pending.len() + line.len() > MAX_PENDING {
+            return Err(std::io::Error::new(std::io::ErrorKind::WouldBlock, "the peer reads nothing"));
+        }
+        self.pending.extend_from_slice(line.as_bytes());
+        self.flush(stream)
+    }
+
+    /// Sends what the socket takes of the queued bytes.
+    pub fn flush(&mut self, stream: &mut impl std::io::Write) -> std::io::Result<()> {
+        while !self.pending.is_empty() {
+            match stream.write(&self.pending) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.pending.drain(..n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+}
+
 /// Splits a byte stream into lines; keeps a partial last line for the next read.
 #[derive(Default)]
 pub struct LineBuffer {
@@ -204,6 +246,40 @@ impl LineBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A writer that takes at most `room` bytes per call, then would block.
+    struct Trickle {
+        taken: Vec<u8>,
+        room: usize,
+    }
+
+    impl std::io::Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.room == 0 {
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.room);
+            self.room -= n;
+            self.taken.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_outbox_finishes_a_partly_sent_line_before_the_next() {
+        let mut out = Outbox::default();
+        let mut sock = Trickle { taken: Vec::new(), room: 3 };
+        out.send(&mut sock, "drain\n").unwrap();
+        out.send(&mut sock, "stop\n").unwrap();
+        assert_eq!(sock.taken, b"dra");
+        sock.room = 100;
+        out.flush(&mut sock).unwrap();
+        assert_eq!(sock.taken, b"drain\nstop\n");
+        assert!(out.is_empty());
+    }
 
     #[test]
     fn messages_round_trip_through_lines() {

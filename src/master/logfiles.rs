@@ -33,7 +33,13 @@ impl Master {
         let access = crate::logging::access_raw_fd();
         let message = MasterMessage::Reopen { error: error.is_some(), access: access.is_some() }.to_string();
         let fds: Vec<i32> = error.into_iter().chain(access).collect();
-        for w in self.table.workers.values() {
+        for w in self.table.workers.values_mut() {
+            // The fds travel with the message's first byte: only a whole message, in order.
+            let _ = w.outbox.flush(&mut w.channel);
+            if !w.outbox.is_empty() {
+                log::warn!("cannot hand the log files to worker pid {}: it does not read its channel", w.pid);
+                continue;
+            }
             if let Err(e) = sys::send_with_fds(w.channel.as_raw_fd(), message.as_bytes(), &fds) {
                 log::warn!("cannot hand the log files to worker pid {}: {e}", w.pid);
             }

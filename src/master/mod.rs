@@ -21,7 +21,7 @@ pub mod table;
 mod upgrade;
 
 use std::collections::BTreeMap;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::{AsRawFd, IntoRawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
@@ -518,8 +518,9 @@ impl Master {
 
     fn send(&mut self, pid: Pid, msg: MasterMessage) {
         if let Some(w) = self.table.workers.get_mut(&pid) {
-            // A full or broken channel means the worker is stuck or gone; waitpid tells.
-            let _ = w.channel.write_all(msg.to_string().as_bytes());
+            // A broken channel means the worker is gone (waitpid tells); a full one, that it is
+            // stuck: the rest goes out as it reads (see `on_timers`).
+            let _ = w.outbox.send(&mut w.channel, &msg.to_string());
         }
     }
 
@@ -1173,6 +1174,9 @@ impl Master {
 
     fn on_timers(&mut self) {
         self.control.expire(self.poll.registry());
+        for w in self.table.workers.values_mut().filter(|w| !w.outbox.is_empty()) {
+            let _ = w.outbox.flush(&mut w.channel);
+        }
         self.send_pending_replies();
         self.retire_finished_generations();
         self.start_queued_reload();

@@ -119,6 +119,8 @@ pub struct Worker {
     pub kill_at: Option<Instant>,
     /// Its apps' event counters, as last reported.
     pub events: Vec<crate::ipc::AppEvent>,
+    /// Messages to it that its channel did not take yet.
+    pub outbox: crate::ipc::Outbox,
 }
 
 impl Worker {
@@ -147,6 +149,7 @@ impl Worker {
             recycle_not_before: None,
             kill_at: None,
             events: Vec::new(),
+            outbox: Default::default(),
         }
     }
 

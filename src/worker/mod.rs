@@ -102,6 +102,8 @@ struct Worker {
     passed_fds: std::collections::VecDeque<std::os::fd::OwnedFd>,
     /// The app event counters last sent to the master.
     sent_events: Vec<crate::ipc::AppEvent>,
+    /// Messages the channel did not take yet.
+    outbox: crate::ipc::Outbox,
 }
 
 impl Worker {
@@ -237,6 +239,7 @@ impl Worker {
             acceptors: Vec::new(),
             passed_fds: Default::default(),
             sent_events: Vec::new(),
+            outbox: Default::default(),
         };
         worker.send(WorkerMessage::Ready);
         log::debug!("ready");
@@ -258,7 +261,8 @@ impl Worker {
     }
 
     fn send(&mut self, msg: WorkerMessage) {
-        let _ = self.channel.write_all(msg.to_string().as_bytes());
+        // A full channel (a master that does not read) keeps the rest for later (`serve`).
+        let _ = self.outbox.send(&mut self.channel, &msg.to_string());
     }
 
     fn stats(&self) -> WorkerStats {
@@ -365,6 +369,7 @@ impl Worker {
                     Event::Tick => {}
                 }
             }
+            let _ = self.outbox.flush(&mut self.channel);
             if last_stats.elapsed() >= STATS_INTERVAL {
                 last_stats = Instant::now();
                 let stats = self.stats();
