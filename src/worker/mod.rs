@@ -223,7 +223,8 @@ impl Worker {
                 return Err(EXIT_START_FAILED);
             }
         };
-        let handlers = pool.spawn_handlers();
+        let mut handlers = pool.spawn_handlers();
+        handlers.push(pool.spawn_watchdog());
         let _ = channel.set_nonblocking(true);
         let _ = signal_pipe.set_nonblocking(true);
         let mut worker = Worker {

@@ -131,7 +131,27 @@ pub struct Pool {
     acceptors: Mutex<Vec<Thread>>,
     load: WorkerLoad,
     beats: Box<[HandlerBeat]>,
+    /// Handlers that may wait on the epoll instance or serve at once (see `admit`).
+    admission: Admission,
 }
+
+/// Which handler threads may take events. Only as many as the worker has CPUs are admitted,
+/// so under load the same few threads serve with warm caches and no request waits for the
+/// scheduler to time-slice among handlers; the others park. A handler that has been inside
+/// app code for `STUCK_AFTER` is presumed blocked (a sleep, a database call), and one more is
+/// admitted in its place, up to `threads`: blocking apps keep their concurrency.
+struct Admission {
+    cpus: usize,
+    admitted: AtomicUsize,
+    /// Parked handlers, most recently parked last (woken first: its cache is the warmest).
+    parked: Mutex<Vec<Thread>>,
+    /// The watchdog sleeps here while no handler serves.
+    watchdog: (Mutex<()>, std::sync::Condvar),
+    watchdog_asleep: AtomicBool,
+}
+
+/// A handler serving one request for this long counts as blocked (see `Admission`).
+const STUCK_AFTER_MS: u64 = 2;
 
 impl Pool {
     pub fn new(apps: Vec<App>, threads: usize, max_fds: usize, load: WorkerLoad) -> std::io::Result<Pool> {
@@ -153,7 +173,107 @@ impl Pool {
             acceptors: Mutex::new(Vec::new()),
             load,
             beats: (0..threads).map(|_| HandlerBeat::default()).collect(),
+            admission: Admission {
+                cpus: std::thread::available_parallelism().map_or(1, |n| n.get()).min(threads),
+                admitted: AtomicUsize::new(0),
+                parked: Mutex::new(Vec::new()),
+                watchdog: (Mutex::new(()), std::sync::Condvar::new()),
+                watchdog_asleep: AtomicBool::new(false),
+            },
         })
+    }
+
+    /// Handlers inside one request for `STUCK_AFTER_MS` or more.
+    fn stuck_handlers(&self) -> usize {
+        let now = crate::sys::monotonic_ms();
+        self.beats
+            .iter()
+            .filter(|b| {
+                let since = b.busy_since.load(Ordering::Acquire);
+                since != 0 && now.saturating_sub(since) >= STUCK_AFTER_MS
+            })
+            .count()
+    }
+
+    fn admission_limit(&self) -> usize {
+        (self.admission.cpus + self.stuck_handlers()).min(self.threads)
+    }
+
+    /// Waits until this handler may take events. False when the pool stops.
+    fn admit(&self) -> bool {
+        let a = &self.admission;
+        loop {
+            if self.stopping.load(Ordering::Acquire) {
+                return false;
+            }
+            let current = a.admitted.load(Ordering::Acquire);
+            if current < self.admission_limit() {
+                if a.admitted.compare_exchange(current, current + 1, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                    return true;
+                }
+                continue;
+            }
+            a.parked.lock().unwrap_or_else(|e| e.into_inner()).push(thread::current());
+            // Woken by the watchdog (a handler is stuck), by a handler leaving, or at stop; the
+            // timeout only bounds the cost of a missed wake-up.
+            thread::park_timeout(std::time::Duration::from_secs(1));
+            let mut parked = a.parked.lock().unwrap_or_else(|e| e.into_inner());
+            let me = thread::current().id();
+            parked.retain(|t| t.id() != me);
+        }
+    }
+
+    /// After a request: gives up this handler's admission when more are admitted than are
+    /// needed now (the handler it stood in for is no longer stuck). True if it gave it up.
+    fn leave_if_surplus(&self) -> bool {
+        let a = &self.admission;
+        let current = a.admitted.load(Ordering::Acquire);
+        if current > self.admission_limit()
+            && a.admitted.compare_exchange(current, current - 1, Ordering::AcqRel, Ordering::Acquire).is_ok()
+        {
+            return true;
+        }
+        false
+    }
+
+    fn wake_one_parked(&self) {
+        if let Some(t) = self.admission.parked.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+            t.unpark();
+        }
+    }
+
+    /// Admits a parked handler in place of one that is stuck in app code. Sleeps while no
+    /// handler serves, so an idle worker does not poll.
+    fn watchdog_loop(&self) {
+        let a = &self.admission;
+        let (lock, cond) = &a.watchdog;
+        while !self.stopping.load(Ordering::Acquire) {
+            if self.busy.load(Ordering::Acquire) == 0 {
+                let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+                a.watchdog_asleep.store(true, Ordering::SeqCst);
+                if self.busy.load(Ordering::SeqCst) == 0 && !self.stopping.load(Ordering::SeqCst) {
+                    let _ = cond.wait_timeout(guard, std::time::Duration::from_millis(500));
+                }
+                a.watchdog_asleep.store(false, Ordering::SeqCst);
+                continue;
+            }
+            thread::sleep(std::time::Duration::from_millis(1));
+            if a.admitted.load(Ordering::Acquire) < self.admission_limit() {
+                self.wake_one_parked();
+            }
+        }
+        // Stopping: let every parked handler see it.
+        for t in a.parked.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            t.unpark();
+        }
+    }
+
+    /// Starts the admission watchdog.
+    pub fn spawn_watchdog(&'static self) -> JoinHandle<()> {
+        thread::Builder::new()
+            .name("admission".into())
+            .spawn(move || self.watchdog_loop())
+            .expect("cannot start the admission watchdog")
     }
 
     /// Starts the handler threads.
@@ -188,6 +308,12 @@ impl Pool {
     pub fn stop_handlers(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         let _ = self.stop_event.notify();
+        let (lock, cond) = &self.admission.watchdog;
+        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        cond.notify_all();
+        for t in self.admission.parked.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            t.unpark();
+        }
     }
 
     pub fn busy_handlers(&self) -> usize {
@@ -301,26 +427,40 @@ impl Pool {
         // another thread could serve. Taking batches saved about 8 % of CPU per request in a
         // benchmark, but a handler stuck in app code then held the rest of its batch hostage.
         let mut events = [Event::EMPTY; 1];
-        loop {
-            let n = match self.epoll.wait(&mut events, None) {
-                Ok(n) => n,
-                Err(e) => {
-                    log::error!("epoll_wait failed: {e}");
-                    return;
-                }
-            };
-            for event in &events[..n] {
-                if event.token() == STOP_TOKEN {
-                    return;
-                }
-                self.busy.fetch_add(1, Ordering::AcqRel);
-                self.serve(*event, &mut scratch, beat);
-                if self.busy.fetch_sub(1, Ordering::AcqRel) == self.threads {
-                    self.wake_acceptors();
-                }
-            }
-            if self.stopping.load(Ordering::Acquire) {
+        'admitted: loop {
+            if !self.admit() {
                 return;
+            }
+            loop {
+                let n = match self.epoll.wait(&mut events, None) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        log::error!("epoll_wait failed: {e}");
+                        return;
+                    }
+                };
+                for event in &events[..n] {
+                    if event.token() == STOP_TOKEN {
+                        return;
+                    }
+                    if self.busy.fetch_add(1, Ordering::AcqRel) == 0
+                        && self.admission.watchdog_asleep.load(Ordering::SeqCst)
+                    {
+                        let (lock, cond) = &self.admission.watchdog;
+                        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+                        cond.notify_one();
+                    }
+                    self.serve(*event, &mut scratch, beat);
+                    if self.busy.fetch_sub(1, Ordering::AcqRel) == self.threads {
+                        self.wake_acceptors();
+                    }
+                }
+                if self.stopping.load(Ordering::Acquire) {
+                    return;
+                }
+                if self.leave_if_surplus() {
+                    continue 'admitted;
+                }
             }
         }
     }
