@@ -7,7 +7,7 @@ mod util;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -63,14 +63,7 @@ fn upgrades_under_load_lose_no_request_and_change_the_master_pid() {
     wait_for(READY_TIMEOUT, "the second master to exit", || (!alive(new)).then_some(()));
     std::thread::sleep(Duration::from_millis(300));
 
-    stop.store(true, Ordering::Relaxed);
-    let (total, failures) = join_hammer(clients);
-    assert!(
-        failures.is_empty(),
-        "{} of {total} requests failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(10)]
-    );
+    let total = stop_hammer(&stop, clients);
     assert!(total > 200, "only {total} requests were made");
     eprintln!("{total} requests, none failed");
 

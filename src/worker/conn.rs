@@ -156,10 +156,10 @@ impl Conn {
     ) -> (After, u64) {
         match self.phase {
             Phase::Lingering { .. } => (self.discard_input(), 0),
-            Phase::Flushing => (self.flush_then(writable), 0),
+            Phase::Flushing => (self.flush_then(), 0),
             Phase::Open if !self.output.is_empty() => {
                 // Parked for writing: the app's answer did not fit into the socket.
-                if writable { (self.flush_then(true), 0) } else { (After::Park(interest::WRITE), 0) }
+                if writable { (self.flush_then(), 0) } else { (After::Park(interest::WRITE), 0) }
             }
             Phase::Open if readable => self.serve(app, draining, scratch),
             Phase::Open => (After::Park(interest::READ), 0),
@@ -248,7 +248,7 @@ impl Conn {
         }
         if self.next == Next::Close {
             self.phase = Phase::Flushing;
-            return (self.flush_then(false), requests);
+            return (self.flush_then(), requests);
         }
         if self.output.is_empty() {
             (After::Park(interest::READ), requests)
@@ -299,7 +299,7 @@ impl Conn {
     }
 
     /// Flushes; when everything is out, moves on (serve again, or start the close).
-    fn flush_then(&mut self, _writable: bool) -> After {
+    fn flush_then(&mut self) -> After {
         if let Err(e) = self.flush() {
             return After::Close(CloseReason::Error(e.to_string()));
         }

@@ -482,13 +482,25 @@ pub fn hammer(
         .collect()
 }
 
-/// Joins the clients of [`hammer`]: (requests answered, failures).
-pub fn join_hammer(clients: Vec<std::thread::JoinHandle<(u64, Vec<String>)>>) -> (u64, Vec<String>) {
+/// Stops and joins the clients of [`hammer`], fails the test if any request failed, and
+/// returns how many were answered.
+pub fn stop_hammer(
+    stop: &std::sync::atomic::AtomicBool,
+    clients: Vec<std::thread::JoinHandle<(u64, Vec<String>)>>,
+) -> u64 {
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (mut total, mut failures) = (0, Vec::new());
     for c in clients {
         let (ok, f) = c.join().unwrap();
         total += ok;
         failures.extend(f);
     }
-    (total, failures)
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failures.len(),
+        total + failures.len() as u64,
+        &failures[..failures.len().min(10)]
+    );
+    total
 }
