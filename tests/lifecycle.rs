@@ -147,6 +147,31 @@ fn workers_exit_when_the_master_is_killed() {
 }
 
 #[test]
+fn a_stop_removes_the_runtime_directory_and_a_killed_masters_is_swept_by_the_next_start() {
+    let first = TestServer::start(&Setup::new(1, 1).app("echo", "echo", ""));
+    let tmp = first.tmpdir();
+    let own = tmp.join(format!("fdtserver-{}", first.pid));
+    assert!(std::fs::read_dir(own.join("plugins")).unwrap().count() > 0, "the plugin is pinned in {own:?}");
+    first.signal(Signal::SIGKILL);
+    wait_for(Duration::from_secs(5), "the killed master to be gone", || (!alive(first.pid)).then_some(()));
+    assert!(own.exists(), "a killed master cannot clean up");
+
+    let mut next = TestServer::start_with(&Setup::new(1, 1).app("echo", "echo", ""), |config| {
+        let mut cmd = server_command(config);
+        cmd.env("TMPDIR", &tmp);
+        cmd
+    });
+    assert!(!own.exists(), "the next master sweeps the dead one's directory");
+    assert!(next.log().contains("removed 1 runtime directory left by stopped masters"), "{}", next.log());
+    assert!(tmp.join(format!("fdtserver-{}", next.pid)).exists());
+    let (code, out, err) = next.cli(&["stop"]);
+    assert_eq!(code, 0, "{out}{err}");
+    next.wait_exit(Duration::from_secs(5));
+    let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "a stopped server leaves nothing in TMPDIR: {left:?}");
+}
+
+#[test]
 fn term_during_the_first_boot_is_a_clean_stop() {
     let mut server = TestServer::spawn(&Setup::new(1, 1).app("kit", "testkit", "start_delay_ms = 3000"));
     wait_for(READY_TIMEOUT, "the first generation to be booting", || {

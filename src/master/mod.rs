@@ -14,6 +14,7 @@
 //! children.
 
 mod logfiles;
+mod rundir;
 mod status;
 mod supervise;
 pub mod systemd;
@@ -36,6 +37,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
+use self::rundir::RunDir;
 use crate::config::Config;
 use crate::control::{self, ControlServer, Request, Response};
 use crate::ipc::{MasterMessage, WorkerMessage};
@@ -179,7 +181,7 @@ pub struct Master {
     listeners: BTreeMap<String, Listener>,
     table: Table,
     control: ControlServer,
-    runtime_dir: PathBuf,
+    runtime_dir: RunDir,
     stopping: Option<Stopping>,
     reload_waiters: Vec<usize>,
     /// A reload asked for while another was booting (with who waits for it): it starts once
@@ -302,14 +304,9 @@ impl Master {
             return Err(());
         }
         let mut control = control.map_err(|_| ())?;
-        let runtime_dir = std::env::temp_dir().join(format!("fdtserver-{}", std::process::id()));
-        let setup = (|| -> io::Result<(Poll, SignalPipe)> {
-            std::fs::create_dir_all(runtime_dir.join("plugins"))?;
-            // Workers that dropped to `user` load plugins from here: traversable and readable
-            // by all, writable by the master only.
-            for dir in [runtime_dir.clone(), runtime_dir.join("plugins")] {
-                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
-            }
+        let setup = (|| -> io::Result<(RunDir, Poll, SignalPipe)> {
+            let runtime_dir = RunDir::create(&std::env::temp_dir())
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot create the runtime directory: {e}")))?;
             let poll = Poll::new()?;
             let signals = SignalPipe::install()?;
             poll.registry().register(&mut SourceFd(&signals.read.as_raw_fd()), SIGNAL_TOKEN, Interest::READABLE)?;
@@ -318,22 +315,23 @@ impl Master {
             if handover.is_none() {
                 control.register(poll.registry(), CONTROL_TOKEN)?;
             }
-            Ok((poll, signals))
+            Ok((runtime_dir, poll, signals))
         })();
+        let (runtime_dir, poll, signals) = match setup {
+            Ok(s) => s,
+            Err(e) => {
+                fatal(&config, &format!("cannot set up the master: {e}"));
+                control.remove_file();
+                return Err(());
+            }
+        };
         let load = match crate::balance::LoadTable::new() {
             // Lives as long as the master: leaked on purpose.
             Ok(t) => Box::leak(Box::new(t)),
             Err(e) => {
                 fatal(&config, &format!("cannot map the shared load table: {e}"));
                 control.remove_file();
-                return Err(());
-            }
-        };
-        let (poll, signals) = match setup {
-            Ok(s) => s,
-            Err(e) => {
-                fatal(&config, &format!("cannot set up the master: {e}"));
-                control.remove_file();
+                runtime_dir.remove();
                 return Err(());
             }
         };
@@ -723,7 +721,7 @@ impl Master {
         }
         let keep: Vec<&Path> =
             self.table.generations.values().flat_map(|g| g.plugins.values().map(PathBuf::as_path)).collect();
-        crate::plugin::pin::prune(&self.runtime_dir.join("plugins"), &keep);
+        crate::plugin::pin::prune(&self.runtime_dir.plugins(), &keep);
     }
 
     // ---- generations and reloads ----------------------------------------------------------
@@ -801,7 +799,7 @@ impl Master {
         let identity = crate::privileges::resolve(config.server.user.as_deref(), config.server.group.as_deref())
             .inspect_err(|_| self.close_unused_listeners())?;
         let mut plugins = BTreeMap::new();
-        let pin_dir = self.runtime_dir.join("plugins");
+        let pin_dir = self.runtime_dir.plugins();
         for l in &config.listeners {
             let app = config.app(&l.app);
             if plugins.contains_key(&app.name) {
@@ -1118,7 +1116,7 @@ impl Master {
         {
             let _ = std::fs::remove_file(p);
         }
-        let _ = std::fs::remove_dir_all(&self.runtime_dir);
+        self.runtime_dir.remove();
     }
 
     fn write_pidfile(&mut self) {

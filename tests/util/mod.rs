@@ -154,6 +154,13 @@ impl TestServer {
         let log = dir.path().join("server.log");
         let log_file = std::fs::File::create(&log).unwrap();
         let mut cmd = make(&config);
+        // The server's runtime files (pinned plugin copies) go inside the test's directory, so
+        // that nothing is left behind even when the server is killed.
+        if !cmd.get_envs().any(|(k, _)| k == "TMPDIR") {
+            let tmp = dir.path().join("tmp");
+            std::fs::create_dir(&tmp).unwrap();
+            cmd.env("TMPDIR", tmp);
+        }
         cmd.stdin(Stdio::null()).stdout(log_file.try_clone().unwrap()).stderr(log_file);
         // Its own process group, so that drop can kill the master and every worker at once.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
@@ -168,6 +175,11 @@ impl TestServer {
 
     pub fn control_socket(&self) -> PathBuf {
         self.dir.path().join("control.sock")
+    }
+
+    /// The `TMPDIR` the server was started with (unless the test set its own).
+    pub fn tmpdir(&self) -> PathBuf {
+        self.dir.path().join("tmp")
     }
 
     /// Rewrites the config file (for a reload).
