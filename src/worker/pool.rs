@@ -152,6 +152,10 @@ struct Admission {
 
 /// A handler serving one request for this long counts as blocked (see `Admission`).
 const STUCK_AFTER_MS: u64 = 2;
+/// The admission watchdog looks at the handlers once per this...
+const WATCHDOG_TICK: std::time::Duration = std::time::Duration::from_millis(1);
+/// ...and goes to sleep after this many ticks in a row with no handler serving.
+const WATCHDOG_IDLE_TICKS: u32 = 50;
 
 impl Pool {
     pub fn new(apps: Vec<App>, threads: usize, max_fds: usize, load: WorkerLoad) -> std::io::Result<Pool> {
@@ -242,13 +246,21 @@ impl Pool {
         }
     }
 
-    /// Admits a parked handler in place of one that is stuck in app code. Sleeps while no
-    /// handler serves, so an idle worker does not poll.
+    /// Admits a parked handler in place of one that is stuck in app code. Sleeps once no
+    /// handler has served for `WATCHDOG_IDLE_TICKS`, so an idle worker does not poll; under
+    /// load, where `busy` drops to 0 between most requests, it keeps ticking, so handlers need
+    /// not wake it (a futex call and a context switch) once per request.
     fn watchdog_loop(&self) {
         let a = &self.admission;
         let (lock, cond) = &a.watchdog;
+        let mut idle_ticks: u32 = 0;
         while !self.stopping.load(Ordering::Acquire) {
             if self.busy.load(Ordering::Acquire) == 0 {
+                idle_ticks = idle_ticks.saturating_add(1);
+            } else {
+                idle_ticks = 0;
+            }
+            if idle_ticks > WATCHDOG_IDLE_TICKS {
                 let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
                 a.watchdog_asleep.store(true, Ordering::SeqCst);
                 if self.busy.load(Ordering::SeqCst) == 0 && !self.stopping.load(Ordering::SeqCst) {
@@ -257,7 +269,7 @@ impl Pool {
                 a.watchdog_asleep.store(false, Ordering::SeqCst);
                 continue;
             }
-            thread::sleep(std::time::Duration::from_millis(1));
+            thread::sleep(WATCHDOG_TICK);
             if a.admitted.load(Ordering::Acquire) < self.admission_limit() {
                 self.wake_one_parked();
             }
