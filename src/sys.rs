@@ -295,8 +295,9 @@ pub fn interrupt_thread(thread: libc::pthread_t) -> io::Result<()> {
 pub mod interest {
     pub const READ: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
     pub const WRITE: u32 = libc::EPOLLOUT as u32;
-    /// Deliver one event, then disarm until `modify` re-arms: the receiving thread owns the fd.
-    pub const ONESHOT: u32 = libc::EPOLLONESHOT as u32;
+    /// Edge-triggered: one event when the fd becomes ready, none while it stays ready; `modify`
+    /// queues an event at once if the fd is ready then.
+    pub const EDGE: u32 = libc::EPOLLET as u32;
 }
 
 /// One readiness event from [`Epoll::wait`].
@@ -315,13 +316,16 @@ impl Event {
     pub fn writable(&self) -> bool {
         self.0.events & (libc::EPOLLOUT | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0
     }
+    /// The peer closed its side (or the connection broke): an end of input waits to be read.
+    pub fn hangup(&self) -> bool {
+        self.0.events & (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0
+    }
 }
 
 /// An epoll instance shared by a worker's handler threads.
 ///
-/// Why not `mio::Poll`: it needs `&mut` to wait (so one thread), and it has no
-/// `EPOLLONESHOT`. With one-shot interest, any idle handler thread can wait on the same
-/// instance and the kernel hands each ready connection to exactly one of them.
+/// Why not `mio::Poll`: it needs `&mut` to wait, so only one thread could wait on it; any idle
+/// handler thread waits on this one, and the kernel hands each event to exactly one of them.
 pub struct Epoll {
     fd: OwnedFd,
 }
@@ -424,16 +428,17 @@ mod tests {
     }
 
     #[test]
-    fn a_oneshot_event_fires_once_until_rearmed() {
+    fn an_edge_fires_once_and_modify_fires_again_while_ready() {
         let ep = Epoll::new().unwrap();
         let ev = EventFd::new().unwrap();
-        ep.add(ev.as_raw_fd(), interest::READ | interest::ONESHOT, 7).unwrap();
+        ep.add(ev.as_raw_fd(), interest::READ | interest::EDGE, 7).unwrap();
         ev.notify().unwrap();
         let mut events = [Event::EMPTY; 4];
         assert_eq!(ep.wait(&mut events, Some(Duration::from_millis(100))).unwrap(), 1);
         assert_eq!(events[0].token(), 7);
+        // Still readable, but no new edge.
         assert_eq!(ep.wait(&mut events, Some(Duration::from_millis(20))).unwrap(), 0);
-        ep.modify(ev.as_raw_fd(), interest::READ | interest::ONESHOT, 8).unwrap();
+        ep.modify(ev.as_raw_fd(), interest::READ | interest::EDGE, 8).unwrap();
         assert_eq!(ep.wait(&mut events, Some(Duration::from_millis(100))).unwrap(), 1);
         assert_eq!(events[0].token(), 8);
     }

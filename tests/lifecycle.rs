@@ -220,3 +220,50 @@ fn a_slow_request_never_holds_up_another_connection_while_a_thread_is_free() {
         assert_eq!(slow.recv().as_deref(), Some("SLEPT"));
     }
 }
+
+#[test]
+fn pipelined_and_split_requests_on_many_connections_are_all_answered_in_order() {
+    // Edge-triggered events: input that arrives while a handler still holds its connection,
+    // or together with the peer's close, must not be left unread. Two handlers, sixteen
+    // clients, each writing lines in bursts and in fragments while it reads the answers.
+    let server = TestServer::start(&Setup::new(1, 2).app("echo", "echo", ""));
+    let addr = server.addr("echo");
+    let clients: Vec<_> = (0..16u64)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let stream = TcpStream::connect(addr).unwrap();
+                stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut writer = stream.try_clone().unwrap();
+                let lines = 2000;
+                let sender = std::thread::spawn(move || {
+                    let text: String = (0..lines).map(|k| format!("client {i} line {k}\n")).collect();
+                    let bytes = text.as_bytes();
+                    // Chunks of 1 to 4,000 bytes, cutting lines anywhere.
+                    let (mut at, mut seed) = (0, i * 7919 + 1);
+                    while at < bytes.len() {
+                        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        let len = (1 + (seed >> 33) as usize % 4000).min(bytes.len() - at);
+                        writer.write_all(&bytes[at..at + len]).unwrap();
+                        at += len;
+                    }
+                    // The last lines travel with the close of our side.
+                    writer.shutdown(std::net::Shutdown::Write).unwrap();
+                });
+                let mut answers = String::new();
+                let read = (&stream).read_to_string(&mut answers);
+                sender.join().unwrap();
+                read.unwrap_or_else(|e| panic!("client {i}: {e} after {} bytes", answers.len()));
+                let expected: String = (0..lines).map(|k| format!("client {i} line {k}\n")).collect();
+                assert!(
+                    answers == expected,
+                    "client {i}: {} bytes of answers, {} expected",
+                    answers.len(),
+                    expected.len()
+                );
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+}

@@ -1,7 +1,7 @@
 //! One client connection inside a worker: its buffers and its I/O state machine.
 //!
-//! Invariant: a `Conn` is touched by one thread at a time — the handler thread the epoll
-//! instance handed it to (one-shot interest), or the drain sweeper holding its slot lock while
+//! Invariant: a `Conn` is touched by one thread at a time, whoever holds its slot lock in the
+//! worker's connection table: the handler serving an event for it, or the drain sweeper while
 //! it is parked. A connection is closed only between requests, unless its peer is gone, the
 //! app failed, or the drain timed out.
 
@@ -14,7 +14,7 @@ use fdt_sdk::Next;
 use socket2::Socket;
 
 use crate::plugin::{App, ConnHandle, DataOutcome};
-use crate::sys::{self, interest};
+use crate::sys::{self, Event, interest};
 
 /// A request whose bytes reach this size without the app consuming any is refused: the
 /// connection is closed rather than buffering without bound.
@@ -97,6 +97,13 @@ pub struct Conn {
     /// Output the socket did not take yet; usually empty and unallocated.
     output: Vec<u8>,
     pub phase: Phase,
+    /// The interest registered for it in the epoll instance (always edge-triggered).
+    pub armed: u32,
+    /// True when the last event's handling read the socket until it was empty, so that the
+    /// next input is a new edge (see `Pool::apply`).
+    pub read_empty: bool,
+    /// An event said the peer has closed its side: read until the end of input is seen.
+    eof_pending: bool,
     /// What the app said last.
     next: Next,
     pub last_active: Instant,
@@ -119,6 +126,9 @@ impl Conn {
             input: Vec::new(),
             output: Vec::new(),
             phase: Phase::Open,
+            armed: interest::READ | interest::EDGE,
+            read_empty: false,
+            eof_pending: false,
             next: Next::KeepOpen,
             last_active: now,
             opened: now,
@@ -146,14 +156,11 @@ impl Conn {
     }
 
     /// Handles readiness. `draining` is passed to the app so it can answer with a close.
-    pub fn on_ready(
-        &mut self,
-        readable: bool,
-        writable: bool,
-        app: &App,
-        draining: bool,
-        scratch: &mut Scratch,
-    ) -> (After, u64) {
+    pub fn on_ready(&mut self, event: &Event, app: &App, draining: bool, scratch: &mut Scratch) -> (After, u64) {
+        let (readable, writable) = (event.readable(), event.writable());
+        self.read_empty = false;
+        // The end of input came with the data or before it: the edge is spent, so read on to it.
+        self.eof_pending |= event.hangup();
         match self.phase {
             Phase::Lingering { .. } => (self.discard_input(), 0),
             Phase::Flushing => (self.flush_then(), 0),
@@ -174,6 +181,7 @@ impl Conn {
             match (&self.socket).read(&mut scratch.input) {
                 Ok(0) => {
                     peer_closed = true;
+                    self.read_empty = true;
                     break;
                 }
                 Ok(n) => {
@@ -188,9 +196,20 @@ impl Conn {
                         }
                         continue;
                     }
+                    // A stream socket's short read took every byte queued, but not a pending end of
+                    // input: that takes one more read.
+                    if self.eof_pending {
+                        fresh = 0;
+                        self.input.extend_from_slice(&scratch.input[..n]);
+                        continue;
+                    }
+                    self.read_empty = true;
                     break;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.read_empty = true;
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return (After::Close(CloseReason::Error(e.to_string())), 0),
             }
@@ -328,6 +347,7 @@ impl Conn {
                 Ok(0) => return After::Close(CloseReason::Done),
                 Ok(_) => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.read_empty = true;
                     return After::Park(interest::READ);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

@@ -449,7 +449,7 @@ impl Worker {
     /// Closes (gently) every parked connection that is between requests and quiet.
     fn close_idle_connections(&self) {
         let now = Instant::now();
-        self.pool.conns.sweep(|slot| {
+        self.pool.sweep(|slot| {
             let conn = slot.as_mut().expect("sweep only offers occupied slots");
             // A request already in the kernel's buffer (its event not handled yet) means the
             // connection is not between requests after all.
@@ -466,7 +466,7 @@ impl Worker {
 
     fn close_expired_lingerers(&self) {
         let now = Instant::now();
-        self.pool.conns.sweep(|slot| {
+        self.pool.sweep(|slot| {
             if slot.as_ref().is_some_and(|c| c.linger_expired(now))
                 && let Some(conn) = slot.take()
             {
@@ -492,7 +492,7 @@ impl Worker {
             }
         }
         let stuck = self.pool.busy_handlers() + usize::from(!acceptors_done);
-        self.pool.conns.sweep(|slot| {
+        self.pool.sweep(|slot| {
             if let Some(conn) = slot.take() {
                 let reason = if conn.phase == Phase::Open { CloseReason::Forced } else { CloseReason::Done };
                 self.pool.finish(conn, reason);

@@ -3,12 +3,16 @@
 //! Shape: one acceptor thread per listener waits in a blocking `accept()` (the kernel queues
 //! blocked acceptors of all workers FIFO, which balances connections across processes) and
 //! pauses while every handler is busy, so an idle worker takes the next connection instead.
-//! Accepted connections are parked in one epoll instance with one-shot interest; `threads`
-//! handler threads wait on it, and the kernel hands each ready connection to exactly one idle
-//! handler, which serves it inline and parks it again. An idle connection costs no thread.
+//! Accepted connections are registered, edge-triggered, in one epoll instance; `threads`
+//! handler threads wait on it, and the kernel hands each event to exactly one idle handler,
+//! which serves the connection inline. An idle connection costs no thread, and serving a
+//! request costs no `epoll_ctl`: the handler reads until the socket is empty, so the next
+//! request makes a new edge.
 //!
-//! Invariant: a connection's slot lock is held by whoever touches it; a connection is armed in
-//! the epoll instance only while parked.
+//! Invariants: a connection's slot lock is held by whoever touches it. An event that finds the
+//! slot locked is not lost: it sets the slot's `again` flag, which is cleared only under the
+//! lock, and whoever unlocks a slot with `again` set re-arms the connection (`epoll_ctl`
+//! queues a new event if it is ready), so one handler serves it next.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -32,7 +36,12 @@ const CHUNK: usize = 1024;
 /// Token of the stop eventfd in the epoll instance (connection tokens are `fd << 32 | seq`).
 const STOP_TOKEN: u64 = u64::MAX;
 
-type Slot = Mutex<Option<Conn>>;
+/// A connection's place in the table.
+struct Slot {
+    conn: Mutex<Option<Conn>>,
+    /// An event for this fd arrived while another thread held `conn` (see [`Pool::unlock`]).
+    again: AtomicBool,
+}
 /// How long an acceptor steps aside for a less loaded sibling before it looks again.
 const YIELD_PAUSE: std::time::Duration = std::time::Duration::from_micros(500);
 
@@ -52,27 +61,26 @@ impl ConnTable {
 
     fn slot(&self, fd: usize) -> Option<&Slot> {
         let chunk = self.chunks.get(fd / CHUNK)?;
-        let slots = chunk.get_or_init(|| (0..CHUNK).map(|_| Mutex::new(None)).collect());
+        let slots = chunk.get_or_init(|| {
+            (0..CHUNK).map(|_| Slot { conn: Mutex::new(None), again: AtomicBool::new(false) }).collect()
+        });
         Some(&slots[fd % CHUNK])
     }
 
-    fn lock(slot: &Slot) -> MutexGuard<'_, Option<Conn>> {
-        slot.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Calls `f` on every parked connection whose lock is free right now.
-    pub fn sweep(&self, mut f: impl FnMut(&mut Option<Conn>)) {
+    /// Every slot that was ever used.
+    fn used(&self) -> impl Iterator<Item = &Slot> {
         let high = self.high_water.load(Ordering::Acquire);
-        for fd in 0..high {
-            let Some(chunk) = self.chunks.get(fd / CHUNK).and_then(|c| c.get()) else {
-                continue;
-            };
-            if let Ok(mut guard) = chunk[fd % CHUNK].try_lock()
-                && guard.is_some()
-            {
-                f(&mut guard);
-            }
-        }
+        (0..high).filter_map(|fd| self.chunks.get(fd / CHUNK)?.get().map(|chunk| &chunk[fd % CHUNK]))
+    }
+}
+
+type Guard<'a> = MutexGuard<'a, Option<Conn>>;
+
+fn try_lock(slot: &Slot) -> Option<Guard<'_>> {
+    match slot.conn.try_lock() {
+        Ok(guard) => Some(guard),
+        Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
     }
 }
 
@@ -161,7 +169,7 @@ impl Pool {
     pub fn new(apps: Vec<App>, threads: usize, max_fds: usize, load: WorkerLoad) -> std::io::Result<Pool> {
         let epoll = Epoll::new()?;
         let stop_event = EventFd::new()?;
-        // Level-triggered and not one-shot: once signalled, it wakes every handler.
+        // Level-triggered: once signalled, it wakes every handler.
         epoll.add(stop_event.as_raw_fd(), interest::READ, STOP_TOKEN)?;
         Ok(Pool {
             epoll,
@@ -370,9 +378,13 @@ impl Pool {
                 continue;
             }
             self.load.ready(listener.index);
-            // Holding more than a sibling that is ready too: let it take the next one.
+            // Holding more than a sibling that is ready too: let it take the next one. Sleep
+            // until one arrives (not polling: the balance may stay like this for hours), then
+            // give the sibling a moment to take it before looking again.
             if self.load.should_yield(listener.index) {
-                thread::sleep(YIELD_PAUSE);
+                if connection_waiting(&listener.socket, ACCEPT_WAKE_INTERVAL) {
+                    thread::sleep(YIELD_PAUSE);
+                }
                 continue;
             }
             match listener.socket.accept() {
@@ -417,17 +429,63 @@ impl Pool {
             return;
         };
         let token = token(fd, seq);
-        let mut guard = ConnTable::lock(slot);
+        let mut guard = slot.conn.lock().unwrap_or_else(|e| e.into_inner());
         *guard = Some(Conn::new(socket, seq, listener.app, handle, peer));
         self.conns.high_water.fetch_max(fd + 1, Ordering::AcqRel);
         self.counters.open.fetch_add(1, Ordering::Relaxed);
         self.load.opened();
         self.counters.accepted.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.epoll.add(fd as i32, interest::READ | interest::ONESHOT, token) {
+        if let Err(e) = self.epoll.add(fd as i32, interest::READ | interest::EDGE, token) {
             log::error!("cannot watch a new connection: {e}");
             if let Some(conn) = guard.take() {
                 drop(guard);
                 self.finish(conn, CloseReason::Error(e.to_string()));
+            }
+            return;
+        }
+        // Its first request may have raced us to a handler.
+        self.unlock(slot, guard);
+    }
+
+    /// Takes a connection's slot for an event. When another thread holds it, flags the event
+    /// for that thread to re-arm (see [`Pool::unlock`]) and returns `None`, unless the holder
+    /// let go meanwhile.
+    fn lock_for_event<'a>(&self, slot: &'a Slot) -> Option<Guard<'a>> {
+        try_lock(slot).or_else(|| {
+            slot.again.store(true, Ordering::SeqCst);
+            try_lock(slot)
+        })
+    }
+
+    /// Releases a slot. If an event found it locked meanwhile, re-arms the connection, under
+    /// the lock (an fd may be closed and reused as soon as the slot is free), so that the event
+    /// comes again to whichever handler is idle. If another thread holds the slot by then, the
+    /// flag stays set for it.
+    fn unlock<'a>(&self, slot: &'a Slot, mut guard: Guard<'a>) {
+        loop {
+            drop(guard);
+            if !slot.again.load(Ordering::SeqCst) {
+                return;
+            }
+            let Some(next) = try_lock(slot) else { return };
+            guard = next;
+            if slot.again.swap(false, Ordering::SeqCst)
+                && let Some(conn) = guard.as_mut()
+                && let Err(e) = self.epoll.modify(conn.fd(), conn.armed, token(conn.fd() as usize, conn.seq))
+            {
+                log::warn!("cannot re-arm the connection from {}: {e}", conn.peer);
+            }
+        }
+    }
+
+    /// Calls `f` on every connection whose slot is free right now (none is being served).
+    pub fn sweep(&self, mut f: impl FnMut(&mut Option<Conn>)) {
+        for slot in self.conns.used() {
+            if let Some(mut guard) = try_lock(slot)
+                && guard.is_some()
+            {
+                f(&mut guard);
+                self.unlock(slot, guard);
             }
         }
     }
@@ -488,11 +546,17 @@ impl Pool {
         let Some(slot) = self.conns.slot(fd) else {
             return;
         };
-        let mut guard = ConnTable::lock(slot);
-        let Some(conn) = guard.as_mut() else { return };
-        if conn.seq != seq {
-            return; // a stale event for an fd that was closed and reused
+        let Some(mut guard) = self.lock_for_event(slot) else {
+            return;
+        };
+        if guard.as_ref().is_none_or(|conn| conn.seq != seq) {
+            // A stale event for an fd that was closed (and maybe reused): a flag set for the
+            // connection there now is not ours to clear.
+            return self.unlock(slot, guard);
         }
+        // Anything that arrived before this point is read now; a later arrival is a new edge.
+        slot.again.store(false, Ordering::SeqCst);
+        let conn = guard.as_mut().expect("checked above");
         let app = &self.apps[conn.app];
         let draining = self.draining.load(Ordering::Relaxed);
         {
@@ -502,22 +566,33 @@ impl Pool {
             serving.1.push_str(&conn.peer);
         }
         beat.busy_since.store(monotonic_ms().max(1), Ordering::Release);
-        let (after, requests) = conn.on_ready(event.readable(), event.writable(), app, draining, scratch);
+        let (after, requests) = conn.on_ready(&event, app, draining, scratch);
         beat.busy_since.store(0, Ordering::Release);
         if requests > 0 {
             self.counters.requests.fetch_add(requests, Ordering::Relaxed);
         }
-        self.apply(guard, after);
+        self.apply(slot, guard, after);
     }
 
-    /// Parks or closes a connection after it was handled. Takes the slot's guard.
-    pub fn apply(&self, mut guard: MutexGuard<'_, Option<Conn>>, after: After) {
+    /// Parks or closes a connection after it was handled, and releases its slot.
+    fn apply<'a>(&self, slot: &'a Slot, mut guard: Guard<'a>, after: After) {
         let Some(conn) = guard.as_mut() else { return };
         let reason = match after {
-            After::Park(interest) => {
+            After::Park(wanted) => {
+                let wanted = wanted | interest::EDGE;
+                // The common case: waiting for the next request on a socket read empty. Its
+                // arrival is a new edge; nothing to tell the kernel.
+                if wanted == conn.armed && conn.read_empty {
+                    return self.unlock(slot, guard);
+                }
+                // Otherwise (new interest, or input possibly left unread) re-arm: the kernel
+                // queues an event at once if the socket is ready already.
                 let token = token(conn.fd() as usize, conn.seq);
-                match self.epoll.modify(conn.fd(), interest | crate::sys::interest::ONESHOT, token) {
-                    Ok(()) => return,
+                match self.epoll.modify(conn.fd(), wanted, token) {
+                    Ok(()) => {
+                        conn.armed = wanted;
+                        return self.unlock(slot, guard);
+                    }
                     Err(e) => CloseReason::Error(format!("cannot re-arm: {e}")),
                 }
             }
@@ -562,6 +637,16 @@ impl Pool {
         self.load.closed();
         // Dropping `conn` closes the socket, which also removes it from the epoll instance.
     }
+}
+
+/// Waits up to `timeout` for a connection in `listener`'s queue, without taking it. An
+/// interrupted wait (a drain starting) returns false.
+fn connection_waiting(listener: &Socket, timeout: std::time::Duration) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+    let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+    matches!(poll(&mut fds, timeout), Ok(n) if n > 0)
 }
 
 fn token(fd: usize, seq: u32) -> u64 {
