@@ -206,7 +206,8 @@ fn a_peer_that_half_closes_still_gets_every_answer() {
 
 #[test]
 fn a_slow_request_never_holds_up_another_connection_while_a_thread_is_free() {
-    let server = TestServer::start(&Setup::new(1, 2).app("kit", "testkit", ""));
+    // On one CPU only one handler takes events until the other is found blocked (2 ms).
+    let server = TestServer::start_with(&Setup::new(1, 2).app("kit", "testkit", ""), on_one_cpu);
     let addr = server.addr("kit");
     for _ in 0..5 {
         let mut slow = LineClient::connect(addr);
@@ -218,6 +219,22 @@ fn a_slow_request_never_holds_up_another_connection_while_a_thread_is_free() {
         assert!(quick.recv().is_some());
         assert!(asked.elapsed() < Duration::from_millis(500), "the quick request waited {:?}", asked.elapsed());
         assert_eq!(slow.recv().as_deref(), Some("SLEPT"));
+    }
+}
+
+#[test]
+fn a_request_computing_endlessly_does_not_hold_up_another_connection_while_a_thread_is_free() {
+    // Unlike a blocked handler, a computing one is not replaced at once (it might only be
+    // waiting for a CPU), but after `LONG_AFTER_MS` (20 ms) it is.
+    let server = TestServer::start_with(&Setup::new(1, 2).app("kit", "testkit", ""), on_one_cpu);
+    let addr = server.addr("kit");
+    let mut spinning = LineClient::connect(addr);
+    spinning.send("SPIN");
+    let mut quick = LineClient::connect(addr);
+    for _ in 0..5 {
+        let asked = Instant::now();
+        assert!(quick.ask("PID").parse::<i32>().is_ok());
+        assert!(asked.elapsed() < Duration::from_millis(500), "the quick request waited {:?}", asked.elapsed());
     }
 }
 
@@ -266,4 +283,11 @@ fn pipelined_and_split_requests_on_many_connections_are_all_answered_in_order() 
     for c in clients {
         c.join().unwrap();
     }
+}
+
+/// The server command, pinned to CPU 0 (the worker then admits one handler at a time).
+fn on_one_cpu(config: &std::path::Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new("taskset");
+    cmd.args(["-c", "0", BIN, "--config"]).arg(config);
+    cmd
 }

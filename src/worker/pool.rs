@@ -94,6 +94,8 @@ pub struct HandlerBeat {
     /// The connection it serves: (app index, peer). Rewritten in place, so no allocation per
     /// request once the string has grown to a peer's length.
     serving: Mutex<(usize, String)>,
+    /// The thread's kernel id (0 until it starts), to tell blocked from runnable.
+    tid: std::sync::atomic::AtomicI32,
 }
 
 /// What the handler threads are doing, summed up for the heartbeat.
@@ -146,11 +148,16 @@ pub struct Pool {
 /// Which handler threads may take events. Only as many as the worker has CPUs are admitted,
 /// so under load the same few threads serve with warm caches and no request waits for the
 /// scheduler to time-slice among handlers; the others park. A handler that has been inside
-/// app code for `STUCK_AFTER` is presumed blocked (a sleep, a database call), and one more is
-/// admitted in its place, up to `threads`: blocking apps keep their concurrency.
+/// one request for `STUCK_AFTER_MS` while blocked (a sleep, a database call), or for
+/// `LONG_AFTER_MS` whatever it does (a long computation), counts as stuck, and one more is
+/// admitted in its place, up to `threads`: blocking apps keep their concurrency. A handler
+/// that is only waiting for a CPU (the machine is busy) is not stuck: admitting another would
+/// add a thread competing for the same CPU.
 struct Admission {
     cpus: usize,
     admitted: AtomicUsize,
+    /// Handlers stuck in a request, as the watchdog last counted them.
+    stuck: AtomicUsize,
     /// Parked handlers, most recently parked last (woken first: its cache is the warmest).
     parked: Mutex<Vec<Thread>>,
     /// The watchdog sleeps here while no handler serves.
@@ -158,8 +165,10 @@ struct Admission {
     watchdog_asleep: AtomicBool,
 }
 
-/// A handler serving one request for this long counts as blocked (see `Admission`).
+/// A handler blocked this long in one request counts as stuck (see `Admission`)...
 const STUCK_AFTER_MS: u64 = 2;
+/// ...and one that has been in one request this long counts as stuck even while it computes.
+const LONG_AFTER_MS: u64 = 20;
 /// The admission watchdog looks at the handlers once per this...
 const WATCHDOG_TICK: std::time::Duration = std::time::Duration::from_millis(1);
 /// ...and goes to sleep after this many ticks in a row with no handler serving.
@@ -188,6 +197,7 @@ impl Pool {
             admission: Admission {
                 cpus: std::thread::available_parallelism().map_or(1, |n| n.get()).min(threads),
                 admitted: AtomicUsize::new(0),
+                stuck: AtomicUsize::new(0),
                 parked: Mutex::new(Vec::new()),
                 watchdog: (Mutex::new(()), std::sync::Condvar::new()),
                 watchdog_asleep: AtomicBool::new(false),
@@ -195,20 +205,23 @@ impl Pool {
         })
     }
 
-    /// Handlers inside one request for `STUCK_AFTER_MS` or more.
-    fn stuck_handlers(&self) -> usize {
+    /// Counts the stuck handlers (see [`Admission`]). `stats` caches each handler's
+    /// `/proc/self/task/<tid>/stat`, re-read with one `pread`.
+    fn count_stuck(&self, stats: &mut [Option<std::fs::File>]) -> usize {
         let now = crate::sys::monotonic_ms();
-        self.beats
-            .iter()
-            .filter(|b| {
-                let since = b.busy_since.load(Ordering::Acquire);
-                since != 0 && now.saturating_sub(since) >= STUCK_AFTER_MS
-            })
-            .count()
+        let mut stuck = 0;
+        for (beat, stat) in self.beats.iter().zip(stats.iter_mut()) {
+            let since = beat.busy_since.load(Ordering::Acquire);
+            let busy_ms = if since == 0 { 0 } else { now.saturating_sub(since) };
+            if busy_ms >= LONG_AFTER_MS || (busy_ms >= STUCK_AFTER_MS && !runnable(beat, stat)) {
+                stuck += 1;
+            }
+        }
+        stuck
     }
 
     fn admission_limit(&self) -> usize {
-        (self.admission.cpus + self.stuck_handlers()).min(self.threads)
+        (self.admission.cpus + self.admission.stuck.load(Ordering::Acquire)).min(self.threads)
     }
 
     /// Waits until this handler may take events. False when the pool stops.
@@ -262,6 +275,7 @@ impl Pool {
         let a = &self.admission;
         let (lock, cond) = &a.watchdog;
         let mut idle_ticks: u32 = 0;
+        let mut stats: Vec<Option<std::fs::File>> = self.beats.iter().map(|_| None).collect();
         while !self.stopping.load(Ordering::Acquire) {
             if self.busy.load(Ordering::Acquire) == 0 {
                 idle_ticks = idle_ticks.saturating_add(1);
@@ -269,6 +283,7 @@ impl Pool {
                 idle_ticks = 0;
             }
             if idle_ticks > WATCHDOG_IDLE_TICKS {
+                a.stuck.store(0, Ordering::Release);
                 let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
                 a.watchdog_asleep.store(true, Ordering::SeqCst);
                 if self.busy.load(Ordering::SeqCst) == 0 && !self.stopping.load(Ordering::SeqCst) {
@@ -278,6 +293,7 @@ impl Pool {
                 continue;
             }
             thread::sleep(WATCHDOG_TICK);
+            a.stuck.store(self.count_stuck(&mut stats), Ordering::Release);
             if a.admitted.load(Ordering::Acquire) < self.admission_limit() {
                 self.wake_one_parked();
             }
@@ -491,6 +507,7 @@ impl Pool {
     }
 
     fn handler_loop(&self, beat: &HandlerBeat) {
+        beat.tid.store(nix::unistd::gettid().as_raw(), Ordering::Release);
         let mut scratch = Scratch::new();
         // One event per wait: the others stay queued for idle handlers, so a request that
         // blocks (a sleep, a database call, an endless loop) never holds up a connection that
@@ -637,6 +654,23 @@ impl Pool {
         self.load.closed();
         // Dropping `conn` closes the socket, which also removes it from the epoll instance.
     }
+}
+
+/// True when the handler's thread is running or waiting for a CPU, from the state field of
+/// its `/proc` stat (opened into `stat` on first use). When that cannot be read, false: the
+/// handler is then judged by its time alone, as if blocked.
+fn runnable(beat: &HandlerBeat, stat: &mut Option<std::fs::File>) -> bool {
+    use std::os::unix::fs::FileExt;
+    if stat.is_none() {
+        let tid = beat.tid.load(Ordering::Acquire);
+        *stat = std::fs::File::open(format!("/proc/self/task/{tid}/stat")).ok();
+    }
+    let Some(file) = stat else { return false };
+    let mut buf = [0u8; 256];
+    let Ok(n) = file.read_at(&mut buf, 0) else { return false };
+    // "tid (comm) S ...": the comm may contain anything, so look after its last ')'.
+    let text = &buf[..n];
+    text.iter().rposition(|&b| b == b')').and_then(|i| text.get(i + 2)).is_some_and(|&state| state == b'R')
 }
 
 /// Waits up to `timeout` for a connection in `listener`'s queue, without taking it. An
