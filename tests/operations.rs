@@ -3,6 +3,8 @@
 
 mod util;
 
+use std::time::Duration;
+
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use util::*;
@@ -178,4 +180,32 @@ fn operator_signals_sent_to_every_process_leave_the_workers_serving() {
     assert_eq!(server.worker_pids(), vec![worker]);
     let state = std::fs::read_to_string(format!("/proc/{worker}/stat")).unwrap();
     assert!(!state.rsplit_once(") ").unwrap().1.starts_with('T'), "the worker was stopped: {state}");
+}
+
+#[test]
+fn silent_control_clients_are_capped_at_64_and_closed_after_10_s() {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    let server = TestServer::start(&Setup::new(1, 1).app("echo", "echo", ""));
+    // 64 clients that connect and say nothing.
+    let silent: Vec<UnixStream> = (0..64).map(|_| UnixStream::connect(server.control_socket()).unwrap()).collect();
+    // Wait until the master has taken them all: one more is then closed at once.
+    wait_for(READY_TIMEOUT, "a 65th control client to be refused", || {
+        let mut extra = UnixStream::connect(server.control_socket()).ok()?;
+        extra.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let mut buf = [0u8; 1];
+        matches!(extra.read(&mut buf), Ok(0)).then_some(())
+    });
+    assert!(server.log().contains("64 connections open already"), "{}", server.log());
+    // The silent ones are closed after the 10 s request timeout, and the API answers again.
+    let opened = std::time::Instant::now();
+    let mut first = silent.into_iter().next().unwrap();
+    first.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut buf = [0u8; 1];
+    assert!(matches!(first.read(&mut buf), Ok(0)), "a silent control client was not closed");
+    let waited = opened.elapsed();
+    assert!(waited < Duration::from_secs(12), "closed after {waited:?}");
+    assert_eq!(server.status()["pid"], server.pid);
+    let mut c = LineClient::connect(server.addr("echo"));
+    assert_eq!(c.ask("still serving"), "still serving");
 }

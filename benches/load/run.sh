@@ -16,6 +16,9 @@
 #                      the machine to pass, or repeating runs it disturbed (0: never)
 #   RATES="20000 60000"  fixed request rates at which fdtserver's and nginx's latency
 #                      is compared with the open-loop examples/loadgen ("" skips it)
+#   RATE_ROUNDS=5 RATE_SECONDS=3  alternating rounds and seconds per fixed-rate run
+#                      (a p99 moves with the machine's noise: more short rounds beat
+#                      a few long ones)
 #
 # Method and results: BENCHMARKS.md. The table is printed and written to
 # benches/load/last-run.md.
@@ -90,6 +93,11 @@ FDT_BIN="$REPO/target/release/fdtserver"
 FDT_PLUGIN="$REPO/target/release/libfdt_hello.so"
 LOADGEN="$REPO/target/release/examples/loadgen"
 RATES=${RATES-20000 60000}
+RATE_ROUNDS=${RATE_ROUNDS:-5}
+RATE_SECONDS=${RATE_SECONDS:-3}
+for var in RATE_ROUNDS RATE_SECONDS; do
+    is_uint "${!var}" && [ "${!var}" -gt 0 ] || die "$var must be a positive integer (got '${!var}')"
+done
 SERVERS=(fdtserver nginx ceiling)
 if [ ! -x "$FDT_BIN" ]; then
     say "SKIPPING fdtserver: $FDT_BIN does not exist (not built yet?); measuring nginx and ceiling only"
@@ -427,11 +435,11 @@ LAT=$TMP/latency.txt   # conns rate server round p50 p99 p999 errors
 if [ -n "$RATES" ] && [ -x "$LOADGEN" ]; then
     for c in "${CONN_LIST[@]}"; do
         for rate in $RATES; do
-            for ((r = 1; r <= ROUNDS; r++)); do
+            for ((r = 1; r <= RATE_ROUNDS; r++)); do
                 for s in fdtserver nginx; do
                     [ -v "PID[$s]" ] || continue
                     wait_quiet
-                    line=$(taskset -c "$CLIENT_CPU" "$LOADGEN" "127.0.0.1:${PORT[$s]}" --rate "$rate" --seconds "$DURATION" --connections "$c")
+                    line=$(taskset -c "$CLIENT_CPU" "$LOADGEN" "127.0.0.1:${PORT[$s]}" --rate "$rate" --seconds "$RATE_SECONDS" --connections "$c")
                     read -r p50 p99 p999 errs <<<"$(sed -E 's/.*errors=([0-9]+).*p50_us=([0-9]+).*p99_us=([0-9]+) p999_us=([0-9]+).*/\2 \3 \4 \1/' <<<"$line")"
                     echo "$c $rate $s $r $p50 $p99 $p999 $errs" >>"$LAT"
                     say "c=$c rate=$rate round $r $s: p50 ${p50}us p99 ${p99}us p99.9 ${p999}us errors $errs"
@@ -523,7 +531,7 @@ report() {
     fi
     if [ -s "$LAT" ]; then
         echo
-        echo "Latency at equal request rates (examples/loadgen, open loop, pinned to CPU $CLIENT_CPU; medians over $ROUNDS rounds):"
+        echo "Latency at equal request rates (examples/loadgen, open loop, pinned to CPU $CLIENT_CPU; $RATE_SECONDS s per run, medians over $RATE_ROUNDS alternating rounds):"
         echo
         echo "| connections | req/s | fdtserver p50 | p99 | p99.9 | nginx p50 | p99 | p99.9 | p99 fdtserver/nginx | errors |"
         echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
