@@ -9,8 +9,10 @@
 //! it never touches an fd it inherited but does not own; its only link to the master is the
 //! socketpair.
 
+mod admission;
 mod conn;
 mod pool;
+mod table;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};

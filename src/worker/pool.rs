@@ -1,4 +1,4 @@
-//! The connection table, the handler threads and the acceptor threads of one worker.
+//! The handler and acceptor threads of one worker, and how they share its connections.
 //!
 //! Shape: one acceptor thread per listener waits in a blocking `accept()` (the kernel queues
 //! blocked acceptors of all workers FIFO, which balances connections across processes) and
@@ -15,74 +15,25 @@
 //! queues a new event if it is ready), so one handler serves it next.
 
 use std::os::fd::AsRawFd;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::thread::{self, JoinHandle, Thread};
 use std::time::Instant;
 
 use socket2::Socket;
 
+use super::admission::Admission;
 use super::conn::{After, CloseReason, Conn, Scratch, prepare_socket};
+use super::table::{ConnTable, Guard, Slot, split_token, token};
 use crate::balance::WorkerLoad;
 use crate::listener::ACCEPT_WAKE_INTERVAL;
 use crate::plugin::App;
 use crate::sys::{Epoll, Event, EventFd, interest, monotonic_ms};
 
-/// The table covers fds below this (its index costs 16 bytes per 1,024 fds even when unused,
-/// and the open file limit can be a billion); a connection on a higher fd is refused, logged.
-const MAX_TABLE_FDS: usize = 1 << 22;
-/// Connections per lazily allocated chunk of the table.
-const CHUNK: usize = 1024;
 /// Token of the stop eventfd in the epoll instance (connection tokens are `fd << 32 | seq`).
 const STOP_TOKEN: u64 = u64::MAX;
-
-/// A connection's place in the table.
-struct Slot {
-    conn: Mutex<Option<Conn>>,
-    /// An event for this fd arrived while another thread held `conn` (see [`Pool::unlock`]).
-    again: AtomicBool,
-}
 /// How long an acceptor steps aside for a less loaded sibling before it looks again.
 const YIELD_PAUSE: std::time::Duration = std::time::Duration::from_micros(500);
-
-/// Connections indexed by fd: the kernel never hands out an fd twice while it is open, and a
-/// sequence number in the epoll token tells a stale event from a reused fd.
-pub struct ConnTable {
-    chunks: Vec<OnceLock<Box<[Slot]>>>,
-    /// One past the highest fd ever stored: the sweep need not look further.
-    high_water: AtomicUsize,
-}
-
-impl ConnTable {
-    pub fn new(max_fds: usize) -> ConnTable {
-        let n = max_fds.min(MAX_TABLE_FDS).div_ceil(CHUNK).max(1);
-        ConnTable { chunks: (0..n).map(|_| OnceLock::new()).collect(), high_water: AtomicUsize::new(0) }
-    }
-
-    fn slot(&self, fd: usize) -> Option<&Slot> {
-        let chunk = self.chunks.get(fd / CHUNK)?;
-        let slots = chunk.get_or_init(|| {
-            (0..CHUNK).map(|_| Slot { conn: Mutex::new(None), again: AtomicBool::new(false) }).collect()
-        });
-        Some(&slots[fd % CHUNK])
-    }
-
-    /// Every slot that was ever used.
-    fn used(&self) -> impl Iterator<Item = &Slot> {
-        let high = self.high_water.load(Ordering::Acquire);
-        (0..high).filter_map(|fd| self.chunks.get(fd / CHUNK)?.get().map(|chunk| &chunk[fd % CHUNK]))
-    }
-}
-
-type Guard<'a> = MutexGuard<'a, Option<Conn>>;
-
-fn try_lock(slot: &Slot) -> Option<Guard<'_>> {
-    match slot.conn.try_lock() {
-        Ok(guard) => Some(guard),
-        Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
-        Err(std::sync::TryLockError::WouldBlock) => None,
-    }
-}
 
 /// One handler thread's heartbeat: whether it is serving a connection, since when, and which.
 /// The control thread reads these for the heartbeat it sends the master, which kills a worker
@@ -96,6 +47,20 @@ pub struct HandlerBeat {
     serving: Mutex<(usize, String)>,
     /// The thread's kernel id (0 until it starts), to tell blocked from runnable.
     tid: std::sync::atomic::AtomicI32,
+}
+
+impl HandlerBeat {
+    /// How long the thread has been serving its current connection (0 while it waits).
+    pub fn busy_ms(&self, now: u64) -> u64 {
+        match self.busy_since.load(Ordering::Acquire) {
+            0 => 0,
+            since => now.saturating_sub(since),
+        }
+    }
+
+    pub fn tid(&self) -> i32 {
+        self.tid.load(Ordering::Acquire)
+    }
 }
 
 /// What the handler threads are doing, summed up for the heartbeat.
@@ -141,38 +106,9 @@ pub struct Pool {
     acceptors: Mutex<Vec<Thread>>,
     load: WorkerLoad,
     beats: Box<[HandlerBeat]>,
-    /// Handlers that may wait on the epoll instance or serve at once (see `admit`).
+    /// Which handlers may wait on the epoll instance or serve at once.
     admission: Admission,
 }
-
-/// Which handler threads may take events. Only as many as the worker has CPUs are admitted,
-/// so under load the same few threads serve with warm caches and no request waits for the
-/// scheduler to time-slice among handlers; the others park. A handler that has been inside
-/// one request for `STUCK_AFTER_MS` while blocked (a sleep, a database call), or for
-/// `LONG_AFTER_MS` whatever it does (a long computation), counts as stuck, and one more is
-/// admitted in its place, up to `threads`: blocking apps keep their concurrency. A handler
-/// that is only waiting for a CPU (the machine is busy) is not stuck: admitting another would
-/// add a thread competing for the same CPU.
-struct Admission {
-    cpus: usize,
-    admitted: AtomicUsize,
-    /// Handlers stuck in a request, as the watchdog last counted them.
-    stuck: AtomicUsize,
-    /// Parked handlers, most recently parked last (woken first: its cache is the warmest).
-    parked: Mutex<Vec<Thread>>,
-    /// The watchdog sleeps here while no handler serves.
-    watchdog: (Mutex<()>, std::sync::Condvar),
-    watchdog_asleep: AtomicBool,
-}
-
-/// A handler blocked this long in one request counts as stuck (see `Admission`)...
-const STUCK_AFTER_MS: u64 = 2;
-/// ...and one that has been in one request this long counts as stuck even while it computes.
-const LONG_AFTER_MS: u64 = 20;
-/// The admission watchdog looks at the handlers once per this...
-const WATCHDOG_TICK: std::time::Duration = std::time::Duration::from_millis(1);
-/// ...and goes to sleep after this many ticks in a row with no handler serving.
-const WATCHDOG_IDLE_TICKS: u32 = 50;
 
 impl Pool {
     pub fn new(apps: Vec<App>, threads: usize, max_fds: usize, load: WorkerLoad) -> std::io::Result<Pool> {
@@ -194,121 +130,15 @@ impl Pool {
             acceptors: Mutex::new(Vec::new()),
             load,
             beats: (0..threads).map(|_| HandlerBeat::default()).collect(),
-            admission: Admission {
-                cpus: std::thread::available_parallelism().map_or(1, |n| n.get()).min(threads),
-                admitted: AtomicUsize::new(0),
-                stuck: AtomicUsize::new(0),
-                parked: Mutex::new(Vec::new()),
-                watchdog: (Mutex::new(()), std::sync::Condvar::new()),
-                watchdog_asleep: AtomicBool::new(false),
-            },
+            admission: Admission::new(threads),
         })
-    }
-
-    /// Counts the stuck handlers (see [`Admission`]). `stats` caches each handler's
-    /// `/proc/self/task/<tid>/stat`, re-read with one `pread`.
-    fn count_stuck(&self, stats: &mut [Option<std::fs::File>]) -> usize {
-        let now = crate::sys::monotonic_ms();
-        let mut stuck = 0;
-        for (beat, stat) in self.beats.iter().zip(stats.iter_mut()) {
-            let since = beat.busy_since.load(Ordering::Acquire);
-            let busy_ms = if since == 0 { 0 } else { now.saturating_sub(since) };
-            if busy_ms >= LONG_AFTER_MS || (busy_ms >= STUCK_AFTER_MS && !runnable(beat, stat)) {
-                stuck += 1;
-            }
-        }
-        stuck
-    }
-
-    fn admission_limit(&self) -> usize {
-        (self.admission.cpus + self.admission.stuck.load(Ordering::Acquire)).min(self.threads)
-    }
-
-    /// Waits until this handler may take events. False when the pool stops.
-    fn admit(&self) -> bool {
-        let a = &self.admission;
-        loop {
-            if self.stopping.load(Ordering::Acquire) {
-                return false;
-            }
-            let current = a.admitted.load(Ordering::Acquire);
-            if current < self.admission_limit() {
-                if a.admitted.compare_exchange(current, current + 1, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-                    return true;
-                }
-                continue;
-            }
-            a.parked.lock().unwrap_or_else(|e| e.into_inner()).push(thread::current());
-            // Woken by the watchdog (a handler is stuck), by a handler leaving, or at stop; the
-            // timeout only bounds the cost of a missed wake-up.
-            thread::park_timeout(std::time::Duration::from_secs(1));
-            let mut parked = a.parked.lock().unwrap_or_else(|e| e.into_inner());
-            let me = thread::current().id();
-            parked.retain(|t| t.id() != me);
-        }
-    }
-
-    /// After a request: gives up this handler's admission when more are admitted than are
-    /// needed now (the handler it stood in for is no longer stuck). True if it gave it up.
-    fn leave_if_surplus(&self) -> bool {
-        let a = &self.admission;
-        let current = a.admitted.load(Ordering::Acquire);
-        if current > self.admission_limit()
-            && a.admitted.compare_exchange(current, current - 1, Ordering::AcqRel, Ordering::Acquire).is_ok()
-        {
-            return true;
-        }
-        false
-    }
-
-    fn wake_one_parked(&self) {
-        if let Some(t) = self.admission.parked.lock().unwrap_or_else(|e| e.into_inner()).pop() {
-            t.unpark();
-        }
-    }
-
-    /// Admits a parked handler in place of one that is stuck in app code. Sleeps once no
-    /// handler has served for `WATCHDOG_IDLE_TICKS`, so an idle worker does not poll; under
-    /// load, where `busy` drops to 0 between most requests, it keeps ticking, so handlers need
-    /// not wake it (a futex call and a context switch) once per request.
-    fn watchdog_loop(&self) {
-        let a = &self.admission;
-        let (lock, cond) = &a.watchdog;
-        let mut idle_ticks: u32 = 0;
-        let mut stats: Vec<Option<std::fs::File>> = self.beats.iter().map(|_| None).collect();
-        while !self.stopping.load(Ordering::Acquire) {
-            if self.busy.load(Ordering::Acquire) == 0 {
-                idle_ticks = idle_ticks.saturating_add(1);
-            } else {
-                idle_ticks = 0;
-            }
-            if idle_ticks > WATCHDOG_IDLE_TICKS {
-                a.stuck.store(0, Ordering::Release);
-                let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
-                a.watchdog_asleep.store(true, Ordering::SeqCst);
-                if self.busy.load(Ordering::SeqCst) == 0 && !self.stopping.load(Ordering::SeqCst) {
-                    let _ = cond.wait_timeout(guard, std::time::Duration::from_millis(500));
-                }
-                a.watchdog_asleep.store(false, Ordering::SeqCst);
-                continue;
-            }
-            thread::sleep(WATCHDOG_TICK);
-            a.stuck.store(self.count_stuck(&mut stats), Ordering::Release);
-            if a.admitted.load(Ordering::Acquire) < self.admission_limit() {
-                self.wake_one_parked();
-            }
-        }
-        // Stopping: let every parked handler see it.
-        for t in a.parked.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
-            t.unpark();
-        }
     }
 
     /// Starts the admission watchdog.
     pub fn spawn_watchdog(&'static self) -> JoinHandle<()> {
         thread::Builder::new()
             .name("admission".into())
-            .spawn(move || self.watchdog_loop())
+            .spawn(move || self.admission.watchdog_loop(&self.beats, &self.busy))
             .expect("cannot start the admission watchdog")
     }
 
@@ -344,12 +174,7 @@ impl Pool {
     pub fn stop_handlers(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         let _ = self.stop_event.notify();
-        let (lock, cond) = &self.admission.watchdog;
-        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
-        cond.notify_all();
-        for t in self.admission.parked.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
-            t.unpark();
-        }
+        self.admission.stop();
     }
 
     pub fn busy_handlers(&self) -> usize {
@@ -445,9 +270,9 @@ impl Pool {
             return;
         };
         let token = token(fd, seq);
-        let mut guard = slot.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = slot.lock();
         *guard = Some(Conn::new(socket, seq, listener.app, handle, peer));
-        self.conns.high_water.fetch_max(fd + 1, Ordering::AcqRel);
+        self.conns.note_used(fd);
         self.counters.open.fetch_add(1, Ordering::Relaxed);
         self.load.opened();
         self.counters.accepted.fetch_add(1, Ordering::Relaxed);
@@ -467,9 +292,9 @@ impl Pool {
     /// for that thread to re-arm (see [`Pool::unlock`]) and returns `None`, unless the holder
     /// let go meanwhile.
     fn lock_for_event<'a>(&self, slot: &'a Slot) -> Option<Guard<'a>> {
-        try_lock(slot).or_else(|| {
+        slot.try_lock().or_else(|| {
             slot.again.store(true, Ordering::SeqCst);
-            try_lock(slot)
+            slot.try_lock()
         })
     }
 
@@ -483,7 +308,7 @@ impl Pool {
             if !slot.again.load(Ordering::SeqCst) {
                 return;
             }
-            let Some(next) = try_lock(slot) else { return };
+            let Some(next) = slot.try_lock() else { return };
             guard = next;
             if slot.again.swap(false, Ordering::SeqCst)
                 && let Some(conn) = guard.as_mut()
@@ -497,7 +322,7 @@ impl Pool {
     /// Calls `f` on every connection whose slot is free right now (none is being served).
     pub fn sweep(&self, mut f: impl FnMut(&mut Option<Conn>)) {
         for slot in self.conns.used() {
-            if let Some(mut guard) = try_lock(slot)
+            if let Some(mut guard) = slot.try_lock()
                 && guard.is_some()
             {
                 f(&mut guard);
@@ -515,7 +340,7 @@ impl Pool {
         // benchmark, but a handler stuck in app code then held the rest of its batch hostage.
         let mut events = [Event::EMPTY; 1];
         'admitted: loop {
-            if !self.admit() {
+            if !self.admission.admit() {
                 return;
             }
             loop {
@@ -530,12 +355,8 @@ impl Pool {
                     if event.token() == STOP_TOKEN {
                         return;
                     }
-                    if self.busy.fetch_add(1, Ordering::AcqRel) == 0
-                        && self.admission.watchdog_asleep.load(Ordering::SeqCst)
-                    {
-                        let (lock, cond) = &self.admission.watchdog;
-                        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
-                        cond.notify_one();
+                    if self.busy.fetch_add(1, Ordering::AcqRel) == 0 {
+                        self.admission.first_busy();
                     }
                     self.serve(*event, &mut scratch, beat);
                     if self.busy.fetch_sub(1, Ordering::AcqRel) == self.threads {
@@ -545,7 +366,7 @@ impl Pool {
                 if self.stopping.load(Ordering::Acquire) {
                     return;
                 }
-                if self.leave_if_surplus() {
+                if self.admission.leave_if_surplus() {
                     continue 'admitted;
                 }
             }
@@ -656,23 +477,6 @@ impl Pool {
     }
 }
 
-/// True when the handler's thread is running or waiting for a CPU, from the state field of
-/// its `/proc` stat (opened into `stat` on first use). When that cannot be read, false: the
-/// handler is then judged by its time alone, as if blocked.
-fn runnable(beat: &HandlerBeat, stat: &mut Option<std::fs::File>) -> bool {
-    use std::os::unix::fs::FileExt;
-    if stat.is_none() {
-        let tid = beat.tid.load(Ordering::Acquire);
-        *stat = std::fs::File::open(format!("/proc/self/task/{tid}/stat")).ok();
-    }
-    let Some(file) = stat else { return false };
-    let mut buf = [0u8; 256];
-    let Ok(n) = file.read_at(&mut buf, 0) else { return false };
-    // "tid (comm) S ...": the comm may contain anything, so look after its last ')'.
-    let text = &buf[..n];
-    text.iter().rposition(|&b| b == b')').and_then(|i| text.get(i + 2)).is_some_and(|&state| state == b'R')
-}
-
 /// Waits up to `timeout` for a connection in `listener`'s queue, without taking it. An
 /// interrupted wait (a drain starting) returns false.
 fn connection_waiting(listener: &Socket, timeout: std::time::Duration) -> bool {
@@ -681,12 +485,4 @@ fn connection_waiting(listener: &Socket, timeout: std::time::Duration) -> bool {
     let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
     let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
     matches!(poll(&mut fds, timeout), Ok(n) if n > 0)
-}
-
-fn token(fd: usize, seq: u32) -> u64 {
-    ((fd as u64) << 32) | u64::from(seq)
-}
-
-fn split_token(token: u64) -> (usize, u32) {
-    ((token >> 32) as usize, token as u32)
 }
