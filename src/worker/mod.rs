@@ -43,9 +43,10 @@ const DRAIN_SWEEP_INTERVAL: Duration = Duration::from_millis(50);
 /// right then; HTTP apps avoid that by answering the next request with `Connection: close`,
 /// which a busy client sends within microseconds, so only really idle ones are closed here.
 const DRAIN_IDLE_GRACE: Duration = Duration::from_millis(200);
-/// How long a draining worker waits for its interrupted acceptors before it reports that it
-/// stopped accepting anyway (an acceptor caught between its flag check and `accept()` only
-/// notices after one `ACCEPT_WAKE_INTERVAL`).
+/// How long a draining worker waits for its interrupted acceptors to return before it reports
+/// that it stopped accepting anyway. One that has not returned by then is inside app code
+/// (opening the connection it accepted) or pausing, and checks the drain flag before it could
+/// call `accept()` again.
 const ACCEPTOR_STOP_WAIT: Duration = crate::listener::ACCEPT_WAKE_INTERVAL;
 /// Exit status of a worker whose apps failed to start (the master reports the reason it sent).
 pub const EXIT_START_FAILED: i32 = 3;
@@ -435,17 +436,25 @@ impl Worker {
     /// Interrupts the acceptors (the drain flag must be set) and waits, up to
     /// `ACCEPTOR_STOP_WAIT`, for them to return. True when none is left.
     fn stop_acceptors(&self) -> bool {
-        for acceptor in &self.acceptors {
-            use std::os::unix::thread::JoinHandleExt;
-            if !acceptor.is_finished() {
-                let _ = sys::interrupt_thread(acceptor.as_pthread_t());
-            }
-        }
+        use std::os::unix::thread::JoinHandleExt;
         let deadline = Instant::now() + ACCEPTOR_STOP_WAIT;
-        while self.acceptors.iter().any(|a| !a.is_finished()) && Instant::now() < deadline {
+        let mut waited = 0u32;
+        loop {
+            let left: Vec<_> = self.acceptors.iter().filter(|a| !a.is_finished()).collect();
+            if left.is_empty() || Instant::now() >= deadline {
+                return left.is_empty();
+            }
+            // Again every few milliseconds: an acceptor that checked the drain flag just before
+            // it was set, and entered `accept()` just after the last interrupt, is blocked there
+            // now and returns at the next one.
+            if waited.is_multiple_of(4) {
+                for acceptor in left {
+                    let _ = sys::interrupt_thread(acceptor.as_pthread_t());
+                }
+            }
+            waited += 1;
             std::thread::sleep(Duration::from_millis(1));
         }
-        self.acceptors.iter().all(|a| a.is_finished())
     }
 
     /// Closes (gently) every parked connection that is between requests and quiet.
