@@ -105,15 +105,12 @@ pub fn reopen() -> Result<(), Vec<String>> {
 }
 
 /// A worker: write to these files from now on (the master reopened them, or a reload changed
-/// their paths, and sent them). A worker never reopens by path, so it keeps no path.
+/// or removed their paths, and sent what it uses now): `None` is stderr for the error log, and
+/// no access log. A worker never reopens by path, so it keeps no path.
 pub fn use_files(error_log: Option<File>, access_log: Option<File>) {
-    if let Some(f) = error_log {
-        lock().file = Some((PathBuf::new(), f));
-    }
-    if let Some(f) = access_log {
-        *lock_access() = Some((PathBuf::new(), f));
-        ACCESS_ON.store(true, Ordering::Release);
-    }
+    lock().file = error_log.map(|f| (PathBuf::new(), f));
+    ACCESS_ON.store(access_log.is_some(), Ordering::Release);
+    *lock_access() = access_log.map(|f| (PathBuf::new(), f));
 }
 
 /// The path of the error log file (`None`: stderr).

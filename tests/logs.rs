@@ -147,4 +147,30 @@ fn a_reload_switches_the_master_and_every_worker_to_new_log_paths_or_is_refused_
         read(&dir.join("access.log")).contains(&format!("pid={pid} ")).then_some(())
     });
     assert!(!read(&dir.join("error.log")).contains("reloaded: generation 2"));
+
+    // Both paths removed: the log goes back to stderr and the access log ends, in the master
+    // and in every worker, without a restart.
+    server.write_config(&Setup::new(2, 2).app("kit", "testkit", ""));
+    assert_eq!(server.reload().0, 200);
+    wait_for(READY_TIMEOUT, "the master's log back on stderr", || {
+        server.log().contains("reloaded: generation 3 serving").then_some(())
+    });
+    for pid in server.worker_pids() {
+        wait_for(READY_TIMEOUT, "every new worker's log on stderr", || {
+            server.log().contains(&format!("[{pid}] accepting connections")).then_some(())
+        });
+    }
+    let pid: i32 = LineClient::connect(server.addr("kit")).ask("PID").parse().unwrap();
+    // The worker writes a connection's access line before it counts the connection closed: a
+    // report that counts our request and no open connection comes after that line.
+    wait_for(READY_TIMEOUT, "the worker to report the connection closed", || {
+        let status = server.status();
+        let worker = status["workers"].as_array()?.iter().find(|w| w["pid"] == pid)?.clone();
+        (worker["requests"].as_u64()? >= 1 && worker["connections"].as_u64()? == 0).then_some(())
+    });
+    assert!(
+        !read(&dir.join("access.log")).contains(&format!("pid={pid} ")),
+        "an access line after access_log was removed"
+    );
+    assert!(!read(&dir.join("error2.log")).contains("reloaded: generation 3"));
 }

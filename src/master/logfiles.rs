@@ -63,34 +63,31 @@ impl Master {
         Ok(())
     }
 
-    /// A new generation serves: switch to the log files its config names (a removed path keeps
-    /// the old file until the next restart), and hand them to every worker.
+    /// A new generation serves: switch to the log files its config names (a removed
+    /// `error_log` sends the log back to stderr, a removed `access_log` ends the access log),
+    /// and hand them to every worker.
     pub(super) fn switch_log_files(&mut self) {
         let server = &self.config.server;
         let mut changed = false;
         let (error, access) = (server.error_log.clone(), server.access_log.clone());
-        if let Some(path) = &error
-            && Some(path) != crate::logging::error_log_path().as_ref()
-        {
-            match crate::logging::set_file(Some(path)) {
+        let shown =
+            |path: &Option<std::path::PathBuf>| path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        if error != crate::logging::error_log_path() {
+            if error.is_none() {
+                log::info!("error_log was removed from the config: logging to stderr from now on");
+            }
+            match crate::logging::set_file(error.as_deref()) {
                 Ok(()) => changed = true,
-                Err(e) => log::error!("cannot open error_log {}: {e}; keeping the old one", path.display()),
+                Err(e) => log::error!("cannot open error_log {}: {e}; keeping the old one", shown(&error)),
             }
         }
-        if let Some(path) = &access
-            && Some(path) != crate::logging::access_log_path().as_ref()
-        {
-            match crate::logging::set_access_file(Some(path)) {
+        if access != crate::logging::access_log_path() {
+            match crate::logging::set_access_file(access.as_deref()) {
                 Ok(()) => changed = true,
-                Err(e) => log::error!("cannot open access_log {}: {e}; keeping the old one", path.display()),
+                Err(e) => log::error!("cannot open access_log {}: {e}; keeping the old one", shown(&access)),
             }
-        }
-        for (key, wanted, current) in [
-            ("error_log", &error, crate::logging::error_log_path()),
-            ("access_log", &access, crate::logging::access_log_path()),
-        ] {
-            if wanted.is_none() && current.is_some() {
-                log::warn!("{key} was removed from the config: it stays open until the next restart");
+            if access.is_none() {
+                log::info!("access_log was removed from the config: no access log from now on");
             }
         }
         if changed {

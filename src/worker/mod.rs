@@ -406,8 +406,9 @@ impl Worker {
         let (error_log, access_log) = (take(error), take(access));
         if (error && error_log.is_none()) || (access && access_log.is_none()) {
             log::warn!("the master's reopen message came without its files; keeping the old ones");
+        } else {
+            crate::logging::use_files(error_log, access_log);
         }
-        crate::logging::use_files(error_log, access_log);
         self.passed_fds.clear();
         log::debug!("log files reopened");
     }
