@@ -293,7 +293,7 @@ pub fn interrupt_thread(thread: libc::pthread_t) -> io::Result<()> {
 
 /// Readiness interest for [`Epoll`].
 pub mod interest {
-    pub const READ: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
+    pub const READ: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLPRI) as u32;
     pub const WRITE: u32 = libc::EPOLLOUT as u32;
     /// Edge-triggered: one event when the fd becomes ready, none while it stays ready; `modify`
     /// queues an event at once if the fd is ready then.
@@ -311,14 +311,17 @@ impl Event {
         self.0.u64
     }
     pub fn readable(&self) -> bool {
-        self.0.events & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0
+        self.0.events & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLPRI | libc::EPOLLHUP | libc::EPOLLERR) as u32
+            != 0
     }
     pub fn writable(&self) -> bool {
         self.0.events & (libc::EPOLLOUT | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0
     }
-    /// The peer closed its side (or the connection broke): an end of input waits to be read.
-    pub fn hangup(&self) -> bool {
-        self.0.events & (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0
+    /// A read may stop before the socket is empty: the peer closed its side or the connection
+    /// broke (the end of input takes a read of its own), or TCP urgent data came (a read stops
+    /// at its mark).
+    pub fn read_may_stop_early(&self) -> bool {
+        self.0.events & (libc::EPOLLRDHUP | libc::EPOLLPRI | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0
     }
 }
 

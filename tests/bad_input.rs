@@ -3,7 +3,7 @@
 
 mod util;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{BufRead, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
@@ -154,4 +154,43 @@ fn a_reset_mid_request_costs_nothing() {
     hello_ok(server.addr("hello"));
     assert_eq!(LineClient::connect(server.addr("echo")).ask("still echoing"), "still echoing");
     unharmed(&mut server, &workers);
+}
+
+#[test]
+fn tcp_urgent_data_inside_a_request_does_not_leave_the_rest_unread() {
+    // A read stops at the urgent mark; the rest of the line must still be read and answered.
+    let server = TestServer::start(&Setup::new(1, 2).app("echo", "echo", ""));
+    let stream = TcpStream::connect(server.addr("echo")).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let socket = socket2::SockRef::from(&stream);
+    (&stream).write_all(b"urgent ").unwrap();
+    socket.send_out_of_band(b"!").unwrap();
+    (&stream).write_all(b"data\n").unwrap();
+    let mut answer = String::new();
+    std::io::BufReader::new(&stream).read_line(&mut answer).unwrap();
+    // The urgent byte is out of band (not inline): the line arrives without it.
+    assert_eq!(answer, "urgent data\n");
+}
+
+#[test]
+fn a_unix_client_passing_an_fd_does_not_leave_its_next_request_unread() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+    // A read of a Unix stream socket stops at a message that carries fds.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("echo.sock");
+    let setup = Setup::new(1, 2).app_at("echo", &plugin("echo"), "", &format!("unix:{}", path.display()));
+    let _server = TestServer::start(&setup);
+    let stream = UnixStream::connect(&path).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let passed = std::fs::File::open("/dev/null").unwrap();
+    let fds = [passed.as_raw_fd()];
+    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+    let first = [std::io::IoSlice::new(b"first ")];
+    nix::sys::socket::sendmsg::<()>(stream.as_raw_fd(), &first, &cmsg, nix::sys::socket::MsgFlags::empty(), None)
+        .unwrap();
+    (&stream).write_all(b"second\n").unwrap();
+    let mut answer = String::new();
+    std::io::BufReader::new(&stream).read_line(&mut answer).unwrap();
+    assert_eq!(answer, "first second\n");
 }

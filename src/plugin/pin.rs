@@ -41,7 +41,7 @@ impl FileVersion {
 /// copies nothing.
 static PINNED: Mutex<Option<HashMap<PathBuf, (FileVersion, PathBuf)>>> = Mutex::new(None);
 
-/// Copies `plugin` into `dir` under a name derived from its version (inode, modification time,
+/// Copies `plugin` into `dir` under a name derived from its version (device, inode, times,
 /// length), unless that copy exists. Returns the copy's path.
 pub fn pin(plugin: &Path, dir: &Path) -> io::Result<PathBuf> {
     let mut file = File::open(plugin)?;
@@ -69,7 +69,10 @@ fn copy_version(plugin: &Path, file: &mut File, version: &FileVersion, dir: &Pat
         return Err(io::Error::new(io::ErrorKind::InvalidData, "not a shared library (no ELF header)"));
     }
     let name = plugin.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "plugin.so".into());
-    let pinned = dir.join(format!("{:x}-{:x}-{}-{name}", version.ino, version.mtime_ns, version.len));
+    // Every field of the version: `cp -p` or a build with fixed timestamps can keep the inode,
+    // size and mtime, but not the ctime, which only the kernel sets.
+    let v = version;
+    let pinned = dir.join(format!("{:x}-{:x}-{:x}-{:x}-{}-{name}", v.dev, v.ino, v.mtime_ns, v.ctime_ns, v.len));
     if fs::metadata(&pinned).is_ok_and(|m| m.len() == version.len) {
         return Ok(pinned);
     }

@@ -102,8 +102,11 @@ pub struct Conn {
     /// True when the last event's handling read the socket until it was empty, so that the
     /// next input is a new edge (see `Pool::apply`).
     pub read_empty: bool,
-    /// An event said the peer has closed its side: read until the end of input is seen.
-    eof_pending: bool,
+    /// A short read does not prove the socket empty: read until `EAGAIN` or the end of input.
+    /// So on a Unix socket (a read stops at a message carrying fds or credentials), and once an
+    /// event said the peer closed its side (the end of input takes one more read) or sent TCP
+    /// urgent data (a read stops at its mark).
+    read_to_eagain: bool,
     /// What the app said last.
     next: Next,
     pub last_active: Instant,
@@ -116,7 +119,7 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(socket: Socket, seq: u32, app: usize, handle: ConnHandle, peer: String) -> Conn {
+    pub fn new(socket: Socket, tcp: bool, seq: u32, app: usize, handle: ConnHandle, peer: String) -> Conn {
         let now = Instant::now();
         Conn {
             socket,
@@ -128,7 +131,7 @@ impl Conn {
             phase: Phase::Open,
             armed: interest::READ | interest::EDGE,
             read_empty: false,
-            eof_pending: false,
+            read_to_eagain: !tcp,
             next: Next::KeepOpen,
             last_active: now,
             opened: now,
@@ -159,8 +162,8 @@ impl Conn {
     pub fn on_ready(&mut self, event: &Event, app: &App, draining: bool, scratch: &mut Scratch) -> (After, u64) {
         let (readable, writable) = (event.readable(), event.writable());
         self.read_empty = false;
-        // The end of input came with the data or before it: the edge is spent, so read on to it.
-        self.eof_pending |= event.hangup();
+        // The edge that announced it is spent: read on past a stop a short read cannot see.
+        self.read_to_eagain |= event.read_may_stop_early();
         match self.phase {
             Phase::Lingering { .. } => (self.discard_input(), 0),
             Phase::Flushing => (self.flush_then(), 0),
@@ -196,9 +199,8 @@ impl Conn {
                         }
                         continue;
                     }
-                    // A stream socket's short read took every byte queued, but not a pending end of
-                    // input: that takes one more read.
-                    if self.eof_pending {
+                    // A short read took every byte queued, unless something stopped it early.
+                    if self.read_to_eagain {
                         fresh = 0;
                         self.input.extend_from_slice(&scratch.input[..n]);
                         continue;

@@ -406,10 +406,11 @@ impl Worker {
         let (error_log, access_log) = (take(error), take(access));
         if (error && error_log.is_none()) || (access && access_log.is_none()) {
             log::warn!("the master's reopen message came without its files; keeping the old ones");
-        } else {
-            crate::logging::use_files(error_log, access_log);
+            return;
         }
-        self.passed_fds.clear();
+        // Files of a later message read in the same batch (USR1 right after a reload) stay
+        // queued for it.
+        crate::logging::use_files(error_log, access_log);
         log::debug!("log files reopened");
     }
 

@@ -271,7 +271,7 @@ impl Pool {
         };
         let token = token(fd, seq);
         let mut guard = slot.lock();
-        *guard = Some(Conn::new(socket, seq, listener.app, handle, peer));
+        *guard = Some(Conn::new(socket, listener.tcp, seq, listener.app, handle, peer));
         self.conns.note_used(fd);
         self.counters.open.fetch_add(1, Ordering::Relaxed);
         self.load.opened();
@@ -294,6 +294,8 @@ impl Pool {
     fn lock_for_event<'a>(&self, slot: &'a Slot) -> Option<Guard<'a>> {
         slot.try_lock().or_else(|| {
             slot.again.store(true, Ordering::SeqCst);
+            // Pairs with the fence in `unlock`: the holder sees the flag, or we get the lock.
+            std::sync::atomic::fence(Ordering::SeqCst);
             slot.try_lock()
         })
     }
@@ -305,6 +307,7 @@ impl Pool {
     fn unlock<'a>(&self, slot: &'a Slot, mut guard: Guard<'a>) {
         loop {
             drop(guard);
+            std::sync::atomic::fence(Ordering::SeqCst);
             if !slot.again.load(Ordering::SeqCst) {
                 return;
             }
@@ -355,7 +358,8 @@ impl Pool {
                     if event.token() == STOP_TOKEN {
                         return;
                     }
-                    if self.busy.fetch_add(1, Ordering::AcqRel) == 0 {
+                    // SeqCst: pairs with the watchdog's going to sleep (see `first_busy`).
+                    if self.busy.fetch_add(1, Ordering::SeqCst) == 0 {
                         self.admission.first_busy();
                     }
                     self.serve(*event, &mut scratch, beat);
