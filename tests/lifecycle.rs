@@ -150,7 +150,7 @@ fn workers_exit_when_the_master_is_killed() {
 fn a_stop_removes_the_runtime_directory_and_a_killed_masters_is_swept_by_the_next_start() {
     let first = TestServer::start(&Setup::new(1, 1).app("echo", "echo", ""));
     let tmp = first.tmpdir();
-    let own = tmp.join(format!("fdtserver-{}", first.pid));
+    let own = runtime_dir(&tmp, first.pid).expect("the master's runtime directory");
     assert!(std::fs::read_dir(own.join("plugins")).unwrap().count() > 0, "the plugin is pinned in {own:?}");
     first.signal(Signal::SIGKILL);
     wait_for(Duration::from_secs(5), "the killed master to be gone", || (!alive(first.pid)).then_some(()));
@@ -163,12 +163,22 @@ fn a_stop_removes_the_runtime_directory_and_a_killed_masters_is_swept_by_the_nex
     });
     assert!(!own.exists(), "the next master sweeps the dead one's directory");
     assert!(next.log().contains("removed 1 runtime directory left by stopped masters"), "{}", next.log());
-    assert!(tmp.join(format!("fdtserver-{}", next.pid)).exists());
+    assert!(runtime_dir(&tmp, next.pid).is_some());
     let (code, out, err) = next.cli(&["stop"]);
     assert_eq!(code, 0, "{out}{err}");
     next.wait_exit(Duration::from_secs(5));
     let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().flatten().map(|e| e.file_name()).collect();
     assert!(left.is_empty(), "a stopped server leaves nothing in TMPDIR: {left:?}");
+}
+
+/// The runtime directory of the master `pid` in `tmp` (`fdtserver-<pid>-<random>`).
+fn runtime_dir(tmp: &std::path::Path, pid: i32) -> Option<std::path::PathBuf> {
+    let prefix = format!("fdtserver-{pid}-");
+    std::fs::read_dir(tmp)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)))
 }
 
 #[test]
