@@ -18,7 +18,7 @@ use std::thread::{self, Thread};
 use std::time::Duration;
 
 use super::pool::HandlerBeat;
-use crate::sys::{Event, monotonic_ms};
+use crate::sys::monotonic_ms;
 
 /// A handler blocked this long in one request counts as stuck...
 const STUCK_AFTER_MS: u64 = 2;
@@ -118,9 +118,8 @@ impl Admission {
     }
 
     /// The watchdog: counts the stuck handlers every tick and admits a parked handler for each.
-    /// `busy` is the number of handlers serving; `requeue` hands back an event a stuck handler
-    /// took but has not served.
-    pub fn watchdog_loop(&self, beats: &[HandlerBeat], busy: &AtomicUsize, requeue: &dyn Fn(Event)) {
+    /// `busy` is the number of handlers serving.
+    pub fn watchdog_loop(&self, beats: &[HandlerBeat], busy: &AtomicUsize) {
         let (lock, cond) = &self.watchdog;
         let mut idle_ticks: u32 = 0;
         let mut stats: Vec<Option<File>> = beats.iter().map(|_| None).collect();
@@ -141,7 +140,7 @@ impl Admission {
                 continue;
             }
             thread::sleep(WATCHDOG_TICK);
-            self.stuck.store(count_stuck(beats, &mut stats, requeue), Ordering::Release);
+            self.stuck.store(count_stuck(beats, &mut stats), Ordering::Release);
             if self.admitted.load(Ordering::Acquire) < self.limit()
                 && let Some(t) = self.parked().pop()
             {
@@ -153,17 +152,15 @@ impl Admission {
     }
 }
 
-/// Counts the stuck handlers, and hands back the events they took but have not served.
-/// `stats` caches each handler's `/proc/self/task/<tid>/stat`, re-read with one `pread`.
-fn count_stuck(beats: &[HandlerBeat], stats: &mut [Option<File>], requeue: &dyn Fn(Event)) -> usize {
+/// Counts the stuck handlers. `stats` caches each handler's `/proc/self/task/<tid>/stat`,
+/// re-read with one `pread`.
+fn count_stuck(beats: &[HandlerBeat], stats: &mut [Option<File>]) -> usize {
     let now = monotonic_ms();
     let mut stuck = 0;
     for (beat, stat) in beats.iter().zip(stats.iter_mut()) {
         let busy_ms = beat.busy_ms(now);
         if busy_ms >= LONG_AFTER_MS || (busy_ms >= STUCK_AFTER_MS && !runnable(beat, stat)) {
             stuck += 1;
-            let waiting: Vec<Event> = beat.pending().drain(..).collect();
-            waiting.into_iter().for_each(requeue);
         }
     }
     stuck
