@@ -204,7 +204,8 @@ fn silent_control_clients_are_capped_at_64_and_closed_after_10_s() {
     let mut buf = [0u8; 1];
     assert!(matches!(first.read(&mut buf), Ok(0)), "a silent control client was not closed");
     let waited = opened.elapsed();
-    assert!(waited < Duration::from_secs(12), "closed after {waited:?}");
+    // Connected a moment before `opened`: closed at about 10 s from then, not earlier.
+    assert!(waited > Duration::from_secs(8) && waited < Duration::from_secs(12), "closed after {waited:?}");
     assert_eq!(server.status()["pid"], server.pid);
     let mut c = LineClient::connect(server.addr("echo"));
     assert_eq!(c.ask("still serving"), "still serving");
