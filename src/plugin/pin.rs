@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -81,7 +81,8 @@ fn copy_version(plugin: &Path, file: &mut File, version: &FileVersion, dir: &Pat
     let tmp = dir.join(format!(".{}.tmp-{}", name, std::process::id()));
     file.seek(SeekFrom::Start(0))?;
     let mut out = OpenOptions::new().write(true).create(true).truncate(true).mode(0o644).open(&tmp)?;
-    let copied = io::copy(file, &mut out);
+    // Readable by workers that dropped to `user`, whatever the umask.
+    let copied = io::copy(file, &mut out).and_then(|_| out.set_permissions(fs::Permissions::from_mode(0o644)));
     drop(out);
     // A file being rewritten while we copied it (a build still writing) gives a torn copy.
     let changed = file.metadata().map(|m| FileVersion::of(&m) != *version).unwrap_or(true);
@@ -120,6 +121,7 @@ mod tests {
         fs::write(&src, b"\x7fELF one").unwrap();
         let a = pin(&src, &pins).unwrap();
         assert_eq!(pin(&src, &pins).unwrap(), a);
+        assert_eq!(fs::metadata(&a).unwrap().permissions().mode() & 0o777, 0o644, "readable by workers");
         // Rewritten in place (`cp new.so old.so`): same inode, new content.
         fs::write(&src, b"\x7fELF second").unwrap();
         let b = pin(&src, &pins).unwrap();
