@@ -43,7 +43,8 @@ impl Server {
         )
         .unwrap();
         let mut cmd = Command::new(&bin);
-        cmd.arg("--config").arg(&config).stdin(Stdio::null());
+        // Its runtime files (pinned plugin copies) go inside `dir`, removed on drop.
+        cmd.arg("--config").arg(&config).env("TMPDIR", &dir).stdin(Stdio::null());
         cmd.stderr(std::fs::File::create(dir.join("server.log")).unwrap());
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let child = cmd.spawn().unwrap();
