@@ -339,8 +339,9 @@ impl Pool {
         let mut scratch = Scratch::new();
         // One event per wait: the others stay queued for idle handlers, so a request that
         // blocks (a sleep, a database call, an endless loop) never holds up a connection that
-        // another thread could serve. Taking batches saved about 8 % of CPU per request in a
-        // benchmark, but a handler stuck in app code then held the rest of its batch hostage.
+        // another thread could serve. Batches of 8, with the stuck handler's unserved events
+        // handed back by the watchdog, were measured (BENCHMARKS.md): no CPU saved once a
+        // request costs no `epoll_ctl`, and a longer p99.
         let mut events = [Event::EMPTY; 1];
         'admitted: loop {
             if !self.admission.admit() {
