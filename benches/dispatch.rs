@@ -22,6 +22,7 @@ fn start(name: &str, settings: &str) -> App {
         databases_toml: "",
         worker_pid: std::process::id(),
         generation: 1,
+        setting_lines: &Default::default(),
     };
     App::start(&plugin(name), &ctx).unwrap_or_else(|e| panic!("cannot start {name}: {e}"))
 }

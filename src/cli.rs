@@ -62,12 +62,17 @@ enum TxnAction {
     Commit { gid: String },
     /// Roll back one prepared transaction.
     Rollback { gid: String },
-    /// Settle every prepared transaction this node coordinated (exit 2 if others remain).
+    /// Settle every prepared transaction this node coordinated whose coordinator is gone
+    /// (exit 2 if others remain).
     Recover {
-        /// Leave alone what was prepared less than this many seconds ago (it may still be in
-        /// flight). Default: 60. Use 0 when no server uses these databases.
+        /// Also leave alone what was prepared less than this many seconds ago. Default: 0 (a
+        /// live coordinator is recognised without it).
         #[arg(long, value_name = "SECS")]
         min_age: Option<f64>,
+        /// Settle what the node NODE coordinated (from any node configured with the same
+        /// databases), instead of this node's `node_id`.
+        #[arg(long, value_name = "NODE")]
+        node: Option<String>,
     },
 }
 
@@ -90,7 +95,7 @@ pub fn main() -> i32 {
                 TxnAction::List => TxnCommand::List,
                 TxnAction::Commit { gid } => TxnCommand::Commit(gid),
                 TxnAction::Rollback { gid } => TxnCommand::Rollback(gid),
-                TxnAction::Recover { min_age } => TxnCommand::Recover { min_age },
+                TxnAction::Recover { min_age, node } => TxnCommand::Recover { min_age, node },
             },
         ),
         Some(Command::CheckApps) => check_apps(&config_path),
@@ -107,12 +112,21 @@ fn load(path: &Path) -> Result<Config, i32> {
 }
 
 /// `check`: config first, then the apps in a child process (never in this one: a plugin may
-/// crash or leave threads behind).
+/// crash or leave threads behind). The child dies with this process (`PR_SET_PDEATHSIG`), and
+/// this process waits for it at most `boot_timeout` + [`CHECK_MARGIN`] (the time the server
+/// gives a generation to start its apps), then kills it and says so.
 fn check(path: &Path) -> i32 {
+    use std::io::Read;
+    use std::process::Stdio;
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
+    // What the server opens, opened now: a config it would refuse must not pass.
+    let path_problems = crate::preflight::check(&config);
+    for p in &path_problems {
+        eprintln!("fdtserver: {}: {p}", config.path.display());
+    }
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => {
@@ -120,30 +134,107 @@ fn check(path: &Path) -> i32 {
             return exit::FAILURE;
         }
     };
-    let output = std::process::Command::new(exe).arg("__check-apps").arg("--config").arg(&config.path).output();
-    match output {
-        Ok(out) => {
-            print!("{}", String::from_utf8_lossy(&out.stdout));
-            eprint!("{}", String::from_utf8_lossy(&out.stderr));
-            if out.status.success() {
-                println!("{}: ok", config.path.display());
-                exit::OK
-            } else {
-                if out.status.code().is_none() {
-                    eprintln!("fdtserver: an app crashed the check process ({})", out.status);
-                }
-                exit::FAILURE
-            }
-        }
+    let child = std::process::Command::new(exe)
+        .arg("__check-apps")
+        .arg("--config")
+        .arg(&config.path)
+        .env(CHECK_PARENT_ENV, std::process::id().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("fdtserver: cannot start the check process: {e}");
+            return exit::FAILURE;
+        }
+    };
+    // Read both pipes while waiting, so a chatty app cannot fill one and stall.
+    let collect = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut out);
+            }
+            out
+        })
+    };
+    let stdout = collect(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let stderr = collect(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let limit = config.server.boot_timeout + CHECK_MARGIN;
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => {
+                eprintln!("fdtserver: cannot wait for the check process: {e}");
+                let _ = child.kill();
+                let _ = child.wait();
+                return exit::FAILURE;
+            }
+        }
+    };
+    // The child is gone, so its pipes are at end of file (unless an app started a process that
+    // kept them: then what was read so far is all we wait for).
+    let read = |h: std::thread::JoinHandle<Vec<u8>>| {
+        let until = Instant::now() + Duration::from_secs(1);
+        while !h.is_finished() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if h.is_finished() { h.join().unwrap_or_default() } else { Vec::new() }
+    };
+    print!("{}", String::from_utf8_lossy(&read(stdout)));
+    eprint!("{}", String::from_utf8_lossy(&read(stderr)));
+    match status {
+        Some(s) if s.success() && !path_problems.is_empty() => exit::FAILURE,
+        Some(s) if s.success() => {
+            println!("{}: ok", config.path.display());
+            exit::OK
+        }
+        Some(s) => {
+            if s.code().is_none() {
+                eprintln!("fdtserver: an app crashed the check process ({s})");
+            }
+            exit::FAILURE
+        }
+        None => {
+            eprintln!(
+                "fdtserver: the apps of {} did not start within {} s (boot_timeout + {} s): an app's start hangs; stopped the check",
+                config.path.display(),
+                limit.as_secs_f64(),
+                CHECK_MARGIN.as_secs()
+            );
             exit::FAILURE
         }
     }
 }
 
+/// How much longer than `boot_timeout` `check` waits for its child (which also loads the config
+/// and the plugins).
+const CHECK_MARGIN: Duration = Duration::from_secs(5);
+/// Tells the check child the pid of the `check` process it must not outlive.
+const CHECK_PARENT_ENV: &str = "FDTSERVER_CHECK_PARENT";
+
 /// The child of `check`: starts and stops every app that a listener uses.
 fn check_apps(path: &Path) -> i32 {
+    // Dies with `check` (a kill of `check` must not leave an app running); if `check` is gone
+    // already, the signal would never come: exit now.
+    if let Ok(parent) = std::env::var(CHECK_PARENT_ENV) {
+        if let Err(e) = crate::sys::set_parent_death_signal(nix::sys::signal::Signal::SIGKILL) {
+            eprintln!("fdtserver: cannot tie the check process to its parent: {e}");
+            return exit::FAILURE;
+        }
+        if nix::unistd::getppid().as_raw().to_string() != parent {
+            return exit::FAILURE;
+        }
+    }
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
@@ -174,7 +265,15 @@ fn check_apps(path: &Path) -> i32 {
             databases_toml: &config.databases_toml(),
             worker_pid: std::process::id(),
             generation: 0,
+            setting_lines: &app.setting_lines,
         };
+        // Never block on the file: a FIFO or a device at the plugin path is refused, as the
+        // master refuses it.
+        if let Err(e) = crate::plugin::pin::open_regular(&app.plugin) {
+            failed = true;
+            eprintln!("fdtserver: app {} ({}): {e}", app.name, app.plugin.display());
+            continue;
+        }
         match crate::plugin::App::start(&app.plugin, &ctx) {
             Ok(started) => {
                 let d = started.describe.clone();

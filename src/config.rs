@@ -72,6 +72,8 @@ pub struct AppConfig {
     pub plugin: PathBuf,
     /// The app's own settings (the table without `plugin`), as TOML text.
     pub settings_toml: String,
+    /// `FILE:LINE` of each of its settings, for messages about them (an app refusing a key).
+    pub setting_lines: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug)]
@@ -79,6 +81,10 @@ pub struct DatabaseConfig {
     pub name: String,
     pub url: String,
     pub pool_size: usize,
+    /// `lock_timeout` of every session; `None` (configured as 0): no limit.
+    pub lock_timeout: Option<Duration>,
+    /// `statement_timeout` of every session; `None` (configured as 0): no limit.
+    pub statement_timeout: Option<Duration>,
 }
 
 /// Where a listener listens.
@@ -153,7 +159,7 @@ struct RawServer {
     threads: Option<Spanned<i64>>,
     graceful_timeout: Option<Spanned<f64>>,
     pidfile: Option<String>,
-    control_socket: Option<String>,
+    control_socket: Option<Spanned<String>>,
     log_level: Option<Spanned<String>>,
     boot_timeout: Option<Spanned<f64>>,
     heartbeat_timeout: Option<Spanned<f64>>,
@@ -179,6 +185,8 @@ struct RawListen {
 struct RawDatabase {
     url: String,
     pool_size: Option<Spanned<i64>>,
+    lock_timeout: Option<Spanned<f64>>,
+    statement_timeout: Option<Spanned<f64>>,
 }
 
 /// Collects problems with their position in the file.
@@ -235,6 +243,9 @@ impl Config {
             let mut t = toml::Table::new();
             t.insert("url".into(), db.url.clone().into());
             t.insert("pool_size".into(), (db.pool_size as i64).into());
+            let secs = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64());
+            t.insert("lock_timeout".into(), secs(db.lock_timeout).into());
+            t.insert("statement_timeout".into(), secs(db.statement_timeout).into());
             table.insert(db.name.clone(), t.into());
         }
         toml::to_string(&table).unwrap_or_default()
@@ -324,7 +335,7 @@ fn build(raw: RawConfig, path: &Path, dir: &Path, problems: &mut Problems<'_>) -
         threads: count(s.threads, 4, 1024, "threads", problems),
         graceful_timeout: seconds(s.graceful_timeout, 30.0, "graceful_timeout", problems),
         pidfile: s.pidfile.map(|p| dir.join(p)),
-        control_socket: s.control_socket.map(|p| dir.join(p)).unwrap_or_else(|| dir.join(format!("{stem}.sock"))),
+        control_socket: control_socket(s.control_socket, dir, &stem, &server_span, problems),
         log_level,
         boot_timeout: seconds(s.boot_timeout, 30.0, "boot_timeout", problems),
         heartbeat_timeout: seconds(s.heartbeat_timeout, 30.0, "heartbeat_timeout", problems),
@@ -353,7 +364,8 @@ fn build(raw: RawConfig, path: &Path, dir: &Path, problems: &mut Problems<'_>) -
             }
         };
         let settings_toml = toml::to_string(&table).unwrap_or_default();
-        apps.insert(name.clone(), AppConfig { name, plugin, settings_toml });
+        let setting_lines = setting_lines(problems, &name);
+        apps.insert(name.clone(), AppConfig { name, plugin, settings_toml, setting_lines });
     }
 
     let mut listeners = Vec::new();
@@ -370,6 +382,12 @@ fn build(raw: RawConfig, path: &Path, dir: &Path, problems: &mut Problems<'_>) -
                 continue;
             }
         };
+        if let Address::Unix(path) = &address
+            && let Err(e) = check_socket_path(path)
+        {
+            problems.at(l.address.span(), format!("bad listen address: {e}"));
+            continue;
+        }
         let ephemeral = matches!(address, Address::Tcp(a) if a.port() == 0);
         if !ephemeral && listeners.iter().any(|o: &ListenConfig| o.address == address) {
             problems.at(l.address.span(), format!("address {address} is listed twice"));
@@ -404,10 +422,77 @@ fn build(raw: RawConfig, path: &Path, dir: &Path, problems: &mut Problems<'_>) -
         }
         let db = db.into_inner();
         let pool_size = count(db.pool_size, 8, 1024, "pool_size", problems);
-        databases.insert(name.clone(), DatabaseConfig { name, url: db.url, pool_size });
+        // Defaults: fdt_sdk's DatabaseSettings::DEFAULT_LOCK_TIMEOUT and _STATEMENT_TIMEOUT.
+        let timeout = |value, default: Duration, key, problems: &mut Problems<'_>| {
+            Some(seconds(value, default.as_secs_f64(), key, problems)).filter(|d| !d.is_zero())
+        };
+        let lock_timeout =
+            timeout(db.lock_timeout, fdt_sdk::DatabaseSettings::DEFAULT_LOCK_TIMEOUT, "lock_timeout", problems);
+        let statement_timeout = timeout(
+            db.statement_timeout,
+            fdt_sdk::DatabaseSettings::DEFAULT_STATEMENT_TIMEOUT,
+            "statement_timeout",
+            problems,
+        );
+        databases
+            .insert(name.clone(), DatabaseConfig { name, url: db.url, pool_size, lock_timeout, statement_timeout });
     }
 
     Config { path: path.to_path_buf(), server, listeners, apps, databases }
+}
+
+/// The longest path a Unix socket can have (`sun_path` is 108 bytes, with its final NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Refuses a Unix socket path the kernel cannot bind.
+pub fn check_socket_path(path: &Path) -> Result<(), String> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(format!(
+            "the socket path {} is {len} bytes long; a Unix socket path can have at most {MAX_SOCKET_PATH} (use a shorter or relative path)",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// `control_socket`, or its default beside the config file, checked for length.
+fn control_socket(
+    value: Option<Spanned<String>>,
+    dir: &Path,
+    stem: &str,
+    server_span: &std::ops::Range<usize>,
+    problems: &mut Problems<'_>,
+) -> PathBuf {
+    let (path, span) = match value {
+        Some(v) => (dir.join(v.get_ref()), v.span()),
+        None => (dir.join(format!("{stem}.sock")), server_span.clone()),
+    };
+    if let Err(e) = check_socket_path(&path) {
+        problems.at(span, format!("`control_socket`: {e}"));
+    }
+    path
+}
+
+/// Where each key of `[app.NAME]` is written: `FILE:LINE` by key. (serde's view of the file
+/// keeps the span of a whole table only, so the file is read once more, spanned.)
+fn setting_lines(problems: &Problems<'_>, app: &str) -> BTreeMap<String, String> {
+    use toml::de::{DeTable, DeValue};
+    fn find<'t, 'i>(table: &'t DeTable<'i>, key: &str) -> Option<&'t DeTable<'i>> {
+        match table.iter().find(|(k, _)| k.get_ref() == key)?.1.get_ref() {
+            DeValue::Table(t) => Some(t),
+            _ => None,
+        }
+    }
+    let Ok(root) = DeTable::parse(problems.text) else { return BTreeMap::new() };
+    let Some(table) = find(root.get_ref(), "app").and_then(|apps| find(apps, app)) else { return BTreeMap::new() };
+    table
+        .keys()
+        .map(|k| {
+            let line = problems.line_of(k.span().start);
+            (k.get_ref().to_string(), format!("{}:{line}", problems.file.display()))
+        })
+        .collect()
 }
 
 fn default_node_id() -> String {
@@ -435,6 +520,7 @@ mod tests {
         assert_eq!(c.server.control_socket, Path::new("/etc/fdt/test.sock"));
         assert_eq!(c.apps["echo"].plugin, Path::new("/etc/fdt/libfdt_echo.so"));
         assert_eq!(c.apps["echo"].settings_toml.trim(), "delay_ms = 5");
+        assert_eq!(c.apps["echo"].setting_lines["delay_ms"], "/etc/fdt/test.toml:7");
         assert_eq!(c.listeners[0].backlog, DEFAULT_BACKLOG);
         assert!(c.server.request_timeout.is_none());
     }

@@ -43,6 +43,8 @@ pub struct WorkerStats {
     /// When every handler thread is busy: how long the one that started last has been busy
     /// (the worker made no progress at all for that long). 0 otherwise.
     pub stalled_ms: u64,
+    /// Log and access lines the worker failed to write (see `logging::write_failures`).
+    pub log_failures: u64,
     /// The request that has been inside a handler longest, if any.
     pub oldest: Option<RunningRequest>,
 }
@@ -80,8 +82,8 @@ impl fmt::Display for WorkerMessage {
             WorkerMessage::Stats(s) => {
                 write!(
                     f,
-                    "stats {} {} {} {} {} {}",
-                    s.open, s.accepted, s.requests, s.panics, s.busy_threads, s.stalled_ms
+                    "stats {} {} {} {} {} {} {}",
+                    s.open, s.accepted, s.requests, s.panics, s.busy_threads, s.stalled_ms, s.log_failures
                 )?;
                 match &s.oldest {
                     // The app name last: it is the only field that may contain spaces.
@@ -133,12 +135,12 @@ impl WorkerMessage {
                 .map(WorkerMessage::Events),
             "failed" => Some(WorkerMessage::Failed(rest.to_string())),
             "stats" => {
-                let mut words = rest.splitn(9, ' ');
-                let mut n = [0u64; 6];
+                let mut words = rest.splitn(10, ' ');
+                let mut n = [0u64; 7];
                 for v in &mut n {
                     *v = words.next()?.parse().ok()?;
                 }
-                let [open, accepted, requests, panics, busy_threads, stalled_ms] = n;
+                let [open, accepted, requests, panics, busy_threads, stalled_ms, log_failures] = n;
                 let oldest = match (words.next(), words.next(), words.next()) {
                     (Some(ms), Some(peer), Some(app)) => {
                         Some(RunningRequest { ms: ms.parse().ok()?, peer: peer.to_string(), app: app.to_string() })
@@ -152,6 +154,7 @@ impl WorkerMessage {
                     panics,
                     busy_threads,
                     stalled_ms,
+                    log_failures,
                     oldest,
                 }))
             }

@@ -12,6 +12,7 @@ pub mod listener;
 pub mod logging;
 pub mod master;
 pub mod plugin;
+pub mod preflight;
 pub mod privileges;
 pub mod sys;
 pub mod txn;

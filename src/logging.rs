@@ -9,13 +9,15 @@
 //! Written here rather than taken from a crate because it must change role after `fork`,
 //! reopen its file on a signal, and never start a thread (the master must stay
 //! single-threaded). Each line goes out in one `write`, so lines of concurrent processes
-//! never interleave.
+//! never interleave; a line the file takes only in part (a full disk) is cut off again, so the
+//! file holds whole lines only, and every line that could not be written is counted
+//! ([`write_failures`], `fdtserver_log_write_failures_total` in the metrics).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
@@ -40,6 +42,39 @@ static LOGGER: Logger =
 static ACCESS: Mutex<Option<(PathBuf, File)>> = Mutex::new(None);
 /// Checked before formatting an access line, so a server without an access log pays nothing.
 static ACCESS_ON: AtomicBool = AtomicBool::new(false);
+
+/// Log and access lines this process could not write (or wrote only in part, then cut off).
+static WRITE_FAILURES: AtomicU64 = AtomicU64::new(0);
+
+/// How many log or access lines this process failed to write.
+pub fn write_failures() -> u64 {
+    WRITE_FAILURES.load(Ordering::Relaxed)
+}
+
+/// Writes `line` to the end of `file` (opened with `O_APPEND`) in one `write`: all of it, or
+/// nothing. When the file takes only part of it (the disk filled up), that part is cut off
+/// again, unless another process appended behind it meanwhile (it cannot be undone then
+/// without cutting that process's line). A failure is counted, never reported: logging the
+/// failure of logging would fail the same way.
+fn append_line(mut file: &File, line: &[u8]) {
+    use std::io::Seek;
+    match file.write(line) {
+        Ok(n) if n == line.len() => {}
+        Ok(n) => {
+            WRITE_FAILURES.fetch_add(1, Ordering::Relaxed);
+            // With O_APPEND the offset is now the end of what this write added.
+            if let (Ok(end), Ok(meta)) = (file.stream_position(), file.metadata())
+                && meta.len() == end
+                && n > 0
+            {
+                let _ = file.set_len(end - n as u64);
+            }
+        }
+        Err(_) => {
+            WRITE_FAILURES.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
 
 /// Installs the logger for this process as `role` (e.g. `master`).
 pub fn init(role: &str, level: LevelFilter) {
@@ -147,8 +182,8 @@ pub fn access(fields: std::fmt::Arguments<'_>) {
     }
     let now = humantime::format_rfc3339_millis(SystemTime::now());
     let line = format!("{now} {fields}\n");
-    if let Some((_, f)) = lock_access().as_mut() {
-        let _ = f.write_all(line.as_bytes());
+    if let Some((_, f)) = lock_access().as_ref() {
+        append_line(f, line.as_bytes());
     }
 }
 
@@ -180,7 +215,7 @@ pub fn log_from_app(level: u32, target: &str, msg: &str) {
 
 impl Logger {
     fn write(&self, level: Level, target: &str, args: std::fmt::Arguments<'_>) {
-        let mut s = lock();
+        let s = lock();
         let app = if target.starts_with("fdtserver") { String::new() } else { format!("{target}: ") };
         let line = if s.journald && s.file.is_none() {
             let prio = match level {
@@ -194,10 +229,15 @@ impl Logger {
             let now = humantime::format_rfc3339_millis(SystemTime::now());
             format!("{now} {level:<5} {} [{}] {app}{args}\n", s.role, s.pid)
         };
-        let _ = match s.file.as_mut() {
-            Some((_, f)) => f.write_all(line.as_bytes()),
-            None => std::io::stderr().write_all(line.as_bytes()),
-        };
+        match s.file.as_ref() {
+            Some((_, f)) => append_line(f, line.as_bytes()),
+            // A pipe or the journal: one write of a line this short is atomic.
+            None => {
+                if std::io::stderr().write_all(line.as_bytes()).is_err() {
+                    WRITE_FAILURES.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
     }
 }
 

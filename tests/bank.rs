@@ -243,7 +243,7 @@ fn money_is_conserved_while_workers_die_and_the_server_reloads() {
     server.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(server.wait_exit(Duration::from_secs(20)).success());
     // The server's own recovery of what workers coordinated (killed mid local commit).
-    let (code, out, err) = server.cli(&["txn", "recover", "--min-age", "0"]);
+    let (code, out, err) = server.cli(&["txn", "recover"]);
     assert_eq!(code, 0, "txn recover: {out}{err}");
 
     let sums = |db: &str, prefix: &str| -> (i64, i64) {

@@ -174,3 +174,60 @@ fn a_reload_switches_the_master_and_every_worker_to_new_log_paths_or_is_refused_
     );
     assert!(!read(&dir.join("error2.log")).contains("reloaded: generation 3"));
 }
+
+/// Unmounts a tmpfs (and its files) when dropped, even when the test fails.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .expect("cannot run mount");
+        assert!(
+            out.status.success(),
+            "this test needs to mount a small tmpfs (run as root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_leaves_whole_log_lines_only_and_counts_the_lines_it_lost() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = Tmpfs::mount(&tmp.path().join("small"), "16k");
+    let access = disk.0.join("access.log");
+    let setup = Setup::new(1, 2).app("kit", "testkit", "").server("access_log", &format!("{:?}", access.display().to_string()));
+    let server = TestServer::start(&setup);
+    let addr = server.addr("kit");
+    // Access lines are about 120 bytes: 400 connections need three times the disk.
+    for _ in 0..400 {
+        let mut c = LineClient::connect(addr);
+        assert_eq!(c.ask("hello"), "hello");
+    }
+    let lost = wait_for(READY_TIMEOUT, "the lost lines in the metrics", || {
+        let (_, metrics) = server.control("GET", "/metrics")?;
+        let lost: f64 = metrics
+            .lines()
+            .filter(|l| l.starts_with("fdtserver_log_write_failures_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        (lost > 0.0).then_some(lost)
+    });
+    assert!(lost >= 100.0, "about 260 lines cannot fit, {lost} counted");
+    let text = std::fs::read(&access).unwrap();
+    assert!(text.len() > 8 * 1024, "the disk was filled ({} bytes)", text.len());
+    assert_eq!(text.last(), Some(&b'\n'), "the file ends with a whole line");
+    for line in String::from_utf8(text).expect("no line cut in the middle of a character").lines() {
+        assert!(line.starts_with("20") && line.contains(" close="), "a line cut short or mixed up: {line:?}");
+    }
+}

@@ -182,31 +182,89 @@ fn operator_signals_sent_to_every_process_leave_the_workers_serving() {
     assert!(!state.rsplit_once(") ").unwrap().1.starts_with('T'), "the worker was stopped: {state}");
 }
 
+/// Sends `request` on a fresh control connection, then closes the sending side; returns the
+/// status code of the answer (`None`: closed without an answer).
+fn control_raw(server: &TestServer, request: &[u8]) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(server.control_socket()).unwrap();
+    s.set_read_timeout(Some(READY_TIMEOUT)).unwrap();
+    s.write_all(request).unwrap();
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    answer.split_whitespace().nth(1)?.parse().ok()
+}
+
 #[test]
-fn silent_control_clients_are_capped_at_64_and_closed_after_10_s() {
+fn a_control_request_with_a_missing_oversized_or_malformed_body_is_refused_and_not_executed() {
+    let mut server = TestServer::start(&Setup::new(1, 1).app("echo", "echo", ""));
+    let generation = server.generation();
+    let started = std::time::Instant::now();
+    // Declares a body it never sends: refused at once, not after a timeout.
+    assert_eq!(control_raw(&server, b"POST /reload HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n"), Some(413));
+    assert!(started.elapsed() < Duration::from_secs(5), "answered after {:?}", started.elapsed());
+    // A body cut short.
+    assert_eq!(control_raw(&server, b"POST /reload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc"), Some(400));
+    assert_eq!(control_raw(&server, b"POST /stop HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n"), Some(400));
+    // Malformed lengths (RFC 9112: only digits, one value) and bodies the API cannot frame.
+    for bad in [
+        "Content-Length: +5\r\n",
+        "Content-Length: five\r\n",
+        "Content-Length: 1\r\nContent-Length: 2\r\n",
+        "Transfer-Encoding: chunked\r\n",
+    ] {
+        let request = format!("POST /reload HTTP/1.1\r\nHost: x\r\n{bad}\r\n0\r\n\r\n");
+        assert_eq!(control_raw(&server, request.as_bytes()), Some(400), "{bad:?}");
+    }
+    // None of them ran: no reload, no stop.
+    let v = server.status();
+    assert_eq!(v["generation"].as_u64(), Some(generation), "{v}");
+    assert_eq!((v["reloads"]["ok"].as_u64(), v["reloads"]["failed"].as_u64()), (Some(0), Some(0)), "{v}");
+    server.assert_running();
+    // A small body that arrives whole is fine (ignored: the API takes none).
+    assert_eq!(control_raw(&server, b"POST /reload HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"), Some(200));
+    assert_eq!(server.generation(), generation + 1);
+}
+
+#[test]
+fn silent_control_clients_are_capped_at_64_the_rest_get_503_and_a_bounded_log_and_all_close_after_10_s() {
     use std::io::Read;
     use std::os::unix::net::UnixStream;
     let server = TestServer::start(&Setup::new(1, 1).app("echo", "echo", ""));
     // 64 clients that connect and say nothing.
     let silent: Vec<UnixStream> = (0..64).map(|_| UnixStream::connect(server.control_socket()).unwrap()).collect();
-    // Wait until the master has taken them all: one more is then closed at once.
-    wait_for(READY_TIMEOUT, "a 65th control client to be refused", || {
+    let connected = std::time::Instant::now();
+    let refused = |extra: &mut UnixStream| -> bool {
+        extra.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut answer = String::new();
+        let _ = extra.read_to_string(&mut answer);
+        answer.starts_with("HTTP/1.1 503 ")
+    };
+    // Wait until the master has taken them all: one more is then answered 503 and closed.
+    wait_for(READY_TIMEOUT, "a 65th control client to be refused with 503", || {
         let mut extra = UnixStream::connect(server.control_socket()).ok()?;
-        extra.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-        let mut buf = [0u8; 1];
-        matches!(extra.read(&mut buf), Ok(0)).then_some(())
+        refused(&mut extra).then_some(())
     });
-    assert!(server.log().contains("64 connections open already"), "{}", server.log());
+    // A flood of refused clients costs a few log lines, not one per client.
+    let flood = std::time::Instant::now();
+    for i in 0..300 {
+        let mut extra = UnixStream::connect(server.control_socket()).unwrap();
+        assert!(refused(&mut extra), "client {i} of the flood was not answered 503");
+    }
+    let secs = flood.elapsed().as_secs();
+    let warnings = server.log().matches("64 connections open already").count() as u64;
+    assert!(warnings >= 1 && warnings <= secs + 2, "{warnings} warnings for 301 refused clients in {secs} s");
     // The silent ones are closed after the 10 s request timeout, and the API answers again.
-    let opened = std::time::Instant::now();
     let mut first = silent.into_iter().next().unwrap();
     first.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut buf = [0u8; 1];
     assert!(matches!(first.read(&mut buf), Ok(0)), "a silent control client was not closed");
-    let waited = opened.elapsed();
-    // Connected a moment before `opened`: closed at about 10 s from then, not earlier.
-    assert!(waited > Duration::from_secs(8) && waited < Duration::from_secs(12), "closed after {waited:?}");
+    // Accepted a moment after `connected`: closed at about 10 s from then, not earlier.
+    let waited = connected.elapsed();
+    assert!(waited > Duration::from_secs(9) && waited < Duration::from_secs(13), "closed after {waited:?}");
     assert_eq!(server.status()["pid"], server.pid);
+    let log = server.log();
+    assert!(log.contains("more refused since"), "the suppressed refusals are not counted in the log:\n{log}");
     let mut c = LineClient::connect(server.addr("echo"));
     assert_eq!(c.ask("still serving"), "still serving");
 }

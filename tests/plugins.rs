@@ -241,3 +241,110 @@ fn the_echo_app_is_under_30_lines_without_unsafe() {
     assert!(!app.contains("unsafe"), "{} uses unsafe", path.display());
     assert!(app.contains("export_app!"), "{} does not export its app with the SDK macro", path.display());
 }
+
+/// A FIFO (named pipe) in `dir`: opening it for reading blocks until a writer comes.
+fn fifo(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    path
+}
+
+/// Runs `fdtserver check` on `config` in a process group of its own, waiting at most `limit`;
+/// then kills whatever is left of the group. Returns (exit code if it exited, how long it took,
+/// stdout, stderr).
+fn check_within(config: &Path, limit: std::time::Duration) -> (Option<i32>, std::time::Duration, String, String) {
+    let dir = config.parent().unwrap();
+    let (out_path, err_path) = (dir.join("check.out"), dir.join("check.err"));
+    let mut cmd = Command::new(BIN);
+    cmd.arg("check").arg("--config").arg(config);
+    cmd.stdout(std::fs::File::create(&out_path).unwrap()).stderr(std::fs::File::create(&err_path).unwrap());
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let started = std::time::Instant::now();
+    let mut child = cmd.spawn().unwrap();
+    let mut code = None;
+    while started.elapsed() < limit {
+        if let Some(status) = child.try_wait().unwrap() {
+            code = Some(status.code().unwrap_or(-1));
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let took = started.elapsed();
+    let group = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+    let _ = child.wait();
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    (code, took, read(&out_path), read(&err_path))
+}
+
+#[test]
+fn check_refuses_a_fifo_as_plugin_at_once_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = fifo(dir.path(), "libpipe.so");
+    let config = write_config(&Setup::new(1, 1).app_at("piped", &pipe, "", "127.0.0.1:0"), dir.path());
+    let (code, took, out, err) = check_within(&config, std::time::Duration::from_secs(20));
+    assert_eq!(code, Some(1), "check did not exit 1 within 20 s (took {took:?}); stdout:\n{out}\nstderr:\n{err}");
+    assert!(took < std::time::Duration::from_secs(5), "check took {took:?}");
+    assert!(err.contains(&pipe.display().to_string()) && err.contains("FIFO"), "{err}");
+    assert!(!out.contains("piped: ok"), "{out}");
+}
+
+#[test]
+fn check_gives_up_on_an_app_whose_start_hangs_and_its_child_dies_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let hang = dir.path().join("hang");
+    std::fs::write(&hang, "").unwrap();
+    let setup = Setup::new(1, 1)
+        .server("boot_timeout", "1")
+        .app("kit", "testkit", &format!("hang_at_start_if = \"{}\"", hang.display()));
+    let config = write_config(&setup, dir.path());
+
+    // Killed: the child that runs the apps goes with it.
+    let mut cmd = Command::new(BIN);
+    cmd.arg("check").arg("--config").arg(&config).stdout(std::process::Stdio::null());
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut check = cmd.spawn().unwrap();
+    let children = format!("/proc/{0}/task/{0}/children", check.id());
+    let child: i32 = wait_for(READY_TIMEOUT, "the check process to start its child", || {
+        std::fs::read_to_string(&children).ok()?.split_whitespace().next()?.parse().ok()
+    });
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(check.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let _ = check.wait();
+    let outlived = std::panic::catch_unwind(|| {
+        wait_for(std::time::Duration::from_secs(3), "the check child to die with its parent", || {
+            (!alive(child)).then_some(())
+        })
+    });
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(check.id() as i32), nix::sys::signal::Signal::SIGKILL);
+    assert!(outlived.is_ok(), "the check child {child} outlived its parent");
+
+    // Left alone: it gives up after boot_timeout (1 s) + 5 s, saying why.
+    let (code, took, out, err) = check_within(&config, std::time::Duration::from_secs(20));
+    assert_eq!(code, Some(1), "check did not exit 1 within 20 s (took {took:?}); stdout:\n{out}\nstderr:\n{err}");
+    assert!(took < std::time::Duration::from_secs(12), "check took {took:?}");
+    assert!(err.contains("did not start within") && err.contains("boot_timeout"), "{err}");
+}
+
+#[test]
+fn a_reload_to_a_fifo_plugin_is_refused_at_once_and_the_old_generation_keeps_serving() {
+    let mut server = TestServer::start(&Setup::new(1, 1).app("echo", "echo", ""));
+    let generation = server.generation();
+    let pipe = fifo(server.dir.path(), "libpipe.so");
+    server.write_config(&Setup::new(1, 1).app_at("echo", &pipe, "", "127.0.0.1:0"));
+
+    let asked = std::time::Instant::now();
+    let (code, body) = server.reload();
+    let took = asked.elapsed();
+    assert_eq!(code, 409, "{body}");
+    assert!(took < std::time::Duration::from_secs(5), "the reload took {took:?}");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(error.contains(&pipe.display().to_string()) && error.contains("FIFO"), "{body}");
+
+    // The master is not stuck: it answers, serves with the old generation, and stops on TERM.
+    assert_eq!(server.generation(), generation);
+    let mut c = LineClient::connect(server.addr("echo"));
+    assert_eq!(c.ask("still serving"), "still serving");
+    drop(c);
+    server.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(server.wait_exit(std::time::Duration::from_secs(10)).success(), "{}", server.log());
+}

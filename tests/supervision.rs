@@ -239,3 +239,66 @@ fn ttou_at_one_worker_does_nothing() {
     assert_eq!(LineClient::connect(server.addr("kit")).ask("PID"), before[0].0.to_string());
     server.assert_running();
 }
+
+#[test]
+fn ttin_and_ttou_back_to_back_settle_to_the_configured_worker_count() {
+    let mut server = TestServer::start(&Setup::new(2, 1).app("kit", "testkit", ""));
+    let generation = server.generation();
+    // Each TTOU comes while the worker its TTIN added is still starting. (Two signals of one
+    // kind would merge: each pair is handled before the next is sent.)
+    for round in 1..=5 {
+        server.signal(Signal::SIGTTIN);
+        server.signal(Signal::SIGTTOU);
+        wait_for(Duration::from_secs(5), "the master to handle the TTOU", || {
+            (server.log().matches("TTOU: 2 worker(s)").count() >= round).then_some(())
+        });
+    }
+    let settled = wait_for(Duration::from_secs(10), "exactly the configured 2 workers, both serving", || {
+        let v = server.status();
+        let workers = v["workers"].as_array().unwrap();
+        (workers.len() == 2 && workers.iter().all(|w| w["state"] == "serving")).then_some(v)
+    });
+    // And it stays there: nothing drained away is replaced later. (A measuring window, not a
+    // wait for an event.)
+    std::thread::sleep(Duration::from_secs(1));
+    let v = server.status();
+    assert_eq!(v["workers"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(v["workers"], settled["workers"], "the workers changed after settling");
+    assert_eq!(v["worker_restarts"], 0, "a drained worker was replaced: {v}");
+    assert_eq!(server.generation(), generation);
+    assert!(!server.log().contains("replacing it"), "{}", server.log());
+    let pids: Vec<i32> = serving(&server).unwrap().iter().map(|w| w.0).collect();
+    let mut c = LineClient::connect(server.addr("kit"));
+    assert!(pids.contains(&c.ask("PID").parse().unwrap()));
+    server.assert_running();
+}
+
+#[test]
+fn workers_killed_from_outside_again_and_again_are_replaced_at_once_and_not_called_a_crash_loop() {
+    let mut server = TestServer::start(&Setup::new(2, 1).app("kit", "testkit", ""));
+    let addr = server.addr("kit");
+    let mut slowest = Duration::ZERO;
+    for round in 0..8 {
+        // Every worker at once (as the OOM killer might): the generation has none left.
+        let victims = serving(&server).unwrap();
+        assert_eq!(victims.len(), 2, "round {round}: {victims:?}");
+        for &(pid, _) in &victims {
+            kill9(pid);
+        }
+        let killed = Instant::now();
+        let replacements = wait_for(Duration::from_secs(2), "both workers replaced and serving", || {
+            let now = serving(&server)?;
+            (now.len() == 2 && now.iter().all(|w| !victims.contains(w))).then_some(now)
+        });
+        slowest = slowest.max(killed.elapsed());
+        let pid: i32 = LineClient::connect(addr).ask("PID").parse().unwrap();
+        assert!(replacements.iter().any(|w| w.0 == pid), "round {round}: served by {pid}, not {replacements:?}");
+    }
+    eprintln!("slowest replacement: {slowest:?}");
+    let log = server.log();
+    assert!(!log.contains("CRASH LOOP"), "kills from outside were taken for a crash loop:\n{log}");
+    assert!(!log.contains("Next attempt in"), "kills from outside were backed off:\n{log}");
+    assert!(log.contains("killed by SIGKILL (signal 9)") && log.contains("from outside"), "{log}");
+    assert_eq!(server.status()["worker_restarts"], 16);
+    server.assert_running();
+}

@@ -7,9 +7,19 @@
 #   CONNECTIONS="50 500"   connection counts to measure
 #   ROUNDS=3           measured runs per server and connection count (medians are quoted)
 #   WORKERS=2          worker processes for fdtserver and nginx alike
+#   THREADS=4          fdtserver's `threads` (4 is its default)
 #   WARMUP=3           seconds of unmeasured load per server before the first round
 #   PORT_BASE=18080    fdtserver, nginx and ceiling listen on PORT_BASE, +1 and +2
-#   SERVER_CPU=0 CLIENT_CPU=1   where the servers and wrk are pinned
+#   SERVER_CPUS=0 CLIENT_CPUS=1  the CPUs the servers and the clients (wrk, loadgen) are
+#                      pinned to, as `taskset -c` takes them: `0-7`, `0,2,4-6`
+#                      (SERVER_CPU / CLIENT_CPU, the old single-CPU names, are read too)
+#   WRK_THREADS=       wrk's threads; default: one per client CPU
+#   SERVERS="fdtserver nginx ceiling"  which servers to measure
+#   FDT_BIN= FDT_PLUGIN= LOADGEN=  another fdtserver build to measure (with BUILD=0), say an
+#                      older commit's, built from `git worktree add` in its own target dir
+#
+# Many cores (issue 13): on a 16-CPU machine, half for the servers, half for the clients:
+#   SERVER_CPUS=0-7 CLIENT_CPUS=8-15 WORKERS=8 RATES="100000" benches/load/run.sh
 #   BUILD=1            set BUILD=0 to skip `cargo build --release --workspace`
 #   KEEP_TMP=0         set KEEP_TMP=1 to keep the temp dir (configs, logs, raw wrk output)
 #   NOISE_BUDGET=60    seconds the whole run may spend waiting for other load on
@@ -30,8 +40,9 @@ ROUNDS=${ROUNDS:-3}
 WORKERS=${WORKERS:-2}
 WARMUP=${WARMUP:-3}
 PORT_BASE=${PORT_BASE:-18080}
-SERVER_CPU=${SERVER_CPU:-0}
-CLIENT_CPU=${CLIENT_CPU:-1}
+SERVER_CPUS=${SERVER_CPUS:-${SERVER_CPU:-0}}
+CLIENT_CPUS=${CLIENT_CPUS:-${CLIENT_CPU:-1}}
+THREADS=${THREADS:-4}
 BUILD=${BUILD:-1}
 KEEP_TMP=${KEEP_TMP:-0}
 NOISE_BUDGET=${NOISE_BUDGET:-60}
@@ -44,12 +55,34 @@ say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'run.sh: error: %s\n' "$*" >&2; exit 1; }
 
 is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
-for var in DURATION ROUNDS WORKERS WARMUP PORT_BASE SERVER_CPU CLIENT_CPU NOISE_BUDGET; do
+for var in DURATION ROUNDS WORKERS THREADS WARMUP PORT_BASE NOISE_BUDGET; do
     is_uint "${!var}" || die "$var must be a non-negative integer (got '${!var}')"
 done
-for var in DURATION ROUNDS WORKERS; do
+for var in DURATION ROUNDS WORKERS THREADS; do
     [ "${!var}" -gt 0 ] || die "$var must be at least 1"
 done
+# A `taskset -c` CPU list ("0-7", "0,2,4-6") -> the CPU numbers, one per line, checked
+# against the CPUs this machine has.
+expand_cpus() { # name list
+    local part lo hi cpu
+    [[ $2 =~ ^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$ ]] ||
+        die "$1 must be a CPU list like 0-7 or 0,2,4-6 (got '$2')"
+    for part in ${2//,/ }; do
+        lo=${part%-*}
+        hi=${part#*-}
+        [ "$lo" -le "$hi" ] || die "$1: $part is not a range (got '$2')"
+        for ((cpu = lo; cpu <= hi; cpu++)); do
+            grep -q "^cpu$cpu " /proc/stat || die "$1: this machine has no CPU $cpu (nproc: $(nproc))"
+            echo "$cpu"
+        done
+    done | sort -nu
+}
+mapfile -t SERVER_SET < <(expand_cpus SERVER_CPUS "$SERVER_CPUS")
+mapfile -t CLIENT_SET < <(expand_cpus CLIENT_CPUS "$CLIENT_CPUS")
+[ "${#SERVER_SET[@]}" -gt 0 ] && [ "${#CLIENT_SET[@]}" -gt 0 ] || die "bad SERVER_CPUS or CLIENT_CPUS (see above)"
+mapfile -t BOTH_SET < <(printf '%s\n' "${SERVER_SET[@]}" "${CLIENT_SET[@]}" | sort -nu)
+WRK_THREADS=${WRK_THREADS:-${#CLIENT_SET[@]}}
+is_uint "$WRK_THREADS" && [ "$WRK_THREADS" -gt 0 ] || die "WRK_THREADS must be a positive integer (got '$WRK_THREADS')"
 read -r -a CONN_LIST <<<"$CONNECTIONS"
 [ "${#CONN_LIST[@]}" -gt 0 ] || die "CONNECTIONS is empty"
 for c in "${CONN_LIST[@]}"; do
@@ -82,26 +115,37 @@ fi
 # nginx often lives in /usr/sbin, which a non-root PATH may lack.
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 [ "$(nproc)" -ge 2 ] || say "warning: only $(nproc) CPU; server and wrk will share it"
+if [ "$((${#SERVER_SET[@]} + ${#CLIENT_SET[@]}))" -gt "${#BOTH_SET[@]}" ]; then
+    say "warning: SERVER_CPUS ($SERVER_CPUS) and CLIENT_CPUS ($CLIENT_CPUS) overlap: servers and clients share CPUs"
+fi
 
 # --- 2. build ----------------------------------------------------------------
 if [ "$BUILD" = 1 ]; then
-    say "building: cargo build --release --workspace --example loadgen"
-    cargo build --release --workspace --example loadgen ||
+    # Two commands: with `--example`, cargo builds only the example, not the server and plugins.
+    say "building: cargo build --release --workspace && cargo build --release --example loadgen"
+    { cargo build --release --workspace && cargo build --release --example loadgen; } ||
         die "cargo build failed (BUILD=0 skips the build and benchmarks what is there)"
 fi
-FDT_BIN="$REPO/target/release/fdtserver"
-FDT_PLUGIN="$REPO/target/release/libfdt_hello.so"
-LOADGEN="$REPO/target/release/examples/loadgen"
+FDT_BIN=${FDT_BIN:-$REPO/target/release/fdtserver}
+FDT_PLUGIN=${FDT_PLUGIN:-$REPO/target/release/libfdt_hello.so}
+LOADGEN=${LOADGEN:-$REPO/target/release/examples/loadgen}
 RATES=${RATES-20000 60000}
 RATE_ROUNDS=${RATE_ROUNDS:-5}
 RATE_SECONDS=${RATE_SECONDS:-3}
 for var in RATE_ROUNDS RATE_SECONDS; do
     is_uint "${!var}" && [ "${!var}" -gt 0 ] || die "$var must be a positive integer (got '${!var}')"
 done
-SERVERS=(fdtserver nginx ceiling)
-if [ ! -x "$FDT_BIN" ]; then
-    say "SKIPPING fdtserver: $FDT_BIN does not exist (not built yet?); measuring nginx and ceiling only"
-    SERVERS=(nginx ceiling)
+read -r -a SERVERS <<<"${SERVERS:-fdtserver nginx ceiling}"
+[ "${#SERVERS[@]}" -gt 0 ] || die "SERVERS is empty"
+for s in "${SERVERS[@]}"; do
+    case $s in fdtserver | nginx | ceiling) ;; *) die "SERVERS: unknown server '$s' (fdtserver, nginx, ceiling)" ;; esac
+done
+if [[ " ${SERVERS[*]} " != *" fdtserver "* ]]; then
+    :
+elif [ ! -x "$FDT_BIN" ]; then
+    say "SKIPPING fdtserver: $FDT_BIN does not exist (not built yet?)"
+    read -r -a SERVERS <<<"$(printf '%s\n' "${SERVERS[@]}" | grep -vx fdtserver | tr '\n' ' ')"
+    [ "${#SERVERS[@]}" -gt 0 ] || die "nothing left to measure"
 elif [ ! -f "$FDT_PLUGIN" ]; then
     die "$FDT_PLUGIN is missing: the hello app plugin was not built"
 fi
@@ -149,7 +193,7 @@ gcc -O2 -Wall -o "$TMP/ceiling" benches/load/ceiling.c
 cat >"$TMP/fdtserver.toml" <<EOF
 [server]
 workers = $WORKERS
-threads = 4
+threads = $THREADS
 control_socket = "$TMP/fdtserver.sock"
 
 [[listen]]
@@ -212,7 +256,7 @@ start_server() {
     esac
     # A plain background command, so $! is the server itself (taskset execs it)
     # and the cleanup's TERM reaches it; its workers inherit the pinning.
-    taskset -c "$SERVER_CPU" "${cmd[@]}" >"$TMP/$name.log" 2>&1 &
+    taskset -c "$SERVER_CPUS" "${cmd[@]}" >"$TMP/$name.log" 2>&1 &
     PID[$name]=$!
 }
 
@@ -231,14 +275,19 @@ alive() {
     die "$1 exited unexpectedly (log above)"
 }
 
-# "busy steal total" jiffies of one CPU: busy is everything but idle, iowait
-# and steal (time the hypervisor gave to another guest: the noise of a shared VM).
-cpu_ticks() {
-    awk -v cpu="cpu$1" '$1 == cpu { t = $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9; print t - $5 - $6 - $9, $9, t }' /proc/stat
+# "busy steal total" jiffies of a set of CPUs (summed), given as CPU numbers: busy is
+# everything but idle, iowait and steal (time the hypervisor gave to another guest:
+# the noise of a shared VM).
+cpu_ticks() { # cpu...
+    awk -v set=" $* " '$1 ~ /^cpu[0-9]+$/ && index(set, " " substr($1, 4) " ") {
+        t = $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9; b += t - $5 - $6 - $9; s += $9; tt += t }
+        END { print b + 0, s + 0, tt + 0 }' /proc/stat
 }
+server_ticks() { cpu_ticks "${SERVER_SET[@]}"; }
+client_ticks() { cpu_ticks "${CLIENT_SET[@]}"; }
 
-# Percent busy and stolen of each CPU between two cpu_ticks samples, as
-# "busy0 busy1 steal" (steal averaged over both).
+# Percent busy and stolen of the server's and the clients' CPUs between two pairs of
+# cpu_ticks samples, as "busy0 busy1 steal" (each averaged over its CPUs, steal over both).
 cpu_pct() { # before0 before1 after0 after1, each "busy steal total"
     awk -v a="$1" -v b="$2" -v c="$3" -v d="$4" 'BEGIN {
         split(a, x0, " "); split(b, y0, " "); split(c, x1, " "); split(d, y1, " ")
@@ -263,32 +312,34 @@ proc_ticks() {
 }
 CLK_TCK=$(getconf CLK_TCK)
 
-# Tick counters at one moment, one line: cpu_ticks of the server's CPU and of
-# wrk's CPU, the server's own ticks, and the ticks of this script's finished
+# Tick counters at one moment, one line: cpu_ticks of the server's CPUs, of
+# wrk's CPUs and of both sets together, the server's own ticks, and the ticks of this script's finished
 # children (wrk, mostly), which the caller saved with `times >"$TMP/times"`:
 # `times` must run in this shell, as a subshell has no children of its own.
 snapshot() { # server-pid
-    echo "$(cpu_ticks "$SERVER_CPU") $(cpu_ticks "$CLIENT_CPU") $(proc_ticks "$1")" \
+    echo "$(server_ticks) $(client_ticks) $(cpu_ticks "${BOTH_SET[@]}") $(proc_ticks "$1")" \
         "$(awk -v hz="$CLK_TCK" 'NR == 2 { split($1, a, /[ms]/); split($2, b, /[ms]/)
             printf "%d", (a[1] * 60 + a[2] + b[1] * 60 + b[2]) * hz }' "$TMP/times")"
 }
 
-# What two snapshots say: "busy0 busy1 steal other server_ms", where other is
-# the busy time of both CPUs not spent by the server or wrk (the rest of the
-# machine), in percent of one CPU. A process's time includes the interrupts
-# served while it ran, so this compares with busy time, interrupts included.
+# What two snapshots say: "busy0 busy1 steal other server_ms", where busy0 and
+# busy1 are averaged over the server's and wrk's CPUs and other is the busy time
+# of all those CPUs not spent by the server or wrk (the rest of the machine), in
+# percent of one CPU. A process's time includes the interrupts served while it
+# ran, so this compares with busy time, interrupts included.
 usage() { # before after
-    awk -v a="$1" -v b="$2" -v hz="$CLK_TCK" 'BEGIN {
-        # fields: busy steal total (server CPU), the same (wrk CPU), server ticks, children ticks
-        split(a, x, " "); split(b, y, " "); for (i = 1; i <= 8; i++) d[i] = y[i] - x[i]
-        if (d[3] <= 0 || d[6] <= 0) { print "0 0 0 0 0"; exit }
-        other = 100 * (d[1] + d[4] - d[7] - d[8]) / d[3]
+    awk -v a="$1" -v b="$2" -v hz="$CLK_TCK" -v n="${#BOTH_SET[@]}" 'BEGIN {
+        # fields: busy steal total (server CPUs), the same (wrk CPUs), the same (both
+        # sets), server ticks, children ticks
+        split(a, x, " "); split(b, y, " "); for (i = 1; i <= 11; i++) d[i] = y[i] - x[i]
+        if (d[3] <= 0 || d[6] <= 0 || d[9] <= 0) { print "0 0 0 0 0"; exit }
+        other = 100 * n * (d[7] - d[10] - d[11]) / d[9]
         printf "%.0f %.0f %.0f %.0f %d\n", 100 * d[1] / d[3], 100 * d[4] / d[6],
-            50 * (d[2] / d[3] + d[5] / d[6]), other < 0 ? 0 : other, 1000 * d[7] / hz
+            50 * (d[2] / d[3] + d[5] / d[6]), other < 0 ? 0 : other, 1000 * d[10] / hz
     }'
 }
 
-# wrk with one thread: the client has one vCPU, more threads only contend.
+# wrk with one thread per client CPU (WRK_THREADS): more threads only contend.
 # Appends how busy the server's and wrk's CPUs were, which shows which side
 # was the bottleneck (an idle server CPU means wrk limited the run), and how
 # much other processes ran meanwhile (a disturbed run).
@@ -296,7 +347,7 @@ run_wrk() { # server connections seconds outfile
     local url="http://127.0.0.1:${PORT[$1]}/" before after
     times >"$TMP/times"
     before=$(snapshot "${PID[$1]}")
-    taskset -c "$CLIENT_CPU" wrk -t1 -c"$2" -d"$3"s --latency "$url" >"$4" 2>&1 ||
+    taskset -c "$CLIENT_CPUS" wrk -t"$WRK_THREADS" -c"$2" -d"$3"s --latency "$url" >"$4" 2>&1 ||
         { cat "$4" >&2; die "wrk failed against $1"; }
     times >"$TMP/times"
     after=$(snapshot "${PID[$1]}")
@@ -345,12 +396,36 @@ balance() { # before-file after-file
         END { if (k < 2 || lo <= 0) print "n/a"; else printf "%s (busiest/least %.2f)\n", list, hi / lo }' "$1" "$2"
 }
 
+# "worker handler ticks" for each handler thread of each fdtserver worker: how much CPU
+# each handler used so far, which shows how many handlers a worker admits to serve.
+handler_ticks() {
+    local w
+    [ -v "PID[fdtserver]" ] || return 0
+    for w in $(pgrep -P "${PID[fdtserver]}" || true); do
+        awk -v w="$w" '{ c = $0; sub(/^[^(]*\(/, "", c); sub(/\).*$/, "", c)
+            if (c ~ /^handler-/) { r = $0; sub(/^.*\) /, "", r); split(r, f, " "); print w, c, f[12] + f[13] } }' \
+            /proc/"$w"/task/*/stat 2>/dev/null || true
+    done
+}
+
+# Handlers that served per worker between two handler_ticks snapshots: "1 / 1"; a
+# handler counts when it used at least 5% of its worker's handler CPU time meanwhile
+# (a parked handler only wakes once a second to look).
+handlers_served() { # before-file after-file
+    awk 'NR == FNR { before[$1 " " $2] = $3; next }
+        { d = $3 - before[$1 " " $2]; tick[$1 " " $2] = d; sum[$1] += d }
+        END { for (k in tick) { split(k, p, " "); if (sum[p[1]] > 0 && tick[k] * 20 >= sum[p[1]]) n[p[1]]++
+                else if (!(p[1] in n)) n[p[1]] = 0 }
+              for (w in n) if (sum[w] > 0) list = list (list == "" ? "" : " / ") n[w]
+              print list == "" ? "n/a" : list }' "$1" "$2"
+}
+
 # A benchmark on a busy machine measures the other load: look for 1 s first.
-i0=$(cpu_ticks "$SERVER_CPU")
-j0=$(cpu_ticks "$CLIENT_CPU")
+i0=$(server_ticks)
+j0=$(client_ticks)
 sleep 1
-read -r idle_s idle_c idle_steal <<<"$(cpu_pct "$i0" "$j0" "$(cpu_ticks "$SERVER_CPU")" "$(cpu_ticks "$CLIENT_CPU")")"
-BACKGROUND="CPU $SERVER_CPU ${idle_s}% and CPU $CLIENT_CPU ${idle_c}% busy, ${idle_steal}% stolen, before the servers started"
+read -r idle_s idle_c idle_steal <<<"$(cpu_pct "$i0" "$j0" "$(server_ticks)" "$(client_ticks)")"
+BACKGROUND="CPUs $SERVER_CPUS ${idle_s}% and CPUs $CLIENT_CPUS ${idle_c}% busy, ${idle_steal}% stolen, before the servers started"
 say "background load: $BACKGROUND"
 if [ "$idle_s" -gt 10 ] || [ "$idle_c" -gt 10 ]; then
     say "warning: the machine is not idle; the figures will be noisy"
@@ -360,7 +435,7 @@ for s in "${SERVERS[@]}"; do
     ! port_open "${PORT[$s]}" || die "port ${PORT[$s]} (for $s) is already in use; set PORT_BASE"
 done
 for s in "${SERVERS[@]}"; do
-    say "starting $s on 127.0.0.1:${PORT[$s]} (CPU $SERVER_CPU)"
+    say "starting $s on 127.0.0.1:${PORT[$s]} (CPUs $SERVER_CPUS)"
     start_server "$s"
 done
 for s in "${SERVERS[@]}"; do wait_ready "$s"; done
@@ -382,10 +457,10 @@ repeated=0
 wait_quiet() {
     local a0 b0 busy0 busy1 waited=0
     while :; do
-        a0=$(cpu_ticks "$SERVER_CPU")
-        b0=$(cpu_ticks "$CLIENT_CPU")
+        a0=$(server_ticks)
+        b0=$(client_ticks)
         sleep 0.5
-        read -r busy0 busy1 _ <<<"$(cpu_pct "$a0" "$b0" "$(cpu_ticks "$SERVER_CPU")" "$(cpu_ticks "$CLIENT_CPU")")"
+        read -r busy0 busy1 _ <<<"$(cpu_pct "$a0" "$b0" "$(server_ticks)" "$(client_ticks)")"
         [ $((busy0 + busy1)) -gt "$OTHER_MAX" ] || break
         [ "$noise_left" -ge 5 ] || { say "machine busy (${busy0}% + ${busy1}%) and NOISE_BUDGET spent: measuring anyway"; break; }
         [ "$waited" = 1 ] || say "machine busy (${busy0}% + ${busy1}%): waiting for quiet"
@@ -402,6 +477,7 @@ n=0
 # shared, noisy VM hits every server alike instead of one whole block.
 for c in "${CONN_LIST[@]}"; do
     [ ! -v "PID[fdtserver]" ] || worker_requests >"$TMP/workers-c$c-before.txt"
+    handler_ticks >"$TMP/handlers-c$c-before.txt"
     for ((r = 1; r <= ROUNDS; r++)); do
         for s in "${SERVERS[@]}"; do
             n=$((n + 1))
@@ -424,6 +500,7 @@ for c in "${CONN_LIST[@]}"; do
         done
     done
     [ ! -v "PID[fdtserver]" ] || worker_requests >"$TMP/workers-c$c-after.txt"
+    handler_ticks >"$TMP/handlers-c$c-after.txt"
 done
 
 # --- 4b. latency at equal request rates ------------------------------------------
@@ -435,16 +512,18 @@ LAT=$TMP/latency.txt   # conns rate server round p50 p99 p999 errors
 if [ -n "$RATES" ] && [ -x "$LOADGEN" ]; then
     for c in "${CONN_LIST[@]}"; do
         for rate in $RATES; do
+            handler_ticks >"$TMP/handlers-c$c-r$rate-before.txt"
             for ((r = 1; r <= RATE_ROUNDS; r++)); do
                 for s in fdtserver nginx; do
                     [ -v "PID[$s]" ] || continue
                     wait_quiet
-                    line=$(taskset -c "$CLIENT_CPU" "$LOADGEN" "127.0.0.1:${PORT[$s]}" --rate "$rate" --seconds "$RATE_SECONDS" --connections "$c")
+                    line=$(taskset -c "$CLIENT_CPUS" "$LOADGEN" "127.0.0.1:${PORT[$s]}" --rate "$rate" --seconds "$RATE_SECONDS" --connections "$c")
                     read -r p50 p99 p999 errs <<<"$(sed -E 's/.*errors=([0-9]+).*p50_us=([0-9]+).*p99_us=([0-9]+) p999_us=([0-9]+).*/\2 \3 \4 \1/' <<<"$line")"
                     echo "$c $rate $s $r $p50 $p99 $p999 $errs" >>"$LAT"
                     say "c=$c rate=$rate round $r $s: p50 ${p50}us p99 ${p99}us p99.9 ${p999}us errors $errs"
                 done
             done
+            handler_ticks >"$TMP/handlers-c$c-r$rate-after.txt"
         done
     done
 elif [ -n "$RATES" ]; then
@@ -470,9 +549,10 @@ report() {
     echo "# Load benchmark: last run"
     echo
     echo "$(date -u '+%Y-%m-%d %H:%M UTC'), nproc $(nproc), kernel $(uname -r), $("$NGINX" -v 2>&1 | sed 's/^nginx version: //'), $(wrk -v 2>&1 | head -n 1 | awk '{ print $1, $2 }' || true), fdtserver at $git_rev."
-    echo "Servers pinned to CPU $SERVER_CPU, wrk (1 thread, keep-alive) to CPU $CLIENT_CPU; workers=$WORKERS for fdtserver and nginx;"
-    echo "${DURATION} s per run, rounds: $ROUNDS, alternating ${SERVERS[*]} in each round; medians over the rounds. Command: \`benches/load/run.sh\` (DURATION=$DURATION ROUNDS=$ROUNDS CONNECTIONS=\"$CONNECTIONS\" WORKERS=$WORKERS)."
-    [ -x "$FDT_BIN" ] || echo "**fdtserver was not measured: target/release/fdtserver did not exist.**"
+    echo "Servers pinned to CPUs $SERVER_CPUS, wrk ($WRK_THREADS threads, keep-alive) to CPUs $CLIENT_CPUS; workers=$WORKERS for fdtserver and nginx, threads=$THREADS for fdtserver;"
+    echo "${DURATION} s per run, rounds: $ROUNDS, alternating ${SERVERS[*]} in each round; medians over the rounds. Command: \`benches/load/run.sh\` (DURATION=$DURATION ROUNDS=$ROUNDS CONNECTIONS=\"$CONNECTIONS\" WORKERS=$WORKERS THREADS=$THREADS SERVER_CPUS=$SERVER_CPUS CLIENT_CPUS=$CLIENT_CPUS RATES=\"$RATES\")."
+    [ -x "$FDT_BIN" ] || echo "**fdtserver was not measured: $FDT_BIN did not exist.**"
+    [ "$FDT_BIN" = "$REPO/target/release/fdtserver" ] || echo "fdtserver binary: \`$FDT_BIN\`."
     echo
     echo "Background load: $BACKGROUND; during the runs, other processes used $(col_all 16 | median)% of a CPU (median; max $(col_all 16 | sort -g | tail -n 1)%), the hypervisor stole $(col_all 14 | median)% (median)."
     echo "Runs disturbed by other load and measured again: $repeated; runs kept with other load above ${OTHER_MAX}%: $(awk -v m="$OTHER_MAX" '$16 > m { n++ } END { print n + 0 }' "$RESULTS") of $total."
@@ -518,7 +598,7 @@ report() {
     echo "Medians and ranges are over the runs that other load did not disturb (\"runs used\"), or over all runs, marked ⚠, when every run was disturbed. Errors are summed over all runs."
     echo "Ratios of medians; req/s ratio > 1 means fdtserver is faster; p99 and CPU/req ratios < 1 mean fdtserver's tail is shorter, or its CPU cost per request lower."
     echo "wrk is closed-loop: each server's p50/p99 is at its own throughput, not at equal request rates."
-    echo "CPU busy = share of the CPU neither idle nor stolen during the run (CPU $SERVER_CPU: the server, CPU $CLIENT_CPU: wrk); a server CPU well under 100% means wrk, not the server, set the pace."
+    echo "CPU busy = share of the CPUs neither idle nor stolen during the run (CPUs $SERVER_CPUS: the server, CPUs $CLIENT_CPUS: wrk; averaged over each set); a server CPU well under 100% means wrk, not the server, set the pace."
     echo "Server process CPU µs/req = user + system time of the server's processes / requests answered: its cost per request (softirq work is not in it), comparable even when wrk sets the pace or other load shares the CPU."
     echo "Other load = CPU time of processes other than the server and wrk during a run, in % of one CPU; a run above ${OTHER_MAX}% (⚠ below) was disturbed by the rest of the machine."
     if [ -v "PID[fdtserver]" ]; then
@@ -528,10 +608,21 @@ report() {
         for c in "${CONN_LIST[@]}"; do
             echo "- $c connections: $(balance "$TMP/workers-c$c-before.txt" "$TMP/workers-c$c-after.txt")"
         done
+        echo
+        echo "Handler threads that served, per fdtserver worker (of threads=$THREADS; a handler counts when it used at least 5% of its worker's handler CPU time; from \`/proc\`):"
+        echo
+        for c in "${CONN_LIST[@]}"; do
+            echo "- $c connections, wrk: $(handlers_served "$TMP/handlers-c$c-before.txt" "$TMP/handlers-c$c-after.txt")"
+            if [ -s "$LAT" ]; then
+                for rate in $RATES; do
+                    echo "- $c connections, $rate req/s (loadgen): $(handlers_served "$TMP/handlers-c$c-r$rate-before.txt" "$TMP/handlers-c$c-r$rate-after.txt")"
+                done
+            fi
+        done
     fi
     if [ -s "$LAT" ]; then
         echo
-        echo "Latency at equal request rates (examples/loadgen, open loop, pinned to CPU $CLIENT_CPU; $RATE_SECONDS s per run, medians over $RATE_ROUNDS alternating rounds):"
+        echo "Latency at equal request rates (examples/loadgen, open loop, pinned to CPUs $CLIENT_CPUS; $RATE_SECONDS s per run, medians over $RATE_ROUNDS alternating rounds):"
         echo
         echo "| connections | req/s | fdtserver p50 | p99 | p99.9 | nginx p50 | p99 | p99.9 | p99 fdtserver/nginx | errors |"
         echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"

@@ -296,7 +296,13 @@ impl Master {
             }),
             None => ControlServer::bind(control_path),
         }
-        .map_err(|e| problems.push(format!("cannot open the control socket {}: {e}", control_path.display())));
+        .map_err(|e| {
+            // "Not a directory" alone does not say which part of the path is a file.
+            let why = crate::preflight::directory_for(control_path, crate::preflight::Missing::Created)
+                .err()
+                .unwrap_or_else(|| e.to_string());
+            problems.push(format!("cannot open the control socket {}: {why}", control_path.display()))
+        });
         if !problems.is_empty() {
             for p in &problems {
                 fatal(&config, p);
@@ -573,6 +579,12 @@ impl Master {
                     log::error!("worker {} (pid {pid}) failed to start: {reason}", w.slot);
                 }
             }
+            WorkerMessage::Ready if matches!(w.state, WorkerState::Draining | WorkerState::Stopping) => {
+                // Told to drain (TTOU, or its generation was replaced) or to stop while it was
+                // still starting: it keeps that state and is never told to accept; the message
+                // already queued on its channel makes it exit, and that exit is no crash.
+                log::debug!("worker {} (pid {pid}) is ready but was told to {} meanwhile", w.slot, w.state.name());
+            }
             WorkerMessage::Ready => {
                 w.state = WorkerState::Ready;
                 match gen_state {
@@ -600,12 +612,14 @@ impl Master {
     /// Reaps every child that exited (SIGCHLDs merge, so loop until none is left).
     fn reap(&mut self) {
         loop {
-            let (pid, how) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(pid, 0)) => (pid, "exited".to_string()),
-                Ok(WaitStatus::Exited(pid, code)) => (pid, format!("exited with status {code}")),
-                Ok(WaitStatus::Signaled(pid, sig, core)) => {
-                    (pid, format!("was killed by {sig}{}", if core { " (core dumped)" } else { "" }))
-                }
+            let (pid, how, signal) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, 0)) => (pid, "exited".to_string(), None),
+                Ok(WaitStatus::Exited(pid, code)) => (pid, format!("exited with status {code}"), None),
+                Ok(WaitStatus::Signaled(pid, sig, core)) => (
+                    pid,
+                    format!("was killed by {sig} (signal {}){}", sig as i32, if core { " (core dumped)" } else { "" }),
+                    Some(sig),
+                ),
                 Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::ECHILD) => break,
                 Ok(_) => continue,
                 Err(nix::errno::Errno::EINTR) => continue,
@@ -615,13 +629,22 @@ impl Master {
                 }
             };
             if !self.on_new_master_exit(pid, &how) {
-                self.on_worker_exit(pid, &how);
+                self.on_worker_exit(pid, &how, signal);
             }
         }
         self.retire_finished_generations();
     }
 
-    fn on_worker_exit(&mut self, pid: Pid, how: &str) {
+    /// A worker exited (`how`, for the log; `signal`: the signal that ended it): forget it, and
+    /// replace it if its generation serves and has fewer live workers than its target.
+    ///
+    /// Back-off: a worker that dies before it reported ready (its app cannot start) is retried
+    /// after a delay that doubles while its slot keeps dying quickly. A worker that had reported
+    /// ready and was killed from outside (`kill -9`, the OOM killer) is replaced at once and
+    /// counts as no crash. A ready worker that crashed is replaced after its slot's delay while
+    /// other workers serve, at once when it was the last one: back-off never leaves a serving
+    /// generation with no worker.
+    fn on_worker_exit(&mut self, pid: Pid, how: &str, signal: Option<Signal>) {
         if let Some(w) = self.table.workers.get_mut(&pid) {
             w.accepting = false;
         }
@@ -661,6 +684,30 @@ impl Master {
                 self.abandon(id, reason);
             }
             GenState::Active if self.stopping.is_none() && w.state != WorkerState::Draining => {
+                let id = gen_.id;
+                let target = gen_.target_workers;
+                let live = self.table.live_workers(id) + self.respawns.iter().filter(|r| r.generation == id).count();
+                if live >= target {
+                    // Its place is taken already (a replacement started for it): replacing it
+                    // too would leave one worker more than the target.
+                    log::info!(
+                        "worker {} (pid {pid}) of generation {id} {how}; not replaced: {live} of {target} worker(s) live",
+                        w.slot
+                    );
+                    return;
+                }
+                self.counters.worker_restarts += 1;
+                let was_ready = matches!(w.state, WorkerState::Ready | WorkerState::Serving);
+                let outside = was_ready && w.killed.is_none() && signal.is_some_and(table::killed_from_outside);
+                if outside {
+                    log::warn!(
+                        "worker {} (pid {pid}) of generation {id} {how}, sent from outside fdtserver (an operator, or the kernel's OOM killer: see `dmesg`); it had started its apps, so it is replaced now",
+                        w.slot
+                    );
+                    self.respawns.push(Respawn { generation: id, slot: w.slot, at: Instant::now() });
+                    return;
+                }
+                let gen_ = self.table.generations.get_mut(&id).expect("checked above");
                 let lived = w.started.elapsed();
                 let history = gen_.crashes.entry(w.slot).or_default();
                 if lived < table::STABLE_AFTER {
@@ -669,26 +716,28 @@ impl Master {
                     *history = CrashHistory { quick_deaths: 1 };
                 }
                 let quick = history.quick_deaths;
-                let delay = table::respawn_delay(quick);
+                let mut delay = table::respawn_delay(quick);
+                // A worker that had started its apps shows that they can start: with no other
+                // worker left, waiting would only leave the generation with none.
+                if was_ready && live == 0 {
+                    delay = Duration::ZERO;
+                }
                 let why = w.failure.as_deref().map(|f| format!(": {f}")).unwrap_or_default();
                 if quick >= table::CRASH_LOOP_THRESHOLD {
                     log::error!(
-                        "CRASH LOOP: worker {} of generation {} {how}{why}; it died {quick} times in a row within {} s of starting. Next attempt in {} ms. Fix the app and reload.",
+                        "CRASH LOOP: worker {} of generation {id} {how}{why}; it died {quick} times in a row within {} s of starting. Next attempt in {} ms. Fix the app and reload.",
                         w.slot,
-                        gen_.id,
                         table::STABLE_AFTER.as_secs(),
                         delay.as_millis()
                     );
                 } else {
                     log::error!(
-                        "worker {} (pid {pid}) of generation {} {how}{why}; replacing it{}",
+                        "worker {} (pid {pid}) of generation {id} {how}{why}; replacing it{}",
                         w.slot,
-                        gen_.id,
                         if delay.is_zero() { String::new() } else { format!(" in {} ms", delay.as_millis()) }
                     );
                 }
-                self.counters.worker_restarts += 1;
-                self.respawns.push(Respawn { generation: gen_.id, slot: w.slot, at: Instant::now() + delay });
+                self.respawns.push(Respawn { generation: id, slot: w.slot, at: Instant::now() + delay });
             }
             _ => log::debug!("worker {} (pid {pid}) of generation {} {how}", w.slot, gen_.id),
         }
@@ -1187,7 +1236,14 @@ impl Master {
         self.respawns = later;
         for r in due {
             let active = self.table.generations.get(&r.generation).is_some_and(|g| g.state == GenState::Active);
+            // Only while the generation is short of workers (a TTOU meanwhile may have lowered
+            // its target).
+            let short = self.table.generations.get(&r.generation).is_some_and(|g| {
+                self.table.live_workers(r.generation) + self.respawns.iter().filter(|p| p.generation == r.generation).count()
+                    < g.target_workers
+            });
             if active
+                && short
                 && self.stopping.is_none()
                 && !self.table.occupied_slots(r.generation).contains(&r.slot)
                 && let Err(e) = self.spawn_worker(r.generation, r.slot)

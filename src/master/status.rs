@@ -190,6 +190,14 @@ impl Master {
             "Handler threads serving a connection, per worker.",
             per_worker(&|w| w.stats.busy_threads),
         );
+        let mut log_failures = per_worker(&|w| w.stats.log_failures);
+        log_failures.push(("{pid=\"master\"}".into(), crate::logging::write_failures() as f64));
+        metric(
+            "log_write_failures_total",
+            "counter",
+            "Log and access lines that could not be written (a full disk, say), per process.",
+            log_failures,
+        );
         metric("workers", "gauge", "Worker processes alive.", vec![(String::new(), self.table.workers.len() as f64)]);
         metric(
             "generation",

@@ -191,6 +191,15 @@ impl Table {
         self.workers_of(generation).filter(|w| w.state != WorkerState::Draining).map(|w| w.slot).collect()
     }
 
+    /// Workers of a generation that count toward its target: neither told to drain nor to
+    /// stop (a worker told to drain while it was starting stays draining when it reports
+    /// ready).
+    pub fn live_workers(&self, generation: u64) -> usize {
+        self.workers_of(generation)
+            .filter(|w| !matches!(w.state, WorkerState::Draining | WorkerState::Stopping))
+            .count()
+    }
+
     pub fn by_token(&mut self, pid: Pid) -> Option<&mut Worker> {
         self.workers.get_mut(&pid)
     }
@@ -205,6 +214,15 @@ pub const RESPAWN_BASE_DELAY: Duration = Duration::from_millis(100);
 pub const RESPAWN_MAX_DELAY: Duration = Duration::from_secs(30);
 /// From this many quick deaths in a row on, every death is logged as a crash loop.
 pub const CRASH_LOOP_THRESHOLD: u32 = 5;
+
+/// Whether a worker killed by `signal` was killed from outside (an operator's `kill -9`, the
+/// kernel's OOM killer) rather than by a fault of its own code: the signals a crash raises
+/// (a bad memory access, `abort`, a bad instruction, …) are the app's; any other signal that
+/// ends a worker was sent to it (workers handle TERM, INT and QUIT themselves).
+pub fn killed_from_outside(signal: nix::sys::signal::Signal) -> bool {
+    use nix::sys::signal::Signal::*;
+    !matches!(signal, SIGSEGV | SIGBUS | SIGILL | SIGFPE | SIGABRT | SIGSYS | SIGTRAP | SIGXCPU | SIGXFSZ)
+}
 
 /// Delay before respawning a slot that has died `quick_deaths` times in a row.
 pub fn respawn_delay(quick_deaths: u32) -> Duration {
@@ -226,5 +244,14 @@ mod tests {
         assert_eq!(respawn_delay(3), Duration::from_millis(200));
         assert_eq!(respawn_delay(4), Duration::from_millis(400));
         assert_eq!(respawn_delay(40), RESPAWN_MAX_DELAY);
+    }
+
+    #[test]
+    fn crash_signals_are_the_apps_and_kill_9_comes_from_outside() {
+        use nix::sys::signal::Signal;
+        assert!(killed_from_outside(Signal::SIGKILL));
+        assert!(killed_from_outside(Signal::SIGHUP));
+        assert!(!killed_from_outside(Signal::SIGSEGV));
+        assert!(!killed_from_outside(Signal::SIGABRT));
     }
 }

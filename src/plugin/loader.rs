@@ -21,6 +21,8 @@ pub struct StartContext<'a> {
     pub databases_toml: &'a str,
     pub worker_pid: u32,
     pub generation: u64,
+    /// `FILE:LINE` of each of the app's settings (`AppConfig::setting_lines`), for errors.
+    pub setting_lines: &'a std::collections::BTreeMap<String, String>,
 }
 
 /// Facts from a plugin's descriptor (shown by `fdtserver check`).
@@ -38,7 +40,7 @@ pub struct App {
     /// The app's event counters (see `fdt_sdk::Events`); never freed (the plugin may hold
     /// the pointer until the process exits).
     pub events: &'static AppEvents,
-    descriptor: &'static AppDescriptor,
+    table: Table,
     app: *mut c_void,
     stopped: std::sync::atomic::AtomicBool,
     /// Never dropped: see the module invariants.
@@ -47,7 +49,7 @@ pub struct App {
 }
 
 // SAFETY: the app value behind `app` is `Send + Sync` (required by `fdt_sdk::App`), and the
-// descriptor is immutable static data.
+// table holds only function pointers and owned strings.
 unsafe impl Send for App {}
 // SAFETY: as above.
 unsafe impl Sync for App {}
@@ -63,8 +65,9 @@ unsafe impl Send for ConnHandle {}
 /// What an app did with new input.
 #[derive(Debug, PartialEq, Eq)]
 pub enum DataOutcome {
-    /// See `fdt_sdk::Next`; `consumed` bytes of input were used, `requests` completed.
-    Next { next: fdt_sdk::Next, consumed: usize, requests: u64 },
+    /// See `fdt_sdk::Next`; `consumed` bytes of input were used, `requests` completed;
+    /// `timer_ms`: the connection's timer as the app left it (0: none).
+    Next { next: fdt_sdk::Next, consumed: usize, requests: u64, timer_ms: u64 },
     /// The app panicked or failed; the connection must be closed.
     Failed(String),
 }
@@ -139,8 +142,24 @@ unsafe fn lossy(s: StrRef) -> String {
     String::from_utf8_lossy(unsafe { bytes_of(s) }).into_owned()
 }
 
+/// The plugin's functions and facts, copied out of its descriptor after the checks. Fields
+/// appended to the ABI after 1.0 are `None` when the plugin's descriptor is too old to have
+/// them: the descriptor is only ever read through raw pointers within its declared size.
+struct Table {
+    start: unsafe extern "C" fn(*const HostApi, *mut *mut c_void, abi::MessageFn, *mut c_void) -> abi::Status,
+    stop: unsafe extern "C" fn(*mut c_void),
+    conn_open: unsafe extern "C" fn(*mut c_void, *const ConnInfo) -> *mut c_void,
+    conn_data: unsafe extern "C" fn(*mut c_void, *mut c_void, *mut ConnIo) -> abi::NextCode,
+    conn_close: unsafe extern "C" fn(*mut c_void, *mut c_void),
+    /// ABI 1.1.
+    conn_timer: Option<unsafe extern "C" fn(*mut c_void, *mut c_void, *mut ConnIo) -> abi::NextCode>,
+    /// ABI 1.1.
+    declared_settings: Option<unsafe extern "C" fn(abi::MessageFn, *mut c_void) -> i32>,
+    describe: Describe,
+}
+
 /// Opens the library and checks its descriptor; runs no plugin code but its ELF initialisers.
-fn open(path: &Path) -> Result<(libloading::os::unix::Library, &'static AppDescriptor), String> {
+fn open(path: &Path) -> Result<(libloading::os::unix::Library, Table), String> {
     use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
     // SAFETY: loading a library runs its ELF initialisers; that is the point of loading a
     // plugin. RTLD_NOW makes a missing symbol fail here rather than at first call.
@@ -175,41 +194,81 @@ fn open(path: &Path) -> Result<(libloading::os::unix::Library, &'static AppDescr
             abi::SDK_VERSION
         ));
     }
-    if (size as usize) < size_of::<AppDescriptor>() {
+    if (size as usize) < abi::DESCRIPTOR_SIZE_1_0 {
         return Err(format!(
-            "plugin descriptor is {size} bytes, smaller than the {} bytes of ABI {major}.{minor}: corrupt or incompatible build",
-            size_of::<AppDescriptor>()
+            "plugin descriptor is {size} bytes, smaller than the {} bytes of ABI {major}.0: corrupt or incompatible build",
+            abi::DESCRIPTOR_SIZE_1_0
         ));
     }
-    // SAFETY: magic, major version and size checked: the static has the layout we compiled,
-    // lives as long as the library (forever, see invariants) and is immutable.
-    let descriptor: &'static AppDescriptor = unsafe { &*ptr };
-    // SAFETY: descriptor strings are 'static data of the plugin.
-    let target = unsafe { lossy(descriptor.target) };
+    let ends = |offset: usize| abi::covers(size, offset + size_of::<usize>());
+    let timer_end = std::mem::offset_of!(AppDescriptor, conn_timer);
+    let settings_end = std::mem::offset_of!(AppDescriptor, declared_settings);
+    // SAFETY: magic, major version and size checked: the static has the ABI 1.0 layout we
+    // compiled up to `DESCRIPTOR_SIZE_1_0`, and a later field is read only when the declared
+    // size covers it. The static lives as long as the library (forever, see invariants) and is
+    // immutable, and its strings are 'static data of the plugin.
+    let table = unsafe {
+        Table {
+            start: std::ptr::addr_of!((*ptr).start).read(),
+            stop: std::ptr::addr_of!((*ptr).stop).read(),
+            conn_open: std::ptr::addr_of!((*ptr).conn_open).read(),
+            conn_data: std::ptr::addr_of!((*ptr).conn_data).read(),
+            conn_close: std::ptr::addr_of!((*ptr).conn_close).read(),
+            conn_timer: ends(timer_end).then(|| std::ptr::addr_of!((*ptr).conn_timer).read()),
+            declared_settings: ends(settings_end).then(|| std::ptr::addr_of!((*ptr).declared_settings).read()),
+            describe: Describe {
+                app_type: lossy(std::ptr::addr_of!((*ptr).app_type).read()),
+                sdk_version: lossy(std::ptr::addr_of!((*ptr).sdk_version).read()),
+                rustc_version: lossy(std::ptr::addr_of!((*ptr).rustc_version).read()),
+                abi_minor: minor,
+            },
+        }
+    };
+    // SAFETY: as above, a 'static string of the descriptor.
+    let target = unsafe { lossy(std::ptr::addr_of!((*ptr).target).read()) };
     if target != abi::TARGET {
         return Err(format!("plugin was built for {target}, this server runs on {}", abi::TARGET));
     }
-    Ok((library, descriptor))
+    Ok((library, table))
 }
 
-fn describe(descriptor: &AppDescriptor) -> Describe {
-    // SAFETY: descriptor strings are 'static data of the loaded plugin.
-    unsafe {
-        Describe {
-            app_type: lossy(descriptor.app_type),
-            sdk_version: lossy(descriptor.sdk_version),
-            rustc_version: lossy(descriptor.rustc_version),
-            abi_minor: descriptor.abi_minor,
-        }
+/// Refuses settings the app does not declare (see `fdt_sdk::App::SETTINGS`), each with where
+/// it is written. Runs no app code.
+fn check_settings(table: &Table, ctx: &StartContext<'_>) -> Result<(), String> {
+    let Some(declared_settings) = table.declared_settings else { return Ok(()) };
+    let mut declared: Vec<String> = Vec::new();
+    // SAFETY: the plugin's function only passes static names to our callback, which copies
+    // them into `declared` (the context) before returning.
+    let declares = unsafe { declared_settings(collect_name, (&mut declared as *mut Vec<String>).cast()) };
+    if declares == 0 {
+        return Ok(());
     }
+    let given: toml::Table = ctx.settings_toml.parse().unwrap_or_default();
+    let unknown: Vec<String> = given
+        .keys()
+        .filter(|k| !declared.contains(k))
+        .map(|k| {
+            let at = ctx.setting_lines.get(k).map(|l| format!("{l}: ")).unwrap_or_default();
+            let takes = if declared.is_empty() { "no settings".to_string() } else { declared.join(", ") };
+            format!("{at}[app.{}]: unknown setting `{k}` (app {} takes: {takes})", ctx.app_name, ctx.app_name)
+        })
+        .collect();
+    if unknown.is_empty() { Ok(()) } else { Err(unknown.join("; ")) }
+}
+
+unsafe extern "C" fn collect_name(ctx: *mut c_void, name: StrRef) {
+    // SAFETY: `ctx` is the `&mut Vec<String>` passed by `check_settings` for this call; `name`
+    // is valid during it.
+    unsafe { (*ctx.cast::<Vec<String>>()).push(lossy(name)) };
 }
 
 impl App {
     /// Loads the plugin at `path` and starts its app. Errors are one line, without the path
     /// (the caller names the app and file).
     pub fn start(path: &Path, ctx: &StartContext<'_>) -> Result<App, String> {
-        let (library, descriptor) = open(path)?;
-        let describe = describe(descriptor);
+        let (library, table) = open(path)?;
+        check_settings(&table, ctx)?;
+        let describe = table.describe.clone();
         if describe.rustc_version != abi::RUSTC_VERSION {
             log::debug!(
                 "app {}: plugin built by {}, server by {} (fine: the boundary is a C ABI)",
@@ -238,12 +297,12 @@ impl App {
         let mut error = String::new();
         // SAFETY: the descriptor passed its checks; `host`, `app` and `error` outlive the call.
         let status =
-            unsafe { (descriptor.start)(&host, &mut app, collect_message, (&mut error as *mut String).cast()) };
+            unsafe { (table.start)(&host, &mut app, collect_message, (&mut error as *mut String).cast()) };
         match status {
             abi::STATUS_OK if !app.is_null() => Ok(App {
                 name: ctx.app_name.to_string(),
                 events,
-                descriptor,
+                table,
                 app,
                 stopped: std::sync::atomic::AtomicBool::new(false),
                 _library: ManuallyDrop::new(library),
@@ -257,10 +316,9 @@ impl App {
 
     /// Loads the plugin only to read its descriptor (for `fdtserver check`).
     pub fn inspect(path: &Path) -> Result<Describe, String> {
-        let (library, descriptor) = open(path)?;
-        let describe = describe(descriptor);
+        let (library, table) = open(path)?;
         std::mem::forget(library);
-        Ok(describe)
+        Ok(table.describe)
     }
 
     pub fn name(&self) -> &str {
@@ -276,12 +334,32 @@ impl App {
             id,
         };
         // SAFETY: `app` is live (not stopped), `info` outlives the call.
-        let conn = unsafe { (self.descriptor.conn_open)(self.app, &info) };
+        let conn = unsafe { (self.table.conn_open)(self.app, &info) };
         (!conn.is_null()).then_some(ConnHandle(conn))
     }
 
     /// Offers `input` to the app; what it writes is appended to `output`.
     pub fn on_data(&self, conn: &mut ConnHandle, input: &[u8], flags: u32, output: &mut Vec<u8>) -> DataOutcome {
+        self.call(self.table.conn_data, conn, input, flags, output)
+    }
+
+    /// Tells the app that the connection's timer ran out (`input`: the partial request
+    /// buffered, if any). An app without timers (ABI 1.0) keeps the connection as it is.
+    pub fn on_timer(&self, conn: &mut ConnHandle, input: &[u8], flags: u32, output: &mut Vec<u8>) -> DataOutcome {
+        match self.table.conn_timer {
+            Some(conn_timer) => self.call(conn_timer, conn, input, flags, output),
+            None => DataOutcome::Next { next: fdt_sdk::Next::KeepOpen, consumed: 0, requests: 0, timer_ms: 0 },
+        }
+    }
+
+    fn call(
+        &self,
+        entry: unsafe extern "C" fn(*mut c_void, *mut c_void, *mut ConnIo) -> abi::NextCode,
+        conn: &mut ConnHandle,
+        input: &[u8],
+        flags: u32,
+        output: &mut Vec<u8>,
+    ) -> DataOutcome {
         let mut error = String::new();
         let mut io = ConnIo {
             size: size_of::<ConnIo>() as u32,
@@ -294,10 +372,12 @@ impl App {
             write_ctx: (output as *mut Vec<u8>).cast(),
             error: collect_message,
             error_ctx: (&mut error as *mut String).cast(),
+            timer_ms: 0,
         };
-        // SAFETY: `conn` is this app's live connection handle, used by this thread only
-        // (`&mut`); `io`, `input`, `output` and `error` outlive the call.
-        let code = unsafe { (self.descriptor.conn_data)(self.app, conn.0, &mut io) };
+        // SAFETY: `entry` is one of this app's connection functions; `conn` is this app's live
+        // connection handle, used by this thread only (`&mut`); `io`, `input`, `output` and
+        // `error` outlive the call.
+        let code = unsafe { entry(self.app, conn.0, &mut io) };
         let next = match code {
             abi::NEXT_KEEP_OPEN => fdt_sdk::Next::KeepOpen,
             abi::NEXT_IN_PROGRESS => fdt_sdk::Next::InProgress,
@@ -310,13 +390,13 @@ impl App {
         if io.consumed > input.len() {
             return DataOutcome::Failed(format!("app consumed {} bytes of {}", io.consumed, input.len()));
         }
-        DataOutcome::Next { next, consumed: io.consumed, requests: io.requests }
+        DataOutcome::Next { next, consumed: io.consumed, requests: io.requests, timer_ms: io.timer_ms }
     }
 
     /// Tells the app the connection is gone and frees its state.
     pub fn close_conn(&self, conn: ConnHandle) {
         // SAFETY: `conn` is a live handle of this app, consumed here, so never used again.
-        unsafe { (self.descriptor.conn_close)(self.app, conn.0) }
+        unsafe { (self.table.conn_close)(self.app, conn.0) }
     }
 
     /// Runs the app's stop hook and frees it; later calls do nothing. The caller must have
@@ -326,7 +406,7 @@ impl App {
         if !self.stopped.swap(true, Ordering::SeqCst) {
             // SAFETY: `app` is live (first stop) and, by the caller's contract, no other call
             // into it is running or will be made.
-            unsafe { (self.descriptor.stop)(self.app) }
+            unsafe { (self.table.stop)(self.app) }
         }
     }
 }

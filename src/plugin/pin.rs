@@ -2,7 +2,9 @@
 //! file's version, so that `cp new.so old.so` over a running plugin never crashes a worker, and a worker
 //! respawned later in a generation loads the same code as its siblings.
 //!
-//! Runs in the master: it reads and copies files, and never loads them.
+//! Runs in the master: it reads and copies files, and never loads them. It never blocks on a
+//! file either: a plugin path is opened non-blocking and must be a regular file (a FIFO would
+//! block `open` until a writer comes, a device could block any read), and its size is bounded.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -37,6 +39,54 @@ impl FileVersion {
     }
 }
 
+/// A plugin larger than this is refused: copying it would hold up the master for seconds, and
+/// no app is that big.
+pub const MAX_PLUGIN_SIZE: u64 = 1 << 30;
+
+/// Opens a plugin file for reading without ever blocking on it: non-blocking (a FIFO without a
+/// writer, or a device, would otherwise block the `open` itself), then refuses anything but a
+/// regular file (`fstat` of the open file, so what is checked is what is read) and a file
+/// larger than [`MAX_PLUGIN_SIZE`]. The errors say what the path is instead.
+pub fn open_regular(plugin: &Path) -> io::Result<File> {
+    let file = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(plugin)?;
+    let meta = file.metadata()?;
+    let kind = meta.file_type();
+    use std::os::unix::fs::FileTypeExt;
+    let what = if kind.is_file() {
+        None
+    } else if kind.is_fifo() {
+        Some("a FIFO (named pipe)")
+    } else if kind.is_dir() {
+        Some("a directory")
+    } else if kind.is_char_device() {
+        Some("a character device")
+    } else if kind.is_block_device() {
+        Some("a block device")
+    } else if kind.is_socket() {
+        Some("a socket")
+    } else {
+        Some("not a regular file")
+    };
+    if let Some(what) = what {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is {what}: a plugin must be a regular file (a shared library)", plugin.display()),
+        ));
+    }
+    if meta.len() > MAX_PLUGIN_SIZE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} is {} bytes: larger than any plugin ({} MiB at most)",
+                plugin.display(),
+                meta.len(),
+                MAX_PLUGIN_SIZE >> 20
+            ),
+        ));
+    }
+    Ok(file)
+}
+
 /// Plugin path → (the version last pinned, its copy), so that a reload with unchanged plugins
 /// copies nothing.
 static PINNED: Mutex<Option<HashMap<PathBuf, (FileVersion, PathBuf)>>> = Mutex::new(None);
@@ -44,7 +94,7 @@ static PINNED: Mutex<Option<HashMap<PathBuf, (FileVersion, PathBuf)>>> = Mutex::
 /// Copies `plugin` into `dir` under a name derived from its version (device, inode, times,
 /// length), unless that copy exists. Returns the copy's path.
 pub fn pin(plugin: &Path, dir: &Path) -> io::Result<PathBuf> {
-    let mut file = File::open(plugin)?;
+    let mut file = open_regular(plugin)?;
     let version = FileVersion::of(&file.metadata()?);
     let mut cache = PINNED.lock().unwrap_or_else(|e| e.into_inner());
     let cache = cache.get_or_insert_with(HashMap::new);
@@ -130,6 +180,21 @@ mod tests {
         assert_eq!(fs::read(&b).unwrap(), b"\x7fELF second");
         prune(&pins, &[b.as_path()]);
         assert!(!a.exists() && b.exists());
+    }
+
+    #[test]
+    fn a_fifo_a_directory_and_a_device_are_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("libfifo.so");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let started = std::time::Instant::now();
+        let e = pin(&fifo, dir.path()).unwrap_err().to_string();
+        assert!(e.contains("FIFO") && e.contains(&fifo.display().to_string()), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        let e = pin(dir.path(), dir.path()).unwrap_err().to_string();
+        assert!(e.contains("a directory"), "{e}");
+        let e = pin(Path::new("/dev/null"), dir.path()).unwrap_err().to_string();
+        assert!(e.contains("character device"), "{e}");
     }
 
     #[test]

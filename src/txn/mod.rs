@@ -7,8 +7,9 @@
 use std::path::Path;
 use std::time::Duration;
 
+use fdt_sdk::DatabaseSettings;
 use fdt_sdk::gid::Gid;
-use fdt_sdk::txn::postgres::{Client, NoTls};
+use fdt_sdk::txn::postgres::Client;
 use fdt_sdk::txn::{TxnError, recovery};
 
 use crate::cli::exit;
@@ -20,15 +21,9 @@ pub enum TxnCommand {
     List,
     Commit(String),
     Rollback(String),
-    Recover { min_age: Option<f64> },
+    /// Settle what `node` (default: this node) coordinated and whose coordinator is gone.
+    Recover { min_age: Option<f64>, node: Option<String> },
 }
-
-/// The in-flight guard of `recover` unless `--min-age` says otherwise: a worker (of this or of
-/// another server using the same databases and node id) may still be committing what it
-/// prepared less than this long ago.
-const DEFAULT_MIN_AGE: Duration = Duration::from_secs(60);
-/// How long connecting to a database may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs a `txn` command; returns the exit code.
 pub fn run(config_path: &Path, command: TxnCommand) -> i32 {
@@ -47,14 +42,17 @@ pub fn run(config_path: &Path, command: TxnCommand) -> i32 {
     }
     let mut clients = Vec::new();
     for db in config.databases.values() {
-        let connected = db
-            .url
-            .parse::<fdt_sdk::txn::postgres::Config>()
-            .and_then(|mut c| c.connect_timeout(CONNECT_TIMEOUT).connect(NoTls));
-        match connected {
+        // The same session settings as the workers' pools (lock_timeout, statement_timeout).
+        let settings = DatabaseSettings {
+            pool_size: 1,
+            lock_timeout: db.lock_timeout,
+            statement_timeout: db.statement_timeout,
+            ..DatabaseSettings::new(&db.name, &db.url)
+        };
+        match fdt_sdk::txn::connect(&settings, "fdtserver txn") {
             Ok(c) => clients.push((db.name.clone(), c)),
             Err(e) => {
-                eprintln!("fdtserver: database {}: cannot connect: {}", db.name, fdt_sdk::txn::describe(&e));
+                eprintln!("fdtserver: {e}");
                 return exit::FAILURE;
             }
         }
@@ -64,16 +62,24 @@ pub fn run(config_path: &Path, command: TxnCommand) -> i32 {
         TxnCommand::List => list(&mut clients, node),
         TxnCommand::Commit(gid) => settle(&mut clients, &gid, true),
         TxnCommand::Rollback(gid) => settle(&mut clients, &gid, false),
-        TxnCommand::Recover { min_age } => {
+        TxnCommand::Recover { min_age, node: other } => {
             let min_age = match min_age {
-                Some(secs) if secs >= 0.0 => Duration::from_secs_f64(secs),
+                Some(secs) if secs >= 0.0 && secs.is_finite() => Duration::from_secs_f64(secs),
                 Some(_) => {
-                    eprintln!("fdtserver: --min-age must not be negative");
+                    eprintln!("fdtserver: --min-age must be a non-negative number of seconds");
                     return exit::FAILURE;
                 }
-                None => DEFAULT_MIN_AGE,
+                None => Duration::ZERO,
             };
-            recover(&mut clients, node, min_age)
+            let node = match other {
+                Some(n) if n.is_empty() || !fdt_sdk::gid::safe(&n) || n.contains(':') => {
+                    eprintln!("fdtserver: --node {n:?} is not a node id (A-Z a-z 0-9 . _ -)");
+                    return exit::FAILURE;
+                }
+                Some(n) => n,
+                None => node.clone(),
+            };
+            recover(&mut clients, &node, min_age)
         }
     }
 }
@@ -142,17 +148,22 @@ fn recover(clients: &mut [(String, Client)], node: &str, min_age: Duration) -> i
         }
     };
     for g in &report.committed {
-        println!("committed   {g} (decision recorded)");
+        println!("committed   {g} (coordinator gone, decision recorded)");
     }
     for g in &report.rolled_back {
-        println!("rolled back {g} (no decision: presumed abort)");
+        println!("rolled back {g} (coordinator gone, no decision: presumed abort)");
     }
-    for g in &report.left_alone {
+    for g in &report.coordinator_alive {
         println!(
-            "left alone  {g} (prepared less than {} s ago, so maybe in flight — use --min-age 0 when no server runs; \
-             or its coordinator database is not configured)",
-            min_age.as_secs()
+            "in flight   {g} (its coordinator still holds the transaction: a running worker of node {node} \
+             settles it; if none runs, its session is still ending — run this again)"
         );
+    }
+    for g in &report.too_recent {
+        println!("left alone  {g} (prepared less than {} s ago: --min-age)", min_age.as_secs_f64());
+    }
+    for g in &report.coordinator_unknown {
+        println!("left alone  {g} (its coordinator database is not configured here)");
     }
     for g in &report.in_doubt {
         println!(
@@ -160,11 +171,29 @@ fn recover(clients: &mut [(String, Client)], node: &str, min_age: Duration) -> i
         );
     }
     println!(
-        "recovered: {} committed, {} rolled back; {} left alone; {} waiting for an outside coordinator",
+        "recovered: {} committed, {} rolled back; {} in flight; {} left alone; {} waiting for an outside coordinator",
         report.committed.len(),
         report.rolled_back.len(),
-        report.left_alone.len(),
+        report.coordinator_alive.len(),
+        report.too_recent.len() + report.coordinator_unknown.len(),
         report.in_doubt.len()
     );
-    if report.in_doubt.is_empty() { exit::OK } else { exit::IN_DOUBT }
+    if !report.coordinator_unknown.is_empty() {
+        eprintln!(
+            "fdtserver: {} prepared transaction(s) of node {node} cannot be settled from this config: configure \
+             their coordinator database",
+            report.coordinator_unknown.len()
+        );
+        exit::FAILURE
+    } else if !report.all_local_settled() {
+        eprintln!(
+            "fdtserver: {} prepared transaction(s) of node {node} are still held by their coordinator",
+            report.coordinator_alive.len() + report.too_recent.len()
+        );
+        exit::IN_DOUBT
+    } else if !report.in_doubt.is_empty() {
+        exit::IN_DOUBT
+    } else {
+        exit::OK
+    }
 }

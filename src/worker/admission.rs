@@ -1,6 +1,7 @@
 //! Handler admission: which of a worker's handler threads may take events.
 //!
-//! Only as many as the worker has CPUs are admitted, so under load the same few threads serve
+//! Only as many as the worker's share of the CPUs are admitted (the CPUs it may run on, divided
+//! among the workers of its generation), so under load the same few threads serve
 //! with warm caches and no request waits for the scheduler to time-slice among handlers; the
 //! others park. A handler that has been inside one request for `STUCK_AFTER_MS` while blocked
 //! (a sleep, a database call), or for `LONG_AFTER_MS` whatever it does (a long computation),
@@ -47,11 +48,20 @@ pub struct Admission {
     stopping: AtomicBool,
 }
 
+/// The worker's share of the CPUs: those it may run on (`available_parallelism` follows the
+/// CPU affinity, `taskset`) divided among the `workers` of its generation, rounded up, at least
+/// 1. On 8 CPUs with 8 workers each worker admits one handler, not eight: all workers serve at
+/// once, and more admitted handlers than CPUs only time-slice.
+pub fn cpu_share(cpus: usize, workers: usize) -> usize {
+    cpus.div_ceil(workers.max(1)).max(1)
+}
+
 impl Admission {
-    pub fn new(threads: usize) -> Admission {
+    /// `workers`: how many workers the generation runs (they share the CPUs).
+    pub fn new(threads: usize, workers: usize) -> Admission {
+        let cpus = thread::available_parallelism().map_or(1, |n| n.get());
         Admission {
-            // `available_parallelism` follows the CPU affinity (`taskset`).
-            cpus: thread::available_parallelism().map_or(1, |n| n.get()).min(threads),
+            cpus: cpu_share(cpus, workers).min(threads),
             threads,
             admitted: AtomicUsize::new(0),
             stuck: AtomicUsize::new(0),
@@ -180,4 +190,20 @@ fn runnable(beat: &HandlerBeat, stat: &mut Option<File>) -> bool {
     // "tid (comm) S ...": the comm may contain anything, so look after its last ')'.
     let text = &buf[..n];
     text.iter().rposition(|&b| b == b')').and_then(|i| text.get(i + 2)).is_some_and(|&state| state == b'R')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_share;
+
+    #[test]
+    fn each_worker_admits_its_share_of_the_cpus() {
+        assert_eq!(cpu_share(8, 8), 1);
+        assert_eq!(cpu_share(16, 8), 2);
+        assert_eq!(cpu_share(2, 2), 1);
+        assert_eq!(cpu_share(3, 2), 2, "rounded up: no CPU is left without a handler");
+        assert_eq!(cpu_share(1, 4), 1, "at least one");
+        assert_eq!(cpu_share(4, 1), 4);
+        assert_eq!(cpu_share(4, 0), 4);
+    }
 }

@@ -109,6 +109,9 @@ pub struct Conn {
     read_to_eagain: bool,
     /// What the app said last.
     next: Next,
+    /// The app's timer (`fdt_sdk::Conn::set_timer`): `App::on_timer` is called once the peer
+    /// has been quiet this long.
+    pub timer: Option<Duration>,
     pub last_active: Instant,
     /// When it was accepted (for the access log's duration).
     pub opened: Instant,
@@ -133,6 +136,7 @@ impl Conn {
             read_empty: false,
             read_to_eagain: !tcp,
             next: Next::KeepOpen,
+            timer: None,
             last_active: now,
             opened: now,
             peer,
@@ -235,10 +239,11 @@ impl Conn {
                 DataOutcome::Failed(reason) => {
                     return (After::Close(CloseReason::AppFailed(reason)), 0);
                 }
-                DataOutcome::Next { next, consumed, requests: r } => {
+                DataOutcome::Next { next, consumed, requests: r, timer_ms } => {
                     requests = r;
                     self.requests += r;
                     self.next = next;
+                    self.timer = timer_from_ms(timer_ms);
                     if use_scratch {
                         if consumed < fresh {
                             self.input.extend_from_slice(&scratch.input[consumed..fresh]);
@@ -267,15 +272,47 @@ impl Conn {
             self.phase = Phase::Flushing;
             return (After::Park(interest::WRITE), requests);
         }
+        (self.settle(), requests)
+    }
+
+    /// After the app answered: start the close it asked for, or wait for what comes next.
+    fn settle(&mut self) -> After {
         if self.next == Next::Close {
             self.phase = Phase::Flushing;
-            return (self.flush_then(), requests);
+            return self.flush_then();
         }
-        if self.output.is_empty() {
-            (After::Park(interest::READ), requests)
-        } else {
-            (After::Park(interest::WRITE), requests)
+        if self.output.is_empty() { After::Park(interest::READ) } else { After::Park(interest::WRITE) }
+    }
+
+    /// True when the app's timer has run out: the connection is serving requests and the peer
+    /// has sent nothing for the timer's length.
+    pub fn timer_due(&self, now: Instant) -> bool {
+        self.phase == Phase::Open && self.timer.is_some_and(|t| now.duration_since(self.last_active) >= t)
+    }
+
+    /// Calls the app's `on_timer` (see [`Conn::timer_due`]); the quiet period starts again.
+    pub fn on_timer(&mut self, app: &App, draining: bool, scratch: &mut Scratch) -> (After, u64) {
+        self.last_active = Instant::now();
+        let flags = if draining { fdt_sdk::abi::FLAG_DRAINING } else { 0 };
+        scratch.output.clear();
+        let handle = self.handle.as_mut().expect("open connection has an app handle");
+        let requests = match app.on_timer(handle, &self.input, flags, &mut scratch.output) {
+            DataOutcome::Failed(reason) => return (After::Close(CloseReason::AppFailed(reason)), 0),
+            DataOutcome::Next { next, consumed, requests, timer_ms } => {
+                self.next = next;
+                self.timer = timer_from_ms(timer_ms);
+                self.requests += requests;
+                self.input.drain(..consumed);
+                if self.input.is_empty() {
+                    self.input = Vec::new();
+                }
+                requests
+            }
+        };
+        if let Err(e) = self.write_out(&scratch.output) {
+            return (After::Close(CloseReason::Error(e.to_string())), requests);
         }
+        (self.settle(), requests)
     }
 
     /// Writes `bytes` (after anything already queued); queues what the socket does not take.
@@ -369,6 +406,10 @@ impl Conn {
     pub fn linger_expired(&self, now: Instant) -> bool {
         matches!(self.phase, Phase::Lingering { until } if now >= until)
     }
+}
+
+fn timer_from_ms(ms: u64) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(ms))
 }
 
 /// Makes a freshly accepted socket ready for the event loop.

@@ -191,6 +191,7 @@ impl Worker {
                 databases_toml: &config.databases_toml(),
                 worker_pid: std::process::id(),
                 generation: spec.generation,
+                setting_lines: &app_config.setting_lines,
             };
             match App::start(pinned, &ctx) {
                 Ok(app) => {
@@ -218,7 +219,7 @@ impl Worker {
             })
             .collect();
         let load = spec.load.record(spec.load_index);
-        let pool = match Pool::new(apps, config.server.threads, max_fds, load) {
+        let pool = match Pool::new(apps, config.server.threads, config.server.workers, max_fds, load) {
             Ok(pool) => Box::leak(Box::new(pool)),
             Err(e) => {
                 let _ = channel
@@ -228,6 +229,7 @@ impl Worker {
         };
         let mut handlers = pool.spawn_handlers();
         handlers.push(pool.spawn_watchdog());
+        handlers.push(pool.spawn_timer_thread());
         let _ = channel.set_nonblocking(true);
         let _ = signal_pipe.set_nonblocking(true);
         let mut worker = Worker {
@@ -279,6 +281,7 @@ impl Worker {
             panics: c.panics.load(Ordering::Relaxed),
             busy_threads: handlers.busy,
             stalled_ms: handlers.stalled_ms,
+            log_failures: crate::logging::write_failures(),
             oldest: handlers.oldest.map(|(ms, app, peer)| RunningRequest {
                 ms,
                 peer,
@@ -496,15 +499,20 @@ impl Worker {
         let acceptors_done = self.stop_acceptors();
         self.pool.stop_handlers();
         let deadline = Instant::now() + Duration::from_secs(1);
+        let mut unfinished = 0;
         for h in std::mem::take(&mut self.handlers) {
+            h.thread().unpark();
             while !h.is_finished() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(5));
             }
             if h.is_finished() {
                 let _ = h.join();
+            } else {
+                unfinished += 1;
             }
         }
-        let stuck = self.pool.busy_handlers() + usize::from(!acceptors_done);
+        // A thread that has not returned is inside app code (a request, a timer).
+        let stuck = self.pool.busy_handlers().max(unfinished) + usize::from(!acceptors_done);
         self.pool.sweep(|slot| {
             if let Some(conn) = slot.take() {
                 let reason = if conn.phase == Phase::Open { CloseReason::Forced } else { CloseReason::Done };

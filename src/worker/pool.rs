@@ -32,6 +32,9 @@ use crate::sys::{Epoll, Event, EventFd, interest, monotonic_ms};
 
 /// Token of the stop eventfd in the epoll instance (connection tokens are `fd << 32 | seq`).
 const STOP_TOKEN: u64 = u64::MAX;
+/// How often the timer thread looks for connections whose app timer ran out: the timers'
+/// resolution (app timers are for seconds-long quiet periods, such as an idle transaction).
+const TIMER_TICK: std::time::Duration = std::time::Duration::from_millis(100);
 /// How long an acceptor steps aside for a less loaded sibling before it looks again.
 const YIELD_PAUSE: std::time::Duration = std::time::Duration::from_micros(500);
 
@@ -108,10 +111,19 @@ pub struct Pool {
     beats: Box<[HandlerBeat]>,
     /// Which handlers may wait on the epoll instance or serve at once.
     admission: Admission,
+    /// Connections with an app timer set: the timer thread sleeps through its ticks while 0.
+    timed: AtomicUsize,
 }
 
 impl Pool {
-    pub fn new(apps: Vec<App>, threads: usize, max_fds: usize, load: WorkerLoad) -> std::io::Result<Pool> {
+    /// `workers`: how many workers the generation runs (for the admission's share of the CPUs).
+    pub fn new(
+        apps: Vec<App>,
+        threads: usize,
+        workers: usize,
+        max_fds: usize,
+        load: WorkerLoad,
+    ) -> std::io::Result<Pool> {
         let epoll = Epoll::new()?;
         let stop_event = EventFd::new()?;
         // Level-triggered: once signalled, it wakes every handler.
@@ -130,7 +142,8 @@ impl Pool {
             acceptors: Mutex::new(Vec::new()),
             load,
             beats: (0..threads).map(|_| HandlerBeat::default()).collect(),
-            admission: Admission::new(threads),
+            admission: Admission::new(threads, workers),
+            timed: AtomicUsize::new(0),
         })
     }
 
@@ -140,6 +153,14 @@ impl Pool {
             .name("admission".into())
             .spawn(move || self.admission.watchdog_loop(&self.beats, &self.busy))
             .expect("cannot start the admission watchdog")
+    }
+
+    /// Starts the thread that fires app timers (`fdt_sdk::Conn::set_timer`).
+    pub fn spawn_timer_thread(&'static self) -> JoinHandle<()> {
+        thread::Builder::new()
+            .name("timers".into())
+            .spawn(move || self.timer_loop())
+            .expect("cannot start the timer thread")
     }
 
     /// Starts the handler threads.
@@ -334,6 +355,48 @@ impl Pool {
         }
     }
 
+    /// Every `TIMER_TICK` while some connection has a timer: calls `on_timer` for each one
+    /// whose peer has been quiet long enough, under its slot lock like a handler would. A
+    /// connection being served right now is not due (its input just arrived).
+    fn timer_loop(&self) {
+        let mut scratch = Scratch::new();
+        while !self.stopping.load(Ordering::Acquire) {
+            thread::park_timeout(TIMER_TICK);
+            if self.timed.load(Ordering::Acquire) == 0 {
+                continue;
+            }
+            let now = Instant::now();
+            for slot in self.conns.used() {
+                let Some(mut guard) = slot.try_lock() else { continue };
+                let Some(conn) = guard.as_mut().filter(|c| c.timer_due(now)) else {
+                    self.unlock(slot, guard);
+                    continue;
+                };
+                let had_timer = conn.timer.is_some();
+                let draining = self.draining.load(Ordering::Relaxed);
+                let (after, requests) = conn.on_timer(&self.apps[conn.app], draining, &mut scratch);
+                self.track_timer(had_timer, conn.timer.is_some());
+                if requests > 0 {
+                    self.counters.requests.fetch_add(requests, Ordering::Relaxed);
+                }
+                self.apply(slot, guard, after);
+            }
+        }
+    }
+
+    /// Keeps `timed` in step when a connection's timer was set or removed.
+    fn track_timer(&self, had: bool, has: bool) {
+        match (had, has) {
+            (false, true) => {
+                self.timed.fetch_add(1, Ordering::AcqRel);
+            }
+            (true, false) => {
+                self.timed.fetch_sub(1, Ordering::AcqRel);
+            }
+            _ => {}
+        }
+    }
+
     fn handler_loop(&self, beat: &HandlerBeat) {
         beat.tid.store(nix::unistd::gettid().as_raw(), Ordering::Release);
         let mut scratch = Scratch::new();
@@ -409,7 +472,9 @@ impl Pool {
             serving.1.push_str(&conn.peer);
         }
         beat.busy_since.store(monotonic_ms().max(1), Ordering::Release);
+        let had_timer = conn.timer.is_some();
         let (after, requests) = conn.on_ready(&event, app, draining, scratch);
+        self.track_timer(had_timer, conn.timer.is_some());
         beat.busy_since.store(0, Ordering::Release);
         if requests > 0 {
             self.counters.requests.fetch_add(requests, Ordering::Relaxed);
@@ -462,6 +527,7 @@ impl Pool {
             CloseReason::Error(e) => log::debug!("connection from {} closed: {e}", conn.peer),
             _ => {}
         }
+        self.track_timer(conn.timer.is_some(), false);
         conn.release(app);
         if crate::logging::access_enabled() {
             crate::logging::access(format_args!(

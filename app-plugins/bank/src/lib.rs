@@ -33,6 +33,10 @@ type Reply = Result<String, String>;
 fn err(e: TxnError) -> String {
     match e {
         TxnError::Database(m) if m.contains("(23514)") => "insufficient funds".into(),
+        TxnError::Database(m) if m.contains("(55P03)") => {
+            "account busy: another transaction holds it (lock_timeout ran out)".into()
+        }
+        TxnError::Database(m) if m.contains("(57014)") => "statement took too long (statement_timeout)".into(),
         other => other.to_string(),
     }
 }
@@ -72,9 +76,11 @@ impl Bank {
         Err(if exists.is_empty() { "unknown account".into() } else { "insufficient funds".into() })
     }
 
-    fn exists(&self, tx: &mut Transaction, acct: &str) -> Result<(), String> {
-        let rows = tx.query(self.home(acct), "SELECT 1 FROM accounts WHERE id = $1", &[&acct]).map_err(err)?;
-        if rows.is_empty() { Err("unknown account".into()) } else { Ok(()) }
+    /// Locks an account's row for the rest of the transaction; returns its balance.
+    fn lock(&self, tx: &mut Transaction, acct: &str) -> Result<i64, String> {
+        let sql = "SELECT balance FROM accounts WHERE id = $1 FOR UPDATE";
+        let rows = tx.query(self.home(acct), sql, &[&acct]).map_err(err)?;
+        rows.first().map(|r| r.get::<_, i64>(0)).ok_or_else(|| "unknown account".into())
     }
 
     fn credit(&self, tx: &mut Transaction, acct: &str, n: i64) -> Result<(), String> {
@@ -149,10 +155,22 @@ impl Bank {
                     return Err("cannot transfer to the same account".into());
                 }
                 self.in_transaction(session, |tx| {
-                    // Check the receiving account first: a transfer that fails inside an open
-                    // transaction must leave nothing behind (an unknown account is no SQL
-                    // error, so nothing would roll the debit back).
-                    self.exists(tx, to)?;
+                    // Lock both rows first, in one global order (by id, whatever database each
+                    // lives in): two transfers in opposite directions across two databases
+                    // would otherwise each hold one row and wait for the other through
+                    // different sessions, a cycle no PostgreSQL deadlock detector can see.
+                    // Checking before changing anything also means a transfer that fails inside
+                    // an open transaction leaves nothing behind.
+                    let mut balance = 0;
+                    for acct in if from < to { [from, to] } else { [to, from] } {
+                        let b = self.lock(tx, acct)?;
+                        if acct == from {
+                            balance = b;
+                        }
+                    }
+                    if balance < n {
+                        return Err("insufficient funds".into());
+                    }
                     self.debit(tx, from, n)?;
                     self.credit(tx, to, n)?;
                     Ok("OK".into())
@@ -234,21 +252,35 @@ impl App for Bank {
 
     fn on_readable(&self, conn: &mut Conn) -> Next {
         while let Some(line) = conn.take_line() {
-            let line = String::from_utf8_lossy(line);
-            let reply = self.command(conn.session::<Session>(), line.trim());
-            match reply {
-                Ok(answer) => conn.write(answer.as_bytes()),
-                Err(reason) => {
-                    conn.write(b"ERR ");
-                    conn.write(reason.as_bytes());
-                }
-            }
-            conn.write(b"\n");
+            // Strictly UTF-8: a lossy decoding would give different byte strings the same
+            // account name.
+            let reply = match std::str::from_utf8(line) {
+                Ok(line) => self.command(conn.session::<Session>(), line.trim()),
+                Err(_) => Err("line is not valid UTF-8".into()),
+            };
+            answer(conn, reply);
         }
-        // An open (or prepared) transaction spans requests: a drain must leave it be.
-        let open = conn.session::<Session>().tx.as_ref().is_some_and(Transaction::is_open);
-        if open { Next::InProgress } else { Next::KeepOpen }
+        next(conn)
     }
+}
+
+/// Writes one answer line: the answer, or `ERR <reason>`.
+fn answer(conn: &mut Conn, reply: Reply) {
+    match reply {
+        Ok(answer) => conn.write(answer.as_bytes()),
+        Err(reason) => {
+            conn.write(b"ERR ");
+            conn.write(reason.as_bytes());
+        }
+    }
+    conn.write(b"\n");
+}
+
+/// What the connection does next: an open (or prepared) transaction spans requests, so a
+/// drain must leave it be.
+fn next(conn: &mut Conn) -> Next {
+    let open = conn.session::<Session>().tx.as_ref().is_some_and(Transaction::is_open);
+    if open { Next::InProgress } else { Next::KeepOpen }
 }
 
 fdt_sdk::export_app!(Bank);

@@ -7,6 +7,8 @@ struct Echo {
 }
 
 impl App for Echo {
+    const SETTINGS: Option<&'static [&'static str]> = Some(&["delay_ms"]);
+
     fn start(settings: &Settings) -> Result<Self, String> {
         Ok(Echo { delay: settings.duration_ms("delay_ms", 0)? })
     }
@@ -37,6 +39,12 @@ mod tests {
         conn.send(b"ee\n");
         assert_eq!(conn.take_output(), b"three\n");
         assert_eq!(conn.requests(), 3);
+    }
+
+    #[test]
+    fn refuses_a_misspelt_setting() {
+        let err = TestApp::<Echo>::start("dealy_ms = 5").err().unwrap();
+        assert!(err.contains("unknown setting `dealy_ms`") && err.contains("delay_ms"), "{err}");
     }
 
     #[test]

@@ -74,7 +74,9 @@ fn parse(input: &[u8]) -> Parsed {
     };
     let http10 = req.version == Some(0);
     let mut keep_alive = !http10;
-    let mut body_len = 0usize;
+    // Every Content-Length value seen, which must all be the same.
+    let mut content_length: Option<usize> = None;
+    let mut transfer_encoding = false;
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("connection") {
             let v = h.value;
@@ -84,14 +86,27 @@ fn parse(input: &[u8]) -> Parsed {
                 keep_alive = true;
             }
         } else if h.name.eq_ignore_ascii_case("content-length") {
-            match std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<usize>().ok()) {
-                Some(n) if n <= MAX_BODY_BYTES => body_len = n,
-                Some(_) => return Parsed::Invalid("413 Content Too Large"),
-                None => return Parsed::Invalid("400 Bad Request"),
+            // RFC 9112 §6.3: a Content-Length that is not 1*DIGIT, or several differing values,
+            // is an unrecoverable framing error (400, then close): another server in front of
+            // this one may have framed the request otherwise (request smuggling).
+            for value in h.value.split(|&b| b == b',') {
+                match content_length_value(value) {
+                    Some(n) if content_length.is_none_or(|seen| seen == n) => content_length = Some(n),
+                    _ => return Parsed::Invalid("400 Bad Request"),
+                }
             }
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            return Parsed::Invalid("501 Not Implemented");
+            transfer_encoding = true;
         }
+    }
+    if transfer_encoding {
+        // No transfer coding is supported (RFC 9112 §6.1: 501). Together with a Content-Length
+        // the framing is ambiguous, the shape of a smuggling attempt: 400. Either way, close.
+        return Parsed::Invalid(if content_length.is_some() { "400 Bad Request" } else { "501 Not Implemented" });
+    }
+    let body_len = content_length.unwrap_or(0);
+    if body_len > MAX_BODY_BYTES {
+        return Parsed::Invalid("413 Content Too Large");
     }
     let len = head_len + body_len;
     if input.len() < len {
@@ -100,7 +115,19 @@ fn parse(input: &[u8]) -> Parsed {
     Parsed::Complete(Request { len, keep_alive, head_only: req.method == Some("HEAD") })
 }
 
+/// One Content-Length value: 1*DIGIT, with optional whitespace around it (no sign, nothing
+/// else). Values too large for `usize` saturate: they are refused as too large, not as malformed.
+fn content_length_value(value: &[u8]) -> Option<usize> {
+    let digits = value.trim_ascii();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(digits.iter().fold(0usize, |n, &d| n.saturating_mul(10).saturating_add(usize::from(d - b'0'))))
+}
+
 impl App for Hello {
+    const SETTINGS: Option<&'static [&'static str]> = Some(&["message"]);
+
     fn start(settings: &Settings) -> Result<Self, String> {
         let message = settings.string("message", "Hello, world!")?;
         let pid = settings.worker_pid();
@@ -186,6 +213,40 @@ mod tests {
         conn.send(b"cde");
         assert!(text(conn.take_output()).starts_with("HTTP/1.1 200 OK"));
         assert!(conn.pending_input().is_empty());
+    }
+
+    #[test]
+    fn a_content_length_that_is_not_digits_or_that_conflicts_gets_400_and_a_close() {
+        let app = TestApp::<Hello>::start("").unwrap();
+        for request in [
+            &b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\nabcde"[..],
+            b"POST / HTTP/1.1\r\nContent-Length: -0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 0x5\r\n\r\nabcde",
+            b"POST / HTTP/1.1\r\nContent-Length: 5 5\r\n\r\nabcde",
+            b"POST / HTTP/1.1\r\nContent-Length: \r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 0\r\n\r\nabcde",
+            b"POST / HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\nabcde",
+            b"POST / HTTP/1.1\r\nContent-Length: 5, 0\r\n\r\nabcde",
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+        ] {
+            let mut conn = app.connect();
+            assert_eq!(conn.send(request), Next::Close, "{}", String::from_utf8_lossy(request));
+            let out = text(conn.take_output());
+            assert!(out.starts_with("HTTP/1.1 400 Bad Request"), "{}: {out}", String::from_utf8_lossy(request));
+        }
+    }
+
+    #[test]
+    fn repeated_equal_content_lengths_frame_the_request() {
+        let app = TestApp::<Hello>::start("").unwrap();
+        let mut conn = app.connect();
+        conn.send(b"POST / HTTP/1.1\r\nContent-Length: 3\r\ncontent-length: 3, 3\r\n\r\nabcGET / HTTP/1.1\r\n\r\n");
+        assert_eq!(text(conn.take_output()).matches("HTTP/1.1 200 OK").count(), 2);
+        let mut conn = app.connect();
+        let huge = b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999999\r\n\r\n";
+        assert_eq!(conn.send(huge), Next::Close);
+        assert!(text(conn.take_output()).starts_with("HTTP/1.1 413"));
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub const fn descriptor<A: App>(app_type: &'static str) -> AppDescriptor {
         conn_open,
         conn_data: conn_data::<A>,
         conn_close: conn_close::<A>,
+        conn_timer: conn_timer::<A>,
+        declared_settings: declared_settings::<A>,
     }
 }
 
@@ -225,7 +227,36 @@ unsafe extern "C" fn conn_open(_app: *mut c_void, info: *const ConnInfo) -> *mut
     }
 }
 
+unsafe extern "C" fn declared_settings<A: App>(key: MessageFn, ctx: *mut c_void) -> i32 {
+    let Some(keys) = A::SETTINGS else { return 0 };
+    for k in keys {
+        report(key, ctx, k);
+    }
+    1
+}
+
 unsafe extern "C" fn conn_data<A: App>(app: *mut c_void, conn: *mut c_void, io: *mut ConnIo) -> NextCode {
+    // SAFETY: passed on from the host's call, with the same guarantees.
+    unsafe { conn_call(app, conn, io, |app: &A, c| app.on_readable(c)) }
+}
+
+unsafe extern "C" fn conn_timer<A: App>(app: *mut c_void, conn: *mut c_void, io: *mut ConnIo) -> NextCode {
+    // SAFETY: passed on from the host's call, with the same guarantees.
+    unsafe { conn_call(app, conn, io, |app: &A, c| app.on_timer(c)) }
+}
+
+/// One call into the app for a connection (`conn_data` or `conn_timer`): runs `f` inside
+/// `catch_unwind`, then hands over what it wrote and the connection's timer.
+///
+/// # Safety
+/// `app` is the live `A` from `start`; `conn` came from `conn_open` and is used by no other
+/// call at the same time; `io` is valid and exclusive for the duration of the call.
+unsafe fn conn_call<A: App>(
+    app: *mut c_void,
+    conn: *mut c_void,
+    io: *mut ConnIo,
+    f: impl FnOnce(&A, &mut Conn) -> crate::Next,
+) -> NextCode {
     // SAFETY: `app` is the live `A` from `start`; apps are `Sync`, so shared use from several
     // threads is fine.
     let app = unsafe { &*app.cast::<A>() };
@@ -239,7 +270,7 @@ unsafe extern "C" fn conn_data<A: App>(app: *mut c_void, conn: *mut c_void, io: 
     let flags = io.flags;
     let result = catch_unwind(AssertUnwindSafe(|| {
         let mut c = Conn::new(input, flags, state);
-        let next = app.on_readable(&mut c);
+        let next = f(app, &mut c);
         let (consumed, requests) = c.finish();
         (next, consumed, requests)
     }));
@@ -254,6 +285,10 @@ unsafe extern "C" fn conn_data<A: App>(app: *mut c_void, conn: *mut c_void, io: 
             -abi::STATUS_PANIC
         }
     };
+    // A host of ABI 1.0 passes a shorter `ConnIo`, without the timer.
+    if abi::covers(io.size, std::mem::offset_of!(ConnIo, timer_ms) + size_of::<u64>()) {
+        io.timer_ms = state.timer.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1));
+    }
     if !state.out.is_empty() {
         // SAFETY: the host's write callback copies the bytes before returning.
         unsafe { (io.write)(io.write_ctx, StrRef::from_bytes(&state.out)) };

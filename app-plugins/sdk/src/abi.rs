@@ -14,7 +14,7 @@ pub const MAGIC: [u8; 8] = *b"FDTAPP\0\x01";
 /// Bumped when a layout below changes incompatibly; the host refuses any other major.
 pub const ABI_MAJOR: u32 = 1;
 /// Bumped when fields are appended; a plugin built against a newer minor still loads.
-pub const ABI_MINOR: u32 = 0;
+pub const ABI_MINOR: u32 = 1;
 /// Name of the exported static [`AppDescriptor`] the host looks up with `dlsym`.
 pub const DESCRIPTOR_SYMBOL: &str = "FDT_APP_DESCRIPTOR_V1";
 
@@ -129,6 +129,11 @@ pub struct ConnIo {
     /// Receives the reason when the call fails or panics.
     pub error: MessageFn,
     pub error_ctx: *mut c_void,
+    /// ABI 1.1, out: the connection's timer, in milliseconds, as the app left it (0: none).
+    /// When the peer sends nothing for that long, the host calls
+    /// [`AppDescriptor::conn_timer`]. The plugin writes it after every call, when `size` says
+    /// the field exists.
+    pub timer_ms: u64,
 }
 
 /// The exported static the host looks up first. Read-only; every pointer in it is `'static`.
@@ -159,6 +164,24 @@ pub struct AppDescriptor {
     pub conn_data: unsafe extern "C" fn(app: *mut c_void, conn: *mut c_void, io: *mut ConnIo) -> NextCode,
     /// The connection is gone; frees the per-connection state.
     pub conn_close: unsafe extern "C" fn(app: *mut c_void, conn: *mut c_void),
+    /// ABI 1.1: the connection's timer ([`ConnIo::timer_ms`]) ran out with no input. Called
+    /// like `conn_data` (`io.input` holds whatever partial request is buffered) and returns
+    /// the same codes. Present only when `size` covers it.
+    pub conn_timer: unsafe extern "C" fn(app: *mut c_void, conn: *mut c_void, io: *mut ConnIo) -> NextCode,
+    /// ABI 1.1: the settings the app declares. Returns 0 when it declares none (any key is
+    /// accepted); otherwise calls `key` once per setting name, with `ctx`, and returns 1. Runs no
+    /// app code (the names are static data), so the host may call it before `start`.
+    pub declared_settings: unsafe extern "C" fn(key: MessageFn, ctx: *mut c_void) -> i32,
+}
+
+/// Size of an ABI 1.0 descriptor (the fields up to `conn_close`): the smallest one a host of
+/// ABI 1.x accepts. Fields after it exist only where the descriptor's `size` covers them.
+pub const DESCRIPTOR_SIZE_1_0: usize = std::mem::offset_of!(AppDescriptor, conn_timer);
+
+/// True when a struct of `size` bytes (as its writer declared it) contains the field that ends
+/// at `end` (its offset plus its size).
+pub const fn covers(size: u32, end: usize) -> bool {
+    size as usize >= end
 }
 
 // SAFETY: an `AppDescriptor` is immutable after construction and its pointers only point at

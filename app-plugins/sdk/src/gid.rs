@@ -6,6 +6,11 @@
 //! `lc.<n>.<coordinator>.<database>` (`lc` = local coordination; `n` from a sequence in the
 //! coordinator database, where the decision is recorded), which outside coordinators may not
 //! use.
+//!
+//! While a worker coordinates local transaction `n`, its session in the coordinator database
+//! holds a session-level advisory lock whose key is derived from the decision key alone
+//! ([`Gid::coordinator_lock`]), so recovery can tell from any branch's gid whether the
+//! coordinator still lives: whoever can take that lock knows it is gone.
 
 use std::fmt;
 
@@ -69,6 +74,24 @@ impl Gid {
         let (n, coordinator, _) = self.local_parts()?;
         Some(Gid::new(&self.node_id, &local_transaction(n, coordinator), &self.app).to_string())
     }
+
+    /// For a local branch: the key of the advisory lock (`pg_advisory_lock(bigint)`, in the
+    /// coordinator database) that the coordinating session holds from before the first
+    /// `PREPARE` until every branch is settled.
+    pub fn coordinator_lock(&self) -> Option<i64> {
+        self.decision_key().map(|key| coordinator_lock_key(&key))
+    }
+}
+
+/// The advisory lock key of the local transaction whose decision key is `decision_key`:
+/// FNV-1a (64 bits) of it. Keys are unique per transaction (the key names node, app,
+/// coordinator database and sequence number); a collision with an unrelated advisory lock would
+/// only make recovery wait for a later round.
+pub fn coordinator_lock_key(decision_key: &str) -> i64 {
+    let hash = decision_key
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    hash as i64
 }
 
 /// The gtrid of local transaction `n` coordinated from database `coordinator`.
@@ -125,6 +148,12 @@ mod tests {
         assert!(l.is_local());
         assert_eq!(l.local_parts(), Some((17, "a", "b")));
         assert_eq!(l.decision_key().as_deref(), Some("fdt1:web-1:lc.17.a:bank"));
+        // Every branch of one transaction names the same coordinator lock; others differ.
+        let other_branch = Gid::parse("fdt1:web-1:lc.17.a.a:bank").unwrap();
+        assert_eq!(l.coordinator_lock(), other_branch.coordinator_lock());
+        assert_eq!(l.coordinator_lock(), Some(coordinator_lock_key("fdt1:web-1:lc.17.a:bank")));
+        assert_ne!(l.coordinator_lock(), Gid::parse("fdt1:web-2:lc.17.a.b:bank").unwrap().coordinator_lock());
+        assert_eq!(g.coordinator_lock(), None);
         assert_eq!(local_branch(17, "a", "b"), "lc.17.a.b");
         assert_eq!(Gid::parse("fdt1:web-1:lc.x.a.b:bank").unwrap().local_parts(), None);
         assert!(check_database_name("main_1").is_ok() && check_database_name("a.b").is_err());

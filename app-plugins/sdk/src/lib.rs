@@ -106,6 +106,23 @@ impl Events {
 /// one worker process, from several threads at once: keep per-connection state in
 /// [`Conn::session`].
 pub trait App: Send + Sync + Sized + 'static {
+    /// The keys of its `[app.NAME]` table that the app understands. When declared, the server
+    /// refuses any other key (a typo such as `dealy_ms`) with the file and line, at start, at
+    /// reload and in `fdtserver check`, instead of running with a default. `None` (the default)
+    /// accepts any key. An app that uses [`txn`](crate::txn) lists `txn_idle_timeout` too.
+    ///
+    /// ```
+    /// # use fdt_sdk::{App, Conn, Next, Settings};
+    /// # struct Echo;
+    /// impl App for Echo {
+    ///     const SETTINGS: Option<&'static [&'static str]> = Some(&["delay_ms"]);
+    ///     // …
+    /// #   fn start(_: &Settings) -> Result<Self, String> { Ok(Echo) }
+    /// #   fn on_readable(&self, _: &mut Conn) -> Next { Next::KeepOpen }
+    /// }
+    /// ```
+    const SETTINGS: Option<&'static [&'static str]> = None;
+
     /// Builds the app from its `[app.NAME]` settings, once per worker process, before the
     /// worker accepts any connection. An `Err` fails the worker's start (and so a reload) with
     /// that message.
@@ -114,6 +131,39 @@ pub trait App: Send + Sync + Sized + 'static {
     /// The connection has new input in [`Conn::input`]. Take every complete request, answer it,
     /// and return; leave a partial request unconsumed and it is offered again with more bytes.
     fn on_readable(&self, conn: &mut Conn) -> Next;
+
+    /// The connection's timer ([`Conn::set_timer`]) ran out: the peer sent nothing for that
+    /// long. [`Conn::input`] holds whatever partial request is buffered; write, and return what
+    /// the connection should do, as from [`App::on_readable`]. The timer starts again (unless
+    /// changed), so an app that keeps the connection is called again after another quiet
+    /// period. The default keeps the connection.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use fdt_sdk::{App, Conn, Next, Settings};
+    /// struct Login;
+    /// impl App for Login {
+    ///     fn start(_: &Settings) -> Result<Self, String> { Ok(Login) }
+    ///     fn on_readable(&self, conn: &mut Conn) -> Next {
+    ///         conn.set_timer(Some(Duration::from_secs(10))); // ten seconds to say something
+    ///         while let Some(line) = conn.take_line() { conn.write(line) }
+    ///         Next::KeepOpen
+    ///     }
+    ///     fn on_timer(&self, conn: &mut Conn) -> Next {
+    ///         conn.write(b"ERR too quiet\n");
+    ///         Next::Close
+    ///     }
+    /// }
+    /// let app = fdt_sdk::testing::TestApp::<Login>::start("").unwrap();
+    /// let mut conn = app.connect();
+    /// conn.send(b"hi\n");
+    /// assert_eq!(conn.timer(), Some(Duration::from_secs(10)));
+    /// assert_eq!(conn.fire_timer(), Next::Close);
+    /// assert_eq!(conn.take_output(), b"hi\nERR too quiet\n");
+    /// ```
+    fn on_timer(&self, _conn: &mut Conn) -> Next {
+        Next::KeepOpen
+    }
 
     /// The connection has ended (peer closed, error, drain timeout or [`Next::Close`]). The
     /// session, if any, is dropped right after this returns.
@@ -154,6 +204,11 @@ pub(crate) struct ConnState {
     pub(crate) listener: String,
     pub(crate) id: u64,
     pub(crate) session: Option<Box<dyn Any + Send>>,
+    /// See [`Conn::set_timer`].
+    pub(crate) timer: Option<std::time::Duration>,
+    /// How many bytes at the start of the unconsumed input are known to hold no `\n`, so that
+    /// [`Conn::take_line`] does not scan a long partial line again each time more of it comes.
+    pub(crate) no_newline: usize,
 }
 
 /// One client connection, as seen during one call into the app.
@@ -163,6 +218,8 @@ pub(crate) struct ConnState {
 pub struct Conn<'a> {
     input: &'a [u8],
     pos: usize,
+    /// `input[pos..scanned]` holds no `\n` (see [`ConnState::no_newline`]).
+    scanned: usize,
     requests: u64,
     flags: u32,
     state: &'a mut ConnState,
@@ -170,7 +227,8 @@ pub struct Conn<'a> {
 
 impl<'a> Conn<'a> {
     pub(crate) fn new(input: &'a [u8], flags: u32, state: &'a mut ConnState) -> Conn<'a> {
-        Conn { input, pos: 0, requests: 0, flags, state }
+        let scanned = state.no_newline.min(input.len());
+        Conn { input, pos: 0, scanned, requests: 0, flags, state }
     }
 
     /// The input not consumed yet.
@@ -213,14 +271,33 @@ impl<'a> Conn<'a> {
     /// # }
     /// ```
     pub fn take_line(&mut self) -> Option<&'a [u8]> {
-        let rest = self.input();
-        let end = rest.iter().position(|&b| b == b'\n')?;
-        Some(self.consume_request(end + 1))
+        let from = self.scanned.max(self.pos);
+        match memchr::memchr(b'\n', &self.input[from..]) {
+            Some(i) => Some(self.consume_request(from + i + 1 - self.pos)),
+            None => {
+                self.scanned = self.input.len();
+                None
+            }
+        }
     }
 
     /// Appends bytes to the connection's output; they are sent when the call returns.
     pub fn write(&mut self, bytes: &[u8]) {
         self.state.out.extend_from_slice(bytes);
+    }
+
+    /// Sets the connection's timer: once the peer has sent nothing for `after` (counted from
+    /// its last input, or from now when the timer is set without input), the worker calls
+    /// [`App::on_timer`]. `None` removes it. It stays as set across calls until changed; an
+    /// app that uses it typically sets it at the end of every `on_readable` (for example while
+    /// a transaction is open). Its resolution is about a tenth of a second.
+    pub fn set_timer(&mut self, after: Option<std::time::Duration>) {
+        self.state.timer = after;
+    }
+
+    /// The connection's timer, as last set with [`Conn::set_timer`].
+    pub fn timer(&self) -> Option<std::time::Duration> {
+        self.state.timer
     }
 
     /// True once the worker is draining (reload or stop): answer the current request and
@@ -274,7 +351,10 @@ impl<'a> Conn<'a> {
         }
     }
 
+    /// Ends the call: how much input was consumed and how many requests it held. Remembers
+    /// how far a failed line scan got, relative to the input left for the next call.
     pub(crate) fn finish(self) -> (usize, u64) {
+        self.state.no_newline = self.scanned.saturating_sub(self.pos);
         (self.pos, self.requests)
     }
 }

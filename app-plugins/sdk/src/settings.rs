@@ -33,6 +33,45 @@ pub struct DatabaseSettings {
     pub url: String,
     /// Connections per worker process.
     pub pool_size: usize,
+    /// `lock_timeout` of every session: a statement waiting this long for a lock fails.
+    /// `None`: no limit (configured as 0).
+    pub lock_timeout: Option<Duration>,
+    /// `statement_timeout` of every session: a statement running this long fails. `None`: no
+    /// limit (configured as 0).
+    pub statement_timeout: Option<Duration>,
+}
+
+impl DatabaseSettings {
+    /// Default `lock_timeout`: long enough for any honest lock wait, short enough that a
+    /// request blocked behind a silent client's row lock fails well before the worker's
+    /// `heartbeat_timeout` (30 s by default) counts its handlers as stuck.
+    pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Default `statement_timeout`: the same bound for a statement that runs (or waits) too
+    /// long for any other reason.
+    pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// A database with the default pool size and timeouts.
+    pub fn new(name: &str, url: &str) -> DatabaseSettings {
+        DatabaseSettings {
+            name: name.to_string(),
+            url: url.to_string(),
+            pool_size: 8,
+            lock_timeout: Some(Self::DEFAULT_LOCK_TIMEOUT),
+            statement_timeout: Some(Self::DEFAULT_STATEMENT_TIMEOUT),
+        }
+    }
+}
+
+/// Reads a timeout in seconds (integer or fraction) from a `[database.NAME]` table: absent →
+/// `default`, 0 → no limit.
+fn seconds(t: &toml::Table, db: &str, key: &str, default: Duration) -> Result<Option<Duration>, String> {
+    let secs = match t.get(key) {
+        None => return Ok(Some(default)),
+        Some(toml::Value::Integer(i)) if *i >= 0 => *i as f64,
+        Some(toml::Value::Float(f)) if *f >= 0.0 && f.is_finite() => *f,
+        Some(v) => return Err(format!("[database.{db}]: `{key}` must be a non-negative number of seconds, got {v}")),
+    };
+    Ok((secs > 0.0).then(|| Duration::from_secs_f64(secs)))
 }
 
 impl Settings {
@@ -42,6 +81,11 @@ impl Settings {
             .parse::<toml::Table>()
             .map_err(|e| format!("app {app_name}: settings are not valid TOML: {e}"))?;
         Ok(Settings { table, app_name: app_name.to_string(), ..Settings::default() })
+    }
+
+    /// The keys of the `[app.NAME]` table.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.table.keys().map(String::as_str)
     }
 
     /// Sets the facts about the worker (the server does this; handy in tests).
@@ -80,7 +124,9 @@ impl Settings {
         };
         let url = t.get("url").and_then(toml::Value::as_str).unwrap_or_default().to_string();
         let pool_size = t.get("pool_size").and_then(toml::Value::as_integer).unwrap_or(8).max(1) as usize;
-        Ok(DatabaseSettings { name: name.to_string(), url, pool_size })
+        let lock_timeout = seconds(t, name, "lock_timeout", DatabaseSettings::DEFAULT_LOCK_TIMEOUT)?;
+        let statement_timeout = seconds(t, name, "statement_timeout", DatabaseSettings::DEFAULT_STATEMENT_TIMEOUT)?;
+        Ok(DatabaseSettings { name: name.to_string(), url, pool_size, lock_timeout, statement_timeout })
     }
 
     /// The app's name: the `NAME` of `[app.NAME]`.

@@ -25,8 +25,14 @@ pub struct TestApp<A: App> {
 
 impl<A: App> TestApp<A> {
     /// Starts the app with the given `[app.NAME]` settings (TOML text).
+    /// Like the server, refuses a key the app does not declare in [`App::SETTINGS`].
     pub fn start(settings_toml: &str) -> Result<TestApp<A>, String> {
         let settings = Settings::parse("test", settings_toml)?.with_worker("test-node", std::process::id(), 1);
+        if let Some(declared) = A::SETTINGS
+            && let Some(unknown) = settings.keys().find(|k| !declared.contains(k))
+        {
+            return Err(format!("unknown setting `{unknown}` (the app takes: {})", declared.join(", ")));
+        }
         Ok(TestApp { app: A::start(&settings)? })
     }
 
@@ -54,13 +60,28 @@ impl<A: App> TestConn<'_, A> {
     /// Appends bytes to the input and calls `on_readable` once.
     pub fn send(&mut self, bytes: &[u8]) -> Next {
         self.input.extend_from_slice(bytes);
+        self.call(A::on_readable)
+    }
+
+    /// Calls `on_timer` once, as the worker does when the connection's timer runs out.
+    pub fn fire_timer(&mut self) -> Next {
+        self.call(A::on_timer)
+    }
+
+    /// One call into the app, with the input kept since the last call.
+    fn call(&mut self, f: impl FnOnce(&A, &mut Conn) -> Next) -> Next {
         let flags = if self.draining { abi::FLAG_DRAINING } else { 0 };
         let mut conn = Conn::new(&self.input, flags, &mut self.state);
-        let next = self.app.on_readable(&mut conn);
+        let next = f(self.app, &mut conn);
         let (consumed, requests) = conn.finish();
         self.input.drain(..consumed);
         self.requests += requests;
         next
+    }
+
+    /// The connection's timer as the app left it ([`Conn::set_timer`]).
+    pub fn timer(&self) -> Option<std::time::Duration> {
+        self.state.timer
     }
 
     /// Everything the app wrote since the last call.

@@ -8,7 +8,10 @@
 //! `ABORT` (kills the worker process), `BUSY` (stays `InProgress` until `IDLE`), `SPIN`
 //! (loops forever inside the handler, never answering: a request stuck in app code), `UID`
 //! (the worker's real and effective uid and gid: `uid euid gid egid`), `ENV <name>` (the
-//! variable's value in the worker, `-` when unset), anything else is echoed.
+//! variable's value in the worker, `-` when unset), `TIMER <ms>` (sets the connection's timer;
+//! each time it runs out the app writes `TICK <n> <bytes of partial input>`; `TIMER 0` removes
+//! it), `TIMEOUT <ms>` (when the timer runs out: `TIMED OUT`, then close), anything else is
+//! echoed.
 
 use fdt_sdk::{App, Conn, Next, Settings};
 use std::time::Duration;
@@ -22,9 +25,15 @@ struct Testkit {
 #[derive(Default)]
 struct Session {
     busy: bool,
+    /// `TIMEOUT` rather than `TIMER`: close when the timer runs out.
+    close_on_timer: bool,
+    ticks: u64,
 }
 
 impl App for Testkit {
+    const SETTINGS: Option<&'static [&'static str]> =
+        Some(&["start_delay_ms", "fail_start", "hang_at_start_if", "abort_at_start_if", "panic_at_start", "tag"]);
+
     fn start(settings: &Settings) -> Result<Self, String> {
         std::thread::sleep(settings.duration_ms("start_delay_ms", 0)?);
         let fail = settings.string("fail_start", "")?;
@@ -89,6 +98,12 @@ impl App for Testkit {
                     conn.session::<Session>().busy = false;
                     "IDLE".to_string()
                 }
+                ("TIMER" | "TIMEOUT", Some(ms)) => {
+                    let ms: u64 = ms.parse().unwrap_or(0);
+                    conn.set_timer((ms > 0).then(|| Duration::from_millis(ms)));
+                    conn.session::<Session>().close_on_timer = line.starts_with("TIMEOUT");
+                    "TIMER".to_string()
+                }
                 ("QUIT", _) => {
                     conn.write(b"BYE\n");
                     return Next::Close;
@@ -99,6 +114,19 @@ impl App for Testkit {
             conn.write(b"\n");
         }
         if conn.session::<Session>().busy { Next::InProgress } else { Next::KeepOpen }
+    }
+
+    fn on_timer(&self, conn: &mut Conn) -> Next {
+        let pending = conn.input().len();
+        let session = conn.session::<Session>();
+        if session.close_on_timer {
+            conn.write(b"TIMED OUT\n");
+            return Next::Close;
+        }
+        session.ticks += 1;
+        let answer = format!("TICK {} {pending}\n", session.ticks);
+        conn.write(answer.as_bytes());
+        Next::KeepOpen
     }
 }
 

@@ -27,7 +27,14 @@
 //! A transaction spanning several databases is committed by the worker itself with two-phase
 //! commit: prepare every branch, record the decision durably (table `fdt_decisions` in the
 //! first database), then `COMMIT PREPARED` each; [`recovery`] settles what a crash left behind
-//! (commit with a decision record, roll back without: presumed abort).
+//! (commit with a decision record, roll back without: presumed abort). The coordinating session
+//! holds an advisory lock named by the transaction from before its first `PREPARE` until every
+//! branch is settled, so recovery — which each worker runs every second — touches only
+//! transactions whose coordinator is gone, with no timer to wait out.
+//!
+//! Every session has the `[database.NAME]`'s `lock_timeout` and `statement_timeout` (5 s and
+//! 10 s by default), so a request stuck behind another transaction's row lock fails instead of
+//! hanging its handler thread.
 
 mod pool;
 pub mod recovery;
@@ -35,6 +42,7 @@ pub mod recovery;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use postgres;
 use postgres::types::ToSql;
@@ -131,14 +139,27 @@ pub struct Databases {
     shared: Arc<Shared>,
 }
 
-/// In-flight guard: recovery at worker start leaves alone anything prepared more recently than
-/// this, since a sibling worker may still be committing it.
-pub const START_RECOVERY_MIN_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+/// How often each worker's recovery thread looks for transactions whose coordinator is gone
+/// (one `pg_prepared_xacts` query per database when there is none): orphaned branches hold
+/// row locks, so they should go within a second or two.
+pub const RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
+/// How long the recovery thread waits for a pooled connection before skipping a round (the
+/// pool is busy serving requests, which come first).
+const RECOVERY_CHECKOUT_WAIT: Duration = Duration::from_millis(500);
+
+/// Opens a session to `db` with its `lock_timeout` and `statement_timeout` set, as the pools
+/// do (for tools that work outside a pool, such as `fdtserver txn`); `application` shows in
+/// `pg_stat_activity`.
+pub fn connect(db: &crate::DatabaseSettings, application: &str) -> Result<Client, TxnError> {
+    pool::connect(db, application)
+}
 
 impl Databases {
     /// Opens the `[database.NAME]`s the app uses: checks each is reachable and has
     /// `max_prepared_transactions > 0`, creates the bookkeeping tables, logs this node's
-    /// prepared transactions, and settles old ones this node coordinated itself.
+    /// prepared transactions, settles those of this app whose coordinator is gone, and starts
+    /// a thread that does the same every [`RECOVERY_INTERVAL`] (it ends once every clone of
+    /// the returned value is dropped).
     pub fn open(settings: &Settings, names: &[&str]) -> Result<Databases, String> {
         if names.is_empty() {
             return Err(format!("app {}: no database given", settings.app_name()));
@@ -146,7 +167,7 @@ impl Databases {
         let mut pools = BTreeMap::new();
         for name in names {
             let db = settings.database(name)?;
-            pools.insert(db.name.clone(), Pool::new(&db.name, &db.url, db.pool_size));
+            pools.insert(db.name.clone(), Pool::new(&db, &format!("fdtserver {}", settings.app_name())));
         }
         let dbs = Databases {
             shared: Arc::new(Shared {
@@ -163,18 +184,74 @@ impl Databases {
             recovery::ensure_schema(&mut client).map_err(|e| format!("database {}: {e}", pool.name))?;
             clients.push((pool.name.clone(), client));
         }
-        match recovery::recover(&mut clients, &dbs.shared.node_id, Some(&dbs.shared.app), START_RECOVERY_MIN_AGE) {
-            Ok(report) => {
-                report.log();
-                dbs.count("txn_recovered_commit", report.committed.len());
-                dbs.count("txn_recovered_rollback", report.rolled_back.len());
-            }
+        match dbs.recover_with(&mut clients) {
+            Ok(report) => report.log(),
             Err(e) => log::warn!("recovery at start failed: {e}"),
         }
         for (name, client) in clients {
             dbs.pool(&name).expect("opened above").checkin(client);
         }
+        dbs.start_recovery_thread();
         Ok(dbs)
+    }
+
+    /// Recovery of this app's transactions on these connections (one per database).
+    fn recover_with(&self, clients: &mut [(String, Client)]) -> Result<recovery::Report, String> {
+        let report = recovery::recover(clients, &self.shared.node_id, Some(&self.shared.app), Duration::ZERO)?;
+        self.count("txn_recovered_commit", report.committed.len());
+        self.count("txn_recovered_rollback", report.rolled_back.len());
+        Ok(report)
+    }
+
+    /// Settles this app's transactions whose coordinator is gone (a worker that died mid-commit),
+    /// on pooled connections; returns what it did. Skips the round (`Ok(None)`) when a pool has
+    /// no connection to spare. The recovery thread calls this every [`RECOVERY_INTERVAL`].
+    pub fn recover_orphans(&self) -> Result<Option<recovery::Report>, TxnError> {
+        let mut clients = Vec::new();
+        for pool in self.shared.pools.values() {
+            match pool.checkout_within(RECOVERY_CHECKOUT_WAIT) {
+                Ok(client) => clients.push((pool.name.clone(), client)),
+                Err(TxnError::PoolExhausted(_)) => {
+                    for (name, client) in clients {
+                        self.pool(&name)?.checkin(client);
+                    }
+                    return Ok(None);
+                }
+                Err(e) => {
+                    for (name, client) in clients {
+                        self.pool(&name)?.checkin(client);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let result = self.recover_with(&mut clients);
+        for (name, client) in clients {
+            let pool = self.pool(&name)?;
+            // After a failure the session may still hold a coordinator lock: closing it frees it.
+            if result.is_ok() { pool.checkin(client) } else { pool.discard(client) }
+        }
+        let report = result.map_err(TxnError::Database)?;
+        report.log_settled();
+        Ok(Some(report))
+    }
+
+    /// The thread behind [`Databases::recover_orphans`]. It holds the databases only while it
+    /// works, so it ends within one interval once the app drops them.
+    fn start_recovery_thread(&self) {
+        let weak = Arc::downgrade(&self.shared);
+        let spawned = std::thread::Builder::new().name("fdt-txn-recovery".into()).spawn(move || {
+            loop {
+                std::thread::sleep(RECOVERY_INTERVAL);
+                let Some(shared) = weak.upgrade() else { return };
+                if let Err(e) = (Databases { shared }).recover_orphans() {
+                    log::warn!("recovery of transactions whose coordinator is gone failed: {e}");
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            log::warn!("cannot start the transaction recovery thread ({e}); orphaned branches wait for a restart");
+        }
     }
 
     fn count(&self, event: &str, n: usize) {
@@ -418,35 +495,13 @@ impl Transaction {
         let pool = self.dbs.pool(db)?;
         let branch = self.branches.get_mut(db).ok_or(TxnError::NotOpen)?;
         let mut client = branch.client.take().ok_or(TxnError::NotOpen)?;
-        if let Err(e) = client.batch_execute(&format!("PREPARE TRANSACTION '{gid}'")) {
+        let result = prepare_on(&mut client, db, gid);
+        if client.is_closed() { pool.discard(client) } else { pool.checkin(client) }
+        if let Err(TxnError::Database(_)) = result {
             // A failed PREPARE TRANSACTION is a ROLLBACK: the transaction is gone.
             self.state = TxnState::Finished;
-            let reason = if sqlstate(&e) == Some("42710") {
-                format!("gid {gid} is already in use")
-            } else {
-                format!("database {db}: PREPARE failed, transaction rolled back: {}", describe(&e))
-            };
-            if client.is_closed() {
-                pool.discard(client)
-            } else {
-                pool.checkin(client)
-            }
-            return Err(TxnError::Database(reason));
         }
-        let verified = client.query_opt("SELECT 1 FROM pg_prepared_xacts WHERE gid = $1", &[&gid]);
-        pool.checkin(client);
-        match verified {
-            Ok(Some(_)) => Ok(()),
-            Ok(None) => {
-                self.state = TxnState::Finished;
-                Err(TxnError::Database(
-                    "PREPARE did not prepare: a statement of the transaction had failed, so it was rolled back".into(),
-                ))
-            }
-            Err(e) => {
-                Err(TxnError::OutcomeUnknown(format!("database {db}: cannot verify the prepare: {}", describe(&e))))
-            }
-        }
+        result
     }
 
     /// Commits: one-phase on one database, `COMMIT PREPARED` after [`Transaction::prepare`],
@@ -508,48 +563,70 @@ impl Transaction {
         }
     }
 
-    /// Local coordination: prepare all, record the decision, commit all.
+    /// Local coordination: take the coordinator lock, prepare all, record the decision, commit
+    /// all, release the lock.
     fn commit_two_phase(&mut self) -> Result<(), TxnError> {
         let dbs = self.databases();
         let coordinator = dbs[0].clone();
+        // The coordinator database's session holds the liveness lock, records the decision and
+        // settles its own branch; it leaves the pool only when the transaction is settled.
+        let client = self.branches.remove(&coordinator).and_then(|mut b| b.client.take());
+        let mut coord = Coordinator { dbs: self.dbs.clone(), db: coordinator.clone(), client, in_block: true, lock: None };
+        let Some(client) = coord.client.as_mut() else {
+            self.rollback_branches();
+            return Err(TxnError::NotOpen);
+        };
         // A transaction id no restart can repeat: a sequence in the coordinator database.
-        let n: i64 = {
-            let client =
-                self.branches.get_mut(&coordinator).and_then(|b| b.client.as_mut()).ok_or(TxnError::NotOpen)?;
-            match client.query_one("SELECT nextval('fdt_lc_seq')", &[]) {
-                Ok(row) => row.get(0),
-                Err(e) => {
-                    self.rollback_branches();
-                    return Err(TxnError::Database(format!("database {coordinator}: {}", describe(&e))));
-                }
+        let n: i64 = match client.query_one("SELECT nextval('fdt_lc_seq')", &[]) {
+            Ok(row) => row.get(0),
+            Err(e) => {
+                self.rollback_branches();
+                return Err(TxnError::Database(format!("database {coordinator}: {}", describe(&e))));
             }
         };
-        let n = u64::try_from(n).map_err(|_| TxnError::Database("fdt_lc_seq returned a negative number".into()))?;
+        let Ok(n) = u64::try_from(n) else {
+            self.rollback_branches();
+            return Err(TxnError::Database("fdt_lc_seq returned a negative number".into()));
+        };
         let gids: Vec<(String, String)> =
             dbs.iter().map(|db| (db.clone(), self.dbs.gid(&gid::local_branch(n, &coordinator, db)))).collect();
-        let key = Gid::parse(&gids[0].1).and_then(|g| g.decision_key()).expect("a local gid has a decision key");
-        // Phase one. Any failure: roll back what was prepared and what was not (presumed abort).
+        let branch = Gid::parse(&gids[0].1).expect("a gid we built parses");
+        let key = branch.decision_key().expect("a local gid has a decision key");
+        let lock = branch.coordinator_lock().expect("a local gid has a coordinator lock");
+        // Liveness, before any PREPARE: while this session holds the lock, recovery leaves the
+        // transaction alone; once the session is gone (worker killed), recovery settles it.
+        if let Err(e) = client.execute("SELECT pg_advisory_lock($1)", &[&lock]) {
+            self.rollback_branches();
+            return Err(TxnError::Database(format!("database {coordinator}: {}", describe(&e))));
+        }
+        coord.lock = Some(lock);
+        // Phase one (the coordinator's branch first: `dbs` is sorted and it is `dbs[0]`). Any
+        // failure: roll back what was prepared and what was not (presumed abort).
         for (i, (db, gid)) in gids.iter().enumerate() {
-            if let Err(e) = self.prepare_branch(db, gid) {
+            let prepared = if *db == coordinator { coord.prepare(gid) } else { self.prepare_branch(db, gid) };
+            if let Err(e) = prepared {
                 for (db, gid) in &gids[..i] {
-                    let _ = settle_with_retry(&self.dbs, db, gid, false);
+                    let _ = coord.settle(db, gid, false);
                 }
                 self.rollback_branches();
                 return Err(e);
             }
         }
-        // The decision, durable before any COMMIT PREPARED.
+        // The decision, durable before any COMMIT PREPARED, written by the session that holds
+        // the lock: once recovery can take the lock, the decision is final either way.
         let participants = dbs.join(",");
-        let decided = self.dbs.with_client(&coordinator, |c| {
-            c.execute("INSERT INTO fdt_decisions (gtrid, participants) VALUES ($1, $2)", &[&key, &participants])
+        let decided = match coord.client.as_mut() {
+            Some(c) => c
+                .execute("INSERT INTO fdt_decisions (gtrid, participants) VALUES ($1, $2)", &[&key, &participants])
                 .map_err(|e| {
                     if e.as_db_error().is_some() {
                         TxnError::Database(describe(&e))
                     } else {
                         TxnError::OutcomeUnknown(describe(&e))
                     }
-                })
-        });
+                }),
+            None => Err(TxnError::OutcomeUnknown("the coordinator's connection was lost".into())),
+        };
         match decided {
             Ok(_) => {}
             Err(TxnError::OutcomeUnknown(e)) => {
@@ -560,7 +637,7 @@ impl Transaction {
             }
             Err(e) => {
                 for (db, gid) in &gids {
-                    let _ = settle_with_retry(&self.dbs, db, gid, false);
+                    let _ = coord.settle(db, gid, false);
                 }
                 return Err(e);
             }
@@ -568,10 +645,10 @@ impl Transaction {
         // Phase two: from here on the transaction is committed, whatever fails.
         let mut pending = Vec::new();
         for (db, gid) in &gids {
-            match settle_with_retry(&self.dbs, db, gid, true) {
+            match coord.settle(db, gid, true) {
                 Ok(()) => {}
-                // Nobody may settle a branch of ours but us and recovery (which leaves recent
-                // ones alone): a branch that is gone was settled by an operator.
+                // Nobody may settle a branch of ours but us and recovery (which waits for our
+                // lock): a branch that is gone was settled by an operator.
                 Err(TxnError::UnknownGid(_)) => {
                     log::error!("transaction {key}: branch {gid} is no longer prepared; its outcome is unknown");
                     return Err(TxnError::OutcomeUnknown(format!("branch {gid} was settled by someone else")));
@@ -583,11 +660,12 @@ impl Transaction {
             }
         }
         if pending.is_empty() {
-            let _ = self.dbs.with_client(&coordinator, |c| {
+            let _ = coord.with_client(|c| {
                 c.execute("DELETE FROM fdt_decisions WHERE gtrid = $1", &[&key])
                     .map_err(|e| TxnError::Database(describe(&e)))
             });
         }
+        // Dropping `coord` releases the lock: what is still pending is recovery's now.
         Ok(())
     }
 
@@ -636,6 +714,88 @@ impl Drop for Transaction {
             }
             TxnState::Idle | TxnState::Finished => {}
         }
+    }
+}
+
+/// `PREPARE TRANSACTION` on `client`, then the check that PostgreSQL really prepared it.
+/// Either way the session is outside any transaction block afterwards.
+fn prepare_on(client: &mut Client, db: &str, gid: &str) -> Result<(), TxnError> {
+    if let Err(e) = client.batch_execute(&format!("PREPARE TRANSACTION '{gid}'")) {
+        return Err(TxnError::Database(if sqlstate(&e) == Some("42710") {
+            format!("gid {gid} is already in use")
+        } else {
+            format!("database {db}: PREPARE failed, transaction rolled back: {}", describe(&e))
+        }));
+    }
+    match client.query_opt("SELECT 1 FROM pg_prepared_xacts WHERE gid = $1", &[&gid]) {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(TxnError::Database(
+            "PREPARE did not prepare: a statement of the transaction had failed, so it was rolled back".into(),
+        )),
+        Err(e) => Err(TxnError::OutcomeUnknown(format!("database {db}: cannot verify the prepare: {}", describe(&e)))),
+    }
+}
+
+/// The coordinating session of a locally coordinated transaction: its branch in the coordinator
+/// database, then the holder of the coordinator lock ([`Gid::coordinator_lock`]). Dropping it
+/// rolls back its branch if still open, releases the lock and returns the connection (or closes
+/// it, which releases the lock too).
+struct Coordinator {
+    dbs: Databases,
+    db: String,
+    client: Option<Client>,
+    /// Its branch's transaction block is still open (not prepared, not rolled back).
+    in_block: bool,
+    lock: Option<i64>,
+}
+
+impl Coordinator {
+    /// Phase one on the coordinator's own branch.
+    fn prepare(&mut self, gid: &str) -> Result<(), TxnError> {
+        let client = self.client.as_mut().ok_or(TxnError::NotOpen)?;
+        self.in_block = false;
+        prepare_on(client, &self.db, gid)
+    }
+
+    /// Runs `f` on the coordinating session; a connection failure drops the session (and with
+    /// it the lock).
+    fn with_client<T>(&mut self, f: impl FnOnce(&mut Client) -> Result<T, TxnError>) -> Result<T, TxnError> {
+        let client = self.client.as_mut().ok_or(TxnError::NotOpen)?;
+        let result = f(client);
+        if client.is_closed() {
+            if let (Some(client), Ok(pool)) = (self.client.take(), self.dbs.pool(&self.db)) {
+                pool.discard(client);
+            }
+        }
+        result
+    }
+
+    /// Settles `gid` in `db`: on the coordinating session for its own database (which frees
+    /// a pool connection of the coordinator database for others), otherwise, or when that
+    /// session is lost, on pooled connections with retries.
+    fn settle(&mut self, db: &str, gid: &str, commit: bool) -> Result<(), TxnError> {
+        if db == self.db && self.client.is_some() {
+            match self.with_client(|c| recovery::settle(c, gid, commit)) {
+                Err(TxnError::Database(_) | TxnError::OutcomeUnknown(_) | TxnError::NotOpen) => {}
+                other => return other,
+            }
+        }
+        settle_with_retry(&self.dbs, db, gid, commit)
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        let (Some(mut client), Ok(pool)) = (self.client.take(), self.dbs.pool(&self.db)) else { return };
+        let mut clean = !client.is_closed();
+        if clean && self.in_block {
+            clean = client.batch_execute("ROLLBACK").is_ok();
+        }
+        if let (true, Some(lock)) = (clean, self.lock) {
+            // Session-level: a ROLLBACK does not release it.
+            clean = client.query_one("SELECT pg_advisory_unlock($1)", &[&lock]).is_ok_and(|r| r.get::<_, bool>(0));
+        }
+        if clean { pool.checkin(client) } else { pool.discard(client) }
     }
 }
 

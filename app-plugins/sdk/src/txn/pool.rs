@@ -10,15 +10,50 @@ use std::time::{Duration, Instant};
 use postgres::{Client, NoTls};
 
 use super::TxnError;
+use crate::DatabaseSettings;
 
 /// How long a request waits for a free connection before it gets an error.
 pub const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long opening a connection may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a backend busy with a statement of ours (waiting on a lock, say) checks that our
+/// side of the connection is still there (`client_connection_check_interval`, PostgreSQL 14+):
+/// the sessions of a killed worker end within about this long instead of waiting on.
+const CLIENT_CHECK_INTERVAL_MS: u32 = 1000;
+
+/// Opens a session to `db` with its timeouts set; `application` shows in `pg_stat_activity`.
+pub fn connect(db: &DatabaseSettings, application: &str) -> Result<Client, TxnError> {
+    let bad = |e: &dyn std::fmt::Display| TxnError::Database(format!("database {}: {e}", db.name));
+    let mut config: postgres::Config = db.url.parse().map_err(|e| bad(&format_args!("bad url: {e}")))?;
+    // Server settings ride in the startup packet (no extra round trip), after any the url gives.
+    let ms = |d: Option<Duration>| d.map_or(0, |d| d.as_millis().max(1));
+    let mut options = config.get_options().unwrap_or_default().to_string();
+    options.push_str(&format!(
+        " -c lock_timeout={} -c statement_timeout={}",
+        ms(db.lock_timeout),
+        ms(db.statement_timeout)
+    ));
+    config.options(options.trim_start());
+    if config.get_application_name().is_none() {
+        config.application_name(application);
+    }
+    config.connect_timeout(CONNECT_TIMEOUT);
+    let mut client =
+        config.connect(NoTls).map_err(|e| bad(&format_args!("cannot connect: {}", super::describe(&e))))?;
+    // Not in the startup packet: a server older than 14 would refuse the unknown setting.
+    client
+        .batch_execute(&format!(
+            "SELECT set_config('client_connection_check_interval', '{CLIENT_CHECK_INTERVAL_MS}', false) \
+             WHERE current_setting('server_version_num')::int >= 140000"
+        ))
+        .map_err(|e| bad(&format_args!("cannot set up the session: {}", super::describe(&e))))?;
+    Ok(client)
+}
 
 pub struct Pool {
     pub name: String,
-    url: String,
+    settings: DatabaseSettings,
+    application: String,
     size: usize,
     state: Mutex<State>,
     freed: Condvar,
@@ -31,11 +66,12 @@ struct State {
 }
 
 impl Pool {
-    pub fn new(name: &str, url: &str, size: usize) -> Pool {
+    pub fn new(settings: &DatabaseSettings, application: &str) -> Pool {
         Pool {
-            name: name.to_string(),
-            url: url.to_string(),
-            size: size.max(1),
+            name: settings.name.clone(),
+            settings: settings.clone(),
+            application: application.to_string(),
+            size: settings.pool_size.max(1),
             state: Mutex::new(State { idle: Vec::new(), open: 0 }),
             freed: Condvar::new(),
         }
@@ -47,17 +83,17 @@ impl Pool {
 
     /// Opens a new connection (not counted in the pool).
     pub fn connect(&self) -> Result<Client, TxnError> {
-        let mut config: postgres::Config =
-            self.url.parse().map_err(|e| TxnError::Database(format!("database {}: bad url: {e}", self.name)))?;
-        config.connect_timeout(CONNECT_TIMEOUT);
-        config
-            .connect(NoTls)
-            .map_err(|e| TxnError::Database(format!("database {}: cannot connect: {}", self.name, super::describe(&e))))
+        connect(&self.settings, &self.application)
     }
 
     /// A connection for exclusive use, waiting up to [`CHECKOUT_TIMEOUT`] for one to be free.
     pub fn checkout(&self) -> Result<Client, TxnError> {
-        let deadline = Instant::now() + CHECKOUT_TIMEOUT;
+        self.checkout_within(CHECKOUT_TIMEOUT)
+    }
+
+    /// A connection for exclusive use, waiting up to `wait` for one to be free.
+    pub fn checkout_within(&self, wait: Duration) -> Result<Client, TxnError> {
+        let deadline = Instant::now() + wait;
         let mut state = self.lock();
         loop {
             while let Some(client) = state.idle.pop() {
@@ -80,7 +116,7 @@ impl Pool {
                     "database {}: all {} connections of this worker are in use (pool_size); waited {} s",
                     self.name,
                     self.size,
-                    CHECKOUT_TIMEOUT.as_secs()
+                    wait.as_secs_f64()
                 )));
             }
             state = self.freed.wait_timeout(state, deadline - now).unwrap_or_else(|e| e.into_inner()).0;

@@ -1,11 +1,13 @@
 //! Prepared transactions after the fact: list them, settle one by gid, and recover what this
-//! node coordinated itself. Used by workers at start and by `fdtserver txn`.
+//! node coordinated itself. Used by workers (at start and every second) and by `fdtserver txn`.
 //!
-//! Recovery of a locally coordinated transaction (gtrid `lc.<n>.<db>`): commit every branch
-//! when the decision table holds `lc.<n>`, roll back when it does not (presumed abort: the
-//! decision is written before any commit). It never touches a transaction prepared less than
-//! `min_age` ago, which may still be in flight. Branches prepared for an outside coordinator are
-//! never settled here: only that coordinator knows their outcome.
+//! Recovery of a locally coordinated transaction (gtrid `lc.<n>.<c>.<db>`) waits for no timer:
+//! it first takes the advisory lock that the coordinating session holds while it works
+//! ([`Gid::coordinator_lock`]). Taken: the coordinator is gone, and every branch is committed
+//! when the decision table holds `lc.<n>.<c>`, rolled back when it does not (presumed abort: the
+//! decision is written before any commit). Not taken: the coordinator lives, and settles it
+//! itself. Branches prepared for an outside coordinator are never settled here: only that
+//! coordinator knows their outcome.
 
 use std::time::Duration;
 
@@ -107,30 +109,72 @@ pub struct Report {
     pub rolled_back: Vec<String>,
     /// Prepared for an outside coordinator: only it can settle them.
     pub in_doubt: Vec<String>,
-    /// Locally coordinated, but too recent to touch (maybe still in flight), or coordinated
-    /// from a database this recovery cannot see.
-    pub left_alone: Vec<String>,
+    /// Locally coordinated, and the coordinator still holds its lock: it is alive (or another
+    /// recovery is settling the transaction right now), so it settles them itself.
+    pub coordinator_alive: Vec<String>,
+    /// Locally coordinated, but prepared less than the `min_age` asked for.
+    pub too_recent: Vec<String>,
+    /// Locally coordinated from a database this recovery cannot see (not configured).
+    pub coordinator_unknown: Vec<String>,
+    /// Decision records deleted because no branch of theirs was left.
+    pub decisions_deleted: Vec<String>,
 }
 
 impl Report {
-    pub fn log(&self) {
+    /// Logs what was settled.
+    pub fn log_settled(&self) {
         for g in &self.committed {
-            log::warn!("recovery: committed {g} (its decision was recorded)");
+            log::warn!("recovery: committed {g} (its coordinator is gone; the decision was recorded)");
         }
         for g in &self.rolled_back {
-            log::warn!("recovery: rolled back {g} (no decision was recorded)");
+            log::warn!("recovery: rolled back {g} (its coordinator is gone; no decision was recorded)");
         }
+    }
+
+    /// Logs what was settled and what is left for an outside coordinator.
+    pub fn log(&self) {
+        self.log_settled();
         for g in &self.in_doubt {
             log::warn!("prepared transaction {g} waits for its coordinator (RESOLVE or fdtserver txn)");
         }
     }
+
+    /// True when nothing that recovery could settle is left prepared (branches of outside
+    /// coordinators aside).
+    pub fn all_local_settled(&self) -> bool {
+        self.coordinator_alive.is_empty() && self.too_recent.is_empty() && self.coordinator_unknown.is_empty()
+    }
+}
+
+/// One locally coordinated transaction found prepared: its branches (index into the
+/// connections, gid, age).
+struct Local {
+    coordinator: String,
+    lock: i64,
+    branches: Vec<(usize, String, Duration)>,
+}
+
+/// Takes the coordinator lock `key` on `client` without waiting: `true` means the coordinator
+/// is gone (and nobody else is settling the transaction) until [`unlock`].
+pub fn try_lock(client: &mut Client, key: i64) -> Result<bool, String> {
+    let row = client.query_one("SELECT pg_try_advisory_lock($1)", &[&key]).map_err(|e| describe(&e))?;
+    Ok(row.get(0))
+}
+
+/// Releases a lock taken with [`try_lock`].
+pub fn unlock(client: &mut Client, key: i64) -> Result<(), String> {
+    client.execute("SELECT pg_advisory_unlock($1)", &[&key]).map(drop).map_err(|e| describe(&e))
 }
 
 /// Recovers what `node_id` coordinated (only `app`'s transactions when given) in these
-/// databases (`(config name, connection)` each): a local branch is committed when its
-/// coordinator database holds its decision, rolled back when it does not (presumed abort), and
-/// left alone when prepared less than `min_age` ago or when its coordinator database is not
-/// among `dbs`. Branches prepared for an outside coordinator are only reported.
+/// databases (`(config name, connection)` each). A locally coordinated transaction is settled
+/// only when its coordinator is gone — when this recovery can take the advisory lock its
+/// coordinating session holds (see [`Gid::coordinator_lock`]) — and then all its branches
+/// are committed when its coordinator database holds its decision, rolled back when it does
+/// not (presumed abort). Left alone: transactions whose coordinator still lives, whose
+/// coordinator database is not among `dbs`, or (when `min_age` is not zero) with a branch
+/// prepared less than `min_age` ago. Branches prepared for an outside coordinator are only
+/// reported.
 pub fn recover(
     dbs: &mut [(String, Client)],
     node_id: &str,
@@ -138,59 +182,135 @@ pub fn recover(
     min_age: Duration,
 ) -> Result<Report, String> {
     let mut report = Report::default();
-    let mut branches = Vec::new();
+    let mut locals: std::collections::BTreeMap<String, Local> = std::collections::BTreeMap::new();
     for (i, (name, client)) in dbs.iter_mut().enumerate() {
         for p in list(client).map_err(|e| format!("database {name}: {e}"))? {
-            match Gid::parse(&p.gid) {
-                Some(g) if g.node_id == node_id && app.is_none_or(|a| a == g.app) => branches.push((i, g, p)),
-                _ => {}
-            }
-        }
-    }
-    let mut committed_keys = Vec::new();
-    for (i, g, p) in branches {
-        if !g.is_local() {
-            report.in_doubt.push(p.gid);
-            continue;
-        }
-        let (Some((_, coordinator, _)), Some(key)) = (g.local_parts(), g.decision_key()) else {
-            report.left_alone.push(p.gid);
-            continue;
-        };
-        let Some(c) = dbs.iter().position(|(name, _)| name == coordinator) else {
-            report.left_alone.push(p.gid);
-            continue;
-        };
-        if p.age < min_age {
-            report.left_alone.push(p.gid);
-            continue;
-        }
-        let commit = decided(&mut dbs[c].1, &key).map_err(|e| format!("database {coordinator}: {e}"))?;
-        let (name, client) = &mut dbs[i];
-        match settle(client, &p.gid, commit) {
-            Ok(()) | Err(TxnError::UnknownGid(_)) => {
-                if commit {
-                    committed_keys.push((c, key));
-                    report.committed.push(p.gid);
-                } else {
-                    report.rolled_back.push(p.gid);
+            let Some(g) = Gid::parse(&p.gid).filter(|g| g.node_id == node_id && app.is_none_or(|a| a == g.app)) else {
+                continue;
+            };
+            match (g.local_parts(), g.decision_key(), g.coordinator_lock()) {
+                (Some((_, coordinator, _)), Some(key), Some(lock)) => {
+                    let coordinator = coordinator.to_string();
+                    let local = locals.entry(key).or_insert_with(|| Local { coordinator, lock, branches: Vec::new() });
+                    local.branches.push((i, p.gid, p.age));
                 }
+                _ if g.is_local() => report.coordinator_unknown.push(p.gid),
+                _ => report.in_doubt.push(p.gid),
             }
-            Err(e) => return Err(format!("database {name}: settling {}: {e}", p.gid)),
         }
     }
-    // A decision whose branches are all settled is not needed any more.
-    committed_keys.sort();
-    committed_keys.dedup();
-    for (c, key) in committed_keys {
-        let still_prepared = dbs.iter_mut().any(|(_, client)| {
-            list(client).is_ok_and(|l| {
-                l.iter().any(|p| Gid::parse(&p.gid).and_then(|g| g.decision_key()).as_ref() == Some(&key))
-            })
-        });
-        if !still_prepared {
-            let _ = dbs[c].1.execute("DELETE FROM fdt_decisions WHERE gtrid = $1", &[&key]);
+    for (key, local) in locals {
+        let gids = || local.branches.iter().map(|(_, gid, _)| gid.clone());
+        let Some(c) = dbs.iter().position(|(name, _)| *name == local.coordinator) else {
+            report.coordinator_unknown.extend(gids());
+            continue;
+        };
+        if local.branches.iter().any(|(_, _, age)| *age < min_age) {
+            report.too_recent.extend(gids());
+            continue;
         }
+        let coordinator = &local.coordinator;
+        if !try_lock(&mut dbs[c].1, local.lock).map_err(|e| format!("database {coordinator}: {e}"))? {
+            report.coordinator_alive.extend(gids());
+            continue;
+        }
+        let settled = settle_transaction(dbs, c, &key, &local, &mut report);
+        let unlocked = unlock(&mut dbs[c].1, local.lock).map_err(|e| format!("database {coordinator}: {e}"));
+        settled.and(unlocked)?;
     }
+    delete_orphan_decisions(dbs, node_id, app, &mut report)?;
     Ok(report)
+}
+
+/// Settles every branch of a local transaction whose coordinator lock this recovery holds:
+/// commit if the decision is recorded, else roll back; then deletes the decision.
+fn settle_transaction(
+    dbs: &mut [(String, Client)],
+    c: usize,
+    key: &str,
+    local: &Local,
+    report: &mut Report,
+) -> Result<(), String> {
+    let names: Vec<String> = dbs.iter().map(|(n, _)| n.clone()).collect();
+    // Read under the lock: the coordinating session is gone, so the decision is final.
+    let commit = decided(&mut dbs[c].1, key).map_err(|e| format!("database {}: {e}", local.coordinator))?;
+    for (i, gid, _) in &local.branches {
+        let (name, client) = &mut dbs[*i];
+        match settle(client, gid, commit) {
+            // Unknown: settled meanwhile (by the coordinator just before it let go).
+            Ok(()) | Err(TxnError::UnknownGid(_)) => {
+                if commit { &mut report.committed } else { &mut report.rolled_back }.push(gid.clone())
+            }
+            Err(e) => return Err(format!("database {name}: settling {gid}: {e}")),
+        }
+    }
+    // The decision goes once every branch is settled; a branch in a database this recovery
+    // cannot see (a narrower config) still needs it, or it would later be rolled back.
+    if commit {
+        let client = &mut dbs[c].1;
+        let participants: Option<String> = client
+            .query_opt("SELECT participants FROM fdt_decisions WHERE gtrid = $1", &[&key])
+            .map_err(|e| format!("database {}: {}", local.coordinator, describe(&e)))?
+            .map(|row| row.get(0));
+        let all_seen = participants.is_some_and(|p| p.split(',').all(|p| names.iter().any(|n| n == p)));
+        if all_seen {
+            client
+                .execute("DELETE FROM fdt_decisions WHERE gtrid = $1", &[&key])
+                .map_err(|e| format!("database {}: {}", local.coordinator, describe(&e)))?;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the decision records (of `node_id`, and `app` when given) whose transaction has no
+/// branch left prepared and whose coordinator is gone: what a coordinator that died between its
+/// last `COMMIT PREPARED` and the clean-up leaves behind.
+fn delete_orphan_decisions(
+    dbs: &mut [(String, Client)],
+    node_id: &str,
+    app: Option<&str>,
+    report: &mut Report,
+) -> Result<(), String> {
+    let names: Vec<String> = dbs.iter().map(|(n, _)| n.clone()).collect();
+    for c in 0..dbs.len() {
+        let rows = match dbs[c].1.query("SELECT gtrid, participants FROM fdt_decisions", &[]) {
+            Ok(rows) => rows,
+            Err(e) if e.as_db_error().is_some_and(|d| d.code().code() == "42P01") => continue,
+            Err(e) => return Err(format!("database {}: {}", names[c], describe(&e))),
+        };
+        for row in rows {
+            let (key, participants): (String, String) = (row.get(0), row.get(1));
+            let Some(g) = Gid::parse(&key).filter(|g| g.node_id == node_id && app.is_none_or(|a| a == g.app)) else {
+                continue;
+            };
+            let lock = gid::coordinator_lock_key(&key);
+            // Only where every participant is visible here can "no branch left" be known.
+            if g.gtrid.strip_prefix(gid::LOCAL_MARKER).is_none()
+                || !participants.split(',').all(|p| names.iter().any(|n| n == p))
+                || !try_lock(&mut dbs[c].1, lock).map_err(|e| format!("database {}: {e}", names[c]))?
+            {
+                continue;
+            }
+            // Under the lock, look again: branches prepared since the first look count too.
+            let mut left = false;
+            for (name, client) in dbs.iter_mut() {
+                let prepared = list(client).map_err(|e| format!("database {name}: {e}"))?;
+                left |= prepared
+                    .iter()
+                    .any(|p| Gid::parse(&p.gid).and_then(|g| g.decision_key()).as_deref() == Some(key.as_str()));
+            }
+            let client = &mut dbs[c].1;
+            let deleted = if left {
+                Ok(())
+            } else {
+                client.execute("DELETE FROM fdt_decisions WHERE gtrid = $1", &[&key]).map(drop).map_err(|e| describe(&e))
+            };
+            let unlocked = unlock(client, lock);
+            deleted.and(unlocked).map_err(|e| format!("database {}: {e}", names[c]))?;
+            if !left {
+                report.decisions_deleted.push(key);
+            }
+        }
+    }
+    Ok(())
 }

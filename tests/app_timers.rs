@@ -1,0 +1,181 @@
+//! App timers (`fdt_sdk::Conn::set_timer` / `App::on_timer`): the worker calls the app when a
+//! connection's peer has been quiet for the timer's length, with the partial request it holds,
+//! and input restarts the countdown. A plugin built for ABI 1.0 (no timers) still loads and
+//! serves.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use util::*;
+
+fn testkit_server() -> TestServer {
+    TestServer::start(&Setup::new(1, 2).app("testkit", "testkit", ""))
+}
+
+#[test]
+fn timer_calls_the_app_after_quiet_and_it_may_close_the_connection() {
+    let server = testkit_server();
+    let mut client = LineClient::connect(server.addr("testkit"));
+    let started = Instant::now();
+    assert_eq!(client.ask("TIMEOUT 300"), "TIMER");
+    assert_eq!(client.recv().as_deref(), Some("TIMED OUT"));
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(300), "fired after {waited:?}, before the timer ran out");
+    assert!(waited < Duration::from_secs(3), "fired only after {waited:?}");
+    assert!(client.closed_by_peer(), "the app said Close after its last line");
+}
+
+#[test]
+fn timer_repeats_keeps_the_partial_request_and_can_be_removed() {
+    let server = testkit_server();
+    let mut client = LineClient::connect(server.addr("testkit"));
+    assert_eq!(client.ask("TIMER 200"), "TIMER");
+    // A partial line waits in the worker's buffer; the timer sees it.
+    client.stream().write_all(b"PI").unwrap();
+    assert_eq!(client.recv().as_deref(), Some("TICK 1 2"));
+    assert_eq!(client.recv().as_deref(), Some("TICK 2 2"));
+    // The rest of the line completes the request; the connection is still served.
+    client.send("D");
+    let answer = recv_skipping_ticks(&mut client);
+    assert!(answer.parse::<u32>().is_ok(), "PID expected, got {answer:?}");
+    client.send("TIMER 0");
+    assert_eq!(recv_skipping_ticks(&mut client), "TIMER");
+    // No timer any more: nothing comes.
+    client.stream().set_read_timeout(Some(Duration::from_millis(600))).unwrap();
+    assert!(!client.closed_by_peer(), "the connection stays open without a timer");
+}
+
+#[test]
+fn input_restarts_the_countdown() {
+    let server = testkit_server();
+    let mut client = LineClient::connect(server.addr("testkit"));
+    assert_eq!(client.ask("TIMEOUT 700"), "TIMER");
+    // Talk every 200 ms for 1.4 s: twice the timer, never quiet for its length.
+    let until = Instant::now() + Duration::from_millis(1400);
+    while Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(client.ask("ping"), "ping", "a connection in use must not time out");
+    }
+    let quiet_from = Instant::now();
+    assert_eq!(client.recv().as_deref(), Some("TIMED OUT"));
+    assert!(quiet_from.elapsed() >= Duration::from_millis(500));
+}
+
+#[test]
+fn many_timed_connections_fire_independently() {
+    let server = testkit_server();
+    let mut clients: Vec<LineClient> = (0..50).map(|_| LineClient::connect(server.addr("testkit"))).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        // Half close on their timer, half keep ticking.
+        let cmd = if i % 2 == 0 { "TIMEOUT 200" } else { "TIMER 200" };
+        assert_eq!(c.ask(cmd), "TIMER");
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        if i % 2 == 0 {
+            assert_eq!(c.recv().as_deref(), Some("TIMED OUT"));
+            assert!(c.closed_by_peer());
+        } else {
+            assert_eq!(c.recv().as_deref(), Some("TICK 1 0"));
+        }
+    }
+    // The workers report every half second: wait for a report made after the timers fired.
+    wait_for(READY_TIMEOUT, "25 connections open in the status", || {
+        let status = server.status();
+        let open: u64 =
+            status["workers"].as_array().unwrap().iter().map(|w| w["connections"].as_u64().unwrap_or(0)).sum();
+        (open == 25).then_some(())
+    });
+    for c in clients.iter_mut().skip(1).step_by(2) {
+        c.send("still open");
+        assert_eq!(recv_skipping_ticks(c), "still open");
+    }
+}
+
+/// The next line that is not a `TICK` (ticks keep coming while a client is quiet).
+fn recv_skipping_ticks(client: &mut LineClient) -> String {
+    loop {
+        let line = client.recv().expect("the connection stays open");
+        if !line.starts_with("TICK") {
+            return line;
+        }
+    }
+}
+
+/// Compiles `source` (C) into the shared library `dir/name` with gcc.
+fn gcc_shared(dir: &Path, name: &str, source: &str) -> PathBuf {
+    let c = dir.join(format!("{name}.c"));
+    let so = dir.join(name);
+    std::fs::write(&c, source).unwrap();
+    let out = Command::new("gcc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&so)
+        .arg(&c)
+        .output()
+        .expect("gcc is needed to build the test's C libraries, and it cannot be run");
+    assert!(out.status.success(), "gcc failed: {}", String::from_utf8_lossy(&out.stderr));
+    so
+}
+
+/// An echo app in C whose descriptor ends at `conn_close`, as every plugin built for ABI 1.0
+/// does: the host must neither refuse it nor read past its end.
+const ABI_1_0_ECHO: &str = r#"
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+typedef struct { const unsigned char *ptr; size_t len; } StrRef;
+typedef void (*MessageFn)(void *ctx, StrRef msg);
+typedef struct {
+    uint32_t size, flags; const unsigned char *input; size_t input_len;
+    size_t consumed; uint64_t requests;
+    void (*write)(void *ctx, StrRef bytes); void *write_ctx;
+    MessageFn error; void *error_ctx;
+} ConnIo;
+static int start(const void *host, void **app_out, MessageFn error, void *ctx) {
+    static int app; *app_out = &app; return 0;
+}
+static void stop(void *app) {}
+static void *conn_open(void *app, const void *info) { return malloc(1); }
+static int conn_data(void *app, void *conn, ConnIo *io) {
+    size_t end = 0;
+    for (size_t i = 0; i < io->input_len; i++) if (io->input[i] == '\n') end = i + 1;
+    if (end) { StrRef out = { io->input, end }; io->write(io->write_ctx, out); io->requests = 1; }
+    io->consumed = end;
+    return 0;
+}
+static void conn_close(void *app, void *conn) { free(conn); }
+struct Descriptor {
+    unsigned char magic[8]; uint32_t abi_major, abi_minor, size;
+    StrRef sdk_version, rustc_version, target, app_type;
+    void *start, *stop, *conn_open, *conn_data, *conn_close;
+};
+__attribute__((visibility("default"))) const struct Descriptor FDT_APP_DESCRIPTOR_V1 = {
+    { 'F', 'D', 'T', 'A', 'P', 'P', 0, 1 }, 1, 0, sizeof(struct Descriptor),
+    { (const unsigned char *)"0.0.1", 5 }, { (const unsigned char *)"gcc", 3 },
+    { (const unsigned char *)TARGET, sizeof(TARGET) - 1 }, { (const unsigned char *)"CEcho", 5 },
+    (void *)start, (void *)stop, (void *)conn_open, (void *)conn_data, (void *)conn_close,
+};
+"#;
+
+#[test]
+fn a_plugin_built_for_abi_1_0_still_loads_and_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = format!("#define TARGET \"{}\"\n{ABI_1_0_ECHO}", fdt_sdk::abi::TARGET);
+    let so = gcc_shared(dir.path(), "libcecho.so", &source);
+    let server = TestServer::start(&Setup::new(1, 2).app_at("cecho", &so, "", "127.0.0.1:0"));
+    let mut client = LineClient::connect(server.addr("cecho"));
+    assert_eq!(client.ask("old plugins still work"), "old plugins still work");
+    let mut stream = client.stream().try_clone().unwrap();
+    stream.write_all(b"two\nlines\n").unwrap();
+    let mut buf = [0u8; 64];
+    let mut got = Vec::new();
+    while got.len() < 10 {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got, b"two\nlines\n");
+}

@@ -1,0 +1,121 @@
+//! `fdtserver check` passes only what the server accepts: it opens the log files, checks the
+//! control socket's path, and refuses app settings the app does not declare — each with the
+//! file and line or the path at fault. The server refuses the same configs with the same reasons.
+
+mod util;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use util::*;
+
+/// A config with one echo app, `server` lines in `[server]` and `settings` under `[app.echo]`.
+fn config(dir: &Path, server: &str, settings: &str) -> PathBuf {
+    let text = format!(
+        "[server]\nworkers = 1\nthreads = 1\n{server}\n\n[[listen]]\naddress = \"127.0.0.1:0\"\napp = \"echo\"\n\n\
+         [app.echo]\nplugin = \"{}\"\n{settings}\n",
+        plugin("echo").display()
+    );
+    let path = dir.join("fdt.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `check` fails with every text of `wanted` in its error output.
+fn check_refuses(config: &Path, wanted: &[&str]) {
+    let (code, out, err) = cli(&["check"], config);
+    assert_eq!(code, 1, "check must refuse it; stdout: {out}\nstderr: {err}");
+    for w in wanted {
+        assert!(err.contains(w), "check's error must say {w:?}: {err}");
+    }
+}
+
+/// The server refuses to start (exit 1) with every text of `wanted` on stderr.
+fn server_refuses(config: &Path, wanted: &[&str]) {
+    let out = std::process::Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .env("TMPDIR", config.parent().unwrap())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "the server must refuse it: {err}");
+    for w in wanted {
+        assert!(err.contains(w), "the server's error must say {w:?}: {err}");
+    }
+}
+
+#[test]
+fn check_refuses_an_error_log_in_a_directory_that_does_not_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-dir");
+    let cfg = config(dir.path(), &format!("error_log = \"{}/error.log\"", missing.display()), "");
+    check_refuses(&cfg, &["error_log", &format!("directory {} does not exist", missing.display())]);
+    server_refuses(&cfg, &["error_log"]);
+}
+
+#[test]
+fn check_refuses_a_directory_as_error_log_or_access_log() {
+    let dir = tempfile::tempdir().unwrap();
+    check_refuses(&config(dir.path(), "error_log = \"/\"", ""), &["error_log /", "is a directory"]);
+    check_refuses(&config(dir.path(), "access_log = \"/\"", ""), &["access_log /", "is a directory"]);
+}
+
+#[test]
+fn a_control_socket_path_too_long_for_unix_sockets_is_a_config_error_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = format!("/tmp/{}/fdt.sock", "d".repeat(120));
+    let cfg = config(dir.path(), &format!("control_socket = \"{long}\""), "");
+    check_refuses(&cfg, &["fdt.toml:4: `control_socket`", "at most 107"]);
+    server_refuses(&cfg, &["fdt.toml:4: `control_socket`", "at most 107"]);
+}
+
+#[test]
+fn a_control_socket_under_a_file_names_the_component_that_is_not_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("plain-file");
+    std::fs::write(&file, "not a directory").unwrap();
+    let cfg = config(dir.path(), &format!("control_socket = \"{}/run/fdt.sock\"", file.display()), "");
+    let wanted = format!("{} is not a directory", file.display());
+    check_refuses(&cfg, &["control socket", &wanted]);
+    server_refuses(&cfg, &["control socket", &wanted]);
+}
+
+#[test]
+fn a_misspelt_app_setting_is_refused_with_file_line_and_the_settings_the_app_takes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "", "dealy_ms = 5");
+    // [server] and its 3 lines, a blank, 3 lines of [[listen]], a blank, [app.echo], plugin.
+    let wanted = ["fdt.toml:12: [app.echo]: unknown setting `dealy_ms`", "takes: delay_ms"];
+    check_refuses(&cfg, &wanted);
+    server_refuses(&cfg, &wanted);
+}
+
+#[test]
+fn a_reload_with_a_misspelt_setting_is_refused_and_the_old_generation_serves() {
+    let setup = Setup::new(1, 1).app("echo", "echo", "delay_ms = 0");
+    let server = TestServer::start(&setup);
+    let generation = server.generation();
+    let mut bad = setup.clone();
+    bad.apps[0].settings = "delay_ms = 0\nmesage = \"typo\"".into();
+    server.write_config(&bad);
+    let (code, _, err) = server.cli(&["reload"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("unknown setting `mesage`"), "{err}");
+    assert_eq!(server.generation(), generation);
+    let mut client = LineClient::connect(server.addr("echo"));
+    client.stream().set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(client.ask("still here"), "still here");
+}
+
+#[test]
+fn check_passes_a_good_config_and_creates_its_log_files_like_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("error.log");
+    let cfg = config(dir.path(), &format!("error_log = \"{}\"", log.display()), "delay_ms = 1");
+    let (code, out, err) = cli(&["check"], &cfg);
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("ok"), "{out}");
+    assert!(log.exists(), "check opens the error log as the server would");
+}

@@ -1,0 +1,419 @@
+//! Transactions under faults: lock and statement timeouts, the sessions of a killed worker,
+//! coordinator liveness (the advisory lock a coordinating session holds) and the recovery it
+//! enables — in the running server and in `fdtserver txn recover` — and transfers in opposite
+//! directions across two databases. Each against a real PostgreSQL started for the test.
+
+mod util;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use util::pg::PgCluster;
+use util::*;
+
+const NODE: &str = "fault-node";
+const INITIAL: i64 = 1000;
+
+/// Settings of a bank over databases `a` and `b` of `pg`, with `extra` keys in each
+/// `[database.*]`.
+fn two_db_setup(pg: &PgCluster, workers: usize, extra: &str) -> Setup {
+    pg.create_db("a");
+    pg.create_db("b");
+    Setup::new(workers, 4)
+        .app("bank", "bank", "databases = [\"a\", \"b\"]")
+        .server("node_id", &format!("\"{NODE}\""))
+        .server("graceful_timeout", "2")
+        .extra(&format!(
+            "[database.a]\nurl = \"{}\"\npool_size = 8\n{extra}\n[database.b]\nurl = \"{}\"\npool_size = 8\n{extra}\n",
+            pg.url("a"),
+            pg.url("b")
+        ))
+}
+
+/// Opens `n` accounts `acct0…` with [`INITIAL`] each; returns those in database a and in b.
+fn open_accounts(pg: &PgCluster, addr: SocketAddr, n: usize) -> (Vec<String>, Vec<String>) {
+    let mut c = LineClient::connect(addr);
+    let (mut in_a, mut in_b) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let acct = format!("acct{i}");
+        assert_eq!(c.ask(&format!("OPEN {acct} {INITIAL}")), "OK");
+        let here: i64 =
+            pg.client("a").query_one("SELECT count(*) FROM accounts WHERE id = $1", &[&acct]).unwrap().get(0);
+        if here == 1 { in_a.push(acct) } else { in_b.push(acct) }
+    }
+    assert!(!in_a.is_empty() && !in_b.is_empty(), "accounts all in one database: {in_a:?} {in_b:?}");
+    (in_a, in_b)
+}
+
+fn prepared(pg: &PgCluster, db: &str) -> Vec<String> {
+    pg.client(db)
+        .query("SELECT gid FROM pg_prepared_xacts WHERE database = current_database()", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+fn total(pg: &PgCluster) -> i64 {
+    ["a", "b"]
+        .iter()
+        .map(|db| -> i64 {
+            pg.client(db).query_one("SELECT coalesce(sum(balance), 0)::bigint FROM accounts", &[]).unwrap().get(0)
+        })
+        .sum()
+}
+
+/// Asks on a thread and gives up after `limit` (a hang must fail the test, not stall it);
+/// returns the answers and how long they took.
+fn ask_within(addr: SocketAddr, lines: &[&str], limit: Duration) -> (Vec<String>, Duration) {
+    let lines: Vec<String> = lines.iter().map(|s| s.to_string()).collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let start = Instant::now();
+    std::thread::spawn(move || {
+        let mut c = LineClient::connect(addr);
+        let answers: Vec<String> = lines.iter().map(|l| c.ask(l)).collect();
+        let _ = tx.send(answers);
+    });
+    let answers = rx.recv_timeout(limit).unwrap_or_else(|_| panic!("no answer within {limit:?}"));
+    (answers, start.elapsed())
+}
+
+/// What a coordinator of local transaction `n` (coordinated from `a`) that dies in the middle
+/// of its two-phase commit leaves behind: branches prepared in a and b, each inserting `v` into
+/// table `t`, with the decision to commit recorded when `decided`. Returns the gids and the
+/// coordinator's session, which holds its lock (as a live coordinator does) until dropped.
+fn coordinator(pg: &PgCluster, node: &str, n: u64, v: i32, decided: bool) -> (Vec<String>, postgres::Client) {
+    let lock = hold_coordinator_lock(pg, node, n);
+    let mut gids = Vec::new();
+    for db in ["a", "b"] {
+        let gid = format!("fdt1:{node}:lc.{n}.a.{db}:bank");
+        pg.client(db)
+            .batch_execute(&format!("BEGIN; INSERT INTO t VALUES ({v}); PREPARE TRANSACTION '{gid}'"))
+            .unwrap();
+        gids.push(gid);
+    }
+    if decided {
+        let key = format!("fdt1:{node}:lc.{n}.a:bank");
+        pg.client("a").execute("INSERT INTO fdt_decisions (gtrid, participants) VALUES ($1, 'a,b')", &[&key]).unwrap();
+    }
+    (gids, lock)
+}
+
+/// [`coordinator`], dead already.
+fn orphan(pg: &PgCluster, node: &str, n: u64, v: i32, decided: bool) -> Vec<String> {
+    coordinator(pg, node, n, v, decided).0
+}
+
+fn values(pg: &PgCluster, db: &str) -> Vec<i32> {
+    pg.client(db).query("SELECT v FROM t ORDER BY v", &[]).unwrap().iter().map(|r| r.get(0)).collect()
+}
+
+/// A session that holds the coordinator lock of local transaction `n` of `node` (coordinated
+/// from `a`), as a live coordinator does.
+fn hold_coordinator_lock(pg: &PgCluster, node: &str, n: u64) -> postgres::Client {
+    let key = fdt_sdk::gid::coordinator_lock_key(&format!("fdt1:{node}:lc.{n}.a:bank"));
+    let mut c = pg.client("a");
+    c.execute("SELECT pg_advisory_lock($1)", &[&key]).unwrap();
+    c
+}
+
+fn create_t(pg: &PgCluster) {
+    for db in ["a", "b"] {
+        pg.client(db).batch_execute("CREATE TABLE IF NOT EXISTS t (v int)").unwrap();
+    }
+}
+
+#[test]
+fn a_transfer_behind_a_silent_clients_row_lock_answers_err_within_lock_timeout() {
+    let pg = PgCluster::start();
+    let server = TestServer::start(&two_db_setup(&pg, 1, "lock_timeout = 0.5"));
+    let addr = server.addr("bank");
+    let (in_a, _) = open_accounts(&pg, addr, 6);
+    let (held, other) = (&in_a[0], "acct_free");
+    assert_eq!(LineClient::connect(addr).ask(&format!("OPEN {other} 10")), "OK");
+    // A client takes the row lock and goes silent.
+    let mut silent = LineClient::connect(addr);
+    assert_eq!(silent.ask("BEGIN"), "OK");
+    assert_eq!(silent.ask(&format!("DEBIT {held} 1")), "OK");
+    let (answers, took) = ask_within(addr, &[&format!("TRANSFER {held} {other} 1")], Duration::from_secs(8));
+    assert!(answers[0].starts_with("ERR ") && answers[0].contains("lock_timeout"), "{answers:?}");
+    assert!(took >= Duration::from_millis(400) && took < Duration::from_secs(4), "answered after {took:?}");
+    // The worker is fine and the other accounts are not affected.
+    let (answers, _) = ask_within(addr, &[&format!("TRANSFER {other} {} 1", in_a[1])], Duration::from_secs(4));
+    assert_eq!(answers, ["OK"]);
+    drop(silent);
+}
+
+#[test]
+fn a_killed_workers_session_waiting_on_a_lock_ends_within_seconds() {
+    let pg = PgCluster::start();
+    // A long lock_timeout, so only the worker's death can end the wait.
+    let server = TestServer::start(&two_db_setup(&pg, 1, "lock_timeout = 120\nstatement_timeout = 0"));
+    let addr = server.addr("bank");
+    let (in_a, _) = open_accounts(&pg, addr, 6);
+    let mut holder = pg.client("a");
+    holder.batch_execute(&format!("BEGIN; SELECT * FROM accounts WHERE id = '{}' FOR UPDATE", in_a[0])).unwrap();
+    let mut waiting = LineClient::connect(addr);
+    waiting.send(&format!("TRANSFER {} {} 1", in_a[0], in_a[1]));
+    let waiting_backends = || -> Vec<i32> {
+        pg.client("postgres")
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'fdtserver bank' \
+                 AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    let backend = wait_for(Duration::from_secs(5), "the transfer to wait on the lock", || {
+        waiting_backends().first().copied()
+    });
+    let worker = server.worker_pids()[0];
+    nix::sys::signal::kill(Pid::from_raw(worker), Signal::SIGKILL).unwrap();
+    let killed = Instant::now();
+    wait_for(Duration::from_secs(5), "the dead worker's backend to end", || {
+        let gone: bool = pg
+            .client("postgres")
+            .query_one("SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)", &[&backend])
+            .unwrap()
+            .get(0);
+        gone.then_some(())
+    });
+    eprintln!("backend {backend} ended {:?} after its worker was killed", killed.elapsed());
+    holder.batch_execute("ROLLBACK").unwrap();
+    drop(waiting);
+}
+
+#[test]
+fn transfers_in_opposite_directions_across_two_databases_all_succeed() {
+    let pg = PgCluster::start();
+    // A short lock_timeout: a distributed deadlock would show as ERR within seconds.
+    let server = TestServer::start(&two_db_setup(&pg, 2, "lock_timeout = 2"));
+    let addr = server.addr("bank");
+    let (in_a, in_b) = open_accounts(&pg, addr, 6);
+    let (x, y) = (in_a[0].clone(), in_b[0].clone());
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let (from, to) = if t % 2 == 0 { (x.clone(), y.clone()) } else { (y.clone(), x.clone()) };
+            let (failures, ok) = (failures.clone(), ok.clone());
+            std::thread::spawn(move || {
+                let mut c = LineClient::connect(addr);
+                for _ in 0..25 {
+                    let answer = c.ask(&format!("TRANSFER {from} {to} 1"));
+                    if answer == "OK" {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        failures.lock().unwrap().push(answer);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let took = start.elapsed();
+    let failures = failures.lock().unwrap();
+    assert!(failures.is_empty(), "{} of 200 transfers failed, e.g. {:?}", failures.len(), failures.first());
+    assert_eq!(ok.load(Ordering::Relaxed), 200);
+    assert!(took < Duration::from_secs(30), "200 transfers took {took:?}");
+    assert_eq!(total(&pg), 6 * INITIAL, "money was created or destroyed");
+    assert!(prepared(&pg, "a").is_empty() && prepared(&pg, "b").is_empty());
+}
+
+#[test]
+fn the_running_server_settles_branches_whose_coordinator_is_gone_and_leaves_live_ones() {
+    let pg = PgCluster::start();
+    let server = TestServer::start(&two_db_setup(&pg, 1, ""));
+    create_t(&pg);
+    // A live coordinator (it holds its lock) and two dead ones, one decided, one not.
+    let (live_gids, live) = coordinator(&pg, NODE, 1_000_001, 1, true);
+    orphan(&pg, NODE, 1_000_002, 2, true);
+    orphan(&pg, NODE, 1_000_003, 3, false);
+    // Another node's orphan is that node's business.
+    let foreign = orphan(&pg, "other-node", 1_000_004, 4, false);
+    let start = Instant::now();
+    wait_for(Duration::from_secs(5), "the dead coordinators' branches to be settled", || {
+        (prepared(&pg, "a").len() == 2 && prepared(&pg, "b").len() == 2).then_some(())
+    });
+    eprintln!("settled {:?} after they were left", start.elapsed());
+    assert_eq!(values(&pg, "a"), [2], "decided: committed; undecided: rolled back");
+    assert_eq!(values(&pg, "b"), [2]);
+    let mut left = prepared(&pg, "a");
+    left.extend(prepared(&pg, "b"));
+    left.sort();
+    let mut want: Vec<String> = live_gids.iter().chain(&foreign).cloned().collect();
+    want.sort();
+    assert_eq!(left, want);
+    // Recovery keeps looking: the live one is left alone while its lock is held…
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(prepared(&pg, "b").len(), 2, "a branch of a live coordinator was settled");
+    // …and settled once its coordinator is gone.
+    drop(live);
+    wait_for(Duration::from_secs(5), "the last coordinator's branches", || {
+        (values(&pg, "b") == [1, 2]).then_some(())
+    });
+    assert_eq!(values(&pg, "a"), [1, 2]);
+    let decisions: i64 = pg.client("a").query_one("SELECT count(*) FROM fdt_decisions", &[]).unwrap().get(0);
+    assert_eq!(decisions, 0, "decisions of settled transactions must be deleted");
+    drop(server);
+}
+
+#[test]
+fn workers_killed_during_cross_database_transfers_leave_nothing_prepared_while_the_server_runs() {
+    let pg = PgCluster::start();
+    let server = TestServer::start(&two_db_setup(&pg, 2, ""));
+    let addr = server.addr("bank");
+    let (in_a, in_b) = open_accounts(&pg, addr, 8);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|t| {
+            let (in_a, in_b, stop) = (in_a.clone(), in_b.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = t;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let (x, y) = (&in_a[n % in_a.len()], &in_b[(n / 2) % in_b.len()]);
+                    let (from, to) = if n % 2 == 0 { (x, y) } else { (y, x) };
+                    // Workers die under us: errors and cut connections are expected here.
+                    if let Ok(s) = std::net::TcpStream::connect(addr) {
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                        let mut c = std::io::BufReader::new(s);
+                        let _ = std::io::Write::write_all(c.get_mut(), format!("TRANSFER {from} {to} 1\n").as_bytes());
+                        let _ = std::io::BufRead::read_line(&mut c, &mut String::new());
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut kills = 0;
+    let end = Instant::now() + Duration::from_secs(4);
+    let mut i = 0u64;
+    while Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(400 + (i * 97) % 200));
+        i += 1;
+        let pids = server.worker_pids();
+        if let Some(&victim) = pids.get(i as usize % pids.len().max(1)) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(victim), Signal::SIGKILL);
+            kills += 1;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let stopped = Instant::now();
+    server.wait_serving();
+    wait_for(Duration::from_secs(10), "nothing left prepared", || {
+        (prepared(&pg, "a").is_empty() && prepared(&pg, "b").is_empty()).then_some(())
+    });
+    eprintln!("{kills} kills; nothing prepared {:?} after the load stopped", stopped.elapsed());
+    assert!(stopped.elapsed() < Duration::from_secs(10));
+    // Every account can be transferred again, at once.
+    let accounts: Vec<&String> = in_a.iter().chain(&in_b).collect();
+    for pair in accounts.windows(2) {
+        let (answers, _) = ask_within(addr, &[&format!("TRANSFER {} {} 1", pair[0], pair[1])], Duration::from_secs(4));
+        assert_eq!(answers, ["OK"], "{} → {}", pair[0], pair[1]);
+    }
+    assert_eq!(total(&pg), 8 * INITIAL, "money was created or destroyed");
+    assert!(kills > 0);
+}
+
+#[test]
+fn txn_recover_right_after_the_server_is_killed_settles_everything_and_exits_0() {
+    let pg = PgCluster::start();
+    let mut server = TestServer::start(&two_db_setup(&pg, 2, ""));
+    let addr = server.addr("bank");
+    let (in_a, in_b) = open_accounts(&pg, addr, 6);
+    create_t(&pg);
+    // Load, then the whole server killed at once, mid-commit for some transfers.
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..3)
+        .map(|t| {
+            let (x, y, stop) = (in_a[t % in_a.len()].clone(), in_b[t % in_b.len()].clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(s) = std::net::TcpStream::connect(addr) {
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                        let mut c = std::io::BufReader::new(s);
+                        let _ = std::io::Write::write_all(c.get_mut(), format!("TRANSFER {x} {y} 1\n").as_bytes());
+                        let _ = std::io::BufRead::read_line(&mut c, &mut String::new());
+                    } else {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(700));
+    nix::sys::signal::killpg(Pid::from_raw(server.pid), Signal::SIGKILL).unwrap();
+    server.wait_exit(Duration::from_secs(5));
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    // And for certain: branches a killed coordinator left a moment ago, decided or not.
+    orphan(&pg, NODE, 1_000_001, 1, true);
+    orphan(&pg, NODE, 1_000_002, 2, false);
+    let (code, out, err) = server.cli(&["txn", "recover"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(prepared(&pg, "a").is_empty() && prepared(&pg, "b").is_empty(), "left prepared:\n{out}");
+    assert_eq!((values(&pg, "a"), values(&pg, "b")), (vec![1], vec![1]), "{out}");
+    assert_eq!(total(&pg), 6 * INITIAL, "money was created or destroyed");
+    // --min-age is still accepted.
+    let (code, out, err) = server.cli(&["txn", "recover", "--min-age", "0"]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[test]
+fn txn_recover_leaves_a_live_coordinators_branches_and_settles_another_nodes_with_node() {
+    let pg = PgCluster::start();
+    pg.create_db("a");
+    pg.create_db("b");
+    create_t(&pg);
+    for db in ["a", "b"] {
+        pg.client(db)
+            .batch_execute(
+                "CREATE TABLE fdt_decisions (gtrid text PRIMARY KEY, participants text NOT NULL, \
+                 decided_at timestamptz NOT NULL DEFAULT now())",
+            )
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fdt.toml");
+    let setup = Setup::new(1, 1)
+        .app("bank", "bank", "databases = [\"a\", \"b\"]")
+        .server("node_id", &format!("\"{NODE}\""))
+        .extra(&format!("[database.a]\nurl = \"{}\"\n[database.b]\nurl = \"{}\"\n", pg.url("a"), pg.url("b")));
+    std::fs::write(&config, setup.render(dir.path())).unwrap();
+    // This node: one live coordinator. Node "web-2": one dead coordinator, decided.
+    let (_, live) = coordinator(&pg, NODE, 7, 7, true);
+    let other = orphan(&pg, "web-2", 8, 8, true);
+    let (code, out, err) = cli(&["txn", "recover"], &config);
+    assert_eq!(code, 2, "a live coordinator's transaction remains: exit 2\n{out}{err}");
+    assert!(out.contains("in flight") && err.contains("still held by their coordinator"), "{out}{err}");
+    assert_eq!(prepared(&pg, "a").len(), 2, "{out}");
+    // Another node's transactions: only with --node.
+    assert!(!out.contains(&other[0]), "{out}");
+    let (code, out, err) = cli(&["txn", "recover", "--node", "web-2"], &config);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&other[0]) && out.contains("committed"), "{out}");
+    assert_eq!(values(&pg, "b"), [8]);
+    // Once the coordinator is gone, this node's is settled too.
+    drop(live);
+    let (code, out, err) = cli(&["txn", "recover"], &config);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(values(&pg, "b"), [7, 8]);
+    assert!(prepared(&pg, "a").is_empty() && prepared(&pg, "b").is_empty());
+    let (code, _, err) = cli(&["txn", "recover", "--node", "bad:node"], &config);
+    assert_eq!(code, 1, "{err}");
+}
