@@ -66,6 +66,39 @@ fn dispatch(c: &mut Criterion) {
         b.iter(|| hello.on_data(&mut conn, std::hint::black_box(partial), 0, &mut output))
     });
     hello.close_conn(conn);
+    long_line(c, &echo);
+}
+
+/// Feeds `total` bytes of one line to echo in `piece`-byte reads, keeping the unconsumed input
+/// as the worker does, then the final newline. Returns the output length.
+fn feed_line_in_pieces(app: &App, total: usize, piece: usize) -> usize {
+    let mut conn = app.open_conn("127.0.0.1:9", "127.0.0.1:0", 3).expect("conn_open");
+    let (mut pending, mut output) = (Vec::with_capacity(total + 1), Vec::new());
+    let chunk = vec![b'x'; piece];
+    let mut sent = 0;
+    while sent <= total {
+        let n = piece.min(total - sent);
+        pending.extend_from_slice(if n == 0 { b"\n" } else { &chunk[..n] });
+        sent += n.max(1);
+        if let DataOutcome::Next { consumed, .. } = app.on_data(&mut conn, &pending, 0, &mut output) {
+            pending.drain(..consumed);
+        }
+    }
+    app.close_conn(conn);
+    output.len()
+}
+
+/// A 1 MiB line that arrives in 50-byte pieces against the same bytes arriving at once: with
+/// the scan position remembered, the pieces cost about as much as the whole (before: 9×).
+fn long_line(c: &mut Criterion, echo: &App) {
+    const LINE: usize = 1 << 20;
+    assert_eq!(feed_line_in_pieces(echo, LINE, 50), LINE + 1);
+    let mut group = c.benchmark_group("dispatch");
+    group.throughput(Throughput::Bytes(LINE as u64));
+    group.sample_size(10);
+    group.bench_function("echo: 1 MiB line in 50-byte pieces", |b| b.iter(|| feed_line_in_pieces(echo, LINE, 50)));
+    group.bench_function("echo: 1 MiB line at once", |b| b.iter(|| feed_line_in_pieces(echo, LINE, LINE)));
+    group.finish();
 }
 
 criterion_group!(benches, dispatch);

@@ -526,6 +526,25 @@ mod tests {
     }
 
     #[test]
+    fn database_timeouts_have_safe_defaults_take_fractions_and_refuse_unknown_keys() {
+        let url = "[database.main]\nurl = \"host=/tmp\"\n";
+        let c = parse(&format!("{MINIMAL}{url}")).unwrap();
+        let db = &c.databases["main"];
+        assert_eq!(
+            (db.lock_timeout, db.statement_timeout),
+            (Some(Duration::from_secs(5)), Some(Duration::from_secs(10)))
+        );
+        let c = parse(&format!("{MINIMAL}{url}lock_timeout = 0.25\nstatement_timeout = 0\n")).unwrap();
+        let db = &c.databases["main"];
+        assert_eq!((db.lock_timeout, db.statement_timeout), (Some(Duration::from_millis(250)), None));
+        assert!(c.databases_toml().contains("lock_timeout = 0.25"), "{}", c.databases_toml());
+        let err = parse(&format!("{MINIMAL}{url}lock_timeout = -1\n")).unwrap_err().to_string();
+        assert!(err.contains("test.toml:10: `lock_timeout`"), "{err}");
+        let err = parse(&format!("{MINIMAL}{url}lock_timout = 1\n")).unwrap_err().to_string();
+        assert!(err.contains("test.toml:10:") && err.contains("lock_timout"), "{err}");
+    }
+
+    #[test]
     fn an_unknown_server_key_is_reported_with_file_and_line() {
         let err = parse(&format!("[server]\nworkers = 2\nwokers = 3\n{MINIMAL}")).unwrap_err();
         assert_eq!(err.problems.len(), 1, "{err}");

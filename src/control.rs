@@ -3,7 +3,11 @@
 //!
 //! Invariant: the server side never blocks the master: every socket is non-blocking, each
 //! request is answered with `Connection: close`, and a `POST /reload` is parked until the
-//! master resolves it.
+//! master resolves it. A request runs only once it arrived whole: its body (which the API
+//! ignores) must be framed by one valid `Content-Length` of at most [`MAX_BODY`] bytes and
+//! arrive in full; otherwise it is answered `400` or `413` and never executed. What one
+//! connection may make the master buffer is bounded, and so is what refused clients cost the
+//! log.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -16,6 +20,14 @@ use mio::{Interest, Registry, Token};
 
 /// Requests larger than this are refused (431): the API has no large requests.
 const MAX_REQUEST: usize = 16 * 1024;
+/// A request body larger than this is refused (413) as soon as its `Content-Length` is read:
+/// the API takes no body (a small one, such as `curl -d ''` sends, is read and ignored).
+pub const MAX_BODY: u64 = 4 * 1024;
+/// The warning about refused clients (connection limit reached) is logged at most this often;
+/// the next one says how many were refused in between.
+const REFUSAL_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// The whole answer to a client refused for the connection limit.
+const REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 53\r\nConnection: close\r\n\r\ntoo many control connections open; try again shortly\n";
 /// Token space of control connections in the master's poll (`CONN_TOKEN_BASE + id`).
 pub const CONN_TOKEN_BASE: usize = 1 << 32;
 
@@ -61,6 +73,7 @@ fn reason_phrase(status: u16) -> &'static str {
         404 => "Not Found",
         405 => "Method Not Allowed",
         409 => "Conflict",
+        413 => "Content Too Large",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         _ => "Status",
@@ -93,6 +106,10 @@ pub struct ControlServer {
     owns_path: bool,
     conns: HashMap<usize, Connection>,
     next_id: usize,
+    /// Clients refused for the connection limit since the last warning about it.
+    refused_unlogged: u64,
+    /// When that warning was last logged.
+    last_refusal_log: Option<std::time::Instant>,
 }
 
 impl ControlServer {
@@ -118,6 +135,8 @@ impl ControlServer {
             owns_path: true,
             conns: HashMap::new(),
             next_id: 0,
+            refused_unlogged: 0,
+            last_refusal_log: None,
         })
     }
 
@@ -140,6 +159,8 @@ impl ControlServer {
             owns_path: false,
             conns: HashMap::new(),
             next_id: 0,
+            refused_unlogged: 0,
+            last_refusal_log: None,
         })
     }
 
@@ -178,8 +199,11 @@ impl ControlServer {
             match listener.accept() {
                 Ok((mut stream, _)) => {
                     if self.conns.len() >= MAX_CONNECTIONS {
-                        log::warn!("control socket: {MAX_CONNECTIONS} connections open already; refusing one more");
-                        continue; // dropping `stream` closes it
+                        // One non-blocking write of a short answer (a fresh socket's buffer
+                        // takes it), then dropping `stream` closes it.
+                        let _ = stream.write(REFUSED);
+                        note_refusal(&mut self.refused_unlogged, &mut self.last_refusal_log);
+                        continue;
                     }
                     let id = self.next_id;
                     self.next_id += 1;
@@ -200,8 +224,18 @@ impl ControlServer {
         }
     }
 
-    /// Closes connections that did not send a whole request within `REQUEST_TIMEOUT`.
+    /// Closes connections that did not send a whole request within `REQUEST_TIMEOUT` (one
+    /// whose head arrived but whose body did not is answered `400` first), and logs refusals
+    /// not logged yet.
     pub fn expire(&mut self, registry: &Registry) {
+        if self.refused_unlogged > 0 && self.last_refusal_log.is_none_or(|t| t.elapsed() >= REFUSAL_LOG_INTERVAL) {
+            log::warn!(
+                "control socket: {} more refused since the last warning (at most {MAX_CONNECTIONS} connections)",
+                self.refused_unlogged
+            );
+            self.refused_unlogged = 0;
+            self.last_refusal_log = Some(std::time::Instant::now());
+        }
         let stale: Vec<usize> = self
             .conns
             .iter()
@@ -209,7 +243,17 @@ impl ControlServer {
             .map(|(id, _)| *id)
             .collect();
         for id in stale {
-            self.close(id, registry);
+            let incomplete = self.conns.get(&id).and_then(|c| incomplete_body(&c.input));
+            match incomplete {
+                Some(msg) => {
+                    if let Some(c) = self.conns.get_mut(&id) {
+                        c.answered = true;
+                    }
+                    let secs = REQUEST_TIMEOUT.as_secs();
+                    self.respond(id, Response::text(400, format!("{msg} within {secs} s")), registry);
+                }
+                None => self.close(id, registry),
+            }
         }
     }
 
@@ -225,7 +269,9 @@ impl ControlServer {
         }
         let mut buf = [0u8; 4096];
         let mut closed = false;
-        loop {
+        // Bounded: past this much a request is decided (431 or 413) or complete.
+        let cap = MAX_REQUEST + MAX_BODY as usize + buf.len();
+        while conn.input.len() <= cap {
             match conn.stream.read(&mut buf) {
                 Ok(0) => {
                     closed = true;
@@ -240,7 +286,7 @@ impl ControlServer {
                 }
             }
         }
-        let request = parse(&conn.input);
+        let request = parse(&conn.input, closed);
         match request {
             Some(r) => {
                 conn.answered = true;
@@ -309,12 +355,107 @@ impl ControlServer {
     }
 }
 
-/// Parses one request; `None` while incomplete.
-fn parse(input: &[u8]) -> Option<Request> {
+/// Counts a client refused for the connection limit; warns at most once per
+/// [`REFUSAL_LOG_INTERVAL`] (a flood of clients must not flood the log).
+fn note_refusal(refused_unlogged: &mut u64, last_refusal_log: &mut Option<std::time::Instant>) {
+    *refused_unlogged += 1;
+    if last_refusal_log.is_some_and(|t| t.elapsed() < REFUSAL_LOG_INTERVAL) {
+        return;
+    }
+    let others = *refused_unlogged - 1;
+    log::warn!(
+        "control socket: {MAX_CONNECTIONS} connections open already; refusing one more with 503{}",
+        if others > 0 { format!(" ({others} more refused since the last warning)") } else { String::new() }
+    );
+    *refused_unlogged = 0;
+    *last_refusal_log = Some(std::time::Instant::now());
+}
+
+/// How a request's body is framed, from its head.
+enum Body {
+    /// This many bytes follow the head (0: no body).
+    Length(u64),
+    /// Answer this instead of running the request.
+    Refused(u16, String),
+}
+
+/// The body framing of a request whose head is complete (RFC 9112 §6: a `Content-Length` is
+/// one or more digits; several different values, or one that is not a number, make the
+/// request invalid; the API supports no `Transfer-Encoding`).
+fn body_framing(headers: &[httparse::Header]) -> Body {
+    let mut length: Option<u64> = None;
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Body::Refused(
+                400,
+                "Transfer-Encoding is not supported: send the body with a Content-Length".into(),
+            );
+        }
+        if !h.name.eq_ignore_ascii_case("content-length") {
+            continue;
+        }
+        let value = std::str::from_utf8(h.value).unwrap_or("").trim_matches([' ', '\t']);
+        if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+            return Body::Refused(
+                400,
+                format!("invalid Content-Length {:?}: it must be digits only", String::from_utf8_lossy(h.value)),
+            );
+        }
+        // More digits than a u64 holds is a body too large all the same.
+        let n = value.parse::<u64>().unwrap_or(u64::MAX);
+        if length.is_some_and(|l| l != n) {
+            return Body::Refused(400, "conflicting Content-Length headers".into());
+        }
+        length = Some(n);
+    }
+    match length {
+        Some(n) if n > MAX_BODY => Body::Refused(
+            413,
+            format!(
+                "request body of {n} bytes refused: the control API takes no body (at most {MAX_BODY} bytes, ignored)"
+            ),
+        ),
+        n => Body::Length(n.unwrap_or(0)),
+    }
+}
+
+/// Why a request whose head arrived is not complete yet (its body is missing), if it is so.
+fn incomplete_body(input: &[u8]) -> Option<String> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    let Ok(httparse::Status::Complete(head)) = req.parse(input) else { return None };
+    match body_framing(req.headers) {
+        Body::Length(n) if ((input.len() - head) as u64) < n => {
+            Some(format!("incomplete request: a body of {n} bytes was declared, {} arrived", input.len() - head))
+        }
+        _ => None,
+    }
+}
+
+/// Parses one request; `None` while incomplete (`closed`: the client will send nothing more,
+/// so a missing body is an error now).
+fn parse(input: &[u8], closed: bool) -> Option<Request> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(input) {
-        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Complete(head)) if head > MAX_REQUEST => {
+            return Some(Request::Bad(431, "request too large".into()));
+        }
+        Ok(httparse::Status::Complete(head)) => match body_framing(req.headers) {
+            Body::Refused(status, msg) => return Some(Request::Bad(status, msg)),
+            Body::Length(n) if ((input.len() - head) as u64) < n => {
+                if closed {
+                    let got = input.len() - head;
+                    return Some(Request::Bad(
+                        400,
+                        format!("incomplete request: a body of {n} bytes was declared, {got} arrived"),
+                    ));
+                }
+                return None;
+            }
+            // The body is ignored: no endpoint takes one.
+            Body::Length(_) => {}
+        },
         Ok(httparse::Status::Partial) if input.len() > MAX_REQUEST => {
             return Some(Request::Bad(431, "request too large".into()));
         }
@@ -384,11 +525,38 @@ mod tests {
 
     #[test]
     fn requests_map_to_endpoints_and_bad_ones_get_4xx() {
-        assert_eq!(parse(b"GET /status HTTP/1.1\r\n\r\n"), Some(Request::Status));
-        assert_eq!(parse(b"POST /reload HTTP/1.1\r\nHost: x\r\n\r\n"), Some(Request::Reload));
-        assert_eq!(parse(b"GET /status HTTP/1.1\r\n"), None);
-        assert!(matches!(parse(b"DELETE /reload HTTP/1.1\r\n\r\n"), Some(Request::Bad(405, _))));
-        assert!(matches!(parse(b"GET /nope HTTP/1.1\r\n\r\n"), Some(Request::Bad(404, _))));
-        assert!(matches!(parse(b"\x01\x02\r\n\r\n"), Some(Request::Bad(400, _))));
+        assert_eq!(parse(b"GET /status HTTP/1.1\r\n\r\n", false), Some(Request::Status));
+        assert_eq!(parse(b"POST /reload HTTP/1.1\r\nHost: x\r\n\r\n", false), Some(Request::Reload));
+        assert_eq!(parse(b"GET /status HTTP/1.1\r\n", false), None);
+        assert!(matches!(parse(b"DELETE /reload HTTP/1.1\r\n\r\n", false), Some(Request::Bad(405, _))));
+        assert!(matches!(parse(b"GET /nope HTTP/1.1\r\n\r\n", false), Some(Request::Bad(404, _))));
+        assert!(matches!(parse(b"\x01\x02\r\n\r\n", false), Some(Request::Bad(400, _))));
+    }
+
+    #[test]
+    fn the_503_answer_declares_its_own_length() {
+        let text = std::str::from_utf8(REFUSED).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("Content-Length: {}\r\n", body.len())), "{head}");
+    }
+
+    #[test]
+    fn a_request_runs_only_with_its_whole_body_and_a_valid_length() {
+        let reload = |headers: &str, body: &str, closed| {
+            parse(format!("POST /reload HTTP/1.1\r\nHost: x\r\n{headers}\r\n{body}").as_bytes(), closed)
+        };
+        assert_eq!(reload("Content-Length: 2\r\n", "{}", false), Some(Request::Reload));
+        assert_eq!(reload("Content-Length: 0\r\n", "", false), Some(Request::Reload));
+        // Waits for the rest; a client that stopped sending gets 400.
+        assert_eq!(reload("Content-Length: 5\r\n", "ab", false), None);
+        assert!(matches!(reload("Content-Length: 5\r\n", "ab", true), Some(Request::Bad(400, _))));
+        assert!(matches!(reload("Content-Length: 99999999\r\n", "", false), Some(Request::Bad(413, _))));
+        assert!(matches!(reload("Content-Length: 99999999999999999999999\r\n", "", false), Some(Request::Bad(413, _))));
+        for bad in ["Content-Length: +5\r\n", "Content-Length: -1\r\n", "Content-Length: 1\r\nContent-Length: 2\r\n"] {
+            assert!(matches!(reload(bad, "", false), Some(Request::Bad(400, _))), "{bad}");
+        }
+        assert!(matches!(reload("Transfer-Encoding: chunked\r\n", "0\r\n\r\n", false), Some(Request::Bad(400, _))));
+        assert!(incomplete_body(b"POST /reload HTTP/1.1\r\nContent-Length: 3\r\n\r\n").is_some());
+        assert!(incomplete_body(b"POST /reload HTTP/1.1\r\n").is_none());
     }
 }

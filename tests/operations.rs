@@ -201,7 +201,10 @@ fn a_control_request_with_a_missing_oversized_or_malformed_body_is_refused_and_n
     let generation = server.generation();
     let started = std::time::Instant::now();
     // Declares a body it never sends: refused at once, not after a timeout.
-    assert_eq!(control_raw(&server, b"POST /reload HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n"), Some(413));
+    assert_eq!(
+        control_raw(&server, b"POST /reload HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n"),
+        Some(413)
+    );
     assert!(started.elapsed() < Duration::from_secs(5), "answered after {:?}", started.elapsed());
     // A body cut short.
     assert_eq!(control_raw(&server, b"POST /reload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc"), Some(400));

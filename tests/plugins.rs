@@ -294,9 +294,11 @@ fn check_gives_up_on_an_app_whose_start_hangs_and_its_child_dies_with_it() {
     let dir = tempfile::tempdir().unwrap();
     let hang = dir.path().join("hang");
     std::fs::write(&hang, "").unwrap();
-    let setup = Setup::new(1, 1)
-        .server("boot_timeout", "1")
-        .app("kit", "testkit", &format!("hang_at_start_if = \"{}\"", hang.display()));
+    let setup = Setup::new(1, 1).server("boot_timeout", "1").app(
+        "kit",
+        "testkit",
+        &format!("hang_at_start_if = \"{}\"", hang.display()),
+    );
     let config = write_config(&setup, dir.path());
 
     // Killed: the child that runs the apps goes with it.
@@ -347,4 +349,23 @@ fn a_reload_to_a_fifo_plugin_is_refused_at_once_and_the_old_generation_keeps_ser
     drop(c);
     server.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(server.wait_exit(std::time::Duration::from_secs(10)).success(), "{}", server.log());
+}
+
+#[test]
+fn a_reload_to_a_fifo_as_error_log_is_refused_at_once() {
+    let mut server = TestServer::start(&Setup::new(1, 1).app("echo", "echo", ""));
+    let generation = server.generation();
+    let pipe = fifo(server.dir.path(), "error.log");
+    server.write_config(
+        &Setup::new(1, 1).app("echo", "echo", "").server("error_log", &format!("\"{}\"", pipe.display())),
+    );
+    let asked = std::time::Instant::now();
+    let (code, body) = server.reload();
+    assert_eq!(code, 409, "{body}");
+    assert!(asked.elapsed() < std::time::Duration::from_secs(5), "the reload took {:?}", asked.elapsed());
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(error.contains(&pipe.display().to_string()) && error.contains("FIFO"), "{body}");
+    assert_eq!(server.generation(), generation);
+    assert_eq!(LineClient::connect(server.addr("echo")).ask("still serving"), "still serving");
+    server.assert_running();
 }

@@ -105,3 +105,36 @@ fn an_exhausted_pool_gives_a_clear_error_after_its_timeout() {
     assert!(started.elapsed() >= std::time::Duration::from_secs(4));
     holder.rollback().unwrap();
 }
+
+#[test]
+fn sessions_get_the_configured_timeouts_and_a_slow_statement_fails() {
+    let pg = PgCluster::start();
+    pg.create_db("app");
+    let settings = |extra: &str| {
+        Settings::parse("demo", "")
+            .unwrap()
+            .with_worker("sdk-node", std::process::id(), 1)
+            .with_databases(&format!("[main]\nurl = \"{}\"\npool_size = 2\n{extra}", pg.url("app")))
+            .unwrap()
+    };
+    let show = |dbs: &Databases, name: &str| -> String {
+        dbs.with_client("main", |c| Ok(c.query_one(&format!("SHOW {name}"), &[]).unwrap().get(0))).unwrap()
+    };
+    // The defaults: no statement can keep a handler thread for longer than 10 s.
+    let dbs = Databases::open(&settings(""), &["main"]).unwrap();
+    assert_eq!(show(&dbs, "lock_timeout"), "5s");
+    assert_eq!(show(&dbs, "statement_timeout"), "10s");
+    assert_eq!(show(&dbs, "client_connection_check_interval"), "1s");
+    assert_eq!(show(&dbs, "application_name"), "fdtserver demo");
+    // Configured, with fractions; 0 lifts a limit.
+    let dbs = Databases::open(&settings("statement_timeout = 0.3\nlock_timeout = 0"), &["main"]).unwrap();
+    assert_eq!(show(&dbs, "lock_timeout"), "0");
+    let started = std::time::Instant::now();
+    let mut tx = dbs.transaction();
+    let err = tx.query("main", "SELECT pg_sleep(5)", &[]).unwrap_err();
+    assert!(err.to_string().contains("57014"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3), "took {:?}", started.elapsed());
+    assert_eq!(tx.state(), &TxnState::Doomed);
+    let bad = Databases::open(&settings("lock_timeout = \"soon\""), &["main"]).err().unwrap();
+    assert!(bad.contains("[database.main]") && bad.contains("lock_timeout"), "{bad}");
+}

@@ -171,9 +171,8 @@ fn a_killed_workers_session_waiting_on_a_lock_ends_within_seconds() {
             .map(|r| r.get(0))
             .collect()
     };
-    let backend = wait_for(Duration::from_secs(5), "the transfer to wait on the lock", || {
-        waiting_backends().first().copied()
-    });
+    let backend =
+        wait_for(Duration::from_secs(5), "the transfer to wait on the lock", || waiting_backends().first().copied());
     let worker = server.worker_pids()[0];
     nix::sys::signal::kill(Pid::from_raw(worker), Signal::SIGKILL).unwrap();
     let killed = Instant::now();
@@ -259,9 +258,7 @@ fn the_running_server_settles_branches_whose_coordinator_is_gone_and_leaves_live
     assert_eq!(prepared(&pg, "b").len(), 2, "a branch of a live coordinator was settled");
     // …and settled once its coordinator is gone.
     drop(live);
-    wait_for(Duration::from_secs(5), "the last coordinator's branches", || {
-        (values(&pg, "b") == [1, 2]).then_some(())
-    });
+    wait_for(Duration::from_secs(5), "the last coordinator's branches", || (values(&pg, "b") == [1, 2]).then_some(()));
     assert_eq!(values(&pg, "a"), [1, 2]);
     let decisions: i64 = pg.client("a").query_one("SELECT count(*) FROM fdt_decisions", &[]).unwrap().get(0);
     assert_eq!(decisions, 0, "decisions of settled transactions must be deleted");

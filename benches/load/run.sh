@@ -61,10 +61,11 @@ done
 for var in DURATION ROUNDS WORKERS THREADS; do
     [ "${!var}" -gt 0 ] || die "$var must be at least 1"
 done
-# A `taskset -c` CPU list ("0-7", "0,2,4-6") -> the CPU numbers, one per line, checked
+# A `taskset -c` CPU list ("0-7", "0,2,4-6") -> the CPU numbers in CPUS_OUT, checked
 # against the CPUs this machine has.
 expand_cpus() { # name list
     local part lo hi cpu
+    CPUS_OUT=()
     [[ $2 =~ ^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$ ]] ||
         die "$1 must be a CPU list like 0-7 or 0,2,4-6 (got '$2')"
     for part in ${2//,/ }; do
@@ -73,13 +74,15 @@ expand_cpus() { # name list
         [ "$lo" -le "$hi" ] || die "$1: $part is not a range (got '$2')"
         for ((cpu = lo; cpu <= hi; cpu++)); do
             grep -q "^cpu$cpu " /proc/stat || die "$1: this machine has no CPU $cpu (nproc: $(nproc))"
-            echo "$cpu"
+            CPUS_OUT+=("$cpu")
         done
-    done | sort -nu
+    done
+    mapfile -t CPUS_OUT < <(printf '%s\n' "${CPUS_OUT[@]}" | sort -nu)
 }
-mapfile -t SERVER_SET < <(expand_cpus SERVER_CPUS "$SERVER_CPUS")
-mapfile -t CLIENT_SET < <(expand_cpus CLIENT_CPUS "$CLIENT_CPUS")
-[ "${#SERVER_SET[@]}" -gt 0 ] && [ "${#CLIENT_SET[@]}" -gt 0 ] || die "bad SERVER_CPUS or CLIENT_CPUS (see above)"
+expand_cpus SERVER_CPUS "$SERVER_CPUS"
+SERVER_SET=("${CPUS_OUT[@]}")
+expand_cpus CLIENT_CPUS "$CLIENT_CPUS"
+CLIENT_SET=("${CPUS_OUT[@]}")
 mapfile -t BOTH_SET < <(printf '%s\n' "${SERVER_SET[@]}" "${CLIENT_SET[@]}" | sort -nu)
 WRK_THREADS=${WRK_THREADS:-${#CLIENT_SET[@]}}
 is_uint "$WRK_THREADS" && [ "$WRK_THREADS" -gt 0 ] || die "WRK_THREADS must be a positive integer (got '$WRK_THREADS')"
@@ -531,7 +534,7 @@ elif [ -n "$RATES" ]; then
 fi
 
 # --- 5. report -------------------------------------------------------------------
-median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print ""; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 # Field k of the runs of server s at c connections; only the runs other load
 # did not disturb, if there is any such run.
 col() {
@@ -540,7 +543,7 @@ col() {
         END { if (q) for (i = 1; i <= q; i++) print clean[i]; else for (i = 1; i <= n; i++) print all[i] }' "$RESULTS"
 }
 col_all() { awk -v k="$1" '{ print $k }' "$RESULTS"; }
-fmt_us() { awk -v v="$1" 'BEGIN { if (v < 1000) printf "%d µs", v; else printf "%.2f ms", v / 1000 }'; }
+fmt_us() { awk -v v="$1" 'BEGIN { if (v == "") print "n/a"; else if (v < 1000) printf "%d µs", v; else printf "%.2f ms", v / 1000 }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b == 0) print "n/a"; else printf "%.2f", a / b }'; }
 
 git_rev=$(git rev-parse --short HEAD 2>/dev/null || echo "no commit")
@@ -549,7 +552,7 @@ report() {
     echo "# Load benchmark: last run"
     echo
     echo "$(date -u '+%Y-%m-%d %H:%M UTC'), nproc $(nproc), kernel $(uname -r), $("$NGINX" -v 2>&1 | sed 's/^nginx version: //'), $(wrk -v 2>&1 | head -n 1 | awk '{ print $1, $2 }' || true), fdtserver at $git_rev."
-    echo "Servers pinned to CPUs $SERVER_CPUS, wrk ($WRK_THREADS threads, keep-alive) to CPUs $CLIENT_CPUS; workers=$WORKERS for fdtserver and nginx, threads=$THREADS for fdtserver;"
+    echo "Servers pinned to CPUs $SERVER_CPUS, wrk (keep-alive, threads: $WRK_THREADS) to CPUs $CLIENT_CPUS; workers=$WORKERS for fdtserver and nginx, threads=$THREADS for fdtserver;"
     echo "${DURATION} s per run, rounds: $ROUNDS, alternating ${SERVERS[*]} in each round; medians over the rounds. Command: \`benches/load/run.sh\` (DURATION=$DURATION ROUNDS=$ROUNDS CONNECTIONS=\"$CONNECTIONS\" WORKERS=$WORKERS THREADS=$THREADS SERVER_CPUS=$SERVER_CPUS CLIENT_CPUS=$CLIENT_CPUS RATES=\"$RATES\")."
     [ -x "$FDT_BIN" ] || echo "**fdtserver was not measured: $FDT_BIN did not exist.**"
     [ "$FDT_BIN" = "$REPO/target/release/fdtserver" ] || echo "fdtserver binary: \`$FDT_BIN\`."

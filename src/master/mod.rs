@@ -583,7 +583,7 @@ impl Master {
                 // Told to drain (TTOU, or its generation was replaced) or to stop while it was
                 // still starting: it keeps that state and is never told to accept; the message
                 // already queued on its channel makes it exit, and that exit is no crash.
-                log::debug!("worker {} (pid {pid}) is ready but was told to {} meanwhile", w.slot, w.state.name());
+                log::debug!("worker {} (pid {pid}) is ready, and stays {}", w.slot, w.state.name());
             }
             WorkerMessage::Ready => {
                 w.state = WorkerState::Ready;
@@ -847,21 +847,28 @@ impl Master {
         }
         let identity = crate::privileges::resolve(config.server.user.as_deref(), config.server.group.as_deref())
             .inspect_err(|_| self.close_unused_listeners())?;
-        let mut plugins = BTreeMap::new();
-        let pin_dir = self.runtime_dir.plugins();
+        // Every app a listener uses, once; its plugin file is pinned in a child process that
+        // may take at most `PIN_TIMEOUT` (a file on a hung mount never hangs the master).
+        let mut apps: Vec<(String, PathBuf)> = Vec::new();
         for l in &config.listeners {
             let app = config.app(&l.app);
-            if plugins.contains_key(&app.name) {
-                continue;
+            if !apps.iter().any(|(name, _)| *name == app.name) {
+                apps.push((app.name.clone(), app.plugin.clone()));
             }
+        }
+        let files: Vec<&Path> = apps.iter().map(|(_, p)| p.as_path()).collect();
+        let pinned = crate::plugin::pin::pin_all(&files, &self.runtime_dir.plugins(), crate::plugin::pin::PIN_TIMEOUT)
+            .inspect_err(|_| self.close_unused_listeners())?;
+        let mut plugins = BTreeMap::new();
+        for ((name, plugin), pinned) in apps.into_iter().zip(pinned) {
             // Readable by the workers' user whatever the umask: they load it after dropping root.
-            let pinned = crate::plugin::pin::pin(&app.plugin, &pin_dir)
-                .and_then(|p| std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).map(|()| p));
+            let pinned =
+                pinned.and_then(|p| std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).map(|()| p));
             match pinned {
-                Ok(pinned) => plugins.insert(app.name.clone(), pinned),
+                Ok(pinned) => plugins.insert(name, pinned),
                 Err(e) => {
                     self.close_unused_listeners();
-                    return Err(format!("app {}: plugin {}: {e}", app.name, app.plugin.display()));
+                    return Err(format!("app {name}: plugin {}: {e}", plugin.display()));
                 }
             };
         }
@@ -1239,7 +1246,8 @@ impl Master {
             // Only while the generation is short of workers (a TTOU meanwhile may have lowered
             // its target).
             let short = self.table.generations.get(&r.generation).is_some_and(|g| {
-                self.table.live_workers(r.generation) + self.respawns.iter().filter(|p| p.generation == r.generation).count()
+                self.table.live_workers(r.generation)
+                    + self.respawns.iter().filter(|p| p.generation == r.generation).count()
                     < g.target_workers
             });
             if active

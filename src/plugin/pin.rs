@@ -5,6 +5,9 @@
 //! Runs in the master: it reads and copies files, and never loads them. It never blocks on a
 //! file either: a plugin path is opened non-blocking and must be a regular file (a FIFO would
 //! block `open` until a writer comes, a device could block any read), and its size is bounded.
+//! And since no flag keeps `open` or `read` from sleeping in the kernel on a hung network mount,
+//! [`pin_all`] does the file work in a short-lived child process that the master waits for at
+//! most [`PIN_TIMEOUT`], then kills.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -85,6 +88,125 @@ pub fn open_regular(plugin: &Path) -> io::Result<File> {
         ));
     }
     Ok(file)
+}
+
+/// The longest the master waits for its plugin files to be read and copied (see [`pin_all`]).
+pub const PIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Pins every file of `plugins` into `dir` (see [`pin`]), in a child process, so that a file
+/// that hangs (a hung network mount, where `open`, `stat` and `read` sleep in the kernel
+/// whatever the flags) holds up the caller at most `limit`: then the child is killed and every
+/// plugin refused with a reason that names the files. Returns each plugin's copy or error, in
+/// order. The caller must be single-threaded (it forks); the child is left for the caller's
+/// `waitpid` to reap.
+pub fn pin_all(plugins: &[&Path], dir: &Path, limit: std::time::Duration) -> Result<Vec<io::Result<PathBuf>>, String> {
+    use std::os::unix::ffi::OsStrExt;
+    let work = || -> Vec<Pinned> {
+        plugins.iter().map(|p| pin(p, dir).map(|c| c.as_os_str().as_bytes().to_vec()).map_err(PinError::of)).collect()
+    };
+    let results = in_child(limit, work).map_err(|e| {
+        let names: Vec<String> = plugins.iter().map(|p| p.display().to_string()).collect();
+        match e {
+            ChildError::TimedOut => format!(
+                "reading the plugin files ({}) took longer than {} s: is a file on a hung network mount?",
+                names.join(", "),
+                limit.as_secs_f64()
+            ),
+            ChildError::Failed(why) => format!("cannot pin the plugin files ({}): {why}", names.join(", ")),
+        }
+    })?;
+    if results.len() != plugins.len() {
+        return Err(format!("pinning the plugins: {} answers for {} files", results.len(), plugins.len()));
+    }
+    Ok(results
+        .into_iter()
+        .map(|r| r.map(|bytes| PathBuf::from(std::ffi::OsStr::from_bytes(&bytes))).map_err(PinError::into_io))
+        .collect())
+}
+
+/// Why [`in_child`] has no answer.
+#[derive(Debug)]
+enum ChildError {
+    /// The work took longer than its limit: the child was killed.
+    TimedOut,
+    /// No pipe, no fork, or the child died without answering.
+    Failed(String),
+}
+
+/// Runs `work` in a forked child and returns its answer, waiting at most `limit` (then the
+/// child is killed). The child keeps no fd of the caller's but the pipe it answers on, keeps
+/// every signal blocked (SIGKILL still ends it), dies with the caller, and is left for the
+/// caller's `waitpid` to reap. The caller must be single-threaded.
+fn in_child<T: serde::Serialize + serde::de::DeserializeOwned>(
+    limit: std::time::Duration,
+    work: impl FnOnce() -> T,
+) -> Result<T, ChildError> {
+    use std::os::fd::AsRawFd;
+    let (mut ours, theirs) =
+        std::os::unix::net::UnixStream::pair().map_err(|e| ChildError::Failed(format!("no pipe: {e}")))?;
+    let (fork, saved_mask) =
+        crate::sys::fork_with_signals_blocked().map_err(|e| ChildError::Failed(format!("cannot fork: {e}")))?;
+    let child = match fork {
+        crate::sys::Fork::Child => {
+            let _ = crate::sys::close_fds_except(&[theirs.as_raw_fd()]);
+            let _ = crate::sys::set_parent_death_signal(nix::sys::signal::Signal::SIGKILL);
+            let answer = serde_json::to_vec(&work()).unwrap_or_default();
+            let mut theirs = theirs;
+            let _ = io::Write::write_all(&mut theirs, &answer);
+            std::process::exit(0);
+        }
+        crate::sys::Fork::Parent(pid) => pid,
+    };
+    let _ = crate::sys::restore_signal_mask(&saved_mask);
+    drop(theirs);
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let finished = loop {
+        let left = limit.saturating_sub(started.elapsed());
+        if left.is_zero() || ours.set_read_timeout(Some(left)).is_err() {
+            break false;
+        }
+        match ours.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break false,
+        }
+    };
+    if !finished {
+        let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+        return Err(ChildError::TimedOut);
+    }
+    serde_json::from_slice(&answer)
+        .map_err(|_| ChildError::Failed(format!("its process (pid {child}) died without an answer")))
+}
+
+/// What the child of [`pin_all`] answers for one plugin: the copy's path (bytes), or why not.
+type Pinned = Result<Vec<u8>, PinError>;
+
+/// An `io::Error` across the pipe: an OS error keeps its code (so its kind and text), any
+/// other its kind (as far as it matters here) and message.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PinError {
+    os: Option<i32>,
+    invalid: bool,
+    message: String,
+}
+
+impl PinError {
+    fn of(e: io::Error) -> PinError {
+        let invalid = matches!(e.kind(), io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput);
+        PinError { os: e.raw_os_error(), invalid, message: e.to_string() }
+    }
+
+    fn into_io(self) -> io::Error {
+        match (self.os, self.invalid) {
+            (Some(code), _) => io::Error::from_raw_os_error(code),
+            (None, true) => io::Error::new(io::ErrorKind::InvalidInput, self.message),
+            (None, false) => io::Error::other(self.message),
+        }
+    }
 }
 
 /// Plugin path → (the version last pinned, its copy), so that a reload with unchanged plugins

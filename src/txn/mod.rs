@@ -22,7 +22,10 @@ pub enum TxnCommand {
     Commit(String),
     Rollback(String),
     /// Settle what `node` (default: this node) coordinated and whose coordinator is gone.
-    Recover { min_age: Option<f64>, node: Option<String> },
+    Recover {
+        min_age: Option<f64>,
+        node: Option<String>,
+    },
 }
 
 /// Runs a `txn` command; returns the exit code.

@@ -49,9 +49,9 @@ pub struct Admission {
 }
 
 /// The worker's share of the CPUs: those it may run on (`available_parallelism` follows the
-/// CPU affinity, `taskset`) divided among the `workers` of its generation, rounded up, at least
-/// 1. On 8 CPUs with 8 workers each worker admits one handler, not eight: all workers serve at
-/// once, and more admitted handlers than CPUs only time-slice.
+/// CPU affinity, `taskset`) divided among the `workers` of its generation, rounded up, and at
+/// least one. On 8 CPUs with 8 workers each worker admits one handler, not eight: all workers
+/// serve at once, and more admitted handlers than CPUs only time-slice.
 pub fn cpu_share(cpus: usize, workers: usize) -> usize {
     cpus.div_ceil(workers.max(1)).max(1)
 }

@@ -12,6 +12,7 @@
 mod admission;
 mod conn;
 mod pool;
+mod share;
 mod table;
 
 use std::collections::BTreeMap;

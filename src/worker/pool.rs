@@ -23,6 +23,7 @@ use std::time::Instant;
 use socket2::Socket;
 
 use super::admission::Admission;
+use super::share::AppShares;
 use super::conn::{After, CloseReason, Conn, Scratch, prepare_socket};
 use super::table::{ConnTable, Guard, Slot, split_token, token};
 use crate::balance::WorkerLoad;
@@ -113,6 +114,8 @@ pub struct Pool {
     admission: Admission,
     /// Connections with an app timer set: the timer thread sleeps through its ticks while 0.
     timed: AtomicUsize,
+    /// How many handlers each app may hold (see `worker::share`).
+    shares: AppShares,
 }
 
 impl Pool {
@@ -126,6 +129,7 @@ impl Pool {
     ) -> std::io::Result<Pool> {
         let epoll = Epoll::new()?;
         let stop_event = EventFd::new()?;
+        let apps_len = apps.len();
         // Level-triggered: once signalled, it wakes every handler.
         epoll.add(stop_event.as_raw_fd(), interest::READ, STOP_TOKEN)?;
         Ok(Pool {
@@ -144,6 +148,7 @@ impl Pool {
             beats: (0..threads).map(|_| HandlerBeat::default()).collect(),
             admission: Admission::new(threads, workers),
             timed: AtomicUsize::new(0),
+            shares: AppShares::new(apps_len, threads),
         })
     }
 
@@ -447,27 +452,54 @@ impl Pool {
         }
     }
 
+    /// Serves an event, then the events that waited for the share of the app it served.
     fn serve(&self, event: Event, scratch: &mut Scratch, beat: &HandlerBeat) {
+        let mut next = Some(event);
+        while let Some(event) = next.take() {
+            if let Some(app) = self.serve_one(event, scratch, beat) {
+                next = self.take_waiting(app);
+            }
+        }
+    }
+
+    /// The next event that waited for `app`'s share, if the app is below it now.
+    fn take_waiting(&self, app: usize) -> Option<Event> {
+        let event = self.shares.next_waiting(app)?;
+        if let Some(slot) = self.conns.slot(split_token(event.token()).0) {
+            slot.waiting.store(false, Ordering::SeqCst);
+        }
+        Some(event)
+    }
+
+    /// Serves one event; returns the app whose share it touched (served, or queued for).
+    fn serve_one(&self, event: Event, scratch: &mut Scratch, beat: &HandlerBeat) -> Option<usize> {
         let (fd, seq) = split_token(event.token());
-        let Some(slot) = self.conns.slot(fd) else {
-            return;
-        };
-        let Some(mut guard) = self.lock_for_event(slot) else {
-            return;
-        };
+        let slot = self.conns.slot(fd)?;
+        let mut guard = self.lock_for_event(slot)?;
         if guard.as_ref().is_none_or(|conn| conn.seq != seq) {
             // A stale event for an fd that was closed (and maybe reused): a flag set for the
             // connection there now is not ours to clear.
-            return self.unlock(slot, guard);
+            self.unlock(slot, guard);
+            return None;
+        }
+        let conn = guard.as_mut().expect("checked above");
+        let app_index = conn.app;
+        if !self.shares.enter(app_index) {
+            // The app holds its share of handlers: the connection waits for one of them, not
+            // for a handler another app needs. Its event is kept (once), not re-armed.
+            if !slot.waiting.swap(true, Ordering::SeqCst) {
+                self.shares.queue(app_index, event);
+            }
+            self.unlock(slot, guard);
+            return Some(app_index);
         }
         // Anything that arrived before this point is read now; a later arrival is a new edge.
         slot.again.store(false, Ordering::SeqCst);
-        let conn = guard.as_mut().expect("checked above");
-        let app = &self.apps[conn.app];
+        let app = &self.apps[app_index];
         let draining = self.draining.load(Ordering::Relaxed);
         {
             let mut serving = beat.serving.lock().unwrap_or_else(|e| e.into_inner());
-            serving.0 = conn.app;
+            serving.0 = app_index;
             serving.1.clear();
             serving.1.push_str(&conn.peer);
         }
@@ -480,6 +512,8 @@ impl Pool {
             self.counters.requests.fetch_add(requests, Ordering::Relaxed);
         }
         self.apply(slot, guard, after);
+        self.shares.leave(app_index);
+        Some(app_index)
     }
 
     /// Parks or closes a connection after it was handled, and releases its slot.

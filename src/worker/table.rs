@@ -21,6 +21,8 @@ pub struct Slot {
     pub conn: Mutex<Option<Conn>>,
     /// An event for this fd arrived while another thread held `conn`.
     pub again: AtomicBool,
+    /// An event for this connection waits for its app's share of handlers (`worker::share`).
+    pub waiting: AtomicBool,
 }
 
 pub type Guard<'a> = MutexGuard<'a, Option<Conn>>;
@@ -57,7 +59,7 @@ impl ConnTable {
     pub fn slot(&self, fd: usize) -> Option<&Slot> {
         let chunk = self.chunks.get(fd / CHUNK)?;
         let slots = chunk.get_or_init(|| {
-            (0..CHUNK).map(|_| Slot { conn: Mutex::new(None), again: AtomicBool::new(false) }).collect()
+            (0..CHUNK).map(|_| Slot { conn: Mutex::new(None), again: AtomicBool::new(false), waiting: AtomicBool::new(false) }).collect()
         });
         Some(&slots[fd % CHUNK])
     }

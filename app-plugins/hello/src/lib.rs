@@ -2,6 +2,11 @@
 //! `message` and a header `X-Worker-Pid`.
 //!
 //! The answers are built once at start; a request costs one parse and one copy.
+//!
+//! Framing is strict (RFC 9112 §6), so that hello behind a proxy cannot be used to smuggle a
+//! request: a `Content-Length` that is not digits, differing `Content-Length`s, or one beside
+//! a `Transfer-Encoding` get `400` and a close; a `Transfer-Encoding` alone gets `501` (no
+//! transfer coding is read) and a close.
 
 use fdt_sdk::{App, Conn, Next, Settings};
 

@@ -88,9 +88,8 @@ impl Gid {
 /// coordinator database and sequence number); a collision with an unrelated advisory lock would
 /// only make recovery wait for a later round.
 pub fn coordinator_lock_key(decision_key: &str) -> i64 {
-    let hash = decision_key
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let hash =
+        decision_key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
     hash as i64
 }
 

@@ -380,3 +380,63 @@ macro_rules! export_app {
             $crate::__private::descriptor::<$app>(stringify!($app));
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Calls `take_line` until it returns `None`, as an app does; returns the lines.
+    fn lines_of(input: &[u8], state: &mut ConnState) -> (Vec<Vec<u8>>, usize) {
+        let mut conn = Conn::new(input, 0, state);
+        let mut lines = Vec::new();
+        while let Some(l) = conn.take_line() {
+            lines.push(l.to_vec());
+        }
+        let (consumed, _) = conn.finish();
+        (lines, consumed)
+    }
+
+    #[test]
+    fn take_line_resumes_its_scan_where_the_last_call_stopped() {
+        let mut state = ConnState::default();
+        let mut pending = b"partial".to_vec();
+        let (lines, consumed) = lines_of(&pending, &mut state);
+        assert!(lines.is_empty() && consumed == 0);
+        assert_eq!(state.no_newline, 7, "the 7 bytes scanned hold no newline");
+        pending.extend_from_slice(b" line\nnext");
+        let (lines, consumed) = lines_of(&pending, &mut state);
+        assert_eq!(lines, vec![b"partial line\n".to_vec()]);
+        pending.drain(..consumed);
+        assert_eq!(pending, b"next");
+        assert_eq!(state.no_newline, 4, "relative to what is left: `next`");
+        pending.extend_from_slice(b"\n");
+        assert_eq!(lines_of(&pending, &mut state).0, vec![b"next\n".to_vec()]);
+        assert_eq!(state.no_newline, 0);
+    }
+
+    #[test]
+    fn a_long_line_in_small_pieces_is_scanned_once() {
+        let mut state = ConnState::default();
+        let mut pending = Vec::new();
+        for i in 0..1000 {
+            pending.extend_from_slice(&[b'a'; 50]);
+            let (lines, _) = lines_of(&pending, &mut state);
+            assert!(lines.is_empty());
+            assert_eq!(state.no_newline, 50 * (i + 1));
+        }
+        pending.push(b'\n');
+        let (lines, consumed) = lines_of(&pending, &mut state);
+        assert_eq!(lines.len(), 1);
+        assert_eq!(consumed, 50_001);
+    }
+
+    #[test]
+    fn consuming_after_a_failed_scan_keeps_the_position_relative_to_what_is_left() {
+        let mut state = ConnState::default();
+        let mut conn = Conn::new(b"abc", 0, &mut state);
+        assert!(conn.take_line().is_none());
+        conn.consume(2);
+        conn.finish();
+        assert_eq!(state.no_newline, 1);
+    }
+}

@@ -184,12 +184,15 @@ impl Databases {
             recovery::ensure_schema(&mut client).map_err(|e| format!("database {}: {e}", pool.name))?;
             clients.push((pool.name.clone(), client));
         }
-        match dbs.recover_with(&mut clients) {
+        let recovered = dbs.recover_with(&mut clients);
+        match &recovered {
             Ok(report) => report.log(),
             Err(e) => log::warn!("recovery at start failed: {e}"),
         }
         for (name, client) in clients {
-            dbs.pool(&name).expect("opened above").checkin(client);
+            let pool = dbs.pool(&name).expect("opened above");
+            // After a failure the session may still hold a coordinator lock: closing it frees it.
+            if recovered.is_ok() { pool.checkin(client) } else { pool.discard(client) }
         }
         dbs.start_recovery_thread();
         Ok(dbs)
@@ -241,11 +244,21 @@ impl Databases {
     fn start_recovery_thread(&self) {
         let weak = Arc::downgrade(&self.shared);
         let spawned = std::thread::Builder::new().name("fdt-txn-recovery".into()).spawn(move || {
+            // A database that is down fails every round: say so when the failure changes only.
+            let mut failing: Option<String> = None;
             loop {
                 std::thread::sleep(RECOVERY_INTERVAL);
                 let Some(shared) = weak.upgrade() else { return };
-                if let Err(e) = (Databases { shared }).recover_orphans() {
-                    log::warn!("recovery of transactions whose coordinator is gone failed: {e}");
+                match (Databases { shared }).recover_orphans() {
+                    Err(e) if failing.as_deref() != Some(&e.to_string()) => {
+                        log::warn!(
+                            "recovery of transactions whose coordinator is gone failed (retried every second): {e}"
+                        );
+                        failing = Some(e.to_string());
+                    }
+                    Err(_) => {}
+                    Ok(_) if failing.take().is_some() => log::info!("recovery of transactions works again"),
+                    Ok(_) => {}
                 }
             }
         });
@@ -496,7 +509,11 @@ impl Transaction {
         let branch = self.branches.get_mut(db).ok_or(TxnError::NotOpen)?;
         let mut client = branch.client.take().ok_or(TxnError::NotOpen)?;
         let result = prepare_on(&mut client, db, gid);
-        if client.is_closed() { pool.discard(client) } else { pool.checkin(client) }
+        if client.is_closed() {
+            pool.discard(client)
+        } else {
+            pool.checkin(client)
+        }
         if let Err(TxnError::Database(_)) = result {
             // A failed PREPARE TRANSACTION is a ROLLBACK: the transaction is gone.
             self.state = TxnState::Finished;
@@ -571,7 +588,8 @@ impl Transaction {
         // The coordinator database's session holds the liveness lock, records the decision and
         // settles its own branch; it leaves the pool only when the transaction is settled.
         let client = self.branches.remove(&coordinator).and_then(|mut b| b.client.take());
-        let mut coord = Coordinator { dbs: self.dbs.clone(), db: coordinator.clone(), client, in_block: true, lock: None };
+        let mut coord =
+            Coordinator { dbs: self.dbs.clone(), db: coordinator.clone(), client, in_block: true, lock: None };
         let Some(client) = coord.client.as_mut() else {
             self.rollback_branches();
             return Err(TxnError::NotOpen);
@@ -762,10 +780,10 @@ impl Coordinator {
     fn with_client<T>(&mut self, f: impl FnOnce(&mut Client) -> Result<T, TxnError>) -> Result<T, TxnError> {
         let client = self.client.as_mut().ok_or(TxnError::NotOpen)?;
         let result = f(client);
-        if client.is_closed() {
-            if let (Some(client), Ok(pool)) = (self.client.take(), self.dbs.pool(&self.db)) {
-                pool.discard(client);
-            }
+        if client.is_closed()
+            && let (Some(client), Ok(pool)) = (self.client.take(), self.dbs.pool(&self.db))
+        {
+            pool.discard(client);
         }
         result
     }

@@ -237,10 +237,10 @@ fn settle_transaction(
     for (i, gid, _) in &local.branches {
         let (name, client) = &mut dbs[*i];
         match settle(client, gid, commit) {
-            // Unknown: settled meanwhile (by the coordinator just before it let go).
-            Ok(()) | Err(TxnError::UnknownGid(_)) => {
-                if commit { &mut report.committed } else { &mut report.rolled_back }.push(gid.clone())
-            }
+            Ok(()) => if commit { &mut report.committed } else { &mut report.rolled_back }.push(gid.clone()),
+            // Settled since it was listed, by its coordinator just before it let go of the lock
+            // (then the decision may be gone too: no conclusion is drawn from it).
+            Err(TxnError::UnknownGid(_)) => {}
             Err(e) => return Err(format!("database {name}: settling {gid}: {e}")),
         }
     }
@@ -303,7 +303,10 @@ fn delete_orphan_decisions(
             let deleted = if left {
                 Ok(())
             } else {
-                client.execute("DELETE FROM fdt_decisions WHERE gtrid = $1", &[&key]).map(drop).map_err(|e| describe(&e))
+                client
+                    .execute("DELETE FROM fdt_decisions WHERE gtrid = $1", &[&key])
+                    .map(drop)
+                    .map_err(|e| describe(&e))
             };
             let unlocked = unlock(client, lock);
             deleted.and(unlocked).map_err(|e| format!("database {}: {e}", names[c]))?;
