@@ -61,7 +61,7 @@ fn says(text: &str, reasons: Reasons) -> bool {
 /// A broken plugin in `dir`: (plugin path, app settings, what its error must say).
 fn broken(fault: Fault, dir: &Path) -> (PathBuf, &'static str, Reasons) {
     match fault {
-        Fault::Missing => (dir.join("libdoesnotexist.so"), "", &[&["No such file"]]),
+        Fault::Missing => (dir.join("libdoesnotexist.so"), "", &[&["No such file", "is the app built?", "cargo build --release"]]),
         Fault::TextFile => {
             let text = dir.join("libtext.so");
             std::fs::write(&text, "this is a text file, not a shared library\n".repeat(20)).unwrap();

@@ -51,7 +51,14 @@ pub const MAX_PLUGIN_SIZE: u64 = 1 << 30;
 /// regular file (`fstat` of the open file, so what is checked is what is read) and a file
 /// larger than [`MAX_PLUGIN_SIZE`]. The errors say what the path is instead.
 pub fn open_regular(plugin: &Path) -> io::Result<File> {
-    let file = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(plugin)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(plugin)
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => io::Error::new(e.kind(), format!("{e}; {}", build_hint(plugin))),
+            _ => e,
+        })?;
     let meta = file.metadata()?;
     let kind = meta.file_type();
     use std::os::unix::fs::FileTypeExt;
@@ -88,6 +95,22 @@ pub fn open_regular(plugin: &Path) -> io::Result<File> {
         ));
     }
     Ok(file)
+}
+
+/// What to do about a plugin file that does not exist: build it (a plugin is the `cdylib` of a
+/// cargo crate, named `lib<crate>.so` under `target/<profile>/`).
+fn build_hint(plugin: &Path) -> String {
+    let profile = plugin.parent().and_then(Path::file_name).and_then(|p| p.to_str());
+    let in_target = plugin.parent().and_then(Path::parent).and_then(Path::file_name).is_some_and(|t| t == "target");
+    match profile {
+        Some("release") if in_target => {
+            "is the app built? `cargo build --release --workspace` (or `cargo build --release` in the app's crate) writes it".into()
+        }
+        Some("debug") if in_target => {
+            "is the app built? `cargo build --workspace` (or `cargo build` in the app's crate) writes it".into()
+        }
+        _ => "is the app built? a plugin is the `cdylib` that `cargo build --release` writes as target/release/lib<crate>.so; point `plugin` at it".into(),
+    }
 }
 
 /// The longest the master waits for its plugin files to be read and copied (see [`pin_all`]).

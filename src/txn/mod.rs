@@ -142,13 +142,35 @@ fn settle(clients: &mut [(String, Client)], gid: &str, commit: bool) -> i32 {
     exit::FAILURE
 }
 
+/// How long `recover` keeps retrying transactions whose coordinator still holds its lock: a
+/// coordinator's session outlives its killed worker by a moment (PostgreSQL notices the closed
+/// socket when the statement in progress ends), and a live coordinator finishes a commit in
+/// milliseconds. Longer than that, it is a running server's worker: its to settle.
+const LIVE_COORDINATOR_GRACE: Duration = Duration::from_secs(2);
+
 fn recover(clients: &mut [(String, Client)], node: &str, min_age: Duration) -> i32 {
-    let report = match recovery::recover(clients, node, None, min_age) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("fdtserver: recovery failed: {e}");
-            return exit::FAILURE;
+    let started = std::time::Instant::now();
+    let mut report = recovery::Report::default();
+    let report = loop {
+        let round = match recovery::recover(clients, node, None, min_age) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("fdtserver: recovery failed: {e}");
+                return exit::FAILURE;
+            }
+        };
+        report.committed.extend(round.committed);
+        report.rolled_back.extend(round.rolled_back);
+        report.decisions_deleted.extend(round.decisions_deleted);
+        if round.coordinator_alive.is_empty() || started.elapsed() >= LIVE_COORDINATOR_GRACE {
+            break recovery::Report {
+                committed: report.committed,
+                rolled_back: report.rolled_back,
+                decisions_deleted: report.decisions_deleted,
+                ..round
+            };
         }
+        std::thread::sleep(Duration::from_millis(200));
     };
     for g in &report.committed {
         println!("committed   {g} (coordinator gone, decision recorded)");
