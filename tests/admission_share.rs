@@ -126,13 +126,20 @@ fn two_workers_on_two_cpus_admit_one_handler_each_under_a_non_blocking_load() {
     eprintln!("non-blocking: {answered} answers; handlers that served, per worker: {served:?}");
     assert!(answered > 500, "only {answered} answers in {LOAD:?}: no load to speak of");
     // ceil(CPUs / workers): 1 on two CPUs (and on one). Before the fix it was the CPUs of the
-    // affinity mask: 2 per worker, 4 handlers time-slicing on 2 CPUs.
+    // affinity mask: 2 per worker, 4 handlers time-slicing on 2 CPUs, each about half the
+    // work. One handler does nearly all of it now; another may stand in for a moment while
+    // the first is preempted for 20 ms on a busy machine, hence the margin.
     let share = cpus.div_ceil(2);
     for (w, (n, deltas)) in &served {
+        let total: u64 = deltas.iter().sum();
+        let mut sorted = deltas.clone();
+        sorted.sort_unstable_by(|a, b| b.cmp(a));
+        let top: u64 = sorted.iter().take(share).sum();
         assert!(
-            *n <= share,
-            "worker {w} served with {n} handlers (context switches per handler: {deltas:?}), \
-             its share of {cpus} CPU(s) among 2 workers is {share}; all: {served:?}"
+            top * 10 >= total * 9,
+            "worker {w} served with {n} handlers (context switches per handler: {deltas:?}): its \
+             {share} busiest did {top} of {total}, less than 90 %, though its share of {cpus} CPU(s) \
+             among 2 workers is {share}; all: {served:?}"
         );
     }
     assert!(served.values().any(|(n, _)| *n >= 1), "no handler served: {served:?}");

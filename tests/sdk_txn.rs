@@ -138,3 +138,121 @@ fn sessions_get_the_configured_timeouts_and_a_slow_statement_fails() {
     let bad = Databases::open(&settings("lock_timeout = \"soon\""), &["main"]).err().unwrap();
     assert!(bad.contains("[database.main]") && bad.contains("lock_timeout"), "{bad}");
 }
+
+/// Databases `a` and `b`, each with table `d` whose unique key is checked only at commit (so a
+/// duplicate makes `PREPARE TRANSACTION` or `COMMIT` fail), opened with pools of `pool_size`.
+fn open_two(pg: &PgCluster, pool_size: usize) -> Databases {
+    let mut toml = String::new();
+    for db in ["a", "b"] {
+        pg.create_db(db);
+        pg.client(db).batch_execute("CREATE TABLE d (v int UNIQUE DEFERRABLE INITIALLY DEFERRED)").unwrap();
+        toml.push_str(&format!("[{db}]\nurl = \"{}\"\npool_size = {pool_size}\n", pg.url(db)));
+    }
+    let settings = Settings::parse("demo", "")
+        .unwrap()
+        .with_worker("sdk-node", std::process::id(), 1)
+        .with_databases(&toml)
+        .unwrap();
+    Databases::open(&settings, &["a", "b"]).unwrap()
+}
+
+fn rows(pg: &PgCluster, db: &str) -> i64 {
+    pg.client(db).query_one("SELECT count(*) FROM d", &[]).unwrap().get(0)
+}
+
+/// Prepared transactions and advisory locks (a coordinator lock left behind) in the cluster.
+fn leftovers(pg: &PgCluster) -> (i64, i64) {
+    let mut c = pg.client("postgres");
+    let prepared: i64 = c.query_one("SELECT count(*) FROM pg_prepared_xacts", &[]).unwrap().get(0);
+    let locks: i64 = c.query_one("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'", &[]).unwrap().get(0);
+    (prepared, locks)
+}
+
+#[test]
+fn a_two_phase_commit_that_fails_in_either_phase_leaves_nothing_behind() {
+    let pg = PgCluster::start();
+    // Pools of one: every failure path must give its connection back, or the next step starves.
+    let dbs = open_two(&pg, 1);
+    // Phase one fails in the second database: the first branch, already prepared, is rolled back.
+    let mut tx = dbs.transaction();
+    tx.execute("a", "INSERT INTO d VALUES (1)", &[]).unwrap();
+    tx.execute("b", "INSERT INTO d VALUES (1), (1)", &[]).unwrap();
+    let err = tx.commit().unwrap_err();
+    assert!(err.to_string().contains("PREPARE failed") && err.to_string().contains("23505"), "{err}");
+    assert_eq!((rows(&pg, "a"), rows(&pg, "b")), (0, 0));
+    assert_eq!(leftovers(&pg), (0, 0), "a branch or the coordinator lock was left behind");
+    // The decision cannot be recorded: every branch is rolled back.
+    let mut refuse = pg.client("a");
+    refuse.batch_execute("ALTER TABLE fdt_decisions ADD CONSTRAINT refuse CHECK (gtrid = '')").unwrap();
+    let mut tx = dbs.transaction();
+    tx.execute("a", "INSERT INTO d VALUES (2)", &[]).unwrap();
+    tx.execute("b", "INSERT INTO d VALUES (2)", &[]).unwrap();
+    let err = tx.commit().unwrap_err();
+    assert!(err.to_string().contains("23514"), "{err}");
+    assert_eq!((rows(&pg, "a"), rows(&pg, "b")), (0, 0));
+    assert_eq!(leftovers(&pg), (0, 0), "a branch or the coordinator lock was left behind");
+    refuse.batch_execute("ALTER TABLE fdt_decisions DROP CONSTRAINT refuse").unwrap();
+    // A failed first statement: nothing was prepared, the lock never taken.
+    let mut tx = dbs.transaction();
+    tx.execute("a", "INSERT INTO d VALUES (3)", &[]).unwrap();
+    assert!(tx.execute("b", "INSERT INTO nowhere VALUES (3)", &[]).is_err());
+    assert_eq!(tx.commit(), Err(TxnError::Doomed));
+    // And then it works, with the decision cleaned up.
+    let mut tx = dbs.transaction();
+    tx.execute("a", "INSERT INTO d VALUES (4)", &[]).unwrap();
+    tx.execute("b", "INSERT INTO d VALUES (4)", &[]).unwrap();
+    tx.commit().unwrap();
+    assert_eq!((rows(&pg, "a"), rows(&pg, "b")), (1, 1));
+    assert_eq!(leftovers(&pg), (0, 0));
+    let decisions: i64 = pg.client("a").query_one("SELECT count(*) FROM fdt_decisions", &[]).unwrap().get(0);
+    assert_eq!(decisions, 0);
+    // One database: a COMMIT that fails (the deferred check) is rolled back.
+    let mut tx = dbs.transaction();
+    tx.execute("a", "INSERT INTO d VALUES (5)", &[]).unwrap();
+    tx.savepoint("a", "s1").unwrap();
+    tx.execute("a", "INSERT INTO d VALUES (4)", &[]).unwrap();
+    tx.release("a", "s1").unwrap();
+    let err = tx.commit().unwrap_err();
+    assert!(err.to_string().contains("COMMIT failed, rolled back"), "{err}");
+    assert_eq!(rows(&pg, "a"), 1);
+    // PREPARE is for one database only.
+    let mut tx = dbs.transaction();
+    tx.execute("a", "INSERT INTO d VALUES (6)", &[]).unwrap();
+    tx.execute("b", "INSERT INTO d VALUES (6)", &[]).unwrap();
+    assert!(matches!(tx.prepare("g-2"), Err(TxnError::Usage(m)) if m.contains("spans a, b")));
+    tx.rollback().unwrap();
+    assert!(
+        matches!(dbs.transaction().execute("c", "SELECT 1", &[]), Err(TxnError::Usage(m)) if m.contains("this app has: a, b"))
+    );
+}
+
+#[test]
+fn the_pool_replaces_sessions_that_postgresql_ended() {
+    let pg = PgCluster::start();
+    let dbs = open(&pg, 2);
+    let mut tx = dbs.transaction();
+    tx.execute("main", "INSERT INTO t VALUES (1)", &[]).unwrap();
+    tx.commit().unwrap();
+    // An operator (or a restart) ends every session of the app.
+    let ours = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'fdtserver demo'";
+    let mut admin = pg.client("postgres");
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'fdtserver demo'",
+            &[],
+        )
+        .unwrap();
+    util::wait_for(std::time::Duration::from_secs(5), "the sessions to end", || {
+        (admin.query_one(ours, &[]).unwrap().get::<_, i64>(0) == 0).then_some(())
+    });
+    // The next transactions get fresh sessions (the first may meet a dead one and fail).
+    let mut done = 0;
+    for v in 2..6 {
+        let mut tx = dbs.transaction();
+        if tx.execute("main", "INSERT INTO t VALUES ($1)", &[&v]).is_ok() && tx.commit().is_ok() {
+            done += 1;
+        }
+    }
+    assert!(done >= 3, "only {done} of 4 transactions after the sessions ended");
+    assert_eq!(count(&pg), 1 + done);
+}

@@ -414,3 +414,64 @@ fn txn_recover_leaves_a_live_coordinators_branches_and_settles_another_nodes_wit
     let (code, _, err) = cli(&["txn", "recover", "--node", "bad:node"], &config);
     assert_eq!(code, 1, "{err}");
 }
+
+#[test]
+fn txn_commands_explain_what_they_cannot_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, setup: Setup| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, setup.render(dir.path())).unwrap();
+        path
+    };
+    let base =
+        || Setup::new(1, 1).app("bank", "bank", "databases = [\"a\", \"b\"]").server("node_id", &format!("\"{NODE}\""));
+    let none = write("none.toml", base());
+    let (code, _, err) = cli(&["txn", "list"], &none);
+    assert_eq!(code, 1);
+    assert!(err.contains("has no [database.*] section"), "{err}");
+    let gone = write("gone.toml", base().extra("[database.a]\nurl = \"host=/nonexistent port=5432 user=postgres\"\n"));
+    let (code, _, err) = cli(&["txn", "recover"], &gone);
+    assert_eq!(code, 1);
+    assert!(err.contains("database a: cannot connect"), "{err}");
+    let (code, _, err) = cli(&["txn", "recover"], &dir.path().join("missing.toml"));
+    assert_eq!(code, 1, "{err}");
+
+    let pg = PgCluster::start();
+    pg.create_db("a");
+    pg.create_db("b");
+    create_t(&pg);
+    let only_b = write("b.toml", base().extra(&format!("[database.b]\nurl = \"{}\"\n", pg.url("b"))));
+    let (code, _, err) = cli(&["txn", "recover", "--min-age=-1"], &only_b);
+    assert_eq!(code, 1);
+    assert!(err.contains("--min-age"), "{err}");
+    let (code, _, err) = cli(&["txn", "commit", &format!("fdt1:{NODE}:nope:bank")], &only_b);
+    assert_eq!(code, 1);
+    assert!(err.contains("no prepared transaction") && err.contains("database(s) b"), "{err}");
+    // Branches of every kind, as `list` names their coordinators.
+    let prepare = |gid: &str| {
+        pg.client("b").batch_execute(&format!("BEGIN; INSERT INTO t VALUES (1); PREPARE TRANSACTION '{gid}'")).unwrap();
+    };
+    let local = format!("fdt1:{NODE}:lc.5.a.b:bank");
+    prepare(&local);
+    prepare(&format!("fdt1:{NODE}:ext-1:bank"));
+    prepare("fdt1:web-9:ext-2:bank");
+    prepare("someone-else-17");
+    let (code, out, err) = cli(&["txn", "list"], &only_b);
+    assert_eq!(code, 0, "{err}");
+    for (gid, who) in [
+        (local.as_str(), "this node"),
+        (&format!("fdt1:{NODE}:ext-1:bank"), "outside (via this node)"),
+        ("fdt1:web-9:ext-2:bank", "another node"),
+        ("someone-else-17", "not fdtserver"),
+    ] {
+        assert!(out.lines().any(|l| l.starts_with(gid) && l.ends_with(who)), "{gid} {who}:\n{out}");
+    }
+    // The local branch's coordinator database (a) is not configured here: cannot be settled.
+    let (code, out, err) = cli(&["txn", "recover"], &only_b);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("not configured here") && err.contains("configure their coordinator database"), "{out}{err}");
+    assert_eq!(prepared(&pg, "b").len(), 4);
+    let (code, out, err) = cli(&["txn", "rollback", &local], &only_b);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("rolled back"), "{out}");
+}
