@@ -197,6 +197,16 @@ fn a_two_phase_commit_that_fails_in_either_phase_leaves_nothing_behind() {
     tx.execute("a", "INSERT INTO d VALUES (3)", &[]).unwrap();
     assert!(tx.execute("b", "INSERT INTO nowhere VALUES (3)", &[]).is_err());
     assert_eq!(tx.commit(), Err(TxnError::Doomed));
+    // The sequence that numbers local transactions is gone: rolled back before any PREPARE.
+    pg.client("a").batch_execute("DROP SEQUENCE fdt_lc_seq").unwrap();
+    let mut tx = dbs.transaction();
+    tx.execute("a", "INSERT INTO d VALUES (3)", &[]).unwrap();
+    tx.execute("b", "INSERT INTO d VALUES (3)", &[]).unwrap();
+    let err = tx.commit().unwrap_err();
+    assert!(err.to_string().contains("fdt_lc_seq"), "{err}");
+    assert_eq!((rows(&pg, "a"), rows(&pg, "b")), (0, 0));
+    assert_eq!(leftovers(&pg), (0, 0));
+    pg.client("a").batch_execute("CREATE SEQUENCE fdt_lc_seq START 100").unwrap();
     // And then it works, with the decision cleaned up.
     let mut tx = dbs.transaction();
     tx.execute("a", "INSERT INTO d VALUES (4)", &[]).unwrap();
@@ -255,4 +265,40 @@ fn the_pool_replaces_sessions_that_postgresql_ended() {
     }
     assert!(done >= 3, "only {done} of 4 transactions after the sessions ended");
     assert_eq!(count(&pg), 1 + done);
+}
+
+#[test]
+fn misuse_gets_a_clear_error_and_an_empty_prepare_uses_the_first_database() {
+    let pg = PgCluster::start();
+    let dbs = open(&pg, 2);
+    let mut tx = dbs.transaction();
+    assert_eq!(tx.prepare("g-1"), Err(TxnError::NotOpen));
+    tx.begin().unwrap();
+    assert!(matches!(tx.begin(), Err(TxnError::Usage(m)) if m.contains("already open")));
+    assert!(tx.rollback_to("main", "nowhere").is_err(), "no such savepoint, nothing begun there");
+    // Nothing done yet: prepared (empty) on the app's first database.
+    let mut tx = dbs.transaction();
+    tx.begin().unwrap();
+    assert_eq!(tx.prepare("g-2"), Ok("fdt1:sdk-node:g-2:demo".into()));
+    assert_eq!(tx.rollback_to("main", "s"), Err(TxnError::AlreadyPrepared));
+    assert_eq!(
+        dbs.resolve("fdt1:other-node:g-2:demo", true),
+        Err(TxnError::UnknownGid("fdt1:other-node:g-2:demo".into())),
+        "another node's gid is not this app's to settle"
+    );
+    tx.rollback().unwrap();
+    assert!(dbs.prepared().unwrap().is_empty());
+    // A failed ROLLBACK TO dooms the transaction.
+    let mut tx = dbs.transaction();
+    tx.execute("main", "INSERT INTO t VALUES (1)", &[]).unwrap();
+    assert!(tx.rollback_to("main", "never_made").is_err());
+    assert_eq!(tx.state(), &TxnState::Doomed);
+    drop(tx);
+    assert_eq!(count(&pg), 0);
+    // A database the server does not configure.
+    let settings =
+        Settings::parse("demo", "").unwrap().with_databases(&format!("[main]\nurl = \"{}\"\n", pg.url("app"))).unwrap();
+    let err = Databases::open(&settings, &["nope"]).err().unwrap();
+    assert!(err.contains("no [database.nope]") && err.contains("configured: main"), "{err}");
+    assert!(Databases::open(&settings, &[]).err().unwrap().contains("no database given"));
 }
