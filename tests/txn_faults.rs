@@ -475,3 +475,85 @@ fn txn_commands_explain_what_they_cannot_do() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("rolled back"), "{out}");
 }
+
+/// A bank over database `a` only, with `txn_idle_timeout` and `pool_size` as given.
+fn idle_setup(pg: &PgCluster, txn_idle_timeout: &str, pool_size: usize) -> Setup {
+    pg.create_db("a");
+    Setup::new(1, 4)
+        .app("bank", "bank", &format!("database = \"a\"\ntxn_idle_timeout = {txn_idle_timeout}"))
+        .server("node_id", &format!("\"{NODE}\""))
+        .extra(&format!("[database.a]\nurl = \"{}\"\npool_size = {pool_size}\n", pg.url("a")))
+}
+
+#[test]
+fn silent_clients_with_open_transactions_are_rolled_back_after_txn_idle_timeout_and_free_the_pool() {
+    let pg = PgCluster::start();
+    // Two pooled connections, both taken by clients that begin, debit and go silent.
+    let server = TestServer::start(&idle_setup(&pg, "1", 2));
+    let addr = server.addr("bank");
+    let mut setup = LineClient::connect(addr);
+    for acct in ["x0", "x1", "x2"] {
+        assert_eq!(setup.ask(&format!("OPEN {acct} 100")), "OK");
+    }
+    let started = Instant::now();
+    let mut silent: Vec<LineClient> = ["x0", "x1"]
+        .iter()
+        .map(|acct| {
+            let mut c = LineClient::connect(addr);
+            assert_eq!(c.ask("BEGIN"), "OK");
+            assert_eq!(c.ask(&format!("DEBIT {acct} 5")), "OK");
+            c
+        })
+        .collect();
+    // Each is told why, then disconnected, about one second after its last line.
+    for c in &mut silent {
+        assert_eq!(c.recv().as_deref(), Some("ERR transaction idle too long"));
+        assert!(c.closed_by_peer());
+    }
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(900), "rolled back after {waited:?}, before the timeout");
+    assert!(waited < Duration::from_secs(4), "rolled back only after {waited:?}");
+    // Their debits are gone, their row locks and pooled connections free: a transfer from the
+    // accounts they held answers at once.
+    let (answers, took) = ask_within(addr, &["TRANSFER x0 x2 1", "TRANSFER x1 x2 1", "BALANCE x0"], Duration::from_secs(3));
+    assert_eq!(answers, ["OK", "OK", "OK 99"], "took {took:?}");
+    // Counted in the metrics (workers report every half second).
+    wait_for(READY_TIMEOUT, "2 idle timeouts in the metrics", || {
+        let (_, metrics) = server.control("GET", "/metrics")?;
+        metrics.contains("fdtserver_app_events_total{app=\"bank\",event=\"txn_idle_timeouts\"} 2").then_some(())
+    });
+}
+
+#[test]
+fn txn_idle_timeout_spares_talking_clients_prepared_transactions_and_clients_between_transactions() {
+    let pg = PgCluster::start();
+    let server = TestServer::start(&idle_setup(&pg, "0.6", 4));
+    let addr = server.addr("bank");
+    let mut talking = LineClient::connect(addr);
+    assert_eq!(talking.ask("OPEN y0 100"), "OK");
+    assert_eq!(talking.ask("OPEN y1 100"), "OK");
+    let mut prepared_client = LineClient::connect(addr);
+    assert_eq!(prepared_client.ask("BEGIN"), "OK");
+    assert_eq!(prepared_client.ask("DEBIT y1 1"), "OK");
+    assert!(prepared_client.ask("PREPARE idle-test").starts_with("PREPARED "));
+    let mut between = LineClient::connect(addr);
+    assert_eq!(between.ask("BALANCE y0"), "OK 100");
+    assert_eq!(talking.ask("BEGIN"), "OK");
+    // A client that keeps talking inside its transaction for three timeouts is never cut.
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(talking.ask("BALANCE y0"), "OK 100");
+    }
+    assert_eq!(talking.ask("DEBIT y0 1"), "OK");
+    assert_eq!(talking.ask("COMMIT"), "COMMITTED");
+    // Quiet for twice the timeout: the prepared transaction and the idle client are untouched.
+    std::thread::sleep(Duration::from_millis(1300));
+    for c in [&mut prepared_client, &mut between] {
+        c.stream().set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        assert!(!c.closed_by_peer(), "a connection without an idle open transaction stays");
+        c.stream().set_read_timeout(Some(READY_TIMEOUT)).unwrap();
+    }
+    assert_eq!(prepared(&pg, "a").len(), 1, "the prepared transaction is its coordinator's");
+    assert_eq!(prepared_client.ask("COMMIT"), "COMMITTED");
+    assert_eq!(between.ask("BALANCE y1"), "OK 99");
+}

@@ -3,7 +3,9 @@
 //!
 //! Settings: `database = "main"`, or `databases = ["a", "b"]` to spread accounts over several
 //! databases (an account lives in the one its id hashes to; a transfer between two of them is
-//! committed by two-phase commit). Table `accounts(id text primary key, balance bigint not null
+//! committed by two-phase commit); `txn_idle_timeout` (seconds, default 30, 0 = never): an open
+//! transaction whose client says nothing for that long is rolled back, and the client gets
+//! `ERR transaction idle too long` and is disconnected. Table `accounts(id text primary key, balance bigint not null
 //! check (balance >= 0))`, created if missing.
 //!
 //! Commands (one answer line each, `ERR <reason>` on any error): `BALANCE a`,
@@ -232,6 +234,8 @@ impl Bank {
 }
 
 impl App for Bank {
+    const SETTINGS: Option<&'static [&'static str]> = Some(&["database", "databases", "txn_idle_timeout"]);
+
     fn start(settings: &Settings) -> Result<Self, String> {
         let names = match (settings.string("database", "")?, settings.string_list("databases")?) {
             (one, None) if !one.is_empty() => vec![one],
@@ -262,6 +266,19 @@ impl App for Bank {
         }
         next(conn)
     }
+
+    /// The client left its transaction open and said nothing for `txn_idle_timeout`: roll it
+    /// back (freeing its locks and pooled connections), say why, and close.
+    fn on_timer(&self, conn: &mut Conn) -> Next {
+        match conn.session::<Session>().tx.take_if(|tx| tx.idle_timeout().is_some()) {
+            Some(tx) => {
+                tx.expire_idle();
+                answer(conn, Err(fdt_sdk::txn::IDLE_TIMEOUT_REASON.into()));
+                Next::Close
+            }
+            None => next(conn),
+        }
+    }
 }
 
 /// Writes one answer line: the answer, or `ERR <reason>`.
@@ -277,9 +294,12 @@ fn answer(conn: &mut Conn, reply: Reply) {
 }
 
 /// What the connection does next: an open (or prepared) transaction spans requests, so a
-/// drain must leave it be.
+/// drain must leave it be; an open one that is not prepared may wait for the client only
+/// `txn_idle_timeout` (the connection's timer).
 fn next(conn: &mut Conn) -> Next {
-    let open = conn.session::<Session>().tx.as_ref().is_some_and(Transaction::is_open);
+    let tx = conn.session::<Session>().tx.as_ref();
+    let (open, idle_timeout) = (tx.is_some_and(Transaction::is_open), tx.and_then(Transaction::idle_timeout));
+    conn.set_timer(idle_timeout);
     if open { Next::InProgress } else { Next::KeepOpen }
 }
 

@@ -131,6 +131,31 @@ struct Shared {
     app: String,
     /// Counts `txn_*` events into the server's metrics.
     events: crate::Events,
+    /// `txn_idle_timeout`: how long an open transaction may wait for its client.
+    idle_timeout: Option<Duration>,
+}
+
+/// Default `txn_idle_timeout`: a client that opened a transaction and went silent holds a
+/// pooled connection (and maybe row locks) no longer than this. Interactive enough for a person
+/// at a terminal, short enough that a few silent clients cannot keep a pool exhausted.
+pub const DEFAULT_TXN_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The reason a client gets when its idle transaction was rolled back (`ERR <this>`).
+pub const IDLE_TIMEOUT_REASON: &str = "transaction idle too long";
+
+/// Reads `txn_idle_timeout` (seconds, fractions allowed; 0: never) from the app's settings.
+fn idle_timeout(settings: &Settings) -> Result<Option<Duration>, String> {
+    let secs = match settings.get("txn_idle_timeout") {
+        None => return Ok(Some(DEFAULT_TXN_IDLE_TIMEOUT)),
+        Some(toml::Value::Integer(i)) if *i >= 0 => *i as f64,
+        Some(toml::Value::Float(f)) if *f >= 0.0 && f.is_finite() => *f,
+        Some(v) => {
+            return Err(format!(
+                "app {}: `txn_idle_timeout` must be a non-negative number of seconds, got {v}",
+                settings.app_name()
+            ));
+        }
+    };
+    Ok((secs > 0.0).then(|| Duration::from_secs_f64(secs)))
 }
 
 /// The databases an app uses, with one connection pool each per worker. Cheap to clone.
@@ -175,6 +200,7 @@ impl Databases {
                 node_id: settings.node_id().to_string(),
                 app: settings.app_name().to_string(),
                 events: settings.events(),
+                idle_timeout: idle_timeout(settings)?,
             }),
         };
         let mut clients = Vec::new();
@@ -369,6 +395,49 @@ pub struct Transaction {
 impl Transaction {
     pub fn state(&self) -> &TxnState {
         &self.state
+    }
+
+    /// How long the connection holding this transaction may stay silent before the
+    /// transaction is rolled back (`txn_idle_timeout`): `Some` while it is open and not
+    /// prepared (a prepared transaction belongs to its coordinator and is never touched).
+    /// Set it as the connection's timer after every request, and call
+    /// [`Transaction::expire_idle`] from [`App::on_timer`](crate::App::on_timer):
+    ///
+    /// ```no_run
+    /// # use fdt_sdk::{Conn, Next, txn::Transaction};
+    /// # #[derive(Default)] struct Session { tx: Option<Transaction> }
+    /// fn after_request(conn: &mut Conn) {
+    ///     let timer = conn.session::<Session>().tx.as_ref().and_then(Transaction::idle_timeout);
+    ///     conn.set_timer(timer);
+    /// }
+    /// fn on_timer(conn: &mut Conn) -> Next {
+    ///     match conn.session::<Session>().tx.take_if(|tx| tx.idle_timeout().is_some()) {
+    ///         Some(tx) => {
+    ///             tx.expire_idle();
+    ///             conn.write(b"ERR transaction idle too long\n");
+    ///             Next::Close
+    ///         }
+    ///         None => Next::KeepOpen,
+    ///     }
+    /// }
+    /// ```
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        let waiting = matches!(self.state, TxnState::Active | TxnState::Doomed);
+        if waiting { self.dbs.shared.idle_timeout } else { None }
+    }
+
+    /// Rolls back a transaction whose client stayed silent for `txn_idle_timeout` (see
+    /// [`Transaction::idle_timeout`]): its locks and pooled connections are free again. Counted
+    /// as `txn_idle_timeouts` and logged. A prepared transaction is left as it is.
+    pub fn expire_idle(self) {
+        if self.idle_timeout().is_none() {
+            return;
+        }
+        self.dbs.count("txn_idle_timeouts", 1);
+        log::info!("rolling back a transaction idle for txn_idle_timeout ({:?})", self.dbs.shared.idle_timeout);
+        if let Err(e) = self.rollback() {
+            log::warn!("rolling back an idle transaction failed: {e}");
+        }
     }
 
     /// True from the first statement (or [`Transaction::begin`]) until commit or rollback.
