@@ -449,7 +449,7 @@ pub fn check_socket_path(path: &Path) -> Result<(), String> {
     let len = path.as_os_str().len();
     if len > MAX_SOCKET_PATH {
         return Err(format!(
-            "the socket path {} is {len} bytes long; a Unix socket path can have at most {MAX_SOCKET_PATH} (use a shorter or relative path)",
+            "the socket path {} is {len} bytes long; a Unix socket path can have at most {MAX_SOCKET_PATH} (choose a shorter one)",
             path.display()
         ));
     }

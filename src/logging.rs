@@ -53,21 +53,29 @@ pub fn write_failures() -> u64 {
 
 /// Writes `line` to the end of `file` (opened with `O_APPEND`) in one `write`: all of it, or
 /// nothing. When the file takes only part of it (the disk filled up), that part is cut off
-/// again, unless another process appended behind it meanwhile (it cannot be undone then
-/// without cutting that process's line). A failure is counted, never reported: logging the
-/// failure of logging would fail the same way.
+/// again — but only when the file still ends with exactly that part: the master and the
+/// workers share one open file (and so one offset), and another process may have appended a
+/// line of its own behind it meanwhile, which must not be cut (then the part stays, and the
+/// loss is still counted). A failure is counted, never reported: logging the failure of
+/// logging would fail the same way.
 fn append_line(mut file: &File, line: &[u8]) {
     use std::io::Seek;
+    use std::os::unix::fs::FileExt;
     match file.write(line) {
         Ok(n) if n == line.len() => {}
         Ok(n) => {
             WRITE_FAILURES.fetch_add(1, Ordering::Relaxed);
-            // With O_APPEND the offset is now the end of what this write added.
+            let written = &line[..n];
+            // With O_APPEND the offset is now the end of the last append to this open file.
             if let (Ok(end), Ok(meta)) = (file.stream_position(), file.metadata())
-                && meta.len() == end
                 && n > 0
+                && meta.len() == end
+                && let Some(start) = end.checked_sub(n as u64)
             {
-                let _ = file.set_len(end - n as u64);
+                let mut tail = vec![0; n];
+                if file.read_exact_at(&mut tail, start).is_ok() && tail == written {
+                    let _ = file.set_len(start);
+                }
             }
         }
         Err(_) => {
@@ -191,8 +199,13 @@ fn lock_access() -> std::sync::MutexGuard<'static, Option<(PathBuf, File)>> {
     ACCESS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Opens a log file for appending; readable too where the permissions allow, so that a line
+/// cut short by a full disk can be checked before it is cut off again (see `append_line`).
 pub fn open_log(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
+    OpenOptions::new().create(true).append(true).read(true).open(path).or_else(|e| match e.kind() {
+        std::io::ErrorKind::PermissionDenied => OpenOptions::new().create(true).append(true).open(path),
+        _ => Err(e),
+    })
 }
 
 fn lock() -> std::sync::MutexGuard<'static, State> {
@@ -231,7 +244,8 @@ impl Logger {
         };
         match s.file.as_ref() {
             Some((_, f)) => append_line(f, line.as_bytes()),
-            // A pipe or the journal: one write of a line this short is atomic.
+            // A pipe or the journal: a line up to PIPE_BUF (4 KiB) goes out in one atomic write;
+            // a longer one (a long app message) may interleave with another process's.
             None => {
                 if std::io::stderr().write_all(line.as_bytes()).is_err() {
                     WRITE_FAILURES.fetch_add(1, Ordering::Relaxed);

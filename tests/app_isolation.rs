@@ -60,3 +60,53 @@ fn a_worker_with_one_app_gives_it_every_handler() {
     // Three handlers at once: about one second, not three.
     assert!(started.elapsed() < Duration::from_millis(2500), "took {:?}", started.elapsed());
 }
+
+/// A worker with two handlers and two apps: `kit` may hold one handler at a time.
+fn two_app_server() -> TestServer {
+    TestServer::start(&Setup::new(1, 2).app("kit", "testkit", "").app("echo", "echo", ""))
+}
+
+#[test]
+fn a_connection_that_waited_for_its_apps_share_still_sees_its_peers_close() {
+    let server = two_app_server();
+    let mut busy = LineClient::connect(server.addr("kit"));
+    busy.send("SLEEP 1500");
+    std::thread::sleep(Duration::from_millis(200));
+    // This one's request waits for kit's share; then its peer half-closes.
+    let mut waiting = LineClient::connect(server.addr("kit"));
+    waiting.send("GEN");
+    std::thread::sleep(Duration::from_millis(200));
+    waiting.stream().shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(busy.recv().as_deref(), Some("SLEPT"));
+    assert_eq!(waiting.recv().as_deref(), Some("1"), "its request is served once kit has a handler");
+    // The FIN that came while it waited is not lost: the server closes its side at once.
+    waiting.stream().set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    assert!(waiting.closed_by_peer(), "the server must see the peer's close and close too");
+}
+
+#[test]
+fn a_timer_does_not_fire_on_a_connection_whose_request_waits_for_its_apps_share() {
+    let server = two_app_server();
+    let mut timed = LineClient::connect(server.addr("kit"));
+    assert_eq!(timed.ask("TIMEOUT 400"), "TIMER");
+    let mut busy = LineClient::connect(server.addr("kit"));
+    busy.send("SLEEP 1500");
+    std::thread::sleep(Duration::from_millis(100));
+    // Sent in time: the peer is not quiet, its request only waits for a handler.
+    timed.send("GEN");
+    assert_eq!(busy.recv().as_deref(), Some("SLEPT"));
+    assert_eq!(timed.recv().as_deref(), Some("1"), "answered, not timed out while it waited");
+    assert_eq!(timed.recv().as_deref(), Some("TIMED OUT"), "then quiet for real");
+}
+
+#[test]
+fn the_quiet_time_of_a_timer_starts_when_the_answer_is_sent_not_while_the_app_works() {
+    let server = two_app_server();
+    let mut c = LineClient::connect(server.addr("kit"));
+    assert_eq!(c.ask("TIMEOUT 500"), "TIMER");
+    c.send("SLEEP 1000");
+    assert_eq!(c.recv().as_deref(), Some("SLEPT"));
+    let answered = Instant::now();
+    assert_eq!(c.recv().as_deref(), Some("TIMED OUT"));
+    assert!(answered.elapsed() >= Duration::from_millis(400), "timed out {:?} after its answer", answered.elapsed());
+}

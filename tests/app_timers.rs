@@ -6,8 +6,6 @@
 mod util;
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use util::*;
@@ -103,21 +101,6 @@ fn recv_skipping_ticks(client: &mut LineClient) -> String {
             return line;
         }
     }
-}
-
-/// Compiles `source` (C) into the shared library `dir/name` with gcc.
-fn gcc_shared(dir: &Path, name: &str, source: &str) -> PathBuf {
-    let c = dir.join(format!("{name}.c"));
-    let so = dir.join(name);
-    std::fs::write(&c, source).unwrap();
-    let out = Command::new("gcc")
-        .args(["-shared", "-fPIC", "-o"])
-        .arg(&so)
-        .arg(&c)
-        .output()
-        .expect("gcc is needed to build the test's C libraries, and it cannot be run");
-    assert!(out.status.success(), "gcc failed: {}", String::from_utf8_lossy(&out.stderr));
-    so
 }
 
 /// An echo app in C whose descriptor ends at `conn_close`, as every plugin built for ABI 1.0

@@ -206,7 +206,8 @@ fn a_full_disk_leaves_whole_log_lines_only_and_counts_the_lines_it_lost() {
     let tmp = tempfile::tempdir().unwrap();
     let disk = Tmpfs::mount(&tmp.path().join("small"), "16k");
     let access = disk.0.join("access.log");
-    let setup = Setup::new(1, 2).app("kit", "testkit", "").server("access_log", &format!("{:?}", access.display().to_string()));
+    let setup =
+        Setup::new(1, 2).app("kit", "testkit", "").server("access_log", &format!("{:?}", access.display().to_string()));
     let server = TestServer::start(&setup);
     let addr = server.addr("kit");
     // Access lines are about 120 bytes: 400 connections need three times the disk.

@@ -9,21 +9,6 @@ use std::process::Command;
 
 use util::*;
 
-/// Compiles `source` (C) into the shared library `dir/name` with gcc.
-fn gcc_shared(dir: &Path, name: &str, source: &str) -> PathBuf {
-    let c = dir.join(format!("{name}.c"));
-    let so = dir.join(name);
-    std::fs::write(&c, source).unwrap();
-    let out = Command::new("gcc")
-        .args(["-shared", "-fPIC", "-o"])
-        .arg(&so)
-        .arg(&c)
-        .output()
-        .expect("gcc is needed to build the test's C libraries, and it cannot be run");
-    assert!(out.status.success(), "gcc failed: {}", String::from_utf8_lossy(&out.stderr));
-    so
-}
-
 /// A C library exporting `FDT_APP_DESCRIPTOR_V1` with this header (8 magic bytes, ABI major,
 /// ABI minor, size), as `fdt_sdk::abi::AppDescriptor` starts.
 fn c_descriptor(dir: &Path, name: &str, magic: &[u8; 8], major: u32) -> PathBuf {
@@ -61,7 +46,9 @@ fn says(text: &str, reasons: Reasons) -> bool {
 /// A broken plugin in `dir`: (plugin path, app settings, what its error must say).
 fn broken(fault: Fault, dir: &Path) -> (PathBuf, &'static str, Reasons) {
     match fault {
-        Fault::Missing => (dir.join("libdoesnotexist.so"), "", &[&["No such file", "is the app built?", "cargo build --release"]]),
+        Fault::Missing => {
+            (dir.join("libdoesnotexist.so"), "", &[&["No such file", "is the app built?", "cargo build --release"]])
+        }
         Fault::TextFile => {
             let text = dir.join("libtext.so");
             std::fs::write(&text, "this is a text file, not a shared library\n".repeat(20)).unwrap();

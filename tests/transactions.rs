@@ -30,15 +30,6 @@ fn balance(pg: &PgCluster, db: &str, acct: &str) -> i64 {
     pg.client(db).query_one("SELECT balance FROM accounts WHERE id = $1", &[&acct]).unwrap().get(0)
 }
 
-fn prepared(pg: &PgCluster, db: &str) -> Vec<String> {
-    pg.client(db)
-        .query("SELECT gid FROM pg_prepared_xacts WHERE database = current_database()", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
 /// Two clients: one with alice debited 10 in an open transaction, one with bob debited 20 in a
 /// transaction prepared as `gtrid`. Returns both and the gid.
 fn active_and_prepared(addr: std::net::SocketAddr, gtrid: &str) -> (LineClient, LineClient, String) {
@@ -92,7 +83,7 @@ fn a_client_that_vanishes_after_prepare_leaves_it_prepared_for_its_coordinator()
     assert_eq!(a.ask("PREPARE order-1"), format!("PREPARED {gid}"));
     drop(a);
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(prepared(&pg, "bank"), std::slice::from_ref(&gid), "not left prepared");
+    assert_eq!(pg.prepared("bank"), std::slice::from_ref(&gid), "not left prepared");
     // Visible to operators and to the coordinator…
     let (code, out, err) = server.cli(&["txn", "list"]);
     assert_eq!(code, 0, "{err}");
@@ -102,7 +93,7 @@ fn a_client_that_vanishes_after_prepare_leaves_it_prepared_for_its_coordinator()
     // …who settles it by gid from a new connection.
     assert_eq!(b.ask(&format!("RESOLVE COMMIT {gid}")), "COMMITTED");
     assert_eq!(balance(&pg, "bank", "alice"), 90);
-    assert!(prepared(&pg, "bank").is_empty());
+    assert!(pg.prepared("bank").is_empty());
     assert_eq!(b.ask(&format!("RESOLVE COMMIT {gid}")), "ERR unknown gid");
     assert_eq!(b.ask("RECOVER"), "OK");
     // …and it was counted.
@@ -140,7 +131,7 @@ fn killing_the_worker_aborts_open_transactions_and_keeps_prepared_ones() {
     assert_eq!(answers, ["OK", "OK", "COMMITTED"]);
     assert_eq!(balance(&pg, "bank", "alice"), 99);
     // The prepared one survived the crash, and is settled by gid.
-    assert_eq!(prepared(&pg, "bank"), std::slice::from_ref(&gid));
+    assert_eq!(pg.prepared("bank"), std::slice::from_ref(&gid));
     assert_eq!(LineClient::connect(addr).ask(&format!("RESOLVE ROLLBACK {gid}")), "ROLLED-BACK");
     assert_eq!(balance(&pg, "bank", "bob"), 100);
 }
@@ -175,7 +166,7 @@ fn a_stop_rolls_back_active_transactions_at_graceful_timeout_and_leaves_prepared
     assert!(status.success());
     assert!(stopping.elapsed() >= Duration::from_millis(900), "did not wait for graceful_timeout");
     assert_eq!(balance(&pg, "bank", "alice"), 100, "the active transaction was not rolled back");
-    assert_eq!(prepared(&pg, "bank"), std::slice::from_ref(&gid), "the prepared transaction must be left alone");
+    assert_eq!(pg.prepared("bank"), std::slice::from_ref(&gid), "the prepared transaction must be left alone");
     assert!(server.log().contains(&gid), "the log does not report the prepared gid");
     // The operator settles it with the CLI (no server running).
     let (code, out, err) = server.cli(&["txn", "commit", &gid]);
@@ -280,7 +271,7 @@ fn a_transfer_across_two_databases_is_committed_with_two_phase_commit() {
     assert_eq!(c.ask(&format!("TRANSFER {from} {to} 25")), "OK");
     assert_eq!(balance(&pg, "a", from), 75);
     assert_eq!(balance(&pg, "b", to), 125);
-    assert!(prepared(&pg, "a").is_empty() && prepared(&pg, "b").is_empty());
+    assert!(pg.prepared("a").is_empty() && pg.prepared("b").is_empty());
     let decisions: i64 = pg.client("a").query_one("SELECT count(*) FROM fdt_decisions", &[]).unwrap().get(0);
     assert_eq!(decisions, 0, "the decision record was not cleaned up");
     // An overdraft across databases changes nothing on either side.
@@ -321,7 +312,7 @@ fn txn_recover_commits_decided_local_transactions_rolls_back_the_rest_and_report
     // --min-age still holds back what is younger (no coordinator lock is needed to tell).
     let (code, out, err) = cli(&["txn", "recover", "--min-age", "60"], &config);
     assert_eq!(code, 2, "{out}{err}");
-    assert!(out.contains("left alone") && prepared(&pg, "b").len() == 3, "{out}");
+    assert!(out.contains("left alone") && pg.prepared("b").len() == 3, "{out}");
     // No coordinator holds these (no server runs): settled at once, with no --min-age.
     let (code, out, err) = cli(&["txn", "recover"], &config);
     assert_eq!(code, 2, "in-doubt outside transactions remain: exit 2\n{out}{err}");
@@ -331,8 +322,8 @@ fn txn_recover_commits_decided_local_transactions_rolls_back_the_rest_and_report
     };
     assert_eq!(values("a"), [1], "lc.1 must be committed and lc.2 rolled back in a");
     assert_eq!(values("b"), [1], "another app's lc.1 has no decision of its own: rolled back");
-    assert_eq!(prepared(&pg, "a"), std::slice::from_ref(&outside));
-    assert!(prepared(&pg, "b").is_empty());
+    assert_eq!(pg.prepared("a"), std::slice::from_ref(&outside));
+    assert!(pg.prepared("b").is_empty());
     let decisions: i64 = pg.client("a").query_one("SELECT count(*) FROM fdt_decisions", &[]).unwrap().get(0);
     assert_eq!(decisions, 0, "a decision with no branch left must be deleted");
     let (code, _, _) = cli(&["txn", "rollback", &outside], &config);

@@ -49,15 +49,6 @@ fn open_accounts(pg: &PgCluster, addr: SocketAddr, n: usize) -> (Vec<String>, Ve
     (in_a, in_b)
 }
 
-fn prepared(pg: &PgCluster, db: &str) -> Vec<String> {
-    pg.client(db)
-        .query("SELECT gid FROM pg_prepared_xacts WHERE database = current_database()", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
 fn total(pg: &PgCluster) -> i64 {
     ["a", "b"]
         .iter()
@@ -226,7 +217,7 @@ fn transfers_in_opposite_directions_across_two_databases_all_succeed() {
     assert_eq!(ok.load(Ordering::Relaxed), 200);
     assert!(took < Duration::from_secs(30), "200 transfers took {took:?}");
     assert_eq!(total(&pg), 6 * INITIAL, "money was created or destroyed");
-    assert!(prepared(&pg, "a").is_empty() && prepared(&pg, "b").is_empty());
+    assert!(pg.prepared("a").is_empty() && pg.prepared("b").is_empty());
 }
 
 #[test]
@@ -242,20 +233,20 @@ fn the_running_server_settles_branches_whose_coordinator_is_gone_and_leaves_live
     let foreign = orphan(&pg, "other-node", 1_000_004, 4, false);
     let start = Instant::now();
     wait_for(Duration::from_secs(5), "the dead coordinators' branches to be settled", || {
-        (prepared(&pg, "a").len() == 2 && prepared(&pg, "b").len() == 2).then_some(())
+        (pg.prepared("a").len() == 2 && pg.prepared("b").len() == 2).then_some(())
     });
     eprintln!("settled {:?} after they were left", start.elapsed());
     assert_eq!(values(&pg, "a"), [2], "decided: committed; undecided: rolled back");
     assert_eq!(values(&pg, "b"), [2]);
-    let mut left = prepared(&pg, "a");
-    left.extend(prepared(&pg, "b"));
+    let mut left = pg.prepared("a");
+    left.extend(pg.prepared("b"));
     left.sort();
     let mut want: Vec<String> = live_gids.iter().chain(&foreign).cloned().collect();
     want.sort();
     assert_eq!(left, want);
     // Recovery keeps looking: the live one is left alone while its lock is held…
     std::thread::sleep(Duration::from_millis(2500));
-    assert_eq!(prepared(&pg, "b").len(), 2, "a branch of a live coordinator was settled");
+    assert_eq!(pg.prepared("b").len(), 2, "a branch of a live coordinator was settled");
     // …and settled once its coordinator is gone.
     drop(live);
     wait_for(Duration::from_secs(5), "the last coordinator's branches", || (values(&pg, "b") == [1, 2]).then_some(()));
@@ -311,7 +302,7 @@ fn workers_killed_during_cross_database_transfers_leave_nothing_prepared_while_t
     let stopped = Instant::now();
     server.wait_serving();
     wait_for(Duration::from_secs(10), "nothing left prepared", || {
-        (prepared(&pg, "a").is_empty() && prepared(&pg, "b").is_empty()).then_some(())
+        (pg.prepared("a").is_empty() && pg.prepared("b").is_empty()).then_some(())
     });
     eprintln!("{kills} kills; nothing prepared {:?} after the load stopped", stopped.elapsed());
     assert!(stopped.elapsed() < Duration::from_secs(10));
@@ -363,7 +354,7 @@ fn txn_recover_right_after_the_server_is_killed_settles_everything_and_exits_0()
     orphan(&pg, NODE, 1_000_002, 2, false);
     let (code, out, err) = server.cli(&["txn", "recover"]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(prepared(&pg, "a").is_empty() && prepared(&pg, "b").is_empty(), "left prepared:\n{out}");
+    assert!(pg.prepared("a").is_empty() && pg.prepared("b").is_empty(), "left prepared:\n{out}");
     assert_eq!((values(&pg, "a"), values(&pg, "b")), (vec![1], vec![1]), "{out}");
     assert_eq!(total(&pg), 6 * INITIAL, "money was created or destroyed");
     // --min-age is still accepted.
@@ -398,7 +389,7 @@ fn txn_recover_leaves_a_live_coordinators_branches_and_settles_another_nodes_wit
     let (code, out, err) = cli(&["txn", "recover"], &config);
     assert_eq!(code, 2, "a live coordinator's transaction remains: exit 2\n{out}{err}");
     assert!(out.contains("in flight") && err.contains("still held by their coordinator"), "{out}{err}");
-    assert_eq!(prepared(&pg, "a").len(), 2, "{out}");
+    assert_eq!(pg.prepared("a").len(), 2, "{out}");
     // Another node's transactions: only with --node.
     assert!(!out.contains(&other[0]), "{out}");
     let (code, out, err) = cli(&["txn", "recover", "--node", "web-2"], &config);
@@ -410,7 +401,7 @@ fn txn_recover_leaves_a_live_coordinators_branches_and_settles_another_nodes_wit
     let (code, out, err) = cli(&["txn", "recover"], &config);
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(values(&pg, "b"), [7, 8]);
-    assert!(prepared(&pg, "a").is_empty() && prepared(&pg, "b").is_empty());
+    assert!(pg.prepared("a").is_empty() && pg.prepared("b").is_empty());
     let (code, _, err) = cli(&["txn", "recover", "--node", "bad:node"], &config);
     assert_eq!(code, 1, "{err}");
 }
@@ -470,7 +461,7 @@ fn txn_commands_explain_what_they_cannot_do() {
     let (code, out, err) = cli(&["txn", "recover"], &only_b);
     assert_eq!(code, 1, "{out}{err}");
     assert!(out.contains("not configured here") && err.contains("configure their coordinator database"), "{out}{err}");
-    assert_eq!(prepared(&pg, "b").len(), 4);
+    assert_eq!(pg.prepared("b").len(), 4);
     let (code, out, err) = cli(&["txn", "rollback", &local], &only_b);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("rolled back"), "{out}");
@@ -515,7 +506,8 @@ fn silent_clients_with_open_transactions_are_rolled_back_after_txn_idle_timeout_
     assert!(waited < Duration::from_secs(4), "rolled back only after {waited:?}");
     // Their debits are gone, their row locks and pooled connections free: a transfer from the
     // accounts they held answers at once.
-    let (answers, took) = ask_within(addr, &["TRANSFER x0 x2 1", "TRANSFER x1 x2 1", "BALANCE x0"], Duration::from_secs(3));
+    let (answers, took) =
+        ask_within(addr, &["TRANSFER x0 x2 1", "TRANSFER x1 x2 1", "BALANCE x0"], Duration::from_secs(3));
     assert_eq!(answers, ["OK", "OK", "OK 99"], "took {took:?}");
     // Counted in the metrics (workers report every half second).
     wait_for(READY_TIMEOUT, "2 idle timeouts in the metrics", || {
@@ -553,7 +545,7 @@ fn txn_idle_timeout_spares_talking_clients_prepared_transactions_and_clients_bet
         assert!(!c.closed_by_peer(), "a connection without an idle open transaction stays");
         c.stream().set_read_timeout(Some(READY_TIMEOUT)).unwrap();
     }
-    assert_eq!(prepared(&pg, "a").len(), 1, "the prepared transaction is its coordinator's");
+    assert_eq!(pg.prepared("a").len(), 1, "the prepared transaction is its coordinator's");
     assert_eq!(prepared_client.ask("COMMIT"), "COMMITTED");
     assert_eq!(between.ask("BALANCE y1"), "OK 99");
 }

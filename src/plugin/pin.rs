@@ -51,14 +51,12 @@ pub const MAX_PLUGIN_SIZE: u64 = 1 << 30;
 /// regular file (`fstat` of the open file, so what is checked is what is read) and a file
 /// larger than [`MAX_PLUGIN_SIZE`]. The errors say what the path is instead.
 pub fn open_regular(plugin: &Path) -> io::Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(plugin)
-        .map_err(|e| match e.kind() {
+    let file = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(plugin).map_err(
+        |e| match e.kind() {
             io::ErrorKind::NotFound => io::Error::new(e.kind(), format!("{e}; {}", build_hint(plugin))),
             _ => e,
-        })?;
+        },
+    )?;
     let meta = file.metadata()?;
     let kind = meta.file_type();
     use std::os::unix::fs::FileTypeExt;

@@ -259,6 +259,9 @@ impl Conn {
                     }
                 }
             }
+            // The peer's quiet time (app timers, the drain's grace) starts once it has its
+            // answer, not while the app was still working on the request.
+            self.last_active = Instant::now();
             if let Err(e) = self.write_out(&scratch.output) {
                 return (After::Close(CloseReason::Error(e.to_string())), requests);
             }
@@ -292,7 +295,6 @@ impl Conn {
 
     /// Calls the app's `on_timer` (see [`Conn::timer_due`]); the quiet period starts again.
     pub fn on_timer(&mut self, app: &App, draining: bool, scratch: &mut Scratch) -> (After, u64) {
-        self.last_active = Instant::now();
         let flags = if draining { fdt_sdk::abi::FLAG_DRAINING } else { 0 };
         scratch.output.clear();
         let handle = self.handle.as_mut().expect("open connection has an app handle");
@@ -309,6 +311,7 @@ impl Conn {
                 requests
             }
         };
+        self.last_active = Instant::now();
         if let Err(e) = self.write_out(&scratch.output) {
             return (After::Close(CloseReason::Error(e.to_string())), requests);
         }

@@ -501,8 +501,9 @@ impl Worker {
         self.pool.stop_handlers();
         let deadline = Instant::now() + Duration::from_secs(1);
         let mut unfinished = 0;
+        // The timer thread may be asleep between ticks: wake every thread at once, then wait.
+        self.handlers.iter().for_each(|h| h.thread().unpark());
         for h in std::mem::take(&mut self.handlers) {
-            h.thread().unpark();
             while !h.is_finished() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(5));
             }

@@ -23,8 +23,8 @@ use std::time::Instant;
 use socket2::Socket;
 
 use super::admission::Admission;
+use super::conn::{After, CloseReason, Conn, Phase, Scratch, prepare_socket};
 use super::share::AppShares;
-use super::conn::{After, CloseReason, Conn, Scratch, prepare_socket};
 use super::table::{ConnTable, Guard, Slot, split_token, token};
 use crate::balance::WorkerLoad;
 use crate::listener::ACCEPT_WAKE_INTERVAL;
@@ -54,6 +54,22 @@ pub struct HandlerBeat {
 }
 
 impl HandlerBeat {
+    /// The thread starts serving a connection of `app` from `peer`.
+    fn begin(&self, app: usize, peer: &str) {
+        {
+            let mut serving = self.serving.lock().unwrap_or_else(|e| e.into_inner());
+            serving.0 = app;
+            serving.1.clear();
+            serving.1.push_str(peer);
+        }
+        self.busy_since.store(monotonic_ms().max(1), Ordering::Release);
+    }
+
+    /// The thread is done with it.
+    fn end(&self) {
+        self.busy_since.store(0, Ordering::Release);
+    }
+
     /// How long the thread has been serving its current connection (0 while it waits).
     pub fn busy_ms(&self, now: u64) -> u64 {
         match self.busy_since.load(Ordering::Acquire) {
@@ -116,6 +132,9 @@ pub struct Pool {
     timed: AtomicUsize,
     /// How many handlers each app may hold (see `worker::share`).
     shares: AppShares,
+    /// The timer thread's heartbeat: counted for the longest-running request (so a stuck
+    /// `on_timer` meets `request_timeout`), not for "every handler stuck".
+    timer_beat: HandlerBeat,
 }
 
 impl Pool {
@@ -149,6 +168,7 @@ impl Pool {
             admission: Admission::new(threads, workers),
             timed: AtomicUsize::new(0),
             shares: AppShares::new(apps_len, threads),
+            timer_beat: HandlerBeat::default(),
         })
     }
 
@@ -228,6 +248,14 @@ impl Pool {
         if report.busy == 0 {
             report.stalled_ms = 0;
         }
+        // The timer thread's `on_timer` call counts as a request, but not as a handler.
+        let timer_since = self.timer_beat.busy_since.load(Ordering::Acquire);
+        if timer_since != 0 {
+            let ms = now.saturating_sub(timer_since);
+            if oldest.is_none_or(|(o, _)| ms > o) {
+                oldest = Some((ms, &self.timer_beat));
+            }
+        }
         if let Some((ms, beat)) = oldest {
             let serving = beat.serving.lock().unwrap_or_else(|e| e.into_inner());
             report.oldest = Some((ms, serving.0, serving.1.clone()));
@@ -298,6 +326,8 @@ impl Pool {
         let token = token(fd, seq);
         let mut guard = slot.lock();
         *guard = Some(Conn::new(socket, listener.tcp, seq, listener.app, handle, peer));
+        // A connection closed while its event waited for its app's share left its mark.
+        slot.waiting.store(0, Ordering::SeqCst);
         self.conns.note_used(fd);
         self.counters.open.fetch_add(1, Ordering::Relaxed);
         self.load.opened();
@@ -361,8 +391,10 @@ impl Pool {
     }
 
     /// Every `TIMER_TICK` while some connection has a timer: calls `on_timer` for each one
-    /// whose peer has been quiet long enough, under its slot lock like a handler would. A
-    /// connection being served right now is not due (its input just arrived).
+    /// whose peer has been quiet long enough, under its slot lock like a handler would, within
+    /// its app's share of handlers and with a heartbeat of its own (so `request_timeout`
+    /// sees an `on_timer` that never returns). A connection is not quiet while it is being
+    /// served, while its event waits for its app's share, or while input waits in the kernel.
     fn timer_loop(&self) {
         let mut scratch = Scratch::new();
         while !self.stopping.load(Ordering::Acquire) {
@@ -372,19 +404,32 @@ impl Pool {
             }
             let now = Instant::now();
             for slot in self.conns.used() {
+                if self.stopping.load(Ordering::Acquire) {
+                    return;
+                }
                 let Some(mut guard) = slot.try_lock() else { continue };
-                let Some(conn) = guard.as_mut().filter(|c| c.timer_due(now)) else {
+                let queued = |c: &Conn| slot.waiting.load(Ordering::SeqCst) == token(c.fd() as usize, c.seq);
+                let Some(conn) = guard.as_mut().filter(|c| c.timer_due(now) && !queued(c) && !c.input_waiting()) else {
                     self.unlock(slot, guard);
                     continue;
                 };
+                let app = conn.app;
+                if !self.shares.enter(app) {
+                    // Due again at the next tick, when the app may have a handler to spare.
+                    self.unlock(slot, guard);
+                    continue;
+                }
                 let had_timer = conn.timer.is_some();
                 let draining = self.draining.load(Ordering::Relaxed);
-                let (after, requests) = conn.on_timer(&self.apps[conn.app], draining, &mut scratch);
+                self.timer_beat.begin(app, &conn.peer);
+                let (after, requests) = conn.on_timer(&self.apps[app], draining, &mut scratch);
+                self.timer_beat.end();
                 self.track_timer(had_timer, conn.timer.is_some());
                 if requests > 0 {
                     self.counters.requests.fetch_add(requests, Ordering::Relaxed);
                 }
                 self.apply(slot, guard, after);
+                self.shares.leave(app);
             }
         }
     }
@@ -452,27 +497,32 @@ impl Pool {
         }
     }
 
-    /// Serves an event, then the events that waited for the share of the app it served.
+    /// Serves an event, then the events that waited for the share of the app it touched, for
+    /// as long as that app is below its share (an event that turns out stale, or finds its
+    /// connection busy, does not end the round: the queue behind it is served too).
     fn serve(&self, event: Event, scratch: &mut Scratch, beat: &HandlerBeat) {
-        let mut next = Some(event);
-        while let Some(event) = next.take() {
-            if let Some(app) = self.serve_one(event, scratch, beat) {
-                next = self.take_waiting(app);
-            }
+        let mut app = self.serve_one(event, false, scratch, beat);
+        while let Some(a) = app {
+            let Some(queued) = self.take_waiting(a) else { break };
+            app = self.serve_one(queued, true, scratch, beat).or(Some(a));
         }
     }
 
-    /// The next event that waited for `app`'s share, if the app is below it now.
+    /// The next event that waited for `app`'s share, if the app is below it now. The
+    /// connection may be queued again from here on (should it find the share taken again).
     fn take_waiting(&self, app: usize) -> Option<Event> {
         let event = self.shares.next_waiting(app)?;
         if let Some(slot) = self.conns.slot(split_token(event.token()).0) {
-            slot.waiting.store(false, Ordering::SeqCst);
+            // Only its own mark: a connection closed while queued may have left the slot to a
+            // new one, already queued under its own token.
+            let _ = slot.waiting.compare_exchange(event.token(), 0, Ordering::SeqCst, Ordering::SeqCst);
         }
         Some(event)
     }
 
-    /// Serves one event; returns the app whose share it touched (served, or queued for).
-    fn serve_one(&self, event: Event, scratch: &mut Scratch, beat: &HandlerBeat) -> Option<usize> {
+    /// Serves one event (`queued`: it waited for its app's share); returns the app whose share
+    /// it touched (served, or queued for).
+    fn serve_one(&self, event: Event, queued: bool, scratch: &mut Scratch, beat: &HandlerBeat) -> Option<usize> {
         let (fd, seq) = split_token(event.token());
         let slot = self.conns.slot(fd)?;
         let mut guard = self.lock_for_event(slot)?;
@@ -484,10 +534,13 @@ impl Pool {
         }
         let conn = guard.as_mut().expect("checked above");
         let app_index = conn.app;
-        if !self.shares.enter(app_index) {
+        // Only app code counts against an app's share: a connection flushing or closing runs
+        // none, and must not wait behind the app's stuck requests.
+        let runs_app = conn.phase == Phase::Open;
+        if runs_app && !self.shares.enter(app_index) {
             // The app holds its share of handlers: the connection waits for one of them, not
             // for a handler another app needs. Its event is kept (once), not re-armed.
-            if !slot.waiting.swap(true, Ordering::SeqCst) {
+            if slot.waiting.swap(event.token(), Ordering::SeqCst) != event.token() {
                 self.shares.queue(app_index, event);
             }
             self.unlock(slot, guard);
@@ -497,22 +550,23 @@ impl Pool {
         slot.again.store(false, Ordering::SeqCst);
         let app = &self.apps[app_index];
         let draining = self.draining.load(Ordering::Relaxed);
-        {
-            let mut serving = beat.serving.lock().unwrap_or_else(|e| e.into_inner());
-            serving.0 = app_index;
-            serving.1.clear();
-            serving.1.push_str(&conn.peer);
-        }
-        beat.busy_since.store(monotonic_ms().max(1), Ordering::Release);
+        beat.begin(app_index, &conn.peer);
         let had_timer = conn.timer.is_some();
         let (after, requests) = conn.on_ready(&event, app, draining, scratch);
         self.track_timer(had_timer, conn.timer.is_some());
-        beat.busy_since.store(0, Ordering::Release);
+        beat.end();
+        if queued {
+            // What happened while it waited (more input, the peer's FIN) came as events that
+            // were dropped rather than queued twice: re-arm, and the kernel reports it again.
+            conn.read_empty = false;
+        }
         if requests > 0 {
             self.counters.requests.fetch_add(requests, Ordering::Relaxed);
         }
         self.apply(slot, guard, after);
-        self.shares.leave(app_index);
+        if runs_app {
+            self.shares.leave(app_index);
+        }
         Some(app_index)
     }
 

@@ -36,7 +36,9 @@ impl AppShares {
         let cap = if apps > 1 { threads.saturating_sub(1).max(1) } else { usize::MAX };
         AppShares {
             cap,
-            apps: (0..apps).map(|_| Share { busy: AtomicUsize::new(0), waiting: Mutex::new(VecDeque::new()) }).collect(),
+            apps: (0..apps)
+                .map(|_| Share { busy: AtomicUsize::new(0), waiting: Mutex::new(VecDeque::new()) })
+                .collect(),
         }
     }
 

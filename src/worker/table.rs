@@ -5,7 +5,7 @@
 //! (whoever touches a connection holds it) and an `again` flag for events that found it locked
 //! (see `Pool::unlock`).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock, TryLockError};
 
 use super::conn::Conn;
@@ -21,8 +21,10 @@ pub struct Slot {
     pub conn: Mutex<Option<Conn>>,
     /// An event for this fd arrived while another thread held `conn`.
     pub again: AtomicBool,
-    /// An event for this connection waits for its app's share of handlers (`worker::share`).
-    pub waiting: AtomicBool,
+    /// The token of the connection whose event waits for its app's share of handlers
+    /// (`worker::share`); 0 when none. A token, not a flag, so that a connection closed while
+    /// queued leaves nothing that could hold back the next connection on the same fd.
+    pub waiting: AtomicU64,
 }
 
 pub type Guard<'a> = MutexGuard<'a, Option<Conn>>;
@@ -59,7 +61,9 @@ impl ConnTable {
     pub fn slot(&self, fd: usize) -> Option<&Slot> {
         let chunk = self.chunks.get(fd / CHUNK)?;
         let slots = chunk.get_or_init(|| {
-            (0..CHUNK).map(|_| Slot { conn: Mutex::new(None), again: AtomicBool::new(false), waiting: AtomicBool::new(false) }).collect()
+            (0..CHUNK)
+                .map(|_| Slot { conn: Mutex::new(None), again: AtomicBool::new(false), waiting: AtomicU64::new(0) })
+                .collect()
         });
         Some(&slots[fd % CHUNK])
     }

@@ -30,6 +30,21 @@ pub fn plugin(name: &str) -> PathBuf {
     path
 }
 
+/// Compiles `source` (C) into the shared library `dir/name` with gcc.
+pub fn gcc_shared(dir: &Path, name: &str, source: &str) -> PathBuf {
+    let c = dir.join(format!("{name}.c"));
+    let so = dir.join(name);
+    std::fs::write(&c, source).unwrap();
+    let out = Command::new("gcc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&so)
+        .arg(&c)
+        .output()
+        .expect("gcc is needed to build the test's C libraries, and it cannot be run");
+    assert!(out.status.success(), "gcc failed: {}", String::from_utf8_lossy(&out.stderr));
+    so
+}
+
 /// Polls `f` until it returns `Some`, or panics after `timeout` naming `what`.
 pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;

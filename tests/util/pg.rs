@@ -116,6 +116,16 @@ impl PgCluster {
         self.try_client(dbname).unwrap_or_else(|e| panic!("cannot connect to {dbname}: {e}"))
     }
 
+    /// The gids of the transactions prepared in database `db`.
+    pub fn prepared(&self, db: &str) -> Vec<String> {
+        self.client(db)
+            .query("SELECT gid FROM pg_prepared_xacts WHERE database = current_database()", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
     pub fn create_db(&self, name: &str) {
         self.client("postgres").batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
     }

@@ -8,6 +8,7 @@ use std::any::Any;
 use std::cell::RefCell;
 use std::ffi::c_void;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::ptr::{addr_of, addr_of_mut};
 use std::sync::Once;
 
 use crate::abi::{self, AppDescriptor, ConnInfo, ConnIo, HostApi, MessageFn, NextCode, Status, StrRef};
@@ -125,10 +126,8 @@ impl log::Log for HostLogger {
     fn flush(&self) {}
 }
 
-fn install_logger(host: &HostApi) {
+fn install_logger(log_fn: unsafe extern "C" fn(abi::LogLevel, StrRef, StrRef), level: abi::LogLevel) {
     static ONCE: Once = Once::new();
-    let log_fn = host.log;
-    let level = host.log_level;
     ONCE.call_once(|| {
         if log::set_boxed_logger(Box::new(HostLogger { log: log_fn })).is_ok() {
             let filter = match level {
@@ -152,31 +151,38 @@ unsafe extern "C" fn start<A: App>(
 ) -> Status {
     install_panic_hook();
     let result = catch_unwind(AssertUnwindSafe(|| {
-        // SAFETY: the host passes a valid `HostApi` for the duration of this call.
-        let host = unsafe { &*host };
-        if host.abi_major != abi::ABI_MAJOR {
-            return Err(format!(
-                "the server speaks plugin ABI {}, this app was built for ABI {}",
-                host.abi_major,
-                abi::ABI_MAJOR
-            ));
+        // The host's `HostApi` may be shorter than ours (an older host): it is read field by
+        // field through raw pointers, a later field only where `size` covers it.
+        // SAFETY: the host passes a valid `HostApi` with at least the fields up to
+        // `databases_toml` for the duration of this call.
+        let (size, major) = unsafe { (addr_of!((*host).size).read(), addr_of!((*host).abi_major).read()) };
+        if major != abi::ABI_MAJOR {
+            return Err(format!("the server speaks plugin ABI {major}, this app was built for ABI {}", abi::ABI_MAJOR));
         }
-        install_logger(host);
-        // SAFETY: the host's strings are valid for the duration of this call.
-        let (name, text, node, databases) = unsafe {
+        // SAFETY: as above; the strings are valid for the duration of this call.
+        let (log_fn, level, name, text, node, databases, pid, generation) = unsafe {
             (
-                borrowed_str(host.app_name),
-                borrowed_str(host.settings_toml),
-                borrowed_str(host.node_id),
-                borrowed_str(host.databases_toml),
+                addr_of!((*host).log).read(),
+                addr_of!((*host).log_level).read(),
+                borrowed_str(addr_of!((*host).app_name).read()),
+                borrowed_str(addr_of!((*host).settings_toml).read()),
+                borrowed_str(addr_of!((*host).node_id).read()),
+                borrowed_str(addr_of!((*host).databases_toml).read()),
+                addr_of!((*host).worker_pid).read(),
+                addr_of!((*host).generation).read(),
             )
         };
+        install_logger(log_fn, level);
         // A host built before the counters existed passes a shorter `HostApi`.
-        let has_counters = host.size as usize >= std::mem::offset_of!(HostApi, count_ctx) + size_of::<*const c_void>();
-        let events =
-            if has_counters { crate::Events::from_host(host.count, host.count_ctx) } else { Default::default() };
+        let has_counters = abi::covers(size, std::mem::offset_of!(HostApi, count_ctx) + size_of::<*const c_void>());
+        let events = if has_counters {
+            // SAFETY: `size` says the host's `HostApi` has both fields.
+            unsafe { crate::Events::from_host(addr_of!((*host).count).read(), addr_of!((*host).count_ctx).read()) }
+        } else {
+            Default::default()
+        };
         let settings = Settings::parse(&name, &text)?
-            .with_worker(&node, host.worker_pid, host.generation)
+            .with_worker(&node, pid, generation)
             .with_databases(&databases)?
             .with_events(events);
         A::start(&settings)
@@ -263,11 +269,25 @@ unsafe fn conn_call<A: App>(
     // SAFETY: `conn` came from `conn_open`, and the host never calls twice at once for one
     // connection, so this is the only reference.
     let state = unsafe { &mut *conn.cast::<ConnState>() };
-    // SAFETY: the host passes a valid, exclusive `ConnIo` for the duration of this call.
-    let io = unsafe { &mut *io };
+    // The host's `ConnIo` may be shorter than ours (an older host): no reference to the whole
+    // struct is made; each field is read or written through a raw pointer, the appended ones
+    // only where `size` covers them.
+    // SAFETY: the host passes a valid, exclusive `ConnIo` of at least the ABI 1.0 fields for
+    // the duration of this call; these fields are all ABI 1.0.
+    let (size, flags, input_ptr, input_len, write, write_ctx, error, error_ctx) = unsafe {
+        (
+            addr_of!((*io).size).read(),
+            addr_of!((*io).flags).read(),
+            addr_of!((*io).input).read(),
+            addr_of!((*io).input_len).read(),
+            addr_of!((*io).write).read(),
+            addr_of!((*io).write_ctx).read(),
+            addr_of!((*io).error).read(),
+            addr_of!((*io).error_ctx).read(),
+        )
+    };
     // SAFETY: the input is valid and not modified during this call.
-    let input = unsafe { borrowed(StrRef { ptr: io.input, len: io.input_len }) };
-    let flags = io.flags;
+    let input = unsafe { borrowed(StrRef { ptr: input_ptr, len: input_len }) };
     let result = catch_unwind(AssertUnwindSafe(|| {
         let mut c = Conn::new(input, flags, state);
         let next = f(app, &mut c);
@@ -276,22 +296,27 @@ unsafe fn conn_call<A: App>(
     }));
     let code = match result {
         Ok((next, consumed, requests)) => {
-            io.consumed = consumed;
-            io.requests = requests;
+            // SAFETY: ABI 1.0 fields of the host's exclusive `ConnIo` (see above).
+            unsafe {
+                addr_of_mut!((*io).consumed).write(consumed);
+                addr_of_mut!((*io).requests).write(requests);
+            }
             next.code()
         }
         Err(panic) => {
-            report(io.error, io.error_ctx, &panic_message(panic));
+            report(error, error_ctx, &panic_message(panic));
             -abi::STATUS_PANIC
         }
     };
     // A host of ABI 1.0 passes a shorter `ConnIo`, without the timer.
-    if abi::covers(io.size, std::mem::offset_of!(ConnIo, timer_ms) + size_of::<u64>()) {
-        io.timer_ms = state.timer.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1));
+    if abi::covers(size, std::mem::offset_of!(ConnIo, timer_ms) + size_of::<u64>()) {
+        let ms = state.timer.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1));
+        // SAFETY: `size` says the host's `ConnIo` has this field.
+        unsafe { addr_of_mut!((*io).timer_ms).write(ms) };
     }
     if !state.out.is_empty() {
         // SAFETY: the host's write callback copies the bytes before returning.
-        unsafe { (io.write)(io.write_ctx, StrRef::from_bytes(&state.out)) };
+        unsafe { write(write_ctx, StrRef::from_bytes(&state.out)) };
         state.out.clear();
         if state.out.capacity() > MAX_IDLE_OUTPUT_CAPACITY {
             state.out = Vec::new();
