@@ -162,3 +162,20 @@ fn a_plugin_built_for_abi_1_0_still_loads_and_serves() {
     }
     assert_eq!(got, b"two\nlines\n");
 }
+
+#[test]
+fn a_panic_in_on_timer_closes_only_that_connection() {
+    let server = testkit_server();
+    let worker = server.worker_pids()[0];
+    let mut other = LineClient::connect(server.addr("testkit"));
+    assert_eq!(other.ask("PID"), worker.to_string());
+    let mut doomed = LineClient::connect(server.addr("testkit"));
+    assert_eq!(doomed.ask("TIMER_PANIC 200"), "TIMER");
+    assert!(doomed.closed_by_peer(), "the connection whose app panicked is closed");
+    assert_eq!(other.ask("PID"), worker.to_string(), "the worker and its other connections go on");
+    wait_for(READY_TIMEOUT, "the panic in the log and the metrics", || {
+        let (_, metrics) = server.control("GET", "/metrics")?;
+        let counted = metrics.lines().any(|l| l.starts_with("fdtserver_handler_panics_total{") && l.ends_with(" 1"));
+        (counted && server.log().contains("testkit was told to panic on its timer")).then_some(())
+    });
+}

@@ -119,3 +119,37 @@ fn check_passes_a_good_config_and_creates_its_log_files_like_the_server() {
     assert!(out.contains("ok"), "{out}");
     assert!(log.exists(), "check opens the error log as the server would");
 }
+
+#[test]
+fn check_lists_every_path_problem_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("plain-file");
+    std::fs::write(&file, "not a directory").unwrap();
+    let fifo = dir.path().join("log.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let sock_dir = dir.path().join("missing");
+    let text = format!(
+        "[server]\nworkers = 1\npidfile = \"{file}/run/fdt.pid\"\naccess_log = \"{fifo}\"\n\n\
+         [[listen]]\naddress = \"unix:{sock}/echo.sock\"\napp = \"echo\"\n\n[app.echo]\nplugin = \"{plugin}\"\n",
+        file = file.display(),
+        fifo = fifo.display(),
+        sock = sock_dir.display(),
+        plugin = plugin("echo").display()
+    );
+    let cfg = dir.path().join("fdt.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let started = std::time::Instant::now();
+    check_refuses(
+        &cfg,
+        &[
+            &format!("cannot write pidfile {}/run/fdt.pid: {} is not a directory", file.display(), file.display()),
+            &format!("cannot open access_log {}: it is a FIFO", fifo.display()),
+            &format!(
+                "cannot listen on unix:{}/echo.sock: directory {} does not exist",
+                sock_dir.display(),
+                sock_dir.display()
+            ),
+        ],
+    );
+    assert!(started.elapsed() < Duration::from_secs(10), "check never blocks on the FIFO");
+}

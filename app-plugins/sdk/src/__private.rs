@@ -338,3 +338,196 @@ unsafe extern "C" fn conn_close<A: App>(app: *mut c_void, conn: *mut c_void) {
     // panicking `on_close` does not drop it during unwinding.
     discard(catch_unwind(AssertUnwindSafe(move || drop(state))));
 }
+
+/// The plugin side of the wall, driven the way the host drives it (including a host of ABI 1.0,
+/// whose `ConnIo` is shorter), without a server.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Next;
+    use std::time::Duration;
+
+    /// Echoes lines and keeps a 250 ms timer; `boom` panics with a formatted message; on its
+    /// timer it says `T` and closes.
+    struct Timed;
+
+    impl App for Timed {
+        const SETTINGS: Option<&'static [&'static str]> = Some(&["a", "b"]);
+        fn start(_: &Settings) -> Result<Self, String> {
+            Ok(Timed)
+        }
+        fn on_readable(&self, conn: &mut Conn) -> Next {
+            conn.set_timer(Some(Duration::from_millis(250)));
+            while let Some(line) = conn.take_line() {
+                if line == b"boom\n" {
+                    panic!("told to {}", "boom");
+                }
+                conn.write(line);
+            }
+            Next::KeepOpen
+        }
+        fn on_timer(&self, conn: &mut Conn) -> Next {
+            conn.write(b"T");
+            Next::Close
+        }
+    }
+
+    /// An app that declares no settings.
+    struct Open;
+
+    impl App for Open {
+        fn start(_: &Settings) -> Result<Self, String> {
+            Ok(Open)
+        }
+        fn on_readable(&self, _: &mut Conn) -> Next {
+            Next::KeepOpen
+        }
+    }
+
+    unsafe extern "C" fn collect(ctx: *mut c_void, bytes: StrRef) {
+        // SAFETY: `ctx` is the `Vec<u8>` of the test's current call; `bytes` is valid during it.
+        unsafe { (*ctx.cast::<Vec<u8>>()).extend_from_slice(borrowed(bytes)) }
+    }
+
+    /// What one call returned: the code, the output, the error text, and the `ConnIo` after.
+    struct Called {
+        code: NextCode,
+        out: Vec<u8>,
+        error: Vec<u8>,
+        io: ConnIo,
+    }
+
+    /// Calls `entry` as the host does, with a `ConnIo` that says it is `size` bytes long and
+    /// whose `timer_ms` holds 777 before the call.
+    fn call(
+        entry: unsafe extern "C" fn(*mut c_void, *mut c_void, *mut ConnIo) -> NextCode,
+        conn: *mut c_void,
+        input: &[u8],
+        size: usize,
+    ) -> Called {
+        let (mut out, mut error) = (Vec::new(), Vec::new());
+        let mut io = ConnIo {
+            size: size as u32,
+            flags: 0,
+            input: input.as_ptr(),
+            input_len: input.len(),
+            consumed: 0,
+            requests: 0,
+            write: collect,
+            write_ctx: (&mut out as *mut Vec<u8>).cast(),
+            error: collect,
+            error_ctx: (&mut error as *mut Vec<u8>).cast(),
+            timer_ms: 777,
+        };
+        let mut app = Timed;
+        // SAFETY: `app` and `conn` are a live `Timed` and connection state; `io` and what it
+        // points at outlive the call, which is the only one on this connection.
+        let code = unsafe { entry((&mut app as *mut Timed).cast(), conn, &mut io) };
+        Called { code, out, error, io }
+    }
+
+    fn open_conn() -> *mut c_void {
+        let info =
+            ConnInfo { size: size_of::<ConnInfo>() as u32, peer: StrRef::new("p"), listener: StrRef::new("l"), id: 7 };
+        // SAFETY: `info` is valid during the call; the app pointer is unused by `conn_open`.
+        unsafe { conn_open(std::ptr::null_mut(), &info) }
+    }
+
+    fn close_conn(conn: *mut c_void) {
+        let mut app = Timed;
+        // SAFETY: `conn` came from `conn_open` and is closed once, last.
+        unsafe { conn_close::<Timed>((&mut app as *mut Timed).cast(), conn) }
+    }
+
+    #[test]
+    fn a_call_reports_consumed_input_output_and_the_timer() {
+        let conn = open_conn();
+        let c = call(conn_data::<Timed>, conn, b"hi\npartial", size_of::<ConnIo>());
+        assert_eq!(c.code, abi::NEXT_KEEP_OPEN);
+        assert_eq!(c.out, b"hi\n");
+        assert_eq!((c.io.consumed, c.io.requests), (3, 1));
+        assert_eq!(c.io.timer_ms, 250);
+        let t = call(conn_timer::<Timed>, conn, b"partial", size_of::<ConnIo>());
+        assert_eq!((t.code, t.out.as_slice()), (abi::NEXT_CLOSE, &b"T"[..]));
+        close_conn(conn);
+    }
+
+    #[test]
+    fn a_host_of_abi_1_0_gets_no_timer_written_past_its_conn_io() {
+        let conn = open_conn();
+        let size_1_0 = std::mem::offset_of!(ConnIo, timer_ms);
+        let c = call(conn_data::<Timed>, conn, b"hi\n", size_1_0);
+        assert_eq!(c.out, b"hi\n");
+        assert_eq!(c.io.timer_ms, 777, "the field a 1.0 host does not have is left alone");
+        close_conn(conn);
+    }
+
+    #[test]
+    fn a_panic_becomes_an_error_code_with_its_message() {
+        let conn = open_conn();
+        let c = call(conn_data::<Timed>, conn, b"boom\n", size_of::<ConnIo>());
+        assert_eq!(c.code, -abi::STATUS_PANIC);
+        let error = String::from_utf8(c.error).unwrap();
+        // (The location is added by the hook `start` installs; this test process keeps its own.)
+        assert!(error.starts_with("app panicked") && error.contains("told to boom"), "{error}");
+        close_conn(conn);
+    }
+
+    #[test]
+    fn declared_settings_are_listed_and_an_app_without_declares_none() {
+        let mut keys = Vec::new();
+        // SAFETY: `collect` appends to `keys`, which outlives the call.
+        let declared = unsafe { declared_settings::<Timed>(collect, (&mut keys as *mut Vec<u8>).cast()) };
+        assert_eq!((declared, keys.as_slice()), (1, &b"ab"[..]));
+        // SAFETY: as above.
+        assert_eq!(unsafe { declared_settings::<Open>(collect, (&mut keys as *mut Vec<u8>).cast()) }, 0);
+    }
+
+    #[test]
+    fn the_descriptor_declares_the_abi_it_was_built_for_and_every_function() {
+        let d = descriptor::<Timed>("Timed");
+        assert_eq!(d.magic, abi::MAGIC);
+        assert_eq!((d.abi_major, d.abi_minor), (abi::ABI_MAJOR, abi::ABI_MINOR));
+        assert_eq!(d.size as usize, size_of::<AppDescriptor>());
+        assert!(abi::covers(d.size, std::mem::offset_of!(AppDescriptor, declared_settings) + size_of::<usize>()));
+        assert!(abi::DESCRIPTOR_SIZE_1_0 < d.size as usize);
+    }
+
+    unsafe extern "C" fn no_log(_: abi::LogLevel, _: StrRef, _: StrRef) {}
+
+    fn host_api(major: u32) -> HostApi {
+        HostApi {
+            size: size_of::<HostApi>() as u32,
+            abi_major: major,
+            abi_minor: abi::ABI_MINOR,
+            settings_toml: StrRef::new("a = 1"),
+            app_name: StrRef::new("timed"),
+            node_id: StrRef::new("n"),
+            worker_pid: 1,
+            generation: 1,
+            log_level: 0,
+            log: no_log,
+            databases_toml: StrRef::new(""),
+            count: no_count,
+            count_ctx: std::ptr::null(),
+        }
+    }
+
+    unsafe extern "C" fn no_count(_: *const c_void, _: StrRef, _: u64) {}
+
+    #[test]
+    fn start_builds_the_app_and_refuses_another_abi_major() {
+        let (mut app, mut error) = (std::ptr::null_mut(), Vec::new());
+        let host = host_api(abi::ABI_MAJOR);
+        // SAFETY: `host`, `app` and `error` outlive the call.
+        let status = unsafe { start::<Timed>(&host, &mut app, collect, (&mut error as *mut Vec<u8>).cast()) };
+        assert_eq!(status, abi::STATUS_OK, "{}", String::from_utf8_lossy(&error));
+        // SAFETY: `app` came from `start::<Timed>` and is stopped once.
+        unsafe { stop::<Timed>(app) };
+        let host = host_api(abi::ABI_MAJOR + 1);
+        // SAFETY: as above.
+        let status = unsafe { start::<Timed>(&host, &mut app, collect, (&mut error as *mut Vec<u8>).cast()) };
+        assert_eq!(status, abi::STATUS_ERROR);
+        assert!(String::from_utf8_lossy(&error).contains("this app was built for ABI 1"));
+    }
+}

@@ -110,3 +110,87 @@ impl<A: App> TestConn<'_, A> {
         self.app.on_close(&mut conn);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Reports what a connection knows about itself; keeps a count in its session, which
+    /// `on_close` takes back.
+    struct Facts;
+
+    #[derive(Default)]
+    struct Count(u32);
+
+    static CLOSED_WITH: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+    impl App for Facts {
+        fn start(_: &Settings) -> Result<Self, String> {
+            Ok(Facts)
+        }
+        fn on_readable(&self, conn: &mut Conn) -> Next {
+            while let Some(line) = conn.take_line() {
+                conn.session::<Count>().0 += 1;
+                let facts = format!(
+                    "{} peer={:?} listener={:?} id={} closed={} timer={:?}\n",
+                    String::from_utf8_lossy(line).trim(),
+                    conn.peer(),
+                    conn.listener(),
+                    conn.id(),
+                    conn.peer_closed(),
+                    conn.timer()
+                );
+                conn.write(facts.as_bytes());
+            }
+            Next::KeepOpen
+        }
+        fn on_close(&self, conn: &mut Conn) {
+            assert!(conn.peer_closed());
+            assert!(conn.take_session::<String>().is_none(), "another type leaves the session in place");
+            let count = conn.take_session::<Count>().map_or(0, |c| c.0);
+            CLOSED_WITH.store(count, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_test_connection_drives_the_app_as_the_worker_would() {
+        let app = TestApp::<Facts>::start("").unwrap();
+        let _: &Facts = app.app();
+        let mut conn = app.connect();
+        conn.send(b"one\ntw");
+        assert_eq!(conn.pending_input(), b"tw");
+        let out = String::from_utf8(conn.take_output()).unwrap();
+        assert_eq!(out, "one peer=\"\" listener=\"\" id=0 closed=false timer=None\n");
+        // No timer set, and the default `on_timer` keeps the connection.
+        assert_eq!(conn.timer(), None);
+        assert_eq!(conn.fire_timer(), Next::KeepOpen);
+        conn.send(b"o\n");
+        assert_eq!(conn.requests(), 2);
+        conn.close();
+        assert_eq!(CLOSED_WITH.load(std::sync::atomic::Ordering::SeqCst), 2, "on_close took the session");
+    }
+
+    #[test]
+    fn settings_an_app_does_not_declare_are_refused_by_the_test_driver_too() {
+        struct Strict;
+        impl App for Strict {
+            const SETTINGS: Option<&'static [&'static str]> = Some(&["delay_ms"]);
+            fn start(_: &Settings) -> Result<Self, String> {
+                Ok(Strict)
+            }
+            fn on_readable(&self, conn: &mut Conn) -> Next {
+                conn.set_timer(Some(Duration::from_secs(1)));
+                Next::KeepOpen
+            }
+        }
+        assert!(TestApp::<Strict>::start("delay_ms = 1").is_ok());
+        let err = TestApp::<Strict>::start("delay = 1").err().unwrap();
+        assert_eq!(err, "unknown setting `delay` (the app takes: delay_ms)");
+        let app = TestApp::<Strict>::start("").unwrap();
+        let mut conn = app.connect();
+        conn.set_draining(true);
+        conn.send(b"x");
+        assert_eq!(conn.timer(), Some(Duration::from_secs(1)));
+    }
+}

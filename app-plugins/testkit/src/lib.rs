@@ -10,8 +10,8 @@
 //! (the worker's real and effective uid and gid: `uid euid gid egid`), `ENV <name>` (the
 //! variable's value in the worker, `-` when unset), `TIMER <ms>` (sets the connection's timer;
 //! each time it runs out the app writes `TICK <n> <bytes of partial input>`; `TIMER 0` removes
-//! it), `TIMEOUT <ms>` (when the timer runs out: `TIMED OUT`, then close), anything else is
-//! echoed.
+//! it), `TIMEOUT <ms>` (when the timer runs out: `TIMED OUT`, then close), `TIMER_PANIC <ms>`
+//! (the app panics when the timer runs out), anything else is echoed.
 
 use fdt_sdk::{App, Conn, Next, Settings};
 use std::time::Duration;
@@ -27,6 +27,8 @@ struct Session {
     busy: bool,
     /// `TIMEOUT` rather than `TIMER`: close when the timer runs out.
     close_on_timer: bool,
+    /// `TIMER_PANIC`: panic when the timer runs out.
+    panic_on_timer: bool,
     ticks: u64,
 }
 
@@ -98,10 +100,12 @@ impl App for Testkit {
                     conn.session::<Session>().busy = false;
                     "IDLE".to_string()
                 }
-                ("TIMER" | "TIMEOUT", Some(ms)) => {
+                ("TIMER" | "TIMEOUT" | "TIMER_PANIC", Some(ms)) => {
                     let ms: u64 = ms.parse().unwrap_or(0);
                     conn.set_timer((ms > 0).then(|| Duration::from_millis(ms)));
-                    conn.session::<Session>().close_on_timer = line.starts_with("TIMEOUT");
+                    let session = conn.session::<Session>();
+                    session.close_on_timer = line.starts_with("TIMEOUT");
+                    session.panic_on_timer = line.starts_with("TIMER_PANIC");
                     "TIMER".to_string()
                 }
                 ("QUIT", _) => {
@@ -119,6 +123,9 @@ impl App for Testkit {
     fn on_timer(&self, conn: &mut Conn) -> Next {
         let pending = conn.input().len();
         let session = conn.session::<Session>();
+        if session.panic_on_timer {
+            panic!("testkit was told to panic on its timer");
+        }
         if session.close_on_timer {
             conn.write(b"TIMED OUT\n");
             return Next::Close;
