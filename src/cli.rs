@@ -466,3 +466,56 @@ fn process_alive(pid: i32) -> bool {
         Err(_) => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_table_shows_the_last_reload_error_a_drain_and_a_binary_upgrade_under_way() {
+        let v = serde_json::json!({
+            "pid": 4242, "generation": 3, "uptime_secs": 12.4, "state": "running",
+            "listeners": [{"bound": "127.0.0.1:8080", "address": "127.0.0.1:8080", "app": "echo"}],
+            "reloads": {"ok": 2, "failed": 1, "last_error": "app echo: plugin /x.so: missing"},
+            "worker_restarts": 0,
+            "worker_kills": {"heartbeat_timeout": 0, "request_timeout": 0, "boot_timeout": 0},
+            "worker_recycles": 0,
+            "draining": {"generations": 1, "workers": 2, "connections": 5, "oldest_since_secs": 3.25},
+            "upgrade": {"new_master": 5151},
+            "workers": [{"pid": 77, "generation": 3, "slot": 0, "state": "serving", "connections": 1, "requests": 9, "panics": 0}]
+        });
+        let text = format_status(&v);
+        assert!(text.starts_with("master pid 4242  generation 3  up 12 s  running\n"), "{text}");
+        assert!(text.contains("last reload error: app echo: plugin /x.so: missing\n"), "{text}");
+        assert!(
+            text.contains("draining: 1 generation(s), 2 worker(s), 5 connection(s) left, oldest for 3.2 s\n"),
+            "{text}"
+        );
+        assert!(text.contains("binary upgrade under way: new master pid 5151\n"), "{text}");
+        // Without them, none of these lines.
+        let mut quiet = v.clone();
+        quiet["reloads"]["last_error"] = serde_json::Value::Null;
+        quiet["draining"]["workers"] = 0.into();
+        quiet["upgrade"]["new_master"] = serde_json::Value::Null;
+        let text = format_status(&quiet);
+        for absent in ["last reload error", "draining:", "binary upgrade"] {
+            assert!(!text.contains(absent), "{absent}: {text}");
+        }
+    }
+
+    #[test]
+    fn stop_counts_a_master_that_exited_or_is_a_zombie_as_gone() {
+        assert!(process_alive(std::process::id() as i32));
+        // Exited and not reaped yet: a zombie.
+        let mut zombie = std::process::Command::new("true").spawn().unwrap();
+        let pid = zombie.id() as i32;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while process_alive(pid) {
+            assert!(Instant::now() < deadline, "`true` did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Reaped: no /proc entry at all.
+        zombie.wait().unwrap();
+        assert!(!process_alive(pid));
+    }
+}

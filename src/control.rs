@@ -560,3 +560,187 @@ mod tests {
         assert!(incomplete_body(b"POST /reload HTTP/1.1\r\n").is_none());
     }
 }
+
+/// The control server driven as the master drives it (one poll, non-blocking sockets), with
+/// real client sockets.
+#[cfg(test)]
+mod server_tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::time::Instant;
+
+    struct Harness {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+        poll: mio::Poll,
+        server: ControlServer,
+    }
+
+    impl Harness {
+        fn new() -> Harness {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("control.sock");
+            let poll = mio::Poll::new().unwrap();
+            let mut server = ControlServer::bind(&path).unwrap();
+            server.register(poll.registry(), Token(0)).unwrap();
+            Harness { _dir: dir, path, poll, server }
+        }
+
+        /// Connects a client and has the server accept it; returns (client, connection id).
+        fn connect(&mut self) -> (std::os::unix::net::UnixStream, usize) {
+            let client = std::os::unix::net::UnixStream::connect(&self.path).unwrap();
+            client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let before: Vec<usize> = self.server.conns.keys().copied().collect();
+            self.server.accept(self.poll.registry());
+            let id = *self.server.conns.keys().find(|id| !before.contains(id)).expect("the connection was accepted");
+            (client, id)
+        }
+
+        /// Calls `ready` until it returns a request (the client's bytes are in the socket already).
+        fn request(&mut self, id: usize) -> Option<Request> {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Some(r) = self.server.ready(id, self.poll.registry()) {
+                    return Some(r);
+                }
+                if !self.server.conns.contains_key(&id) || Instant::now() >= deadline {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+
+    fn read_all(client: &mut std::os::unix::net::UnixStream) -> String {
+        let mut raw = Vec::new();
+        client.read_to_end(&mut raw).unwrap();
+        String::from_utf8_lossy(&raw).into_owned()
+    }
+
+    #[test]
+    fn a_request_head_over_16_kib_is_answered_431_request_header_fields_too_large() {
+        let mut h = Harness::new();
+        let (mut client, id) = h.connect();
+        // No end of head in sight, and already past the limit.
+        let huge = format!("GET /status HTTP/1.1\r\nX-Filler: {}\r\n", "a".repeat(MAX_REQUEST + 10));
+        client.write_all(huge.as_bytes()).unwrap();
+        let request = h.request(id).expect("a request past the limit is decided");
+        let Request::Bad(status, msg) = request else { panic!("{request:?}") };
+        assert_eq!((status, msg.as_str()), (431, "request too large"));
+        h.server.respond(id, Response::text(status, msg), h.poll.registry());
+        let answer = read_all(&mut client);
+        assert!(answer.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"), "{answer}");
+        assert!(answer.ends_with("\r\n\r\nrequest too large\n"), "{answer}");
+        assert!(!h.server.conns.contains_key(&id), "closed once answered");
+        // A complete head that is too large is refused the same way.
+        let whole = format!("GET /status HTTP/1.1\r\nX-Filler: {}\r\n\r\n", "a".repeat(MAX_REQUEST));
+        assert_eq!(parse(whole.as_bytes(), false), Some(Request::Bad(431, "request too large".into())));
+    }
+
+    #[test]
+    fn every_status_the_api_sends_has_its_reason_phrase() {
+        assert_eq!(reason_phrase(503), "Service Unavailable");
+        assert_eq!(reason_phrase(431), "Request Header Fields Too Large");
+        assert_eq!(reason_phrase(409), "Conflict");
+        // A status without a known phrase still makes a valid status line.
+        assert_eq!(reason_phrase(418), "Status");
+    }
+
+    #[test]
+    fn a_request_whose_declared_body_never_arrives_is_answered_400_at_the_request_timeout() {
+        let mut h = Harness::new();
+        let (mut client, id) = h.connect();
+        client.write_all(b"POST /reload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nab").unwrap();
+        let (mut silent, _) = h.connect();
+        // The bytes are in the socket already: one read takes them all.
+        assert_eq!(h.server.ready(id, h.poll.registry()), None, "waits for the rest of the body; the reload does not run");
+        assert_eq!(h.server.conns[&id].input.len(), 55);
+        assert!(h.server.conns.contains_key(&id));
+        // Both connections have been open for longer than the request timeout.
+        let long_ago = Instant::now().checked_sub(REQUEST_TIMEOUT + Duration::from_secs(1)).unwrap();
+        for conn in h.server.conns.values_mut() {
+            conn.opened = long_ago;
+        }
+        h.server.expire(h.poll.registry());
+        let answer = read_all(&mut client);
+        assert!(answer.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{answer}");
+        assert!(
+            answer.contains("incomplete request: a body of 5 bytes was declared, 2 arrived within 10 s"),
+            "{answer}"
+        );
+        // One that sent nothing at all is closed without an answer.
+        assert_eq!(read_all(&mut silent), "");
+        assert!(h.server.conns.is_empty(), "both connections are closed");
+    }
+
+    #[test]
+    fn a_connection_within_the_request_timeout_is_kept() {
+        let mut h = Harness::new();
+        let (_client, id) = h.connect();
+        h.server.expire(h.poll.registry());
+        assert!(h.server.conns.contains_key(&id));
+        // A complete request has no missing body.
+        assert_eq!(incomplete_body(b"POST /reload HTTP/1.1\r\nContent-Length: 2\r\n\r\nab"), None);
+    }
+
+    #[test]
+    fn an_answer_larger_than_the_socket_buffer_reaches_a_slow_reader_whole() {
+        let mut h = Harness::new();
+        let (mut client, id) = h.connect();
+        client.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!(h.request(id), Some(Request::Metrics));
+        let body = "x".repeat(4 << 20);
+        h.server.respond(id, Response { status: 200, content_type: "text/plain", body: body.clone() }, h.poll.registry());
+        // The client has read nothing yet: the rest waits in the master, which did not block.
+        assert!(h.server.conns.get(&id).is_some_and(|c| !c.output.is_empty()), "the answer is not all written yet");
+        let reader = std::thread::spawn(move || read_all(&mut client));
+        let mut events = mio::Events::with_capacity(16);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while h.server.conns.contains_key(&id) {
+            assert!(Instant::now() < deadline, "the answer was not delivered in time");
+            h.poll.poll(&mut events, Some(Duration::from_millis(100))).unwrap();
+            if events.iter().any(|e| e.token() == Token(CONN_TOKEN_BASE + id)) {
+                assert_eq!(h.server.ready(id, h.poll.registry()), None, "no second request is read");
+            }
+        }
+        let answer = reader.join().unwrap();
+        let (head, got) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("Content-Length: {}\r\n", body.len())), "{head}");
+        assert_eq!(got.len(), body.len(), "the whole body arrived");
+    }
+
+    #[test]
+    fn binding_refuses_a_socket_a_live_server_answers_on_and_replaces_a_stale_one() {
+        let h = Harness::new();
+        let e = ControlServer::bind(&h.path).err().expect("a second server on the same socket is refused");
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        assert_eq!(e.to_string(), "another fdtserver is running with this control socket");
+        // The server was killed: its socket file is left, and nobody answers on it.
+        let Harness { _dir, path, server, .. } = h;
+        drop(server);
+        assert!(path.exists());
+        let mut next = ControlServer::bind(&path).expect("a stale socket file is replaced");
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok(), "the new server answers there");
+        next.take_ownership();
+        next.remove_file();
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn the_client_reports_a_server_that_never_answers_within_its_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        // Accepts connections (the kernel does) but never answers: a hung master.
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let started = Instant::now();
+        let e = request(&path, "GET", "/status", Duration::from_secs(1)).unwrap_err();
+        assert!(matches!(e, ClientError::Other(_)), "{e:?}");
+        assert_eq!(e.to_string(), "no answer from the server within 1 s");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        // With nothing at the path, it says no server is answering there.
+        let missing = dir.path().join("none.sock");
+        let e = request(&missing, "GET", "/status", Duration::from_secs(1)).unwrap_err();
+        assert!(matches!(e, ClientError::NotRunning(_)), "{e:?}");
+        assert!(e.to_string().starts_with(&format!("no fdtserver is answering on {}", missing.display())), "{e}");
+    }
+}

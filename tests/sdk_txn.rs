@@ -302,3 +302,61 @@ fn misuse_gets_a_clear_error_and_an_empty_prepare_uses_the_first_database() {
     assert!(err.contains("no [database.nope]") && err.contains("configured: main"), "{err}");
     assert!(Databases::open(&settings, &[]).err().unwrap().contains("no database given"));
 }
+
+#[test]
+fn a_prepared_transaction_an_operator_settled_meanwhile_is_reported_as_an_unknown_gid() {
+    let pg = PgCluster::start();
+    let dbs = open(&pg, 2);
+    let mut tx = dbs.transaction();
+    tx.execute("main", "INSERT INTO t VALUES (1)", &[]).unwrap();
+    let gid = tx.prepare("op.1").unwrap();
+    pg.client("app").batch_execute(&format!("ROLLBACK PREPARED '{gid}'")).unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(tx.commit(), Err(TxnError::UnknownGid(gid.clone())));
+    // Not retried: the answer is final (each retry would wait 50 ms and more).
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(count(&pg), 0);
+    assert!(dbs.prepared().unwrap().is_empty());
+}
+
+#[test]
+fn a_prepared_transaction_commits_on_a_fresh_connection_when_postgresql_ended_the_session() {
+    let pg = PgCluster::start();
+    let dbs = open(&pg, 2);
+    let mut tx = dbs.transaction();
+    tx.execute("main", "INSERT INTO t VALUES (1)", &[]).unwrap();
+    tx.prepare("cut.1").unwrap();
+    // Every pooled session of the app ends (a restart of the database's backends, an admin).
+    let ended: i64 = pg
+        .client("postgres")
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = 'app' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(ended >= 1, "the app's pooled session was ended");
+    // The first COMMIT PREPARED fails on the dead session; it is retried on a new one.
+    tx.commit().unwrap();
+    assert_eq!(count(&pg), 1);
+    assert!(dbs.prepared().unwrap().is_empty());
+}
+
+#[test]
+fn the_idle_timeout_applies_to_open_transactions_only_and_leaves_a_prepared_one_to_its_coordinator() {
+    let pg = PgCluster::start();
+    let dbs = open(&pg, 2);
+    // Nothing begun: nothing to time out, and committing it does nothing.
+    let tx = dbs.transaction();
+    assert_eq!(tx.idle_timeout(), None);
+    assert_eq!(tx.commit(), Ok(()));
+    let mut tx = dbs.transaction();
+    tx.execute("main", "INSERT INTO t VALUES (1)", &[]).unwrap();
+    assert_eq!(tx.idle_timeout(), Some(fdt_sdk::txn::DEFAULT_TXN_IDLE_TIMEOUT));
+    let gid = tx.prepare("slow.1").unwrap();
+    assert_eq!(tx.idle_timeout(), None, "phase one is done: the client's silence holds nothing up");
+    tx.expire_idle();
+    assert_eq!(dbs.prepared().unwrap(), [gid.clone()], "still prepared after expire_idle");
+    dbs.resolve(&gid, true).unwrap();
+    assert_eq!(count(&pg), 1);
+}

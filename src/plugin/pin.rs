@@ -348,3 +348,87 @@ mod tests {
         assert!(pin(&src, dir.path()).unwrap_err().to_string().contains("not a shared library"));
     }
 }
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::*;
+
+    #[test]
+    fn a_plugin_file_over_1_gib_is_refused_before_anything_is_copied() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("libhuge.so");
+        let pins = dir.path().join("pins");
+        fs::create_dir(&pins).unwrap();
+        // Sparse: costs no disk.
+        let f = File::create(&src).unwrap();
+        f.set_len(MAX_PLUGIN_SIZE + 1).unwrap();
+        let e = pin(&src, &pins).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(
+            e.to_string(),
+            format!("{} is {} bytes: larger than any plugin (1024 MiB at most)", src.display(), MAX_PLUGIN_SIZE + 1)
+        );
+        assert_eq!(fs::read_dir(&pins).unwrap().count(), 0, "no copy, not even a temporary one");
+    }
+
+    #[test]
+    fn a_missing_plugin_says_which_cargo_build_writes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let hint = |path: &Path| {
+            let e = open_regular(path).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::NotFound);
+            e.to_string()
+        };
+        let release = dir.path().join("target/release/libfdt_app.so");
+        assert!(hint(&release).contains("`cargo build --release --workspace`"), "{}", hint(&release));
+        let debug = dir.path().join("target/debug/libfdt_app.so");
+        let e = hint(&debug);
+        assert!(e.contains("`cargo build --workspace`") && !e.contains("--release"), "{e}");
+        let elsewhere = dir.path().join("plugins/libfdt_app.so");
+        assert!(hint(&elsewhere).contains("target/release/lib<crate>.so; point `plugin` at it"), "{}", hint(&elsewhere));
+    }
+
+    #[test]
+    fn a_plugin_error_crossing_the_pin_childs_pipe_keeps_its_os_code_kind_and_message() {
+        let across = |e: io::Error| {
+            let bytes = serde_json::to_vec(&PinError::of(e)).unwrap();
+            serde_json::from_slice::<PinError>(&bytes).unwrap().into_io()
+        };
+        // An OS error (a symlink loop at the plugin path) keeps its code.
+        let dir = tempfile::tempdir().unwrap();
+        let looped = dir.path().join("libloop.so");
+        std::os::unix::fs::symlink(&looped, &looped).unwrap();
+        let e = across(open_regular(&looped).unwrap_err());
+        assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{e}");
+        // A refusal keeps its kind and text.
+        let e = across(open_regular(dir.path()).unwrap_err());
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(e.to_string().ends_with("is a directory: a plugin must be a regular file (a shared library)"), "{e}");
+        // Any other keeps its text.
+        let e = across(io::Error::other("it changed while it was being copied"));
+        assert_eq!(e.to_string(), "it changed while it was being copied");
+    }
+
+    #[test]
+    fn pinning_from_a_multithreaded_process_is_refused_naming_the_files() {
+        // A second thread alive during the call: forking now could deadlock the child.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn(move || rx.recv());
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("liba.so");
+        let b = dir.path().join("libb.so");
+        let e = pin_all(&[&a, &b], dir.path(), PIN_TIMEOUT).unwrap_err();
+        assert!(e.starts_with(&format!("cannot pin the plugin files ({}, {}): cannot fork:", a.display(), b.display())), "{e}");
+        assert!(e.contains("threads"), "{e}");
+        drop(tx);
+        let _ = other.join();
+    }
+
+    #[test]
+    fn pruning_a_runtime_directory_that_is_gone_does_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("plugins");
+        prune(&gone, &[]);
+        assert!(!gone.exists());
+    }
+}

@@ -906,3 +906,41 @@ fn settle_with_retry(dbs: &Databases, db: &str, gid: &str, commit: bool) -> Resu
     }
     Err(last)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_errors_a_client_sees_say_what_it_may_do_next() {
+        assert_eq!(TxnError::NotOpen.to_string(), "no transaction open");
+        assert_eq!(TxnError::Doomed.to_string(), "transaction failed earlier; only ROLLBACK is possible");
+        assert_eq!(TxnError::AlreadyPrepared.to_string(), "transaction is prepared; only COMMIT or ROLLBACK is possible");
+        assert_eq!(TxnError::UnknownGid("g1".into()).to_string(), "unknown gid");
+        assert_eq!(TxnError::OutcomeUnknown("commit outcome unknown: x".into()).to_string(), "commit outcome unknown: x");
+    }
+
+    fn settings(app: &str) -> Settings {
+        Settings::parse("demo", app)
+            .unwrap()
+            .with_databases("[main]\nurl = \"postgresql://nobody@127.0.0.1:1/none\"\n")
+            .unwrap()
+    }
+
+    #[test]
+    fn txn_idle_timeout_takes_seconds_defaults_to_30_and_0_means_never() {
+        assert_eq!(idle_timeout(&settings("")), Ok(Some(DEFAULT_TXN_IDLE_TIMEOUT)));
+        assert_eq!(idle_timeout(&settings("txn_idle_timeout = 5")), Ok(Some(Duration::from_secs(5))));
+        assert_eq!(idle_timeout(&settings("txn_idle_timeout = 0.25")), Ok(Some(Duration::from_millis(250))));
+        assert_eq!(idle_timeout(&settings("txn_idle_timeout = 0")), Ok(None));
+    }
+
+    #[test]
+    fn a_txn_idle_timeout_that_is_not_a_non_negative_number_keeps_the_app_from_starting() {
+        for (value, shown) in [("-1", "-1"), ("\"30s\"", "\"30s\""), ("nan", "nan")] {
+            // Refused before any connection is tried (the database here is unreachable).
+            let e = Databases::open(&settings(&format!("txn_idle_timeout = {value}")), &["main"]).err().unwrap();
+            assert_eq!(e, format!("app demo: `txn_idle_timeout` must be a non-negative number of seconds, got {shown}"));
+        }
+    }
+}
