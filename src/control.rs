@@ -653,7 +653,11 @@ mod server_tests {
         client.write_all(b"POST /reload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nab").unwrap();
         let (mut silent, _) = h.connect();
         // The bytes are in the socket already: one read takes them all.
-        assert_eq!(h.server.ready(id, h.poll.registry()), None, "waits for the rest of the body; the reload does not run");
+        assert_eq!(
+            h.server.ready(id, h.poll.registry()),
+            None,
+            "waits for the rest of the body; the reload does not run"
+        );
         assert_eq!(h.server.conns[&id].input.len(), 55);
         assert!(h.server.conns.contains_key(&id));
         // Both connections have been open for longer than the request timeout.
@@ -690,7 +694,11 @@ mod server_tests {
         client.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
         assert_eq!(h.request(id), Some(Request::Metrics));
         let body = "x".repeat(4 << 20);
-        h.server.respond(id, Response { status: 200, content_type: "text/plain", body: body.clone() }, h.poll.registry());
+        h.server.respond(
+            id,
+            Response { status: 200, content_type: "text/plain", body: body.clone() },
+            h.poll.registry(),
+        );
         // The client has read nothing yet: the rest waits in the master, which did not block.
         assert!(h.server.conns.get(&id).is_some_and(|c| !c.output.is_empty()), "the answer is not all written yet");
         let reader = std::thread::spawn(move || read_all(&mut client));
@@ -707,6 +715,22 @@ mod server_tests {
         let (head, got) = answer.split_once("\r\n\r\n").unwrap();
         assert!(head.contains(&format!("Content-Length: {}\r\n", body.len())), "{head}");
         assert_eq!(got.len(), body.len(), "the whole body arrived");
+    }
+
+    #[test]
+    fn an_answer_to_a_client_that_hung_up_is_dropped_and_its_connection_closed() {
+        let mut h = Harness::new();
+        let (mut client, id) = h.connect();
+        client.write_all(b"GET /status HTTP/1.1\r\n\r\n").unwrap();
+        drop(client);
+        // The request arrived whole before the hang-up: it is still taken.
+        assert_eq!(h.request(id), Some(Request::Status));
+        h.server.respond(id, Response::text(200, "x".repeat(1 << 20)), h.poll.registry());
+        assert!(!h.server.conns.contains_key(&id), "nothing is kept for a client that is gone");
+        // The server goes on serving others.
+        let (mut next, next_id) = h.connect();
+        next.write_all(b"GET /status HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!(h.request(next_id), Some(Request::Status));
     }
 
     #[test]

@@ -356,7 +356,7 @@ fn the_idle_timeout_applies_to_open_transactions_only_and_leaves_a_prepared_one_
     let gid = tx.prepare("slow.1").unwrap();
     assert_eq!(tx.idle_timeout(), None, "phase one is done: the client's silence holds nothing up");
     tx.expire_idle();
-    assert_eq!(dbs.prepared().unwrap(), [gid.clone()], "still prepared after expire_idle");
+    assert_eq!(dbs.prepared().unwrap(), [gid.as_str()], "still prepared after expire_idle");
     dbs.resolve(&gid, true).unwrap();
     assert_eq!(count(&pg), 1);
 }

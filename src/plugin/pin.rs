@@ -385,7 +385,11 @@ mod refusal_tests {
         let e = hint(&debug);
         assert!(e.contains("`cargo build --workspace`") && !e.contains("--release"), "{e}");
         let elsewhere = dir.path().join("plugins/libfdt_app.so");
-        assert!(hint(&elsewhere).contains("target/release/lib<crate>.so; point `plugin` at it"), "{}", hint(&elsewhere));
+        assert!(
+            hint(&elsewhere).contains("target/release/lib<crate>.so; point `plugin` at it"),
+            "{}",
+            hint(&elsewhere)
+        );
     }
 
     #[test]
@@ -418,10 +422,48 @@ mod refusal_tests {
         let a = dir.path().join("liba.so");
         let b = dir.path().join("libb.so");
         let e = pin_all(&[&a, &b], dir.path(), PIN_TIMEOUT).unwrap_err();
-        assert!(e.starts_with(&format!("cannot pin the plugin files ({}, {}): cannot fork:", a.display(), b.display())), "{e}");
+        assert!(
+            e.starts_with(&format!("cannot pin the plugin files ({}, {}): cannot fork:", a.display(), b.display())),
+            "{e}"
+        );
         assert!(e.contains("threads"), "{e}");
         drop(tx);
         let _ = other.join();
+    }
+
+    #[test]
+    fn a_plugin_rewritten_while_it_is_copied_is_refused_and_no_partial_copy_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("libbuilding.so");
+        let pins = dir.path().join("pins");
+        fs::create_dir(&pins).unwrap();
+        let mut content = b"\x7fELF".to_vec();
+        content.resize(16 << 20, 0x5a);
+        fs::write(&src, &content).unwrap();
+        // A build still writing the file: its metadata keeps changing (each chmod sets a new ctime).
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (stop, src) = (stop.clone(), src.clone());
+            std::thread::spawn(move || {
+                let mut mode = 0o644;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    mode ^= 0o111;
+                    let _ = fs::set_permissions(&src, fs::Permissions::from_mode(mode));
+                }
+            })
+        };
+        let started = std::time::Instant::now();
+        let refused = loop {
+            match pin(&src, &pins) {
+                Err(e) => break e,
+                Ok(copy) => fs::remove_file(copy).unwrap(),
+            }
+            assert!(started.elapsed() < std::time::Duration::from_secs(20), "never saw the file change during a copy");
+        };
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap();
+        assert_eq!(refused.to_string(), "it changed while it was being copied; reload again once it is written");
+        assert_eq!(fs::read_dir(&pins).unwrap().count(), 0, "the torn copy was removed");
     }
 
     #[test]

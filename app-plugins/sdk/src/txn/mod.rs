@@ -915,9 +915,15 @@ mod tests {
     fn the_errors_a_client_sees_say_what_it_may_do_next() {
         assert_eq!(TxnError::NotOpen.to_string(), "no transaction open");
         assert_eq!(TxnError::Doomed.to_string(), "transaction failed earlier; only ROLLBACK is possible");
-        assert_eq!(TxnError::AlreadyPrepared.to_string(), "transaction is prepared; only COMMIT or ROLLBACK is possible");
+        assert_eq!(
+            TxnError::AlreadyPrepared.to_string(),
+            "transaction is prepared; only COMMIT or ROLLBACK is possible"
+        );
         assert_eq!(TxnError::UnknownGid("g1".into()).to_string(), "unknown gid");
-        assert_eq!(TxnError::OutcomeUnknown("commit outcome unknown: x".into()).to_string(), "commit outcome unknown: x");
+        assert_eq!(
+            TxnError::OutcomeUnknown("commit outcome unknown: x".into()).to_string(),
+            "commit outcome unknown: x"
+        );
     }
 
     fn settings(app: &str) -> Settings {
@@ -940,7 +946,10 @@ mod tests {
         for (value, shown) in [("-1", "-1"), ("\"30s\"", "\"30s\""), ("nan", "nan")] {
             // Refused before any connection is tried (the database here is unreachable).
             let e = Databases::open(&settings(&format!("txn_idle_timeout = {value}")), &["main"]).err().unwrap();
-            assert_eq!(e, format!("app demo: `txn_idle_timeout` must be a non-negative number of seconds, got {shown}"));
+            assert_eq!(
+                e,
+                format!("app demo: `txn_idle_timeout` must be a non-negative number of seconds, got {shown}")
+            );
         }
     }
 }
