@@ -145,6 +145,7 @@ fn an_address_in_use_stops_the_start_and_is_shown_on_the_terminal_when_logging_t
     assert!(server.log().contains(&format!("fdtserver: {line}")), "{}", server.log());
     let logged = std::fs::read_to_string(&error_log).unwrap();
     assert!(logged.contains(&line), "{logged}");
+    assert!(!server.control_socket().exists(), "a failed start leaves no control socket behind");
 }
 
 #[test]
@@ -399,19 +400,19 @@ fn a_passed_socket_that_no_listener_uses_is_kept_and_named_in_a_warning() {
 }
 
 #[test]
-fn a_pidfile_that_cannot_be_written_is_logged_and_the_server_still_serves() {
+fn a_pidfile_under_a_regular_file_stops_the_start_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("file");
     std::fs::write(&file, "").unwrap();
-    // Its directory would have to be inside a regular file.
+    // Its directory would have to be inside a regular file: `check` refuses it, so does the server.
     let pidfile = file.join("fdt.pid");
     let setup = Setup::new(1, 1).app("echo", "echo", "").server("pidfile", &format!("\"{}\"", pidfile.display()));
-    let mut server = TestServer::start(&setup);
+    let mut server = TestServer::spawn(&setup);
+    assert_eq!(server.wait_exit(READY_TIMEOUT).code(), Some(1));
     let log = server.log();
-    assert!(log.contains(&format!("cannot write pidfile {}: ", pidfile.display())), "{log}");
-    assert_eq!(LineClient::connect(server.addr("echo")).ask("hi"), "hi");
-    stop(&mut server);
-    assert!(!pidfile.exists());
+    let wanted = format!("cannot write pidfile {}: {} is not a directory", pidfile.display(), file.display());
+    assert!(log.contains(&wanted), "{log}");
+    assert!(!server.control_socket().exists(), "a failed start leaves no control socket behind");
 }
 
 #[test]

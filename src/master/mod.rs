@@ -303,9 +303,20 @@ impl Master {
                 .unwrap_or_else(|| e.to_string());
             problems.push(format!("cannot open the control socket {}: {why}", control_path.display()))
         });
+        // The pidfile is written once the first generation serves; a path that can never hold
+        // it (a component that is a file) is refused now, as `check` refuses it.
+        if let Some(pidfile) = &config.server.pidfile
+            && let Err(e) = crate::preflight::directory_for(pidfile, crate::preflight::Missing::Created)
+        {
+            problems.push(format!("cannot write pidfile {}: {e}", pidfile.display()));
+        }
         if !problems.is_empty() {
             for p in &problems {
                 fatal(&config, p);
+            }
+            // The control socket bound above belongs to no server now.
+            if let Ok(control) = &control {
+                control.remove_file();
             }
             return Err(());
         }
