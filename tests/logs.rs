@@ -232,3 +232,45 @@ fn a_full_disk_leaves_whole_log_lines_only_and_counts_the_lines_it_lost() {
         assert!(line.starts_with("20") && line.contains(" close="), "a line cut short or mixed up: {line:?}");
     }
 }
+
+#[test]
+fn a_log_that_refuses_every_write_is_counted_and_costs_no_connection() {
+    // /dev/full takes the open and fails every write with ENOSPC.
+    let setup = Setup::new(1, 2).app("kit", "testkit", "").server("access_log", "\"/dev/full\"");
+    let server = TestServer::start(&setup);
+    for _ in 0..5 {
+        assert_eq!(LineClient::connect(server.addr("kit")).ask("hi"), "hi");
+    }
+    wait_for(READY_TIMEOUT, "5 lost access lines in the metrics", || {
+        let (_, metrics) = server.control("GET", "/metrics")?;
+        let lost: f64 = metrics
+            .lines()
+            .filter(|l| l.starts_with("fdtserver_log_write_failures_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        (lost >= 5.0).then_some(())
+    });
+}
+
+#[test]
+fn under_systemd_the_journal_gets_priority_prefixes_instead_of_timestamps() {
+    let setup = Setup::new(1, 1).app("kit", "testkit", "").server("log_level", "\"debug\"");
+    let server = TestServer::spawn_with(&setup, |config| {
+        let mut cmd = server_command(config);
+        // What systemd sets when stderr is connected to the journal.
+        cmd.env("JOURNAL_STREAM", "8:12345");
+        cmd
+    });
+    server.wait_serving();
+    // An app's warning (a panic) comes through the plugin's logger at its own level.
+    let mut c = LineClient::connect(server.addr("kit"));
+    c.send("PANIC");
+    assert!(c.closed_by_peer());
+    let log = wait_for(READY_TIMEOUT, "an error line from the worker", || {
+        let log = server.log();
+        log.contains("<3>worker 0 gen 1").then_some(log)
+    });
+    assert!(log.contains(&format!("<6>master [{}] ", server.pid)), "{log}");
+    assert!(log.contains("<7>"), "debug lines have priority 7: {log}");
+    assert!(!log.lines().any(|l| l.starts_with("20")), "no timestamps: the journal adds its own\n{log}");
+}
