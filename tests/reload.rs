@@ -244,3 +244,33 @@ fn a_reload_asked_during_another_one_reads_the_config_as_it_is_then() {
     assert_eq!(body["generation"], 3, "the second reload must be a generation of its own");
     assert_eq!(LineClient::connect(addr).ask("TAG"), "three");
 }
+
+#[test]
+fn a_reload_with_an_unchanged_plugin_reuses_its_copy_and_a_rewritten_one_is_pinned_anew() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = dir.path().join("libapp.so");
+    std::fs::copy(plugin("testkit"), &app).unwrap();
+    let server = TestServer::start(&Setup::new(1, 1).app_at("app", &app, "", "127.0.0.1:0"));
+    let pinned = format!("app app: plugin {} pinned as ", app.display());
+    let reused = format!("app app: plugin {} unchanged: reusing its pinned copy ", app.display());
+    // The copy named in the last line of the log that starts with `prefix`.
+    let copy = |prefix: &str| -> Option<String> {
+        let log = server.log();
+        let at = log.rfind(prefix)? + prefix.len();
+        Some(log[at..].lines().next()?.to_string())
+    };
+    let first = copy(&pinned).unwrap_or_else(|| panic!("the plugin was not pinned:\n{}", server.log()));
+    // Pinning runs in a child process: the master learns from its answer what it pinned, so
+    // the next reload's child knows the file and does not read it again.
+    assert_eq!(server.reload().0, 200);
+    assert_eq!(copy(&reused).as_deref(), Some(first.as_str()), "{}", server.log());
+    assert_eq!(server.reload().0, 200);
+    assert_eq!(server.log().matches(&reused).count(), 2, "{}", server.log());
+    // A new build of the file: pinned anew.
+    std::fs::write(&app, std::fs::read(plugin("echo")).unwrap()).unwrap();
+    assert_eq!(server.reload().0, 200);
+    let second = copy(&pinned).unwrap();
+    assert_ne!(second, first, "{}", server.log());
+    assert_eq!(server.log().matches(&pinned).count(), 2, "{}", server.log());
+    assert_eq!(LineClient::connect(server.addr("app")).ask("PID"), "PID", "the new file is not served");
+}

@@ -303,3 +303,189 @@ fn workers_killed_from_outside_again_and_again_are_replaced_at_once_and_not_call
     assert_eq!(server.status()["worker_restarts"], 16);
     server.assert_running();
 }
+
+/// Every worker in `status` (all generations) as (pid, slot, state).
+fn all_workers(v: &Value) -> Vec<(i32, u64, String)> {
+    v["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            (w["pid"].as_i64().unwrap() as i32, w["slot"].as_u64().unwrap(), w["state"].as_str().unwrap().to_string())
+        })
+        .collect()
+}
+
+/// Sends requests on a connection to the worker of `slot` until the master starts recycling it
+/// (`max_requests`); returns (its pid, its replacement's pid). The replacement is still
+/// booting when this returns (testkit's `start_delay_ms` keeps it there).
+fn start_recycle_of_slot(server: &TestServer, slot: u64) -> (i32, i32) {
+    let (old, _) = serving(server).unwrap().into_iter().find(|w| w.1 == slot).unwrap();
+    let addr = server.addr("kit");
+    let mut conn = wait_for(READY_TIMEOUT, "a connection to the worker of the slot", || {
+        let mut c = LineClient::connect(addr);
+        (c.ask("PID") == old.to_string()).then_some(c)
+    });
+    wait_for(Duration::from_secs(10), "the recycle of the worker to start", || {
+        assert_eq!(conn.ask("ping"), "ping");
+        all_workers(&server.status())
+            .into_iter()
+            .find(|w| w.1 == slot && w.0 != old && w.2 == "booting")
+            .map(|w| (old, w.0))
+    })
+}
+
+#[test]
+fn a_worker_killed_while_another_slot_is_recycled_is_replaced() {
+    // A slow start keeps the recycle's replacement booting long enough to kill the other
+    // worker meanwhile. (max_requests well above the few requests that land on the other
+    // worker while the test looks for a connection to the first.)
+    let setup = Setup::new(2, 1).app("kit", "testkit", "start_delay_ms = 1500").server("max_requests", "20");
+    let mut server = TestServer::start(&setup);
+    let before = serving(&server).unwrap();
+    assert_eq!(before.len(), 2, "{before:?}");
+    let (recycled, replacement) = start_recycle_of_slot(&server, 0);
+    let (other, other_slot) = *before.iter().find(|w| w.0 != recycled).unwrap();
+
+    kill9(other);
+    let killed = Instant::now();
+    // Both slots end up served by new workers, and the recycled one exits.
+    let settled = wait_for(Duration::from_secs(8), "two new workers serving, the recycled one gone", || {
+        let now = serving(&server)?;
+        let done = now.len() == 2
+            && now.iter().all(|w| w.0 != recycled && w.0 != other)
+            && now.contains(&(replacement, 0))
+            && now.iter().any(|w| w.1 == other_slot)
+            && !alive(recycled);
+        done.then_some(now)
+    });
+    eprintln!("settled after {:?}: {settled:?}", killed.elapsed());
+    let log = server.log();
+    assert!(!log.contains("not replaced"), "{log}");
+    let v = server.status();
+    assert_eq!(all_workers(&v).len(), 2, "{v}");
+    assert_eq!(v["worker_restarts"], 1, "{v}");
+    assert_eq!(v["worker_recycles"], 1, "{v}");
+    server.assert_running();
+}
+
+#[test]
+fn ttou_during_a_recycle_of_the_highest_slot_drains_the_slot_and_leaves_the_new_target() {
+    let setup = Setup::new(2, 1).app("kit", "testkit", "start_delay_ms = 1500").server("max_requests", "20");
+    let mut server = TestServer::start(&setup);
+    let (kept, _) = serving(&server).unwrap().into_iter().find(|w| w.1 == 0).unwrap();
+    let (recycled, replacement) = start_recycle_of_slot(&server, 1);
+
+    server.signal(Signal::SIGTTOU);
+    let signalled = Instant::now();
+    // Slot 1 goes as a whole: its recycled worker and its replacement still starting.
+    wait_for(Duration::from_secs(8), "only the worker of slot 0 left", || {
+        let all = all_workers(&server.status());
+        (all.len() == 1 && !alive(recycled) && !alive(replacement)).then_some(())
+    });
+    eprintln!("one worker left after {:?}", signalled.elapsed());
+    // And it stays so: nothing is re-spawned or re-recycled into slot 1 (a recycle is retried
+    // after 5 s; this window only catches a respawn, not a wait for an event).
+    std::thread::sleep(Duration::from_millis(1500));
+    let v = server.status();
+    assert_eq!(all_workers(&v), vec![(kept, 0, "serving".to_string())], "{v}");
+    assert_eq!(v["worker_restarts"], 0, "{v}");
+    assert!(server.log().contains("TTOU: 1 worker(s)"), "{}", server.log());
+    assert_eq!(LineClient::connect(server.addr("kit")).ask("PID"), kept.to_string());
+    server.assert_running();
+}
+
+#[test]
+fn the_last_worker_crashing_soon_after_ready_is_respawned_with_a_short_back_off() {
+    // workers = 1, and every worker aborts 100 ms after its start: the generation is never
+    // left without a worker for long, but it is not forked in a tight loop either.
+    let setup = Setup::new(1, 1).app("kit", "testkit", "abort_after_ms = 100");
+    let mut server = TestServer::spawn(&setup);
+    wait_for(READY_TIMEOUT, "the first generation to serve", || {
+        server.log().contains("generation 1 serving").then_some(())
+    });
+    let serving_since = Instant::now();
+    let restarts = |server: &TestServer| server.status()["worker_restarts"].as_u64().unwrap();
+    wait_for(Duration::from_secs(3), "a first restart", || (restarts(&server) >= 1).then_some(()));
+    // A measuring window, not a wait for an event.
+    std::thread::sleep(Duration::from_secs(3).saturating_sub(serving_since.elapsed()));
+    let in_window = restarts(&server);
+    server.assert_running();
+    assert!(in_window <= 10, "{in_window} restarts within {:?}: a tight loop", serving_since.elapsed());
+    // The back-off is capped at 1 s for the last worker: it keeps being respawned.
+    wait_for(Duration::from_secs(3), "another restart", || (restarts(&server) > in_window).then_some(()));
+    let log = server.log();
+    let next = last_next_attempt(&log).expect("no `Next attempt in N ms` in the log");
+    assert!(next <= Duration::from_secs(1), "the back-off of the last worker exceeds 1 s: {next:?}\n{log}");
+    assert!(!log.contains("Next attempt in 0 ms"), "{log}");
+    server.assert_running();
+}
+
+/// A pids cgroup of its own (cgroup v1 `pids` hierarchy, or v2 with the `pids` controller), to
+/// make a process's forks fail: `pids.max` bounds the processes and threads in it. Removed on
+/// drop (declare it before the server, so that the server is gone first).
+struct PidsCgroup {
+    dir: std::path::PathBuf,
+}
+
+impl PidsCgroup {
+    fn create() -> PidsCgroup {
+        let name = format!("fdt-test-{}-{}", std::process::id(), line!());
+        for base in ["/sys/fs/cgroup/pids", "/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+            let dir = std::path::Path::new(base).join(&name);
+            if std::fs::create_dir(&dir).is_err() {
+                continue;
+            }
+            if dir.join("pids.max").exists() {
+                return PidsCgroup { dir };
+            }
+            let _ = std::fs::remove_dir(&dir);
+        }
+        panic!("this test needs root and a pids cgroup controller (/sys/fs/cgroup/pids or cgroup v2 with pids)");
+    }
+
+    fn limit(&self, max: &str) {
+        std::fs::write(self.dir.join("pids.max"), max).unwrap();
+    }
+
+    fn add(&self, pid: i32) {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+}
+
+impl Drop for PidsCgroup {
+    fn drop(&mut self) {
+        // Its processes were killed with the server; the last ones may take a moment to be
+        // reaped.
+        let started = Instant::now();
+        while std::fs::remove_dir(&self.dir).is_err() && started.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[test]
+fn ttin_whose_fork_fails_is_retried_until_the_worker_starts() {
+    let cgroup = PidsCgroup::create();
+    let mut server = TestServer::start(&Setup::new(1, 1).app("kit", "testkit", ""));
+    let before = serving(&server).unwrap();
+    // The master alone in a cgroup that allows one process: it cannot fork.
+    cgroup.limit("1");
+    cgroup.add(server.pid);
+    server.signal(Signal::SIGTTIN);
+    wait_for(Duration::from_secs(5), "the failed fork in the log", || {
+        server.log().contains("cannot fork a worker").then_some(())
+    });
+    let v = server.status();
+    assert_eq!(v["generations"][0]["target_workers"], 2, "{v}");
+    assert_eq!(serving(&server).unwrap(), before);
+    // Forks work again: the worker TTIN asked for starts, without another signal.
+    cgroup.limit("max");
+    let lifted = Instant::now();
+    let after =
+        wait_for(Duration::from_secs(5), "a second worker serving", || serving(&server).filter(|w| w.len() == 2));
+    eprintln!("serving {:?} after the limit was lifted", lifted.elapsed());
+    assert!(after.contains(&before[0]), "{after:?}");
+    assert!(server.log().contains("TTIN: 2 worker(s)"), "{}", server.log());
+    server.assert_running();
+}

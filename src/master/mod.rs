@@ -649,12 +649,14 @@ impl Master {
     /// A worker exited (`how`, for the log; `signal`: the signal that ended it): forget it, and
     /// replace it if its generation serves and has fewer live workers than its target.
     ///
-    /// Back-off: a worker that dies before it reported ready (its app cannot start) is retried
-    /// after a delay that doubles while its slot keeps dying quickly. A worker that had reported
-    /// ready and was killed from outside (`kill -9`, the OOM killer) is replaced at once and
-    /// counts as no crash. A ready worker that crashed is replaced after its slot's delay while
-    /// other workers serve, at once when it was the last one: back-off never leaves a serving
-    /// generation with no worker.
+    /// Back-off: a slot whose workers keep dying within `STABLE_AFTER` of starting is
+    /// respawned at once the first time, then after a delay that doubles. The delay is capped
+    /// at 30 s for a worker that died before it reported ready (its app cannot start) or that
+    /// crashed while other workers serve; at 1 s for a worker that had reported ready and was
+    /// killed from outside (`kill -9`, the OOM killer: logged as such, never as a crash loop)
+    /// or was the generation's last live one: back-off never leaves a serving generation with
+    /// no worker for long, and a worker killed or crashing again and again soon after its
+    /// start costs at most a fork a second.
     fn on_worker_exit(&mut self, pid: Pid, how: &str, signal: Option<Signal>) {
         if let Some(w) = self.table.workers.get_mut(&pid) {
             w.accepting = false;
@@ -697,7 +699,7 @@ impl Master {
             GenState::Active if self.stopping.is_none() && w.state != WorkerState::Draining => {
                 let id = gen_.id;
                 let target = gen_.target_workers;
-                let live = self.table.live_workers(id) + self.respawns.iter().filter(|r| r.generation == id).count();
+                let live = self.filled_slots(id).len();
                 if live >= target {
                     // Its place is taken already (a replacement started for it): replacing it
                     // too would leave one worker more than the target.
@@ -710,14 +712,9 @@ impl Master {
                 self.counters.worker_restarts += 1;
                 let was_ready = matches!(w.state, WorkerState::Ready | WorkerState::Serving);
                 let outside = was_ready && w.killed.is_none() && signal.is_some_and(table::killed_from_outside);
-                if outside {
-                    log::warn!(
-                        "worker {} (pid {pid}) of generation {id} {how}, sent from outside fdtserver (an operator, or the kernel's OOM killer: see `dmesg`); it had started its apps, so it is replaced now",
-                        w.slot
-                    );
-                    self.respawns.push(Respawn { generation: id, slot: w.slot, at: Instant::now() });
-                    return;
-                }
+                // No other worker of the generation is alive (a respawn that is only queued
+                // serves nobody).
+                let last = was_ready && self.table.live_slots(id).is_empty();
                 let gen_ = self.table.generations.get_mut(&id).expect("checked above");
                 let lived = w.started.elapsed();
                 let history = gen_.crashes.entry(w.slot).or_default();
@@ -727,11 +724,29 @@ impl Master {
                     *history = CrashHistory { quick_deaths: 1 };
                 }
                 let quick = history.quick_deaths;
-                let mut delay = table::respawn_delay(quick);
-                // A worker that had started its apps shows that they can start: with no other
-                // worker left, waiting would only leave the generation with none.
-                if was_ready && live == 0 {
-                    delay = Duration::ZERO;
+                // A worker that had started its apps shows that they can start: when it was
+                // killed from outside, or no other worker is left, it is replaced at once, and
+                // if it keeps dying soon after it started, after a delay of at most 1 s (so
+                // that neither a memory limit it reaches after its start nor an app that
+                // crashes soon after it started makes the master fork in a tight loop).
+                let cap = if outside || last { table::RESPAWN_SHORT_MAX_DELAY } else { table::RESPAWN_MAX_DELAY };
+                let delay = table::respawn_delay(quick, cap);
+                let when = if delay.is_zero() { "now".to_string() } else { format!("in {} ms", delay.as_millis()) };
+                if outside {
+                    let again = if quick > 1 {
+                        format!(
+                            "; killed from outside {quick} times in a row within {} s of starting",
+                            table::STABLE_AFTER.as_secs()
+                        )
+                    } else {
+                        String::new()
+                    };
+                    log::warn!(
+                        "worker {} (pid {pid}) of generation {id} {how}, sent from outside fdtserver (an operator, or the kernel's OOM killer: see `dmesg`){again}; it had started its apps, so it is replaced {when}",
+                        w.slot
+                    );
+                    self.respawns.push(Respawn { generation: id, slot: w.slot, at: Instant::now() + delay });
+                    return;
                 }
                 let why = w.failure.as_deref().map(|f| format!(": {f}")).unwrap_or_default();
                 if quick >= table::CRASH_LOOP_THRESHOLD {
@@ -752,6 +767,14 @@ impl Master {
             }
             _ => log::debug!("worker {} (pid {pid}) of generation {} {how}", w.slot, gen_.id),
         }
+    }
+
+    /// Slots of `generation` that count toward its target: those with a live worker (see
+    /// [`Table::live_slots`]) and those waiting for a respawn.
+    fn filled_slots(&self, generation: u64) -> std::collections::BTreeSet<usize> {
+        let mut slots = self.table.live_slots(generation);
+        slots.extend(self.respawns.iter().filter(|r| r.generation == generation).map(|r| r.slot));
+        slots
     }
 
     /// Forgets generations that are done: drained or abandoned, with no worker left.
@@ -873,10 +896,21 @@ impl Master {
         let mut plugins = BTreeMap::new();
         for ((name, plugin), pinned) in apps.into_iter().zip(pinned) {
             // Readable by the workers' user whatever the umask: they load it after dropping root.
-            let pinned =
-                pinned.and_then(|p| std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).map(|()| p));
+            let pinned = pinned
+                .and_then(|p| std::fs::set_permissions(&p.path, std::fs::Permissions::from_mode(0o644)).map(|()| p));
             match pinned {
-                Ok(pinned) => plugins.insert(name, pinned),
+                Ok(pinned) => {
+                    if pinned.unchanged {
+                        log::debug!(
+                            "app {name}: plugin {} unchanged: reusing its pinned copy {}",
+                            plugin.display(),
+                            pinned.path.display()
+                        );
+                    } else {
+                        log::debug!("app {name}: plugin {} pinned as {}", plugin.display(), pinned.path.display());
+                    }
+                    plugins.insert(name, pinned.path)
+                }
                 Err(e) => {
                     self.close_unused_listeners();
                     return Err(format!("app {name}: plugin {}: {e}", plugin.display()));
@@ -1079,19 +1113,28 @@ impl Master {
             let slot = (0..).find(|s| !occupied.contains(s)).unwrap_or(0);
             log::info!("TTIN: {target} worker(s)");
             if let Err(e) = self.spawn_worker(id, slot) {
-                log::error!("cannot fork a worker: {e}");
+                // The target stands: the ordinary respawn path tries again.
+                log::error!("cannot fork a worker: {e}; retrying in 1 s");
+                self.respawns.push(Respawn { generation: id, slot, at: Instant::now() + Duration::from_secs(1) });
             }
         } else if gen_.target_workers > 1 {
             gen_.target_workers -= 1;
             let target = gen_.target_workers;
-            let victim = self
+            log::info!("TTOU: {target} worker(s)");
+            // The highest slot goes as a whole: every live worker in it (a worker being
+            // recycled and its replacement, still starting, are one slot) and its queued
+            // respawn.
+            let Some(slot) = self.filled_slots(id).last().copied() else {
+                return;
+            };
+            self.respawns.retain(|r| r.generation != id || r.slot != slot);
+            let victims: Vec<Pid> = self
                 .table
                 .workers_of(id)
-                .filter(|w| w.state != WorkerState::Draining)
-                .max_by_key(|w| w.slot)
-                .map(|w| w.pid);
-            log::info!("TTOU: {target} worker(s)");
-            if let Some(pid) = victim {
+                .filter(|w| w.slot == slot && !matches!(w.state, WorkerState::Draining | WorkerState::Stopping))
+                .map(|w| w.pid)
+                .collect();
+            for pid in victims {
                 if let Some(w) = self.table.workers.get_mut(&pid) {
                     w.state = WorkerState::Draining;
                 }
@@ -1256,11 +1299,11 @@ impl Master {
             let active = self.table.generations.get(&r.generation).is_some_and(|g| g.state == GenState::Active);
             // Only while the generation is short of workers (a TTOU meanwhile may have lowered
             // its target).
-            let short = self.table.generations.get(&r.generation).is_some_and(|g| {
-                self.table.live_workers(r.generation)
-                    + self.respawns.iter().filter(|p| p.generation == r.generation).count()
-                    < g.target_workers
-            });
+            let short = self
+                .table
+                .generations
+                .get(&r.generation)
+                .is_some_and(|g| self.filled_slots(r.generation).len() < g.target_workers);
             if active
                 && short
                 && self.stopping.is_none()

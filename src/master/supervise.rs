@@ -166,12 +166,15 @@ impl Master {
         if let Some(old) = replaces
             && let Some(w) = self.table.workers.get_mut(&old)
         {
-            log::warn!(
-                "the replacement (pid {pid}) of worker {} (pid {old}) died; the old worker keeps serving",
-                w.slot
-            );
             w.replacement = None;
-            w.recycle_not_before = Some(Instant::now() + RECYCLE_RETRY);
+            // A slot drained as a whole (TTOU) takes both away: nothing to retry.
+            if !matches!(w.state, WorkerState::Draining | WorkerState::Stopping) {
+                log::warn!(
+                    "the replacement (pid {pid}) of worker {} (pid {old}) died; the old worker keeps serving",
+                    w.slot
+                );
+                w.recycle_not_before = Some(Instant::now() + RECYCLE_RETRY);
+            }
         }
         if let Some(new) = replacement
             && let Some(n) = self.table.workers.get_mut(&new)

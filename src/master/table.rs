@@ -3,7 +3,7 @@
 //! Invariant: this is the master's only record of its children, and only the master loop
 //! mutates it. At most one generation is `Active` and at most one is `Booting`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -191,13 +191,15 @@ impl Table {
         self.workers_of(generation).filter(|w| w.state != WorkerState::Draining).map(|w| w.slot).collect()
     }
 
-    /// Workers of a generation that count toward its target: neither told to drain nor to
-    /// stop (a worker told to drain while it was starting stays draining when it reports
-    /// ready).
-    pub fn live_workers(&self, generation: u64) -> usize {
+    /// Slots of a generation that count toward its target: those with a worker neither told
+    /// to drain nor to stop (a worker told to drain while it was starting stays draining when
+    /// it reports ready). Slots, not workers: a worker being recycled and its replacement, or a
+    /// condemned worker and its replacement, are one slot.
+    pub fn live_slots(&self, generation: u64) -> BTreeSet<usize> {
         self.workers_of(generation)
             .filter(|w| !matches!(w.state, WorkerState::Draining | WorkerState::Stopping))
-            .count()
+            .map(|w| w.slot)
+            .collect()
     }
 
     pub fn by_token(&mut self, pid: Pid) -> Option<&mut Worker> {
@@ -212,6 +214,11 @@ pub const STABLE_AFTER: Duration = Duration::from_secs(10);
 pub const RESPAWN_BASE_DELAY: Duration = Duration::from_millis(100);
 /// ...up to this cap, so a broken app costs at most one fork per slot every 30 s.
 pub const RESPAWN_MAX_DELAY: Duration = Duration::from_secs(30);
+/// The cap instead for a worker that had started its apps and either was killed from outside
+/// or was the generation's last live one: short, so back-off never leaves a serving generation
+/// without a worker for long, yet a worker killed again and again (a memory limit it reaches
+/// after it started) or crashing soon after it started costs at most a fork a second.
+pub const RESPAWN_SHORT_MAX_DELAY: Duration = Duration::from_secs(1);
 /// From this many quick deaths in a row on, every death is logged as a crash loop.
 pub const CRASH_LOOP_THRESHOLD: u32 = 5;
 
@@ -224,13 +231,14 @@ pub fn killed_from_outside(signal: nix::sys::signal::Signal) -> bool {
     !matches!(signal, SIGSEGV | SIGBUS | SIGILL | SIGFPE | SIGABRT | SIGSYS | SIGTRAP | SIGXCPU | SIGXFSZ)
 }
 
-/// Delay before respawning a slot that has died `quick_deaths` times in a row.
-pub fn respawn_delay(quick_deaths: u32) -> Duration {
+/// Delay before respawning a slot that has died `quick_deaths` times in a row: none the first
+/// time, then doubling from [`RESPAWN_BASE_DELAY`] up to `cap`.
+pub fn respawn_delay(quick_deaths: u32, cap: Duration) -> Duration {
     if quick_deaths <= 1 {
         return Duration::ZERO;
     }
     let factor = 1u32 << (quick_deaths - 2).min(16);
-    (RESPAWN_BASE_DELAY * factor).min(RESPAWN_MAX_DELAY)
+    (RESPAWN_BASE_DELAY * factor).min(cap)
 }
 
 #[cfg(test)]
@@ -239,11 +247,15 @@ mod tests {
 
     #[test]
     fn back_off_starts_at_zero_doubles_and_is_capped() {
-        assert_eq!(respawn_delay(1), Duration::ZERO);
-        assert_eq!(respawn_delay(2), Duration::from_millis(100));
-        assert_eq!(respawn_delay(3), Duration::from_millis(200));
-        assert_eq!(respawn_delay(4), Duration::from_millis(400));
-        assert_eq!(respawn_delay(40), RESPAWN_MAX_DELAY);
+        assert_eq!(respawn_delay(1, RESPAWN_MAX_DELAY), Duration::ZERO);
+        assert_eq!(respawn_delay(2, RESPAWN_MAX_DELAY), Duration::from_millis(100));
+        assert_eq!(respawn_delay(3, RESPAWN_MAX_DELAY), Duration::from_millis(200));
+        assert_eq!(respawn_delay(4, RESPAWN_MAX_DELAY), Duration::from_millis(400));
+        assert_eq!(respawn_delay(40, RESPAWN_MAX_DELAY), RESPAWN_MAX_DELAY);
+        assert_eq!(respawn_delay(1, RESPAWN_SHORT_MAX_DELAY), Duration::ZERO);
+        assert_eq!(respawn_delay(5, RESPAWN_SHORT_MAX_DELAY), Duration::from_millis(800));
+        assert_eq!(respawn_delay(6, RESPAWN_SHORT_MAX_DELAY), RESPAWN_SHORT_MAX_DELAY);
+        assert_eq!(respawn_delay(40, RESPAWN_SHORT_MAX_DELAY), RESPAWN_SHORT_MAX_DELAY);
     }
 
     #[test]

@@ -21,7 +21,7 @@ const ELF_MAGIC: &[u8] = b"\x7fELF";
 
 /// What identifies one version of a file without reading it: replacing or rewriting the file
 /// (`cp`, a build, a rename over it) changes at least one of these.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct FileVersion {
     dev: u64,
     ino: u64,
@@ -114,16 +114,39 @@ fn build_hint(plugin: &Path) -> String {
 /// The longest the master waits for its plugin files to be read and copied (see [`pin_all`]).
 pub const PIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// A plugin pinned by [`pin_all`].
+#[derive(Debug)]
+pub struct PinnedCopy {
+    /// The copy the workers load.
+    pub path: PathBuf,
+    /// The file had not changed since it was last pinned: its known copy was reused without
+    /// reading the file (only `open` and `fstat`).
+    pub unchanged: bool,
+}
+
 /// Pins every file of `plugins` into `dir` (see [`pin`]), in a child process, so that a file
 /// that hangs (a hung network mount, where `open`, `stat` and `read` sleep in the kernel
 /// whatever the flags) holds up the caller at most `limit`: then the child is killed and every
 /// plugin refused with a reason that names the files. Returns each plugin's copy or error, in
-/// order. The caller must be single-threaded (it forks); the child is left for the caller's
-/// `waitpid` to reap.
-pub fn pin_all(plugins: &[&Path], dir: &Path, limit: std::time::Duration) -> Result<Vec<io::Result<PathBuf>>, String> {
+/// order. The caller's cache of pinned versions is updated from the child's answer (the child
+/// works on a copy of it), so that the next call reuses the copies of unchanged files. The
+/// caller must be single-threaded (it forks); the child is left for the caller's `waitpid` to
+/// reap.
+pub fn pin_all(
+    plugins: &[&Path],
+    dir: &Path,
+    limit: std::time::Duration,
+) -> Result<Vec<io::Result<PinnedCopy>>, String> {
     use std::os::unix::ffi::OsStrExt;
     let work = || -> Vec<Pinned> {
-        plugins.iter().map(|p| pin(p, dir).map(|c| c.as_os_str().as_bytes().to_vec()).map_err(PinError::of)).collect()
+        plugins
+            .iter()
+            .map(|p| {
+                pin_version(p, dir)
+                    .map(|(c, version, unchanged)| (c.as_os_str().as_bytes().to_vec(), version, unchanged))
+                    .map_err(PinError::of)
+            })
+            .collect()
     };
     let results = in_child(limit, work).map_err(|e| {
         let names: Vec<String> = plugins.iter().map(|p| p.display().to_string()).collect();
@@ -139,9 +162,17 @@ pub fn pin_all(plugins: &[&Path], dir: &Path, limit: std::time::Duration) -> Res
     if results.len() != plugins.len() {
         return Err(format!("pinning the plugins: {} answers for {} files", results.len(), plugins.len()));
     }
+    let mut cache = PINNED.lock().unwrap_or_else(|e| e.into_inner());
+    let cache = cache.get_or_insert_with(HashMap::new);
     Ok(results
         .into_iter()
-        .map(|r| r.map(|bytes| PathBuf::from(std::ffi::OsStr::from_bytes(&bytes))).map_err(PinError::into_io))
+        .zip(plugins)
+        .map(|(r, plugin)| {
+            let (bytes, version, unchanged) = r.map_err(PinError::into_io)?;
+            let path = PathBuf::from(std::ffi::OsStr::from_bytes(&bytes));
+            cache.insert(plugin.to_path_buf(), (version, path.clone()));
+            Ok(PinnedCopy { path, unchanged })
+        })
         .collect())
 }
 
@@ -203,8 +234,9 @@ fn in_child<T: serde::Serialize + serde::de::DeserializeOwned>(
         .map_err(|_| ChildError::Failed(format!("its process (pid {child}) died without an answer")))
 }
 
-/// What the child of [`pin_all`] answers for one plugin: the copy's path (bytes), or why not.
-type Pinned = Result<Vec<u8>, PinError>;
+/// What the child of [`pin_all`] answers for one plugin: the copy's path (bytes), the version
+/// it is a copy of, and whether it was known already; or why not.
+type Pinned = Result<(Vec<u8>, FileVersion, bool), PinError>;
 
 /// An `io::Error` across the pipe: an OS error keeps its code (so its kind and text), any
 /// other its kind (as far as it matters here) and message.
@@ -231,12 +263,19 @@ impl PinError {
 }
 
 /// Plugin path → (the version last pinned, its copy), so that a reload with unchanged plugins
-/// copies nothing.
+/// reads and copies nothing. In the master it is updated by [`pin_all`] from its child's
+/// answer; each pin child starts with a copy of it.
 static PINNED: Mutex<Option<HashMap<PathBuf, (FileVersion, PathBuf)>>> = Mutex::new(None);
 
 /// Copies `plugin` into `dir` under a name derived from its version (device, inode, times,
 /// length), unless that copy exists. Returns the copy's path.
 pub fn pin(plugin: &Path, dir: &Path) -> io::Result<PathBuf> {
+    pin_version(plugin, dir).map(|(pinned, _, _)| pinned)
+}
+
+/// [`pin`], also returning the version pinned and whether its copy was known already (then the
+/// file was not read).
+fn pin_version(plugin: &Path, dir: &Path) -> io::Result<(PathBuf, FileVersion, bool)> {
     let mut file = open_regular(plugin)?;
     let version = FileVersion::of(&file.metadata()?);
     let mut cache = PINNED.lock().unwrap_or_else(|e| e.into_inner());
@@ -246,11 +285,11 @@ pub fn pin(plugin: &Path, dir: &Path) -> io::Result<PathBuf> {
         && pinned.starts_with(dir)
         && pinned.exists()
     {
-        return Ok(pinned.clone());
+        return Ok((pinned.clone(), version, true));
     }
     let pinned = copy_version(plugin, &mut file, &version, dir)?;
     cache.insert(plugin.to_path_buf(), (version, pinned.clone()));
-    Ok(pinned)
+    Ok((pinned, version, false))
 }
 
 /// Copies the open `file` (a version of `plugin`) into `dir`, in the kernel (`copy_file_range`:
@@ -464,6 +503,19 @@ mod refusal_tests {
         writer.join().unwrap();
         assert_eq!(refused.to_string(), "it changed while it was being copied; reload again once it is written");
         assert_eq!(fs::read_dir(&pins).unwrap().count(), 0, "the torn copy was removed");
+    }
+
+    #[test]
+    fn a_file_version_crosses_the_pin_childs_pipe_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("libapp.so");
+        fs::write(&src, b"\x7fELF").unwrap();
+        let version = FileVersion::of(&fs::metadata(&src).unwrap());
+        let answer: Pinned = Ok((b"/run/copy.so".to_vec(), version, true));
+        let bytes = serde_json::to_vec(&answer).unwrap();
+        let back: Pinned = serde_json::from_slice(&bytes).unwrap();
+        let (path, v, unchanged) = back.ok().unwrap();
+        assert_eq!((path.as_slice(), v, unchanged), (&b"/run/copy.so"[..], version, true));
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! Settings: `fail_start = "reason"` makes `start` fail; `panic_at_start = true` makes it
 //! panic; `abort_at_start_if = "/path"` kills the worker at start while that file exists (a
 //! crash loop on demand); `hang_at_start_if = "/path"` keeps the start waiting while that file
-//! exists (a hung start on demand); `start_delay_ms` delays the start; `tag` is echoed by `TAG`. Line commands, one answer line each:
+//! exists (a hung start on demand); `start_delay_ms` delays the start; `abort_after_ms` kills the
+//! worker that long after its start returned (a worker that crashes shortly after it reported
+//! ready); `tag` is echoed by `TAG`. Line commands, one answer line each:
 //! `PID`, `GEN`, `TAG`, `DRAINING` (yes/no), `SLEEP <ms>` (answers `SLEPT`), `PANIC`,
 //! `ABORT` (kills the worker process), `BUSY` (stays `InProgress` until `IDLE`), `SPIN`
 //! (loops forever inside the handler, never answering: a request stuck in app code), `UID`
@@ -33,8 +35,15 @@ struct Session {
 }
 
 impl App for Testkit {
-    const SETTINGS: Option<&'static [&'static str]> =
-        Some(&["start_delay_ms", "fail_start", "hang_at_start_if", "abort_at_start_if", "panic_at_start", "tag"]);
+    const SETTINGS: Option<&'static [&'static str]> = Some(&[
+        "start_delay_ms",
+        "fail_start",
+        "hang_at_start_if",
+        "abort_at_start_if",
+        "abort_after_ms",
+        "panic_at_start",
+        "tag",
+    ]);
 
     fn start(settings: &Settings) -> Result<Self, String> {
         std::thread::sleep(settings.duration_ms("start_delay_ms", 0)?);
@@ -52,6 +61,13 @@ impl App for Testkit {
         }
         if settings.bool("panic_at_start", false)? {
             panic!("testkit was told to panic at start");
+        }
+        let abort_after = settings.duration_ms("abort_after_ms", 0)?;
+        if !abort_after.is_zero() {
+            std::thread::spawn(move || {
+                std::thread::sleep(abort_after);
+                std::process::abort();
+            });
         }
         Ok(Testkit { tag: settings.string("tag", "")?, pid: settings.worker_pid(), generation: settings.generation() })
     }
