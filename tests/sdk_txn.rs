@@ -2,6 +2,8 @@
 
 mod util;
 
+use std::time::{Duration, Instant};
+
 use fdt_sdk::Settings;
 use fdt_sdk::txn::{Databases, TxnError, TxnState};
 use util::pg::PgCluster;
@@ -126,6 +128,22 @@ fn sessions_get_the_configured_timeouts_and_a_slow_statement_fails() {
     assert_eq!(show(&dbs, "statement_timeout"), "10s");
     assert_eq!(show(&dbs, "client_connection_check_interval"), "1s");
     assert_eq!(show(&dbs, "application_name"), "fdtserver demo");
+    // Keepalives for TCP sessions (a Unix socket, as here, shows 0 for them: the session's own
+    // settings are what PostgreSQL would apply over TCP).
+    let keepalives = dbs
+        .with_client("main", |c| {
+            let rows = c
+                .query(
+                    "SELECT name, reset_val, source FROM pg_settings WHERE name LIKE 'tcp_keepalives_%' ORDER BY name",
+                    &[],
+                )
+                .unwrap();
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect::<Vec<(String, String, String)>>())
+        })
+        .unwrap();
+    let want = [("tcp_keepalives_count", "3"), ("tcp_keepalives_idle", "10"), ("tcp_keepalives_interval", "5")];
+    let got: Vec<(&str, &str)> = keepalives.iter().map(|(n, v, _)| (n.as_str(), v.as_str())).collect();
+    assert_eq!(got, want, "{keepalives:?}");
     // Configured, with fractions; 0 lifts a limit.
     let dbs = Databases::open(&settings("statement_timeout = 0.3\nlock_timeout = 0"), &["main"]).unwrap();
     assert_eq!(show(&dbs, "lock_timeout"), "0");
@@ -359,4 +377,130 @@ fn the_idle_timeout_applies_to_open_transactions_only_and_leaves_a_prepared_one_
     assert_eq!(dbs.prepared().unwrap(), [gid.as_str()], "still prepared after expire_idle");
     dbs.resolve(&gid, true).unwrap();
     assert_eq!(count(&pg), 1);
+}
+
+/// Makes the next two-phase commit of `dbs` (opened by [`open_two`]) stop at recording its
+/// decision, until the returned session (which holds the same decision key, uncommitted) ends
+/// its transaction: numbers that commit `n` and takes its key first.
+fn stall_decision(pg: &PgCluster, n: i64) -> postgres::Client {
+    pg.client("a").batch_execute(&format!("ALTER SEQUENCE fdt_lc_seq RESTART {n}")).unwrap();
+    let mut stall = pg.client("a");
+    stall
+        .batch_execute(&format!(
+            "BEGIN; INSERT INTO fdt_decisions (gtrid, participants) VALUES ('fdt1:sdk-node:lc.{n}.a:demo', 'x')"
+        ))
+        .unwrap();
+    stall
+}
+
+/// The pid of the coordinating session waiting to record its decision.
+fn waiting_coordinator(pg: &PgCluster) -> i32 {
+    util::wait_for(Duration::from_secs(5), "the commit to wait at its decision", || {
+        pg.client("postgres")
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE datname = 'a' AND application_name = 'fdtserver demo' \
+                 AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .unwrap()
+            .map(|r| r.get(0))
+    })
+}
+
+/// A two-phase commit in a thread; its result comes on the channel.
+fn commit_in_thread(dbs: &Databases, v: i32) -> std::sync::mpsc::Receiver<Result<(), TxnError>> {
+    let mut tx = dbs.transaction();
+    tx.execute("a", "INSERT INTO d VALUES ($1)", &[&v]).unwrap();
+    tx.execute("b", "INSERT INTO d VALUES ($1)", &[&v]).unwrap();
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(tx.commit());
+    });
+    result
+}
+
+#[test]
+fn a_two_phase_commit_keeps_each_branchs_connection_until_it_is_committed() {
+    let pg = PgCluster::start();
+    // Pools of one: between PREPARE and COMMIT PREPARED, another request wants b's connection.
+    let dbs = open_two(&pg, 1);
+    let stall = stall_decision(&pg, 500);
+    let committed = commit_in_thread(&dbs, 1);
+    waiting_coordinator(&pg);
+    assert_eq!(pg.prepared("b").len(), 1, "b is prepared, its commit not yet begun");
+    let (got, other) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let other_dbs = dbs.clone();
+    let other_request = std::thread::spawn(move || {
+        let mut tx = other_dbs.transaction();
+        let r = tx.execute("b", "SELECT 1", &[]);
+        let _ = got.send(r.is_ok());
+        let _ = released.recv();
+        drop(tx);
+    });
+    // While the commit is between its phases, its branch's connection is not in the pool.
+    assert!(
+        other.recv_timeout(Duration::from_millis(500)).is_err(),
+        "another request took the prepared branch's connection before COMMIT PREPARED"
+    );
+    drop(stall);
+    let started = Instant::now();
+    assert_eq!(committed.recv_timeout(Duration::from_secs(8)).expect("the commit hangs"), Ok(()));
+    assert!(started.elapsed() < Duration::from_secs(3), "phase two took {:?}", started.elapsed());
+    assert!(other.recv_timeout(Duration::from_secs(5)).unwrap(), "the connection is back in the pool afterwards");
+    release.send(()).unwrap();
+    other_request.join().unwrap();
+    assert_eq!((rows(&pg, "a"), rows(&pg, "b")), (1, 1));
+    assert_eq!(leftovers(&pg), (0, 0));
+}
+
+#[test]
+fn recovery_settles_an_orphan_while_requests_hold_every_pooled_connection() {
+    let pg = PgCluster::start();
+    let dbs = open_two(&pg, 1);
+    // Requests hold the only pooled connection of each database.
+    let mut busy = dbs.transaction();
+    busy.execute("a", "SELECT 1", &[]).unwrap();
+    busy.execute("b", "SELECT 1", &[]).unwrap();
+    // A coordinator died mid-commit, undecided.
+    for db in ["a", "b"] {
+        pg.client(db)
+            .batch_execute(&format!(
+                "BEGIN; INSERT INTO d VALUES (7); PREPARE TRANSACTION 'fdt1:sdk-node:lc.7.a.{db}:demo'"
+            ))
+            .unwrap();
+    }
+    let started = Instant::now();
+    util::wait_for(Duration::from_secs(5), "recovery to roll the orphan back", || {
+        (leftovers(&pg).0 == 0).then_some(())
+    });
+    eprintln!("settled {:?} after it was left", started.elapsed());
+    assert_eq!((rows(&pg, "a"), rows(&pg, "b")), (0, 0));
+    busy.rollback().unwrap();
+}
+
+#[test]
+fn a_fatal_error_while_recording_the_decision_leaves_the_outcome_to_recovery() {
+    let pg = PgCluster::start();
+    let dbs = open_two(&pg, 1);
+    let mut stall = stall_decision(&pg, 600);
+    let committed = commit_in_thread(&dbs, 1);
+    // The coordinating session ends (FATAL 57P01) while its INSERT waits: whether a decision
+    // was written cannot be known from its answer, so no branch may be rolled back for it.
+    let pid = waiting_coordinator(&pg);
+    pg.client("postgres").execute("SELECT pg_terminate_backend($1)", &[&pid]).unwrap();
+    let result = committed.recv_timeout(Duration::from_secs(8)).expect("the commit hangs");
+    assert!(matches!(result, Err(TxnError::OutcomeUnknown(_))), "{result:?}");
+    // It was not written: recovery, free to take the coordinator lock now, rolls back.
+    stall.batch_execute("ROLLBACK").unwrap();
+    util::wait_for(Duration::from_secs(5), "recovery to settle the branches", || {
+        (leftovers(&pg) == (0, 0)).then_some(())
+    });
+    assert_eq!((rows(&pg, "a"), rows(&pg, "b")), (0, 0));
+    // And the pools work.
+    let mut tx = dbs.transaction();
+    tx.execute("a", "INSERT INTO d VALUES (2)", &[]).unwrap();
+    tx.execute("b", "INSERT INTO d VALUES (2)", &[]).unwrap();
+    tx.commit().unwrap();
+    assert_eq!((rows(&pg, "a"), rows(&pg, "b")), (1, 1));
 }

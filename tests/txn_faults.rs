@@ -462,7 +462,12 @@ fn txn_commands_explain_what_they_cannot_do() {
     assert_eq!(code, 1, "{out}{err}");
     assert!(out.contains("not configured here") && err.contains("configure their coordinator database"), "{out}{err}");
     assert_eq!(pg.prepared("b").len(), 4);
+    // Nor by hand: its decision cannot be read from here.
     let (code, out, err) = cli(&["txn", "rollback", &local], &only_b);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("not configured here") && err.contains("fdtserver txn recover"), "{err}");
+    assert_eq!(pg.prepared("b").len(), 4);
+    let (code, out, err) = cli(&["txn", "rollback", &format!("fdt1:{NODE}:ext-1:bank")], &only_b);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("rolled back"), "{out}");
 }
@@ -548,4 +553,131 @@ fn txn_idle_timeout_spares_talking_clients_prepared_transactions_and_clients_bet
     assert_eq!(pg.prepared("a").len(), 1, "the prepared transaction is its coordinator's");
     assert_eq!(prepared_client.ask("COMMIT"), "COMMITTED");
     assert_eq!(between.ask("BALANCE y1"), "OK 99");
+}
+
+/// The decision table as the SDK creates it, in database `a` (for tests without a server).
+fn create_decisions(pg: &PgCluster) {
+    pg.client("a")
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS fdt_decisions (gtrid text PRIMARY KEY, participants text NOT NULL, \
+             decided_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .unwrap();
+}
+
+fn prepare_in(pg: &PgCluster, db: &str, gid: &str, v: i32) {
+    pg.client(db).batch_execute(&format!("BEGIN; INSERT INTO t VALUES ({v}); PREPARE TRANSACTION '{gid}'")).unwrap();
+}
+
+/// Recovery settles the branches it finds once it holds the coordinator lock, not those of its
+/// first look: a coordinator may prepare a branch after that look, record the decision, commit
+/// another branch and die. That branch must be committed too, and the decision kept until no
+/// branch of it is left — not deleted, which made the next round roll the branch back.
+#[test]
+fn recovery_commits_a_branch_prepared_after_its_first_look_and_keeps_the_decision_until_then() {
+    let pg = PgCluster::start();
+    pg.create_db("a");
+    pg.create_db("b");
+    create_t(&pg);
+    create_decisions(&pg);
+    // Transaction 1: an orphan, undecided (recovery looks at it first: its key sorts first).
+    orphan(&pg, NODE, 1, 1, false);
+    // Transaction 2: a live coordinator with only its branch in a prepared so far, decided.
+    let t2 = |db: &str| format!("fdt1:{NODE}:lc.2.a.{db}:bank");
+    let coordinator2 = hold_coordinator_lock(&pg, NODE, 2);
+    prepare_in(&pg, "a", &t2("a"), 2);
+    pg.client("a")
+        .execute(
+            "INSERT INTO fdt_decisions (gtrid, participants) VALUES ($1, 'a,b')",
+            &[&format!("fdt1:{NODE}:lc.2.a:bank")],
+        )
+        .unwrap();
+    // Hold recovery on transaction 1 (reading its decision), after its first look.
+    let mut hold = pg.client("a");
+    hold.batch_execute("BEGIN; LOCK TABLE fdt_decisions IN ACCESS EXCLUSIVE MODE").unwrap();
+    let (url_a, url_b) = (pg.url("a"), pg.url("b"));
+    let (done, rounds) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let connect = |url: &str| postgres::Client::connect(url, postgres::NoTls).unwrap();
+        let mut dbs = vec![("a".to_string(), connect(&url_a)), ("b".to_string(), connect(&url_b))];
+        let first = fdt_sdk::txn::recovery::recover(&mut dbs, NODE, None, Duration::ZERO);
+        let second = fdt_sdk::txn::recovery::recover(&mut dbs, NODE, None, Duration::ZERO);
+        let _ = done.send((first, second));
+    });
+    wait_for(Duration::from_secs(5), "recovery to wait on the decision table", || {
+        let waiting: i64 = pg
+            .client("postgres")
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE datname = 'a' AND wait_event_type = 'Lock'", &[])
+            .unwrap()
+            .get(0);
+        (waiting > 0).then_some(())
+    });
+    // Meanwhile the coordinator prepares b, commits a, and dies before committing b.
+    prepare_in(&pg, "b", &t2("b"), 2);
+    pg.client("a").batch_execute(&format!("COMMIT PREPARED '{}'", t2("a"))).unwrap();
+    drop(coordinator2);
+    let key = fdt_sdk::gid::coordinator_lock_key(&format!("fdt1:{NODE}:lc.2.a:bank"));
+    wait_for(Duration::from_secs(5), "the dead coordinator's lock to be free", || {
+        let mut probe = pg.client("a");
+        let free: bool = probe.query_one("SELECT pg_try_advisory_lock($1)", &[&key]).unwrap().get(0);
+        // Released here, not when this session ends: recovery must find it free.
+        free.then(|| probe.execute("SELECT pg_advisory_unlock($1)", &[&key]).unwrap()).map(drop)
+    });
+    hold.batch_execute("ROLLBACK").unwrap();
+    let (first, second) = rounds.recv_timeout(Duration::from_secs(10)).expect("recovery did not finish");
+    let (first, second) = (first.unwrap(), second.unwrap());
+    assert_eq!(values(&pg, "b"), [2], "a branch of a committed transaction was rolled back: {first:?} {second:?}");
+    assert_eq!(values(&pg, "a"), [2]);
+    assert!(first.committed.contains(&t2("b")), "the branch prepared after the first look is reported: {first:?}");
+    assert!(pg.prepared("a").is_empty() && pg.prepared("b").is_empty());
+    let decisions: i64 = pg.client("a").query_one("SELECT count(*) FROM fdt_decisions", &[]).unwrap().get(0);
+    assert_eq!(decisions, 0, "once no branch is left, the decision goes");
+}
+
+/// `fdtserver txn commit|rollback` on a branch of a locally coordinated transaction: only under
+/// its coordinator lock, and only the way its decision says.
+#[test]
+fn txn_commit_and_rollback_of_a_local_branch_follow_the_decision_and_wait_for_the_coordinator() {
+    let pg = PgCluster::start();
+    pg.create_db("a");
+    pg.create_db("b");
+    create_t(&pg);
+    create_decisions(&pg);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fdt.toml");
+    let setup = Setup::new(1, 1)
+        .app("bank", "bank", "databases = [\"a\", \"b\"]")
+        .server("node_id", &format!("\"{NODE}\""))
+        .extra(&format!("[database.a]\nurl = \"{}\"\n[database.b]\nurl = \"{}\"\n", pg.url("a"), pg.url("b")));
+    std::fs::write(&config, setup.render(dir.path())).unwrap();
+    // A live coordinator: nothing may be settled by hand.
+    let (live, lock) = coordinator(&pg, NODE, 1, 1, true);
+    for verb in ["commit", "rollback"] {
+        let (code, out, err) = cli(&["txn", verb, &live[1]], &config);
+        assert_eq!(code, 2, "{out}{err}");
+        assert!(err.contains("its coordinator is still working on it"), "{err}");
+    }
+    assert_eq!(pg.prepared("b").len(), 1);
+    drop(lock);
+    // Decided: commit only.
+    wait_for(Duration::from_secs(5), "the coordinator's lock to be free", || {
+        let (code, out, err) = cli(&["txn", "rollback", &live[1]], &config);
+        (code != 2).then_some((code, out, err))
+    });
+    let (code, out, err) = cli(&["txn", "rollback", &live[1]], &config);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("refusing to roll back") && err.contains("fdtserver txn recover"), "{err}");
+    assert_eq!(pg.prepared("b").len(), 1, "a branch of a committed transaction was rolled back");
+    let (code, out, err) = cli(&["txn", "commit", &live[1]], &config);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("committed"), "{out}");
+    assert_eq!(values(&pg, "b"), [1]);
+    // Undecided: rollback only.
+    let undecided = orphan(&pg, NODE, 2, 2, false);
+    let (code, out, err) = cli(&["txn", "commit", &undecided[0]], &config);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("refusing to commit") && err.contains("no decision was recorded"), "{err}");
+    let (code, out, err) = cli(&["txn", "rollback", &undecided[0]], &config);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(values(&pg, "a"), Vec::<i32>::new());
 }

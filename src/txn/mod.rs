@@ -124,7 +124,24 @@ fn list(clients: &mut [(String, Client)], node: &str) -> i32 {
 }
 
 fn settle(clients: &mut [(String, Client)], gid: &str, commit: bool) -> i32 {
+    if let Some(g) = Gid::parse(gid).filter(Gid::is_local) {
+        return settle_local(clients, &g, gid, commit);
+    }
+    settle_branch(clients, gid, commit)
+}
+
+/// Settles `gid` in whichever configured database holds it (`pg_prepared_xacts` shows the
+/// whole cluster, and PostgreSQL settles a transaction only from its own database).
+fn settle_branch(clients: &mut [(String, Client)], gid: &str, commit: bool) -> i32 {
     for (name, client) in clients.iter_mut() {
+        match recovery::list(client) {
+            Ok(prepared) if prepared.iter().any(|p| p.gid == gid) => {}
+            Ok(_) => continue,
+            Err(e) => {
+                eprintln!("fdtserver: database {name}: {e}");
+                return exit::FAILURE;
+            }
+        }
         match recovery::settle(client, gid, commit) {
             Ok(()) => {
                 println!("{} {gid} in database {name}", if commit { "committed" } else { "rolled back" });
@@ -142,6 +159,79 @@ fn settle(clients: &mut [(String, Client)], gid: &str, commit: bool) -> i32 {
     exit::FAILURE
 }
 
+/// A branch of a locally coordinated transaction: settled only the way its decision says, and
+/// only under its coordinator lock (so never while its coordinator lives, and never beside a
+/// recovery settling the same transaction). Anything else could commit one branch and roll
+/// back another.
+fn settle_local(clients: &mut [(String, Client)], g: &Gid, gid: &str, commit: bool) -> i32 {
+    let (Some((_, coordinator, _)), Some(key), Some(lock)) = (g.local_parts(), g.decision_key(), g.coordinator_lock())
+    else {
+        eprintln!("fdtserver: {gid} is not a well-formed branch of a locally coordinated transaction");
+        return exit::FAILURE;
+    };
+    let Some(c) = clients.iter().position(|(name, _)| name == coordinator) else {
+        eprintln!(
+            "fdtserver: {gid} belongs to a transaction coordinated from database {coordinator}, which is not \
+             configured here: its decision cannot be read; configure it and run `fdtserver txn recover`"
+        );
+        return exit::FAILURE;
+    };
+    match recovery::try_lock(&mut clients[c].1, lock) {
+        Ok(true) => {}
+        Ok(false) => {
+            eprintln!(
+                "fdtserver: {gid}: its coordinator is still working on it (or a recovery is settling it right \
+                 now): it settles the transaction itself; if no worker runs, try again in a moment"
+            );
+            return exit::IN_DOUBT;
+        }
+        Err(e) => {
+            eprintln!("fdtserver: database {coordinator}: {e}");
+            return exit::FAILURE;
+        }
+    }
+    // Under the lock the coordinator is gone: the decision is final.
+    let code = match recovery::decided(&mut clients[c].1, &key) {
+        Err(e) => {
+            eprintln!("fdtserver: database {coordinator}: {e}");
+            exit::FAILURE
+        }
+        Ok(decided) if decided != commit => {
+            eprintln!(
+                "fdtserver: refusing to {} {gid}: the transaction's decision in database {coordinator} says {} \
+                 (its other branches are, or will be, {}); `fdtserver txn recover` settles every branch that way",
+                if commit { "commit" } else { "roll back" },
+                if decided { "commit" } else { "roll back (no decision was recorded)" },
+                if decided { "committed" } else { "rolled back" },
+            );
+            exit::FAILURE
+        }
+        Ok(_) => settle_branch(clients, gid, commit),
+    };
+    if let Err(e) = recovery::unlock(&mut clients[c].1, lock) {
+        eprintln!("fdtserver: database {coordinator}: {e}");
+        return exit::FAILURE;
+    }
+    code
+}
+
+/// Branches of transactions `node` coordinated locally that are prepared now and that `report`
+/// does not account for (prepared after its first look, by a coordinator still at work).
+fn unaccounted(clients: &mut [(String, Client)], node: &str, report: &recovery::Report) -> Result<Vec<String>, String> {
+    let mut left = Vec::new();
+    for (name, client) in clients.iter_mut() {
+        for p in recovery::list(client).map_err(|e| format!("database {name}: {e}"))? {
+            let known = [&report.coordinator_alive, &report.too_recent, &report.coordinator_unknown]
+                .iter()
+                .any(|l| l.contains(&p.gid));
+            if !known && Gid::parse(&p.gid).is_some_and(|g| g.node_id == node && g.is_local()) {
+                left.push(p.gid);
+            }
+        }
+    }
+    Ok(left)
+}
+
 /// How long `recover` keeps retrying transactions whose coordinator still holds its lock: a
 /// coordinator's session outlives its killed worker by a moment (PostgreSQL notices the closed
 /// socket when the statement in progress ends), and a live coordinator finishes a commit in
@@ -152,16 +242,25 @@ fn recover(clients: &mut [(String, Client)], node: &str, min_age: Duration) -> i
     let started = std::time::Instant::now();
     let mut report = recovery::Report::default();
     let report = loop {
-        let round = match recovery::recover(clients, node, None, min_age) {
+        let mut round = match recovery::recover(clients, node, None, min_age) {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("fdtserver: recovery failed: {e}");
                 return exit::FAILURE;
             }
         };
-        report.committed.extend(round.committed);
-        report.rolled_back.extend(round.rolled_back);
-        report.decisions_deleted.extend(round.decisions_deleted);
+        report.committed.append(&mut round.committed);
+        report.rolled_back.append(&mut round.rolled_back);
+        report.decisions_deleted.append(&mut round.decisions_deleted);
+        // What this round did not see (prepared after its first look) counts too: it is still
+        // held by a coordinator at work, or the next round settles it.
+        match unaccounted(clients, node, &round) {
+            Ok(left) => round.coordinator_alive.extend(left),
+            Err(e) => {
+                eprintln!("fdtserver: recovery failed: {e}");
+                return exit::FAILURE;
+            }
+        }
         if round.coordinator_alive.is_empty() || started.elapsed() >= LIVE_COORDINATOR_GRACE {
             break recovery::Report {
                 committed: report.committed,

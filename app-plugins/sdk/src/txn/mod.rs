@@ -41,7 +41,7 @@ pub mod recovery;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use postgres;
@@ -110,6 +110,14 @@ fn sqlstate(e: &postgres::Error) -> Option<&str> {
     e.as_db_error().map(|d| d.code().code())
 }
 
+/// True when PostgreSQL reported that the statement failed and the session goes on (severity
+/// ERROR): then a statement outside a transaction block changed nothing. A connection error, or
+/// a FATAL or PANIC (the session or the server ending), says nothing about what was committed.
+fn statement_failed(e: &postgres::Error) -> bool {
+    use postgres::error::Severity;
+    e.as_db_error().is_some_and(|d| !matches!(d.parsed_severity(), Some(Severity::Fatal | Severity::Panic)))
+}
+
 /// Where a transaction is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TxnState {
@@ -133,6 +141,10 @@ struct Shared {
     events: crate::Events,
     /// `txn_idle_timeout`: how long an open transaction may wait for its client.
     idle_timeout: Option<Duration>,
+    /// Recovery's own session per database (outside `pool_size`, opened on first need, replaced
+    /// when broken): recovery must run exactly when requests have taken every pooled
+    /// connection, waiting behind an orphaned branch's row locks.
+    recovery: Mutex<BTreeMap<String, Client>>,
 }
 
 /// Default `txn_idle_timeout`: a client that opened a transaction and went silent holds a
@@ -168,9 +180,6 @@ pub struct Databases {
 /// (one `pg_prepared_xacts` query per database when there is none): orphaned branches hold
 /// row locks, so they should go within a second or two.
 pub const RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
-/// How long the recovery thread waits for a pooled connection before skipping a round (the
-/// pool is busy serving requests, which come first).
-const RECOVERY_CHECKOUT_WAIT: Duration = Duration::from_millis(500);
 
 /// Opens a session to `db` with its `lock_timeout` and `statement_timeout` set, as the pools
 /// do (for tools that work outside a pool, such as `fdtserver txn`); `application` shows in
@@ -201,6 +210,7 @@ impl Databases {
                 app: settings.app_name().to_string(),
                 events: settings.events(),
                 idle_timeout: idle_timeout(settings)?,
+                recovery: Mutex::new(BTreeMap::new()),
             }),
         };
         let mut clients = Vec::new();
@@ -232,33 +242,35 @@ impl Databases {
         Ok(report)
     }
 
-    /// Settles this app's transactions whose coordinator is gone (a worker that died mid-commit),
-    /// on pooled connections; returns what it did. Skips the round (`Ok(None)`) when a pool has
-    /// no connection to spare. The recovery thread calls this every [`RECOVERY_INTERVAL`].
+    /// Settles this app's transactions whose coordinator is gone (a worker that died mid-commit)
+    /// and returns what it did. It works on recovery's own session per database, opened on first
+    /// need outside `pool_size` and replaced when broken, so a pool that requests have
+    /// exhausted never holds it up. `Ok(None)`: another call is recovering at this moment. The
+    /// recovery thread calls this every [`RECOVERY_INTERVAL`].
     pub fn recover_orphans(&self) -> Result<Option<recovery::Report>, TxnError> {
+        let mut sessions = match self.shared.recovery.try_lock() {
+            Ok(s) => s,
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(None),
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+        };
         let mut clients = Vec::new();
         for pool in self.shared.pools.values() {
-            match pool.checkout_within(RECOVERY_CHECKOUT_WAIT) {
-                Ok(client) => clients.push((pool.name.clone(), client)),
-                Err(TxnError::PoolExhausted(_)) => {
-                    for (name, client) in clients {
-                        self.pool(&name)?.checkin(client);
+            let client = match sessions.remove(&pool.name).filter(|c| !c.is_closed()) {
+                Some(c) => c,
+                None => match pool.connect() {
+                    Ok(c) => c,
+                    Err(e) => {
+                        sessions.extend(clients);
+                        return Err(e);
                     }
-                    return Ok(None);
-                }
-                Err(e) => {
-                    for (name, client) in clients {
-                        self.pool(&name)?.checkin(client);
-                    }
-                    return Err(e);
-                }
-            }
+                },
+            };
+            clients.push((pool.name.clone(), client));
         }
         let result = self.recover_with(&mut clients);
-        for (name, client) in clients {
-            let pool = self.pool(&name)?;
-            // After a failure the session may still hold a coordinator lock: closing it frees it.
-            if result.is_ok() { pool.checkin(client) } else { pool.discard(client) }
+        // After a failure a session may still hold a coordinator lock: closing it frees it.
+        if result.is_ok() {
+            sessions.extend(clients);
         }
         let report = result.map_err(TxnError::Database)?;
         report.log_settled();
@@ -382,6 +394,10 @@ impl Databases {
 /// One database's part of a transaction: the pooled connection with `BEGIN` sent.
 struct Branch {
     client: Option<Client>,
+    /// Its transaction block is still open (not yet prepared): returning the connection needs a
+    /// `ROLLBACK` first. A branch prepared by local coordination keeps its connection, outside
+    /// any block, until phase two is done.
+    in_block: bool,
 }
 
 /// A transaction over one or more of an app's databases. Dropping one that is not finished
@@ -479,7 +495,7 @@ impl Transaction {
                 pool.discard(client);
                 return Err(TxnError::Database(format!("database {db}: BEGIN failed: {}", describe(&e))));
             }
-            self.branches.insert(db.to_string(), Branch { client: Some(client) });
+            self.branches.insert(db.to_string(), Branch { client: Some(client), in_block: true });
         }
         self.state = TxnState::Active;
         Ok(self.branches.get_mut(db).and_then(|b| b.client.as_mut()).expect("branch just ensured"))
@@ -590,6 +606,41 @@ impl Transaction {
         result
     }
 
+    /// Phase one of local coordination on a participant's branch: prepares it under `gid` and
+    /// verifies it, and **keeps** its connection (now outside any block) for phase two, so
+    /// `COMMIT PREPARED` never waits for the pool — where other requests may have taken every
+    /// connection — while the branch holds its row locks.
+    fn prepare_participant(&mut self, db: &str, gid: &str) -> Result<(), TxnError> {
+        let pool = self.dbs.pool(db)?;
+        let branch = self.branches.get_mut(db).ok_or(TxnError::NotOpen)?;
+        let client = branch.client.as_mut().ok_or(TxnError::NotOpen)?;
+        branch.in_block = false;
+        let result = prepare_on(client, db, gid);
+        if client.is_closed() {
+            pool.discard(branch.client.take().expect("checked above"));
+        }
+        result
+    }
+
+    /// Settles a participant's prepared branch `gid` in `db` on the connection it was prepared
+    /// on; when that connection is lost, on pooled ones with retries.
+    fn settle_participant(&mut self, db: &str, gid: &str, commit: bool) -> Result<(), TxnError> {
+        if let Some(client) = self.branches.get_mut(db).and_then(|b| b.client.as_mut()) {
+            match recovery::settle(client, gid, commit) {
+                Err(TxnError::Database(_) | TxnError::OutcomeUnknown(_)) => {
+                    if client.is_closed()
+                        && let (Some(client), Ok(pool)) =
+                            (self.branches.get_mut(db).and_then(|b| b.client.take()), self.dbs.pool(db))
+                    {
+                        pool.discard(client);
+                    }
+                }
+                other => return other,
+            }
+        }
+        settle_with_retry(&self.dbs, db, gid, commit)
+    }
+
     /// Commits: one-phase on one database, `COMMIT PREPARED` after [`Transaction::prepare`],
     /// or two-phase commit coordinated by this worker across several databases.
     pub fn commit(mut self) -> Result<(), TxnError> {
@@ -597,6 +648,8 @@ impl Transaction {
         let counted = !matches!(state, TxnState::Idle | TxnState::Finished);
         let two_phase = state == TxnState::Active && self.branches.len() > 1;
         let result = self.commit_from(state);
+        // Every path ends with the connections back in their pools (none is left in a block).
+        self.rollback_branches();
         if counted {
             match &result {
                 Ok(()) if two_phase => {
@@ -690,10 +743,14 @@ impl Transaction {
         // Phase one (the coordinator's branch first: `dbs` is sorted and it is `dbs[0]`). Any
         // failure: roll back what was prepared and what was not (presumed abort).
         for (i, (db, gid)) in gids.iter().enumerate() {
-            let prepared = if *db == coordinator { coord.prepare(gid) } else { self.prepare_branch(db, gid) };
+            let prepared = if *db == coordinator { coord.prepare(gid) } else { self.prepare_participant(db, gid) };
             if let Err(e) = prepared {
                 for (db, gid) in &gids[..i] {
-                    let _ = coord.settle(db, gid, false);
+                    let _ = if *db == coordinator {
+                        coord.settle(db, gid, false)
+                    } else {
+                        self.settle_participant(db, gid, false)
+                    };
                 }
                 self.rollback_branches();
                 return Err(e);
@@ -706,10 +763,13 @@ impl Transaction {
             Some(c) => c
                 .execute("INSERT INTO fdt_decisions (gtrid, participants) VALUES ($1, $2)", &[&key, &participants])
                 .map_err(|e| {
-                    if e.as_db_error().is_some() {
-                        TxnError::Database(describe(&e))
-                    } else {
+                    // Only an ordinary error of the statement proves the row was not written; a
+                    // lost connection, or a FATAL/PANIC (the session ending: 57P01, 57P02…),
+                    // may come after the INSERT committed.
+                    if c.is_closed() || !statement_failed(&e) {
                         TxnError::OutcomeUnknown(describe(&e))
+                    } else {
+                        TxnError::Database(describe(&e))
                     }
                 }),
             None => Err(TxnError::OutcomeUnknown("the coordinator's connection was lost".into())),
@@ -724,7 +784,11 @@ impl Transaction {
             }
             Err(e) => {
                 for (db, gid) in &gids {
-                    let _ = coord.settle(db, gid, false);
+                    let _ = if *db == coordinator {
+                        coord.settle(db, gid, false)
+                    } else {
+                        self.settle_participant(db, gid, false)
+                    };
                 }
                 return Err(e);
             }
@@ -732,7 +796,9 @@ impl Transaction {
         // Phase two: from here on the transaction is committed, whatever fails.
         let mut pending = Vec::new();
         for (db, gid) in &gids {
-            match coord.settle(db, gid, true) {
+            let settled =
+                if *db == coordinator { coord.settle(db, gid, true) } else { self.settle_participant(db, gid, true) };
+            match settled {
                 Ok(()) => {}
                 // Nobody may settle a branch of ours but us and recovery (which waits for our
                 // lock): a branch that is gone was settled by an operator.
@@ -774,10 +840,16 @@ impl Transaction {
         }
     }
 
+    /// Rolls back the branches still in a transaction block and returns every connection the
+    /// transaction holds to its pool.
     fn rollback_branches(&mut self) {
         for (db, mut branch) in std::mem::take(&mut self.branches) {
             let Some(mut client) = branch.client.take() else { continue };
             let Ok(pool) = self.dbs.pool(&db) else { continue };
+            if !branch.in_block {
+                pool.checkin(client);
+                continue;
+            }
             match client.batch_execute("ROLLBACK") {
                 Ok(()) => pool.checkin(client),
                 // Unknown state: closing the connection makes PostgreSQL abort the transaction.

@@ -20,6 +20,15 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// side of the connection is still there (`client_connection_check_interval`, PostgreSQL 14+):
 /// the sessions of a killed worker end within about this long instead of waiting on.
 const CLIENT_CHECK_INTERVAL_MS: u32 = 1000;
+/// TCP keepalives on both ends of a session over TCP (ignored on Unix sockets): idle this long
+/// before the first probe, then a probe every [`KEEPALIVE_INTERVAL`], [`KEEPALIVE_COUNT`]
+/// unanswered ones ending the connection. On the server side (`tcp_keepalives_*`) this bounds
+/// how long the backend of a coordinator whose host crashed or was cut off keeps its advisory
+/// lock (and so keeps recovery away): about 10 + 3 × 5 = 25 s. On our side it ends a session
+/// to a server host that vanished.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_COUNT: u32 = 3;
 
 /// Opens a session to `db` with its timeouts set; `application` shows in `pg_stat_activity`.
 pub fn connect(db: &DatabaseSettings, application: &str) -> Result<Client, TxnError> {
@@ -29,15 +38,23 @@ pub fn connect(db: &DatabaseSettings, application: &str) -> Result<Client, TxnEr
     let ms = |d: Option<Duration>| d.map_or(0, |d| d.as_millis().max(1));
     let mut options = config.get_options().unwrap_or_default().to_string();
     options.push_str(&format!(
-        " -c lock_timeout={} -c statement_timeout={}",
+        " -c lock_timeout={} -c statement_timeout={} -c tcp_keepalives_idle={} -c tcp_keepalives_interval={} \
+         -c tcp_keepalives_count={KEEPALIVE_COUNT}",
         ms(db.lock_timeout),
-        ms(db.statement_timeout)
+        ms(db.statement_timeout),
+        KEEPALIVE_IDLE.as_secs(),
+        KEEPALIVE_INTERVAL.as_secs(),
     ));
     config.options(options.trim_start());
     if config.get_application_name().is_none() {
         config.application_name(application);
     }
     config.connect_timeout(CONNECT_TIMEOUT);
+    config
+        .keepalives(true)
+        .keepalives_idle(KEEPALIVE_IDLE)
+        .keepalives_interval(KEEPALIVE_INTERVAL)
+        .keepalives_retries(KEEPALIVE_COUNT);
     let mut client =
         config.connect(NoTls).map_err(|e| bad(&format_args!("cannot connect: {}", super::describe(&e))))?;
     // Not in the startup packet: a server older than 14 would refuse the unknown setting.

@@ -146,8 +146,8 @@ impl Report {
     }
 }
 
-/// One locally coordinated transaction found prepared: its branches (index into the
-/// connections, gid, age).
+/// One locally coordinated transaction found prepared: its coordinator database, its lock
+/// and the branches seen in the first listing.
 struct Local {
     coordinator: String,
     lock: i64,
@@ -166,6 +166,16 @@ pub fn unlock(client: &mut Client, key: i64) -> Result<(), String> {
     client.execute("SELECT pg_advisory_unlock($1)", &[&key]).map(drop).map_err(|e| describe(&e))
 }
 
+/// The branches of local transaction `key` (its decision key) prepared in the connected
+/// database now.
+pub fn branches_of(client: &mut Client, key: &str) -> Result<Vec<String>, String> {
+    Ok(list(client)?
+        .into_iter()
+        .filter(|p| Gid::parse(&p.gid).and_then(|g| g.decision_key()).as_deref() == Some(key))
+        .map(|p| p.gid)
+        .collect())
+}
+
 /// Recovers what `node_id` coordinated (only `app`'s transactions when given) in these
 /// databases (`(config name, connection)` each). A locally coordinated transaction is settled
 /// only when its coordinator is gone — when this recovery can take the advisory lock its
@@ -175,6 +185,12 @@ pub fn unlock(client: &mut Client, key: i64) -> Result<(), String> {
 /// coordinator database is not among `dbs`, or (when `min_age` is not zero) with a branch
 /// prepared less than `min_age` ago. Branches prepared for an outside coordinator are only
 /// reported.
+///
+/// The first listing only finds the transactions to look at: a coordinator may prepare more
+/// branches after it. Once the lock is taken the coordinator is gone and the set of branches
+/// is final, so the branches are listed again, in every database, and exactly those are
+/// settled. A decision is never deleted here while a branch of it may be prepared: that is
+/// [`delete_orphan_decisions`]'s, which looks again under the lock.
 pub fn recover(
     dbs: &mut [(String, Client)],
     node_id: &str,
@@ -214,7 +230,7 @@ pub fn recover(
             report.coordinator_alive.extend(gids());
             continue;
         }
-        let settled = settle_transaction(dbs, c, &key, &local, &mut report);
+        let settled = settle_transaction(dbs, c, &key, coordinator, &mut report);
         let unlocked = unlock(&mut dbs[c].1, local.lock).map_err(|e| format!("database {coordinator}: {e}"));
         settled.and(unlocked)?;
     }
@@ -222,41 +238,28 @@ pub fn recover(
     Ok(report)
 }
 
-/// Settles every branch of a local transaction whose coordinator lock this recovery holds:
-/// commit if the decision is recorded, else roll back; then deletes the decision.
+/// Settles every branch of local transaction `key` whose coordinator lock this recovery holds
+/// (in `dbs[c]`): commit if the decision is recorded, else roll back. The branches are listed
+/// afresh in every database: under the lock, that set is final. The decision stays (see
+/// [`delete_orphan_decisions`]).
 fn settle_transaction(
     dbs: &mut [(String, Client)],
     c: usize,
     key: &str,
-    local: &Local,
+    coordinator: &str,
     report: &mut Report,
 ) -> Result<(), String> {
-    let names: Vec<String> = dbs.iter().map(|(n, _)| n.clone()).collect();
     // Read under the lock: the coordinating session is gone, so the decision is final.
-    let commit = decided(&mut dbs[c].1, key).map_err(|e| format!("database {}: {e}", local.coordinator))?;
-    for (i, gid, _) in &local.branches {
-        let (name, client) = &mut dbs[*i];
-        match settle(client, gid, commit) {
-            Ok(()) => if commit { &mut report.committed } else { &mut report.rolled_back }.push(gid.clone()),
-            // Settled since it was listed, by its coordinator just before it let go of the lock
-            // (then the decision may be gone too: no conclusion is drawn from it).
-            Err(TxnError::UnknownGid(_)) => {}
-            Err(e) => return Err(format!("database {name}: settling {gid}: {e}")),
-        }
-    }
-    // The decision goes once every branch is settled; a branch in a database this recovery
-    // cannot see (a narrower config) still needs it, or it would later be rolled back.
-    if commit {
-        let client = &mut dbs[c].1;
-        let participants: Option<String> = client
-            .query_opt("SELECT participants FROM fdt_decisions WHERE gtrid = $1", &[&key])
-            .map_err(|e| format!("database {}: {}", local.coordinator, describe(&e)))?
-            .map(|row| row.get(0));
-        let all_seen = participants.is_some_and(|p| p.split(',').all(|p| names.iter().any(|n| n == p)));
-        if all_seen {
-            client
-                .execute("DELETE FROM fdt_decisions WHERE gtrid = $1", &[&key])
-                .map_err(|e| format!("database {}: {}", local.coordinator, describe(&e)))?;
+    let commit = decided(&mut dbs[c].1, key).map_err(|e| format!("database {coordinator}: {e}"))?;
+    for (name, client) in dbs.iter_mut() {
+        for gid in branches_of(client, key).map_err(|e| format!("database {name}: {e}"))? {
+            match settle(client, &gid, commit) {
+                Ok(()) => if commit { &mut report.committed } else { &mut report.rolled_back }.push(gid),
+                // Settled since it was listed a moment ago: by an operator (`fdtserver txn`
+                // takes the same lock, so not by another recovery).
+                Err(TxnError::UnknownGid(_)) => {}
+                Err(e) => return Err(format!("database {name}: settling {gid}: {e}")),
+            }
         }
     }
     Ok(())
