@@ -175,6 +175,18 @@ fn a_reload_switches_the_master_and_every_worker_to_new_log_paths_or_is_refused_
     assert!(!read(&dir.join("error2.log")).contains("reloaded: generation 3"));
 }
 
+/// `fdtserver_log_write_failures_total`, summed over the master and every worker.
+fn lost_log_lines(server: &TestServer) -> Option<f64> {
+    let (_, metrics) = server.control("GET", "/metrics")?;
+    Some(
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("fdtserver_log_write_failures_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum(),
+    )
+}
+
 /// Unmounts a tmpfs (and its files) when dropped, even when the test fails.
 struct Tmpfs(std::path::PathBuf);
 
@@ -215,15 +227,8 @@ fn a_full_disk_leaves_whole_log_lines_only_and_counts_the_lines_it_lost() {
         let mut c = LineClient::connect(addr);
         assert_eq!(c.ask("hello"), "hello");
     }
-    let lost = wait_for(READY_TIMEOUT, "the lost lines in the metrics", || {
-        let (_, metrics) = server.control("GET", "/metrics")?;
-        let lost: f64 = metrics
-            .lines()
-            .filter(|l| l.starts_with("fdtserver_log_write_failures_total{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
-        (lost > 0.0).then_some(lost)
-    });
+    let lost =
+        wait_for(READY_TIMEOUT, "the lost lines in the metrics", || lost_log_lines(&server).filter(|&lost| lost > 0.0));
     assert!(lost >= 100.0, "about 260 lines cannot fit, {lost} counted");
     let text = std::fs::read(&access).unwrap();
     assert!(text.len() > 8 * 1024, "the disk was filled ({} bytes)", text.len());
@@ -242,13 +247,7 @@ fn a_log_that_refuses_every_write_is_counted_and_costs_no_connection() {
         assert_eq!(LineClient::connect(server.addr("kit")).ask("hi"), "hi");
     }
     wait_for(READY_TIMEOUT, "5 lost access lines in the metrics", || {
-        let (_, metrics) = server.control("GET", "/metrics")?;
-        let lost: f64 = metrics
-            .lines()
-            .filter(|l| l.starts_with("fdtserver_log_write_failures_total{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
-        (lost >= 5.0).then_some(())
+        lost_log_lines(&server).filter(|&lost| lost >= 5.0)
     });
 }
 
