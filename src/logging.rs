@@ -201,11 +201,27 @@ fn lock_access() -> std::sync::MutexGuard<'static, Option<(PathBuf, File)>> {
 
 /// Opens a log file for appending; readable too where the permissions allow, so that a line
 /// cut short by a full disk can be checked before it is cut off again (see `append_line`).
+/// Never blocks: the master opens log files (at start, reload and `USR1`), and opening a FIFO
+/// for writing would wait for a reader, so the open is non-blocking and a FIFO is refused.
 pub fn open_log(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new().create(true).append(true).read(true).open(path).or_else(|e| match e.kind() {
-        std::io::ErrorKind::PermissionDenied => OpenOptions::new().create(true).append(true).open(path),
-        _ => Err(e),
-    })
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let open =
+        |read: bool| OpenOptions::new().create(true).append(true).read(read).custom_flags(libc::O_NONBLOCK).open(path);
+    let fifo = || std::io::Error::other("it is a FIFO (named pipe): a log must be a file");
+    let file = open(true)
+        .or_else(|e| match e.kind() {
+            std::io::ErrorKind::PermissionDenied => open(false),
+            _ => Err(e),
+        })
+        // A FIFO nobody reads fails the non-blocking open with ENXIO: say what it is.
+        .map_err(|e| if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo()) { fifo() } else { e })?;
+    if file.metadata()?.file_type().is_fifo() {
+        return Err(fifo());
+    }
+    // Writes block as usual (a terminal, say); only the open had to be non-blocking.
+    crate::sys::set_nonblocking(file.as_raw_fd(), false)?;
+    Ok(file)
 }
 
 fn lock() -> std::sync::MutexGuard<'static, State> {

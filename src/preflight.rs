@@ -38,25 +38,14 @@ pub fn check(config: &Config) -> Vec<String> {
     problems
 }
 
-/// Opens a log file as the master does (append, created if missing), without blocking on a
-/// FIFO, and explains the usual failures.
+/// Opens a log file as the master does (`logging::open_log`: append, created if missing, never
+/// blocking on a FIFO), and explains the usual failures.
 fn open_log(path: &Path) -> Result<(), String> {
-    use std::os::unix::fs::FileTypeExt;
-    use std::os::unix::fs::OpenOptionsExt;
     if path.is_dir() {
         return Err("it is a directory".into());
     }
-    if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo()) {
-        return Err("it is a FIFO (named pipe): the server would block writing to it; use a file".into());
-    }
     directory_for(path, Missing::Refused)?;
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map(drop)
-        .map_err(|e| e.to_string())
+    crate::logging::open_log(path).map(drop).map_err(|e| e.to_string())
 }
 
 /// What the server does when the directory of a file it makes does not exist.

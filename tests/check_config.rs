@@ -153,3 +153,16 @@ fn check_lists_every_path_problem_at_once() {
     );
     assert!(started.elapsed() < Duration::from_secs(10), "check never blocks on the FIFO");
 }
+
+#[test]
+fn a_fifo_as_error_log_stops_the_start_at_once_instead_of_blocking_the_master() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("error.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let setup =
+        Setup::new(1, 1).app("echo", "echo", "").server("error_log", &format!("{:?}", fifo.display().to_string()));
+    let mut server = TestServer::spawn(&setup);
+    assert_eq!(server.wait_exit(Duration::from_secs(10)).code(), Some(1), "{}", server.log());
+    let wanted = format!("cannot open error_log {}: it is a FIFO", fifo.display());
+    assert!(server.log().contains(&wanted), "{}", server.log());
+}

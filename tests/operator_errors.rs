@@ -119,10 +119,9 @@ fn the_check_child_does_nothing_once_its_check_process_is_gone() {
 #[test]
 fn check_starts_an_app_once_however_many_listeners_use_it() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("fdt.toml");
     let setup =
         Setup::new(1, 1).app("echo", "echo", "").extra("[[listen]]\naddress = \"127.0.0.1:0\"\napp = \"echo\"\n");
-    std::fs::write(&config, setup.render(dir.path())).unwrap();
+    let config = setup.write_to(dir.path());
     let (code, out, err) = cli(&["check"], &config);
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(out.matches("app echo: ok").count(), 1, "{out}");

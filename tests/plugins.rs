@@ -73,17 +73,11 @@ fn broken(fault: Fault, dir: &Path) -> (PathBuf, &'static str, Reasons) {
 }
 
 /// Writes the config of `setup` into `dir`; returns its path.
-fn write_config(setup: &Setup, dir: &Path) -> PathBuf {
-    let config = dir.join("fdt.toml");
-    std::fs::write(&config, setup.render(dir)).unwrap();
-    config
-}
-
 /// `fdtserver check` exits 1 with an error that names the plugin file and says what is wrong.
 fn assert_check_refuses(fault: Fault) {
     let dir = tempfile::tempdir().unwrap();
     let (plugin, settings, reasons) = broken(fault, dir.path());
-    let config = write_config(&Setup::new(1, 1).app_at("bad", &plugin, settings, "127.0.0.1:0"), dir.path());
+    let config = Setup::new(1, 1).app_at("bad", &plugin, settings, "127.0.0.1:0").write_to(dir.path());
     let (code, out, err) = cli(&["check"], &config);
     assert_eq!(code, 1, "check with {fault:?} exited {code}; stdout:\n{out}\nstderr:\n{err}");
     assert!(err.contains(&plugin.display().to_string()), "the error does not name {}:\n{err}", plugin.display());
@@ -109,7 +103,7 @@ fn check_accepts_valid_apps() {
     let dir = tempfile::tempdir().unwrap();
     let setup =
         Setup::new(1, 1).app("echo", "echo", "delay_ms = 1").app("hello", "hello", "").app("kit", "testkit", "");
-    let config = write_config(&setup, dir.path());
+    let config = setup.write_to(dir.path());
     let (code, out, err) = cli(&["check"], &config);
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
     for app in ["echo", "hello", "kit"] {
@@ -161,7 +155,7 @@ fn check_lists_every_broken_app_not_just_the_first() {
         "",
         "127.0.0.1:0",
     );
-    let config = write_config(&setup, dir.path());
+    let config = setup.write_to(dir.path());
     let (code, out, err) = cli(&["check"], &config);
     assert_eq!(code, 1, "stdout:\n{out}\nstderr:\n{err}");
     assert!(out.contains("app fine: ok"), "{out}");
@@ -268,7 +262,7 @@ fn check_within(config: &Path, limit: std::time::Duration) -> (Option<i32>, std:
 fn check_refuses_a_fifo_as_plugin_at_once_naming_the_path() {
     let dir = tempfile::tempdir().unwrap();
     let pipe = fifo(dir.path(), "libpipe.so");
-    let config = write_config(&Setup::new(1, 1).app_at("piped", &pipe, "", "127.0.0.1:0"), dir.path());
+    let config = Setup::new(1, 1).app_at("piped", &pipe, "", "127.0.0.1:0").write_to(dir.path());
     let (code, took, out, err) = check_within(&config, std::time::Duration::from_secs(20));
     assert_eq!(code, Some(1), "check did not exit 1 within 20 s (took {took:?}); stdout:\n{out}\nstderr:\n{err}");
     assert!(took < std::time::Duration::from_secs(5), "check took {took:?}");
@@ -286,7 +280,7 @@ fn check_gives_up_on_an_app_whose_start_hangs_and_its_child_dies_with_it() {
         "testkit",
         &format!("hang_at_start_if = \"{}\"", hang.display()),
     );
-    let config = write_config(&setup, dir.path());
+    let config = setup.write_to(dir.path());
 
     // Killed: the child that runs the apps goes with it.
     let mut cmd = Command::new(BIN);

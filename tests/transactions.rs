@@ -303,12 +303,7 @@ fn txn_recover_commits_decided_local_transactions_rolls_back_the_rest_and_report
     let outside = format!("fdt1:{NODE}:ext-9:bank");
     prepare("a", 3, &outside);
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("fdt.toml");
-    let setup = Setup::new(1, 1)
-        .app("bank", "bank", "databases = [\"a\", \"b\"]")
-        .server("node_id", &format!("\"{NODE}\""))
-        .extra(&format!("[database.a]\nurl = \"{}\"\n[database.b]\nurl = \"{}\"\n", pg.url("a"), pg.url("b")));
-    std::fs::write(&config, setup.render(dir.path())).unwrap();
+    let config = pg.bank_config(dir.path(), NODE);
     // --min-age still holds back what is younger (no coordinator lock is needed to tell).
     let (code, out, err) = cli(&["txn", "recover", "--min-age", "60"], &config);
     assert_eq!(code, 2, "{out}{err}");

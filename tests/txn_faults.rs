@@ -377,12 +377,7 @@ fn txn_recover_leaves_a_live_coordinators_branches_and_settles_another_nodes_wit
             .unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("fdt.toml");
-    let setup = Setup::new(1, 1)
-        .app("bank", "bank", "databases = [\"a\", \"b\"]")
-        .server("node_id", &format!("\"{NODE}\""))
-        .extra(&format!("[database.a]\nurl = \"{}\"\n[database.b]\nurl = \"{}\"\n", pg.url("a"), pg.url("b")));
-    std::fs::write(&config, setup.render(dir.path())).unwrap();
+    let config = pg.bank_config(dir.path(), NODE);
     // This node: one live coordinator. Node "web-2": one dead coordinator, decided.
     let (_, live) = coordinator(&pg, NODE, 7, 7, true);
     let other = orphan(&pg, "web-2", 8, 8, true);
@@ -644,12 +639,7 @@ fn txn_commit_and_rollback_of_a_local_branch_follow_the_decision_and_wait_for_th
     create_t(&pg);
     create_decisions(&pg);
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("fdt.toml");
-    let setup = Setup::new(1, 1)
-        .app("bank", "bank", "databases = [\"a\", \"b\"]")
-        .server("node_id", &format!("\"{NODE}\""))
-        .extra(&format!("[database.a]\nurl = \"{}\"\n[database.b]\nurl = \"{}\"\n", pg.url("a"), pg.url("b")));
-    std::fs::write(&config, setup.render(dir.path())).unwrap();
+    let config = pg.bank_config(dir.path(), NODE);
     // A live coordinator: nothing may be settled by hand.
     let (live, lock) = coordinator(&pg, NODE, 1, 1, true);
     for verb in ["commit", "rollback"] {

@@ -386,11 +386,6 @@ mod tests {
         fs::write(&src, b"hello").unwrap();
         assert!(pin(&src, dir.path()).unwrap_err().to_string().contains("not a shared library"));
     }
-}
-
-#[cfg(test)]
-mod refusal_tests {
-    use super::*;
 
     #[test]
     fn a_plugin_file_over_1_gib_is_refused_before_anything_is_copied() {

@@ -112,6 +112,13 @@ impl Setup {
         self
     }
 
+    /// Writes the config as `dir/fdt.toml` (its control socket in `dir`); returns its path.
+    pub fn write_to(&self, dir: &Path) -> PathBuf {
+        let config = dir.join("fdt.toml");
+        std::fs::write(&config, self.render(dir)).unwrap();
+        config
+    }
+
     pub fn render(&self, dir: &Path) -> String {
         let mut text = String::from("[server]\n");
         for (k, v) in &self.server {
