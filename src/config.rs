@@ -45,6 +45,8 @@ pub struct ServerConfig {
     pub error_log: Option<PathBuf>,
     pub access_log: Option<PathBuf>,
     pub node_id: String,
+    /// Connection limits of every listener that does not override them.
+    pub limits: Limits,
 }
 
 #[derive(Clone, Debug)]
@@ -52,6 +54,87 @@ pub struct ListenConfig {
     pub address: Address,
     pub app: String,
     pub backlog: i32,
+    /// The `[server]` limits, with this listener's own overrides.
+    pub limits: Limits,
+}
+
+/// What a connection may hold and how long it may wait ("Connection limits and timeouts").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Between requests with no input; `None` (configured as 0): never closed for it.
+    pub idle_timeout: Option<Duration>,
+    /// A request begun, waiting for the rest of it.
+    pub read_timeout: Option<Duration>,
+    /// Output waiting for the peer to take any of it.
+    pub send_timeout: Option<Duration>,
+    /// Bytes of unsent output above which the worker stops reading the connection and calling
+    /// its app for it, until half of it is sent.
+    pub max_output: usize,
+    /// Open connections per worker (for a listener: its own connections); 0: as many as the
+    /// worker's open file limit allows.
+    pub max_connections: usize,
+}
+
+impl Limits {
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+    pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const DEFAULT_MAX_OUTPUT: usize = 256 * 1024;
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            idle_timeout: Some(Limits::DEFAULT_IDLE_TIMEOUT),
+            read_timeout: Some(Limits::DEFAULT_READ_TIMEOUT),
+            send_timeout: Some(Limits::DEFAULT_SEND_TIMEOUT),
+            max_output: Limits::DEFAULT_MAX_OUTPUT,
+            max_connections: 0,
+        }
+    }
+}
+
+/// The limit keys as written in `[server]` or a `[[listen]]` (serde's `flatten` would lose
+/// their spans).
+struct RawLimits {
+    idle_timeout: Option<Spanned<f64>>,
+    read_timeout: Option<Spanned<f64>>,
+    send_timeout: Option<Spanned<f64>>,
+    max_output: Option<Spanned<i64>>,
+    max_connections: Option<Spanned<i64>>,
+}
+
+impl RawLimits {
+    /// `base` with the keys written here put in place.
+    fn over(self, base: Limits, problems: &mut Problems<'_>) -> Limits {
+        let timeout = |value: Option<Spanned<f64>>, old: Option<Duration>, key, problems: &mut Problems<'_>| match value {
+            None => old,
+            some => Some(seconds(some, 0.0, key, problems)).filter(|d| !d.is_zero()),
+        };
+        let max_output = match self.max_output {
+            None => base.max_output,
+            Some(v) if !(1024..=1 << 40).contains(v.get_ref()) => {
+                problems.at(v.span(), format!("`max_output` must be between 1024 and {} bytes, got {}", 1u64 << 40, v.get_ref()));
+                base.max_output
+            }
+            Some(v) => v.into_inner() as usize,
+        };
+        let max_connections = match self.max_connections {
+            None => base.max_connections,
+            Some(v) if !(0..=1 << 24).contains(v.get_ref()) => {
+                problems.at(v.span(), format!("`max_connections` must be 0 (the open file limit) or up to {}, got {}", 1 << 24, v.get_ref()));
+                base.max_connections
+            }
+            Some(v) => v.into_inner() as usize,
+        };
+        Limits {
+            idle_timeout: timeout(self.idle_timeout, base.idle_timeout, "idle_timeout", problems),
+            read_timeout: timeout(self.read_timeout, base.read_timeout, "read_timeout", problems),
+            send_timeout: timeout(self.send_timeout, base.send_timeout, "send_timeout", problems),
+            max_output,
+            max_connections,
+        }
+    }
 }
 
 impl ListenConfig {
@@ -170,6 +253,11 @@ struct RawServer {
     error_log: Option<String>,
     access_log: Option<String>,
     node_id: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<f64>>,
+    read_timeout: Option<Spanned<f64>>,
+    send_timeout: Option<Spanned<f64>>,
+    max_output: Option<Spanned<i64>>,
+    max_connections: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -178,6 +266,11 @@ struct RawListen {
     address: Spanned<String>,
     app: Spanned<String>,
     backlog: Option<Spanned<i64>>,
+    idle_timeout: Option<Spanned<f64>>,
+    read_timeout: Option<Spanned<f64>>,
+    send_timeout: Option<Spanned<f64>>,
+    max_output: Option<Spanned<i64>>,
+    max_connections: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -330,6 +423,14 @@ fn build(raw: RawConfig, path: &Path, dir: &Path, problems: &mut Problems<'_>) -
         None => 0,
     };
     let request_timeout = seconds(s.request_timeout, 0.0, "request_timeout", problems);
+    let limits = RawLimits {
+        idle_timeout: s.idle_timeout,
+        read_timeout: s.read_timeout,
+        send_timeout: s.send_timeout,
+        max_output: s.max_output,
+        max_connections: s.max_connections,
+    }
+    .over(Limits::default(), problems);
     let server = ServerConfig {
         workers: count(s.workers, default_workers(), 1024, "workers", problems),
         threads: count(s.threads, 4, 1024, "threads", problems),
@@ -346,6 +447,7 @@ fn build(raw: RawConfig, path: &Path, dir: &Path, problems: &mut Problems<'_>) -
         error_log: s.error_log.map(|p| dir.join(p)),
         access_log: s.access_log.map(|p| dir.join(p)),
         node_id,
+        limits,
     };
 
     let mut apps = BTreeMap::new();
@@ -412,7 +514,15 @@ fn build(raw: RawConfig, path: &Path, dir: &Path, problems: &mut Problems<'_>) -
             Some(b) => b.into_inner() as i32,
             None => DEFAULT_BACKLOG,
         };
-        listeners.push(ListenConfig { address, app: l.app.into_inner(), backlog });
+        let limits = RawLimits {
+            idle_timeout: l.idle_timeout,
+            read_timeout: l.read_timeout,
+            send_timeout: l.send_timeout,
+            max_output: l.max_output,
+            max_connections: l.max_connections,
+        }
+        .over(server.limits, problems);
+        listeners.push(ListenConfig { address, app: l.app.into_inner(), backlog, limits });
     }
 
     let mut databases = BTreeMap::new();

@@ -21,6 +21,9 @@ pub enum WorkerMessage {
     StoppedAccepting,
     /// The apps' event counters (totals), sent with a heartbeat when they changed.
     Events(Vec<AppEvent>),
+    /// Connections the worker closed so far, by reason (`closed REASON=N …`), sent when they
+    /// change.
+    Closed(Vec<(String, u64)>),
 }
 
 /// One app event counter: (app, event, total).
@@ -93,6 +96,13 @@ impl fmt::Display for WorkerMessage {
             }
             WorkerMessage::StoppedAccepting => writeln!(f, "stopped-accepting"),
             WorkerMessage::Accepting => writeln!(f, "accepting"),
+            WorkerMessage::Closed(counts) => {
+                write!(f, "closed")?;
+                for (reason, n) in counts {
+                    write!(f, " {}={n}", token(reason))?;
+                }
+                writeln!(f)
+            }
             WorkerMessage::Events(events) => {
                 write!(f, "events")?;
                 for (app, event, total) in events {
@@ -134,6 +144,14 @@ impl WorkerMessage {
                 .collect::<Option<Vec<_>>>()
                 .map(WorkerMessage::Events),
             "failed" => Some(WorkerMessage::Failed(rest.to_string())),
+            "closed" => rest
+                .split_whitespace()
+                .map(|item| {
+                    let (reason, n) = item.split_once('=')?;
+                    Some((reason.to_string(), n.parse().ok()?))
+                })
+                .collect::<Option<Vec<_>>>()
+                .map(WorkerMessage::Closed),
             "stats" => {
                 let mut words = rest.splitn(10, ' ');
                 let mut n = [0u64; 7];
@@ -319,6 +337,10 @@ mod tests {
             ]))
         );
         assert_eq!(WorkerMessage::parse("events"), Some(WorkerMessage::Events(vec![])));
+        let closed = WorkerMessage::Closed(vec![("idle_timeout".into(), 3), ("peer".into(), 0)]);
+        assert_eq!(closed.to_string(), "closed idle_timeout=3 peer=0\n");
+        assert_eq!(WorkerMessage::parse(closed.to_string().trim_end()), Some(closed));
+        assert_eq!(WorkerMessage::parse("closed x"), None);
         for m in [
             MasterMessage::Accept,
             MasterMessage::Drain,

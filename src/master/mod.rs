@@ -215,6 +215,8 @@ pub struct Master {
     old_master: Option<Pid>,
     /// App event counts of workers that have exited (the totals stay monotonic).
     retired_events: BTreeMap<(String, String), u64>,
+    /// Connections closed by workers that exited, by reason.
+    retired_closed: BTreeMap<String, u64>,
 }
 
 /// Prints a problem that stops the server from starting: to the log, and to stderr when the
@@ -385,6 +387,7 @@ impl Master {
             pidfile_written: false,
             load,
             retired_events: BTreeMap::new(),
+            retired_closed: BTreeMap::new(),
             notifier: systemd::Notifier::from_env(),
             inherited,
             argv: std::env::args_os().collect(),
@@ -576,6 +579,7 @@ impl Master {
             WorkerMessage::Stats(stats) => self.on_stats(pid, stats),
             WorkerMessage::StoppedAccepting => w.accepting = false,
             WorkerMessage::Events(events) => w.events = events,
+            WorkerMessage::Closed(counts) => w.closed = counts,
             WorkerMessage::Accepting => {
                 if w.state == WorkerState::Ready {
                     w.state = WorkerState::Serving;
@@ -667,6 +671,7 @@ impl Master {
             match (msg, self.table.workers.get_mut(&pid)) {
                 (WorkerMessage::Failed(reason), Some(w)) => w.failure = Some(reason),
                 (WorkerMessage::Events(events), Some(w)) => w.events = events,
+                (WorkerMessage::Closed(counts), Some(w)) => w.closed = counts,
                 _ => {}
             }
         }
@@ -676,6 +681,9 @@ impl Master {
         // Its counts stay in the totals after it is gone.
         for (app, event, n) in std::mem::take(&mut w.events) {
             *self.retired_events.entry((app, event)).or_insert(0) += n;
+        }
+        for (reason, n) in std::mem::take(&mut w.closed) {
+            *self.retired_closed.entry(reason).or_insert(0) += n;
         }
         let _ = self.poll.registry().deregister(&mut w.channel);
         self.load.release(w.load_index);

@@ -175,6 +175,20 @@ impl Master {
                 })
                 .collect(),
         );
+        let mut closed: std::collections::BTreeMap<&str, u64> =
+            crate::worker::CLOSE_LABELS.iter().map(|l| (*l, 0)).collect();
+        let live = self.table.workers.values().flat_map(|w| w.closed.iter());
+        for (reason, n) in self.retired_closed.iter().chain(live.map(|(r, n)| (r, n))) {
+            if let Some(total) = closed.get_mut(reason.as_str()) {
+                *total += n;
+            }
+        }
+        metric(
+            "connections_closed_total",
+            "counter",
+            "Connections closed, by reason (idle_timeout, read_timeout and send_timeout are limits).",
+            closed.into_iter().map(|(reason, n)| (format!("{{reason=\"{reason}\"}}"), n as f64)).collect(),
+        );
         metric("connections_open", "gauge", "Open client connections per worker.", per_worker(&|w| w.stats.open));
         metric(
             "connections_accepted_total",

@@ -119,6 +119,8 @@ pub struct Worker {
     pub kill_at: Option<Instant>,
     /// Its apps' event counters, as last reported.
     pub events: Vec<crate::ipc::AppEvent>,
+    /// Connections it closed, by reason, as it last reported them.
+    pub closed: Vec<(String, u64)>,
     /// Messages to it that its channel did not take yet.
     pub outbox: crate::ipc::Outbox,
 }
@@ -149,6 +151,7 @@ impl Worker {
             recycle_not_before: None,
             kill_at: None,
             events: Vec::new(),
+            closed: Vec::new(),
             outbox: Default::default(),
         }
     }

@@ -62,12 +62,41 @@ pub struct ConnHandle(*mut c_void);
 // hands a connection to one handler thread at a time), and it is `Send` on the plugin side.
 unsafe impl Send for ConnHandle {}
 
+/// One call into an app for a connection: what it is given, and the connection's state an app
+/// of an older ABI does not report back (kept as it was).
+#[derive(Clone, Copy)]
+pub struct Call<'a> {
+    /// Unconsumed input.
+    pub input: &'a [u8],
+    /// `fdt_sdk::abi::FLAG_*`.
+    pub flags: u32,
+    /// Bytes the app may write before the output is full; `u64::MAX`: no bound.
+    pub room: u64,
+    /// The connection's timer and wishes as the app left them last time.
+    pub timer_ms: u64,
+    pub wants: u32,
+}
+
+impl DataOutcome {
+    /// What a call the app does not implement leaves: nothing consumed, nothing changed.
+    fn unchanged(call: Call<'_>) -> DataOutcome {
+        DataOutcome::Next {
+            next: fdt_sdk::Next::KeepOpen,
+            consumed: 0,
+            requests: 0,
+            timer_ms: call.timer_ms,
+            wants: call.wants,
+        }
+    }
+}
+
 /// What an app did with new input.
 #[derive(Debug, PartialEq, Eq)]
 pub enum DataOutcome {
     /// See `fdt_sdk::Next`; `consumed` bytes of input were used, `requests` completed;
     /// `timer_ms`: the connection's timer as the app left it (0: none).
-    Next { next: fdt_sdk::Next, consumed: usize, requests: u64, timer_ms: u64 },
+    /// `wants`: the `fdt_sdk::abi::WANT_*` bits as the app left them.
+    Next { next: fdt_sdk::Next, consumed: usize, requests: u64, timer_ms: u64, wants: u32 },
     /// The app panicked or failed; the connection must be closed.
     Failed(String),
 }
@@ -155,6 +184,8 @@ struct Table {
     conn_timer: Option<unsafe extern "C" fn(*mut c_void, *mut c_void, *mut ConnIo) -> abi::NextCode>,
     /// ABI 1.1.
     declared_settings: Option<unsafe extern "C" fn(abi::MessageFn, *mut c_void) -> i32>,
+    /// ABI 1.2.
+    conn_event: Option<unsafe extern "C" fn(*mut c_void, *mut c_void, *mut ConnIo, abi::EventKind) -> abi::NextCode>,
     describe: Describe,
 }
 
@@ -203,6 +234,7 @@ fn open(path: &Path) -> Result<(libloading::os::unix::Library, Table), String> {
     let ends = |offset: usize| abi::covers(size, offset + size_of::<usize>());
     let timer_end = std::mem::offset_of!(AppDescriptor, conn_timer);
     let settings_end = std::mem::offset_of!(AppDescriptor, declared_settings);
+    let event_end = std::mem::offset_of!(AppDescriptor, conn_event);
     // SAFETY: magic, major version and size checked: the static has the ABI 1.0 layout we
     // compiled up to `DESCRIPTOR_SIZE_1_0`, and a later field is read only when the declared
     // size covers it. The static lives as long as the library (forever, see invariants) and is
@@ -216,6 +248,7 @@ fn open(path: &Path) -> Result<(libloading::os::unix::Library, Table), String> {
             conn_close: std::ptr::addr_of!((*ptr).conn_close).read(),
             conn_timer: ends(timer_end).then(|| std::ptr::addr_of!((*ptr).conn_timer).read()),
             declared_settings: ends(settings_end).then(|| std::ptr::addr_of!((*ptr).declared_settings).read()),
+            conn_event: ends(event_end).then(|| std::ptr::addr_of!((*ptr).conn_event).read()),
             describe: Describe {
                 app_type: lossy(std::ptr::addr_of!((*ptr).app_type).read()),
                 sdk_version: lossy(std::ptr::addr_of!((*ptr).sdk_version).read()),
@@ -337,46 +370,68 @@ impl App {
         (!conn.is_null()).then_some(ConnHandle(conn))
     }
 
-    /// Offers `input` to the app; what it writes is appended to `output`.
-    pub fn on_data(&self, conn: &mut ConnHandle, input: &[u8], flags: u32, output: &mut Vec<u8>) -> DataOutcome {
-        self.call(self.table.conn_data, conn, input, flags, output)
+    /// Offers `input` to the app; what it writes is appended to `output`. `room`: how much it
+    /// may write before the connection's output is full (`u64::MAX`: no bound).
+    pub fn on_data(&self, conn: &mut ConnHandle, call: Call<'_>, output: &mut Vec<u8>) -> DataOutcome {
+        let entry = self.table.conn_data;
+        // SAFETY: `conn_data` has the signature `call_with` expects.
+        self.call_with(conn, call, output, |app, c, io| unsafe { entry(app, c, io) })
     }
 
     /// Tells the app that the connection's timer ran out (`input`: the partial request
     /// buffered, if any). An app without timers (ABI 1.0) keeps the connection as it is.
-    pub fn on_timer(&self, conn: &mut ConnHandle, input: &[u8], flags: u32, output: &mut Vec<u8>) -> DataOutcome {
+    pub fn on_timer(&self, conn: &mut ConnHandle, call: Call<'_>, output: &mut Vec<u8>) -> DataOutcome {
         match self.table.conn_timer {
-            Some(conn_timer) => self.call(conn_timer, conn, input, flags, output),
-            None => DataOutcome::Next { next: fdt_sdk::Next::KeepOpen, consumed: 0, requests: 0, timer_ms: 0 },
+            // SAFETY: as in `on_data`.
+            Some(entry) => self.call_with(conn, call, output, |app, c, io| unsafe { entry(app, c, io) }),
+            None => DataOutcome::unchanged(call),
         }
     }
 
-    fn call(
+    /// Tells the app about an event of kind `kind` (`fdt_sdk::abi::EVENT_*`). An app built
+    /// before ABI 1.2 keeps the connection as it is.
+    pub fn on_event(&self, conn: &mut ConnHandle, kind: abi::EventKind, call: Call<'_>, output: &mut Vec<u8>) -> DataOutcome {
+        match self.table.conn_event {
+            // SAFETY: as in `on_data`.
+            Some(entry) => self.call_with(conn, call, output, |app, c, io| unsafe { entry(app, c, io, kind) }),
+            None => DataOutcome::unchanged(call),
+        }
+    }
+
+    /// True when the plugin knows `conn_event` (ABI 1.2): greetings, producers, drain news.
+    pub fn has_events(&self) -> bool {
+        self.table.conn_event.is_some()
+    }
+
+    /// Calls one of the app's connection functions through `entry` (which must be safe to call
+    /// with this app's live pointer, a live connection handle used by this thread only, and a
+    /// valid `ConnIo`).
+    fn call_with(
         &self,
-        entry: unsafe extern "C" fn(*mut c_void, *mut c_void, *mut ConnIo) -> abi::NextCode,
         conn: &mut ConnHandle,
-        input: &[u8],
-        flags: u32,
+        call: Call<'_>,
         output: &mut Vec<u8>,
+        entry: impl FnOnce(*mut c_void, *mut c_void, *mut ConnIo) -> abi::NextCode,
     ) -> DataOutcome {
         let mut error = String::new();
         let mut io = ConnIo {
             size: size_of::<ConnIo>() as u32,
-            flags,
-            input: input.as_ptr(),
-            input_len: input.len(),
+            flags: call.flags,
+            input: call.input.as_ptr(),
+            input_len: call.input.len(),
             consumed: 0,
             requests: 0,
             write: append_output,
             write_ctx: (output as *mut Vec<u8>).cast(),
             error: collect_message,
             error_ctx: (&mut error as *mut String).cast(),
-            timer_ms: 0,
+            // What an app that does not write these (ABI 1.0, 1.1) leaves.
+            timer_ms: call.timer_ms,
+            output_room: call.room,
+            wants: call.wants,
         };
-        // SAFETY: `entry` is one of this app's connection functions; `conn` is this app's live
-        // connection handle, used by this thread only (`&mut`); `io`, `input`, `output` and
-        // `error` outlive the call.
-        let code = unsafe { entry(self.app, conn.0, &mut io) };
+        // `conn`, `io`, the input, `output` and `error` outlive the call.
+        let code = entry(self.app, conn.0, &mut io);
         let next = match code {
             abi::NEXT_KEEP_OPEN => fdt_sdk::Next::KeepOpen,
             abi::NEXT_IN_PROGRESS => fdt_sdk::Next::InProgress,
@@ -386,10 +441,10 @@ impl App {
             }
             _ => return DataOutcome::Failed(error),
         };
-        if io.consumed > input.len() {
-            return DataOutcome::Failed(format!("app consumed {} bytes of {}", io.consumed, input.len()));
+        if io.consumed > call.input.len() {
+            return DataOutcome::Failed(format!("app consumed {} bytes of {}", io.consumed, call.input.len()));
         }
-        DataOutcome::Next { next, consumed: io.consumed, requests: io.requests, timer_ms: io.timer_ms }
+        DataOutcome::Next { next, consumed: io.consumed, requests: io.requests, timer_ms: io.timer_ms, wants: io.wants }
     }
 
     /// Tells the app the connection is gone and frees its state.

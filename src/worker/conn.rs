@@ -10,10 +10,11 @@ use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
-use fdt_sdk::Next;
+use fdt_sdk::{Next, abi};
 use socket2::Socket;
 
-use crate::plugin::{App, ConnHandle, DataOutcome};
+use crate::config::Limits;
+use crate::plugin::{App, Call, ConnHandle, DataOutcome};
 use crate::sys::{self, Event, interest};
 
 /// A request whose bytes reach this size without the app consuming any is refused: the
@@ -35,7 +36,7 @@ pub enum Phase {
     Lingering { until: Instant },
 }
 
-/// Why a connection ended (for logs and the access log).
+/// Why a connection ended (for logs, the access log and the metrics).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CloseReason {
     PeerClosed,
@@ -45,20 +46,56 @@ pub enum CloseReason {
     Error(String),
     Drained,
     Forced,
+    /// A connection limit ended it (the close itself may have been gentle).
+    Limit(Limit),
 }
 
+/// The connection limits that close a connection ("Connection limits and timeouts").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    /// Between requests with no input for `idle_timeout`: closed gently.
+    Idle,
+    /// A request begun and not complete within `read_timeout`: the app may answer (`408`),
+    /// then the connection is closed gently.
+    Read,
+    /// Output the peer took none of for `send_timeout`: closed at once.
+    Send,
+}
+
+/// Every label of [`CloseReason::label`], in the order of [`CloseReason::index`].
+pub const CLOSE_LABELS: [&str; 10] = [
+    "peer",
+    "done",
+    "app_failed",
+    "too_large",
+    "error",
+    "drained",
+    "forced",
+    "idle_timeout",
+    "read_timeout",
+    "send_timeout",
+];
+
 impl CloseReason {
-    /// The word for the access log.
-    pub fn label(&self) -> &'static str {
+    /// Its place in [`CLOSE_LABELS`].
+    pub fn index(&self) -> usize {
         match self {
-            CloseReason::PeerClosed => "peer",
-            CloseReason::Done => "done",
-            CloseReason::AppFailed(_) => "app-failed",
-            CloseReason::TooLarge => "too-large",
-            CloseReason::Error(_) => "error",
-            CloseReason::Drained => "drained",
-            CloseReason::Forced => "forced",
+            CloseReason::PeerClosed => 0,
+            CloseReason::Done => 1,
+            CloseReason::AppFailed(_) => 2,
+            CloseReason::TooLarge => 3,
+            CloseReason::Error(_) => 4,
+            CloseReason::Drained => 5,
+            CloseReason::Forced => 6,
+            CloseReason::Limit(Limit::Idle) => 7,
+            CloseReason::Limit(Limit::Read) => 8,
+            CloseReason::Limit(Limit::Send) => 9,
         }
+    }
+
+    /// The word for the access log's `close=` and the metrics' `reason`.
+    pub fn label(&self) -> &'static str {
+        CLOSE_LABELS[self.index()]
     }
 }
 
@@ -80,22 +117,62 @@ pub struct Scratch {
 
 /// How much a handler reads per `read` call.
 const READ_CHUNK: usize = 64 * 1024;
+/// A scratch output buffer that grew past this (an app that wrote more than its room) is
+/// given back after use, so a handler does not keep a peak's memory forever.
+const SCRATCH_KEEP: usize = 1024 * 1024;
+/// How many times one event may call a producer or re-offer input in a row before the
+/// connection goes back to the event loop (parked for writing: a socket with room reports at
+/// once), so that one fast reader cannot hold a handler.
+const PRODUCE_ROUNDS: usize = 16;
 
 impl Scratch {
     pub fn new() -> Scratch {
         Scratch { input: vec![0; READ_CHUNK], output: Vec::with_capacity(READ_CHUNK) }
     }
+
+    /// Gives back what a peak left in the output buffer.
+    fn shrink(&mut self) {
+        if self.output.capacity() > SCRATCH_KEEP {
+            self.output = Vec::with_capacity(READ_CHUNK);
+        }
+    }
+}
+
+/// What a call into the app may use besides the connection.
+pub struct Ctx<'a> {
+    pub app: &'a App,
+    pub limits: &'a Limits,
+    pub draining: bool,
+}
+
+impl Ctx<'_> {
+    fn flags(&self) -> u32 {
+        if self.draining { abi::FLAG_DRAINING } else { 0 }
+    }
+}
+
+/// Which of the app's functions a call goes to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Callback {
+    Input,
+    Timer,
+    Event(abi::EventKind),
 }
 
 pub struct Conn {
     pub socket: Socket,
     pub seq: u32,
+    /// Its listener's place in the generation's `[[listen]]` list (for its limits).
+    pub listener: u32,
     pub app: usize,
     handle: Option<ConnHandle>,
-    /// Unconsumed input (a partial request); usually empty and unallocated.
+    /// Unconsumed input (a partial request, or requests waiting for output room); usually
+    /// empty and unallocated.
     input: Vec<u8>,
-    /// Output the socket did not take yet; usually empty and unallocated.
+    /// Output the socket did not take yet (from `sent` on); usually empty and unallocated.
     output: Vec<u8>,
+    /// How much of `output` was sent: a partial write moves this, not the rest of the buffer.
+    sent: usize,
     pub phase: Phase,
     /// The interest registered for it in the epoll instance (always edge-triggered).
     pub armed: u32,
@@ -107,12 +184,29 @@ pub struct Conn {
     /// event said the peer closed its side (the end of input takes one more read) or sent TCP
     /// urgent data (a read stops at its mark).
     read_to_eagain: bool,
+    /// The output went above `max_output`: no reading and no app call until it drains to half.
+    full: bool,
+    /// The app stopped answering for lack of output room (or its producer finished): the
+    /// input may hold complete requests, to offer again once there is room.
+    stalled: bool,
+    /// The peer closed its sending side: nothing more to read, the rest of the input and the
+    /// output to finish.
+    eof: bool,
+    /// The app was told that the worker drains (`App::on_drain`).
+    pub told_drain: bool,
+    /// The limit that is closing it, if one is.
+    pub limit: Option<Limit>,
     /// What the app said last.
     next: Next,
+    /// The app's `WANT_*` bits.
+    wants: u32,
     /// The app's timer (`fdt_sdk::Conn::set_timer`): `App::on_timer` is called once the peer
     /// has been quiet this long.
     pub timer: Option<Duration>,
     pub last_active: Instant,
+    /// When the current wait began: with output queued, the peer's last progress in taking
+    /// it; otherwise, when the partial request in `input` began.
+    since: Instant,
     /// When it was accepted (for the access log's duration).
     pub opened: Instant,
     pub peer: String,
@@ -122,22 +216,38 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(socket: Socket, tcp: bool, seq: u32, app: usize, handle: ConnHandle, peer: String) -> Conn {
+    pub fn new(
+        socket: Socket,
+        tcp: bool,
+        seq: u32,
+        (listener, app): (u32, usize),
+        handle: ConnHandle,
+        peer: String,
+    ) -> Conn {
         let now = Instant::now();
         Conn {
             socket,
             seq,
+            listener,
             app,
             handle: Some(handle),
             input: Vec::new(),
             output: Vec::new(),
+            sent: 0,
             phase: Phase::Open,
             armed: interest::READ | interest::EDGE,
             read_empty: false,
             read_to_eagain: !tcp,
+            full: false,
+            stalled: false,
+            eof: false,
+            told_drain: false,
+            limit: None,
             next: Next::KeepOpen,
+            wants: 0,
             timer: None,
             last_active: now,
+            since: now,
             opened: now,
             peer,
             bytes_in: 0,
@@ -150,10 +260,15 @@ impl Conn {
         self.socket.as_raw_fd()
     }
 
+    /// Output waiting for the peer.
+    fn queued(&self) -> usize {
+        self.output.len() - self.sent
+    }
+
     /// True when the connection is between requests and the app allows closing it: no partial
     /// input, nothing left to send, and the app did not say [`Next::InProgress`].
     pub fn between_requests(&self) -> bool {
-        self.phase == Phase::Open && self.input.is_empty() && self.output.is_empty() && self.next == Next::KeepOpen
+        self.phase == Phase::Open && self.input.is_empty() && self.queued() == 0 && self.next == Next::KeepOpen
     }
 
     /// True when input waits in the kernel's buffer, not yet read (its event not handled yet).
@@ -162,8 +277,8 @@ impl Conn {
         matches!(self.socket.peek(&mut byte), Ok(n) if n > 0)
     }
 
-    /// Handles readiness. `draining` is passed to the app so it can answer with a close.
-    pub fn on_ready(&mut self, event: &Event, app: &App, draining: bool, scratch: &mut Scratch) -> (After, u64) {
+    /// Handles readiness.
+    pub fn on_ready(&mut self, event: &Event, ctx: &Ctx<'_>, scratch: &mut Scratch) -> (After, u64) {
         let (readable, writable) = (event.readable(), event.writable());
         self.read_empty = false;
         // The edge that announced it is spent: read on past a stop a short read cannot see.
@@ -171,17 +286,36 @@ impl Conn {
         match self.phase {
             Phase::Lingering { .. } => (self.discard_input(), 0),
             Phase::Flushing => (self.flush_then(), 0),
-            Phase::Open if !self.output.is_empty() => {
-                // Parked for writing: the app's answer did not fit into the socket.
-                if writable { (self.flush_then(), 0) } else { (After::Park(interest::WRITE), 0) }
+            Phase::Open => {
+                if writable
+                    && self.queued() > 0
+                    && let Err(e) = self.flush()
+                {
+                    return (After::Close(CloseReason::Error(e.to_string())), 0);
+                }
+                if self.full {
+                    if self.queued() > ctx.limits.max_output / 2 {
+                        return (After::Park(interest::WRITE), 0);
+                    }
+                    // Drained to half: serve again; what arrived meanwhile is reported again
+                    // when the interest changes back (see `Pool::apply`).
+                    self.full = false;
+                }
+                let mut requests = 0;
+                if readable && !self.eof {
+                    match self.serve(ctx, scratch) {
+                        Ok(n) => requests = n,
+                        Err(after) => return (after, 0),
+                    }
+                }
+                let after = self.settle(ctx, scratch, &mut requests);
+                (after, requests)
             }
-            Phase::Open if readable => self.serve(app, draining, scratch),
-            Phase::Open => (After::Park(interest::READ), 0),
         }
     }
 
-    /// Reads what arrived, lets the app answer, and writes the answer.
-    fn serve(&mut self, app: &App, draining: bool, scratch: &mut Scratch) -> (After, u64) {
+    /// Reads what arrived and lets the app answer. `Err`: what to do instead of settling.
+    fn serve(&mut self, ctx: &Ctx<'_>, scratch: &mut Scratch) -> Result<u64, After> {
         let mut peer_closed = false;
         let mut fresh = 0;
         loop {
@@ -217,110 +351,235 @@ impl Conn {
                     break;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return (After::Close(CloseReason::Error(e.to_string())), 0),
+                Err(e) => return Err(After::Close(CloseReason::Error(e.to_string()))),
             }
         }
         self.last_active = Instant::now();
         // Common case: the connection had no partial request, so the app reads straight from
-        // the scratch buffer and nothing is copied.
-        let use_scratch = self.input.is_empty();
-        if !use_scratch && fresh > 0 {
+        // the scratch buffer and nothing is copied (see `invoke`).
+        if !self.input.is_empty() && fresh > 0 {
             self.input.extend_from_slice(&scratch.input[..fresh]);
         }
-        let available = if use_scratch { fresh } else { self.input.len() };
+        // The peer sends no more, but if it only half-closed it still reads: the rest of the
+        // input is answered and sent first (see `settle`).
+        self.eof = peer_closed;
         let mut requests = 0;
-        if available > 0 || peer_closed {
-            let flags = (if draining { fdt_sdk::abi::FLAG_DRAINING } else { 0 })
-                | (if peer_closed { fdt_sdk::abi::FLAG_PEER_CLOSED } else { 0 });
-            let data = if use_scratch { &scratch.input[..fresh] } else { &self.input[..] };
-            scratch.output.clear();
-            let handle = self.handle.as_mut().expect("open connection has an app handle");
-            match app.on_data(handle, data, flags, &mut scratch.output) {
-                DataOutcome::Failed(reason) => {
-                    return (After::Close(CloseReason::AppFailed(reason)), 0);
-                }
-                DataOutcome::Next { next, consumed, requests: r, timer_ms } => {
-                    requests = r;
-                    self.requests += r;
-                    self.next = next;
-                    self.timer = timer_from_ms(timer_ms);
-                    if use_scratch {
-                        if consumed < fresh {
-                            self.input.extend_from_slice(&scratch.input[consumed..fresh]);
-                        }
-                    } else {
-                        self.input.drain(..consumed);
-                        if self.input.is_empty() {
-                            self.input = Vec::new();
-                        }
-                    }
-                    if consumed == 0 && self.input.len() >= MAX_PENDING_INPUT {
-                        return (After::Close(CloseReason::TooLarge), requests);
-                    }
-                }
-            }
+        if fresh > 0 || !self.input.is_empty() || peer_closed {
+            requests = self.invoke(Callback::Input, fresh, self.flags(ctx), ctx, scratch).map_err(After::Close)?;
             // The peer's quiet time (app timers, the drain's grace) starts once it has its
             // answer, not while the app was still working on the request.
             self.last_active = Instant::now();
-            if let Err(e) = self.write_out(&scratch.output) {
-                return (After::Close(CloseReason::Error(e.to_string())), requests);
-            }
         }
-        if peer_closed {
-            // The peer sends no more, but if it only half-closed it still reads: send the rest
-            // of the answers first.
-            if self.output.is_empty() {
-                return (After::Close(CloseReason::PeerClosed), requests);
-            }
-            self.phase = Phase::Flushing;
-            return (After::Park(interest::WRITE), requests);
-        }
-        (self.settle(), requests)
+        Ok(requests)
     }
 
-    /// After the app answered: start the close it asked for, or wait for what comes next.
-    fn settle(&mut self) -> After {
-        if self.next == Next::Close {
-            self.phase = Phase::Flushing;
-            return self.flush_then();
-        }
-        if self.output.is_empty() { After::Park(interest::READ) } else { After::Park(interest::WRITE) }
+    /// The flags of a call into the app.
+    fn flags(&self, ctx: &Ctx<'_>) -> u32 {
+        ctx.flags() | if self.eof { abi::FLAG_PEER_CLOSED } else { 0 }
     }
 
-    /// True when the app's timer has run out: the connection is serving requests and the peer
-    /// has sent nothing for the timer's length.
+    /// One call into the app: `Input` offers the fresh bytes in the scratch buffer (`fresh`)
+    /// when no input is kept, else the kept input. Writes what the app wrote; returns the
+    /// requests it completed.
+    fn invoke(
+        &mut self,
+        callback: Callback,
+        fresh: usize,
+        flags: u32,
+        ctx: &Ctx<'_>,
+        scratch: &mut Scratch,
+    ) -> Result<u64, CloseReason> {
+        let use_scratch = callback == Callback::Input && self.input.is_empty();
+        let had_input = !self.input.is_empty();
+        let room = ctx.limits.max_output.saturating_sub(self.queued());
+        scratch.output.clear();
+        let call = Call {
+            input: if use_scratch { &scratch.input[..fresh] } else { &self.input },
+            flags,
+            room: room as u64,
+            timer_ms: self.timer.map_or(0, |t| t.as_millis().max(1) as u64),
+            wants: self.wants,
+        };
+        let handle = self.handle.as_mut().expect("open connection has an app handle");
+        let outcome = match callback {
+            Callback::Input => ctx.app.on_data(handle, call, &mut scratch.output),
+            Callback::Timer => ctx.app.on_timer(handle, call, &mut scratch.output),
+            Callback::Event(kind) => ctx.app.on_event(handle, kind, call, &mut scratch.output),
+        };
+        let (consumed, requests) = match outcome {
+            DataOutcome::Failed(reason) => return Err(CloseReason::AppFailed(reason)),
+            DataOutcome::Next { next, consumed, requests, timer_ms, wants } => {
+                // An event's `KeepOpen` says nothing about the conversation: one in progress
+                // stays so.
+                if !(matches!(callback, Callback::Event(_)) && next == Next::KeepOpen) {
+                    self.next = next;
+                }
+                self.timer = (timer_ms > 0).then(|| Duration::from_millis(timer_ms));
+                self.wants = wants;
+                (consumed, requests)
+            }
+        };
+        self.requests += requests;
+        if use_scratch {
+            if consumed < fresh {
+                self.input.extend_from_slice(&scratch.input[consumed..fresh]);
+            }
+        } else {
+            self.input.drain(..consumed);
+            if self.input.is_empty() {
+                self.input = Vec::new();
+            }
+        }
+        // Input left once the app ran out of room, or once its producer finished, may hold
+        // requests it has not answered yet: offer it again when there is room.
+        let producer_done = callback == Callback::Event(abi::EVENT_WRITABLE) && self.wants & abi::WANT_WRITABLE == 0;
+        self.stalled = !self.input.is_empty() && (scratch.output.len() >= room || producer_done);
+        if !had_input && !self.input.is_empty() {
+            self.since = Instant::now(); // a request has begun: `read_timeout` counts from here
+        }
+        if consumed == 0 && !self.stalled && self.input.len() >= MAX_PENDING_INPUT {
+            return Err(CloseReason::TooLarge);
+        }
+        let written = self.write_out(&scratch.output).map_err(|e| CloseReason::Error(e.to_string()));
+        scratch.shrink();
+        written.map(|()| requests)
+    }
+
+    /// After the app answered: start the close it asked for; answer the requests that waited
+    /// for room and call the producer while the output has room; then wait for what comes
+    /// next (reading only while the output is not full).
+    fn settle(&mut self, ctx: &Ctx<'_>, scratch: &mut Scratch, requests: &mut u64) -> After {
+        let max = ctx.limits.max_output;
+        for _ in 0..=PRODUCE_ROUNDS {
+            if self.next == Next::Close {
+                self.phase = Phase::Flushing;
+                return self.flush_then();
+            }
+            let producing = self.wants & abi::WANT_WRITABLE != 0 && ctx.app.has_events();
+            if self.queued() > max || ((self.stalled || producing) && self.queued() > max / 2) {
+                self.full = true;
+                return After::Park(interest::WRITE);
+            }
+            let callback = match (self.stalled, producing) {
+                (true, _) => Callback::Input,
+                (false, true) => Callback::Event(abi::EVENT_WRITABLE),
+                (false, false) if self.eof && self.queued() == 0 => return After::Close(CloseReason::PeerClosed),
+                (false, false) if self.eof => {
+                    self.phase = Phase::Flushing;
+                    return After::Park(interest::WRITE);
+                }
+                (false, false) => {
+                    return After::Park(if self.queued() == 0 { interest::READ } else { interest::READ | interest::WRITE });
+                }
+            };
+            match self.invoke(callback, 0, self.flags(ctx), ctx, scratch) {
+                Ok(n) => *requests += n,
+                Err(reason) => return After::Close(reason),
+            }
+        }
+        // Enough for one event: back to the event loop, which reports a socket with room at
+        // once.
+        After::Park(interest::WRITE)
+    }
+
+    /// Calls the app for a timer, an event or a limit, then settles as after input.
+    fn call_and_settle(&mut self, callback: Callback, ctx: &Ctx<'_>, scratch: &mut Scratch) -> (After, u64) {
+        let mut requests = match self.invoke(callback, 0, self.flags(ctx), ctx, scratch) {
+            Ok(n) => n,
+            Err(reason) => return (After::Close(reason), 0),
+        };
+        let after = self.settle(ctx, scratch, &mut requests);
+        (after, requests)
+    }
+
+    /// True when the app's timer has run out: the connection is serving requests, its output
+    /// is not full, and the peer has sent nothing for the timer's length.
     pub fn timer_due(&self, now: Instant) -> bool {
-        self.phase == Phase::Open && self.timer.is_some_and(|t| now.duration_since(self.last_active) >= t)
+        self.phase == Phase::Open
+            && !self.full
+            && self.timer.is_some_and(|t| now.duration_since(self.last_active) >= t)
     }
 
     /// Calls the app's `on_timer` (see [`Conn::timer_due`]); the quiet period starts again.
-    pub fn on_timer(&mut self, app: &App, draining: bool, scratch: &mut Scratch) -> (After, u64) {
-        let flags = if draining { fdt_sdk::abi::FLAG_DRAINING } else { 0 };
-        scratch.output.clear();
-        let handle = self.handle.as_mut().expect("open connection has an app handle");
-        let requests = match app.on_timer(handle, &self.input, flags, &mut scratch.output) {
-            DataOutcome::Failed(reason) => return (After::Close(CloseReason::AppFailed(reason)), 0),
-            DataOutcome::Next { next, consumed, requests, timer_ms } => {
-                self.next = next;
-                self.timer = timer_from_ms(timer_ms);
-                self.requests += requests;
-                self.input.drain(..consumed);
-                if self.input.is_empty() {
-                    self.input = Vec::new();
-                }
-                requests
-            }
-        };
+    pub fn on_timer(&mut self, ctx: &Ctx<'_>, scratch: &mut Scratch) -> (After, u64) {
+        let result = self.call_and_settle(Callback::Timer, ctx, scratch);
         self.last_active = Instant::now();
-        if let Err(e) = self.write_out(&scratch.output) {
-            return (After::Close(CloseReason::Error(e.to_string())), requests);
+        result
+    }
+
+    /// Calls the app's `on_open` for a connection just accepted (it may write a greeting).
+    pub fn on_open(&mut self, ctx: &Ctx<'_>, scratch: &mut Scratch) -> After {
+        if !ctx.app.has_events() {
+            return After::Park(interest::READ);
         }
-        (self.settle(), requests)
+        self.call_and_settle(Callback::Event(abi::EVENT_OPEN), ctx, scratch).0
+    }
+
+    /// True when the app should hear that the worker drains: it was not told yet, and the
+    /// connection is open with room in its output.
+    pub fn drain_news_due(&self) -> bool {
+        !self.told_drain && self.phase == Phase::Open && !self.full
+    }
+
+    /// Calls the app's `on_drain` (once per connection).
+    pub fn on_drain(&mut self, ctx: &Ctx<'_>, scratch: &mut Scratch) -> (After, u64) {
+        self.told_drain = true;
+        if !ctx.app.has_events() {
+            return (After::Park(self.armed & !interest::EDGE), 0);
+        }
+        self.call_and_settle(Callback::Event(abi::EVENT_DRAIN), ctx, scratch)
+    }
+
+    /// The limit this connection has run into by `now`, if any (see [`Limit`]).
+    pub fn limit_due(&self, now: Instant, limits: &Limits) -> Option<Limit> {
+        let past = |t: Option<Duration>, since: Instant| t.is_some_and(|t| now.duration_since(since) >= t);
+        if self.limit.is_some() || matches!(self.phase, Phase::Lingering { .. }) {
+            return None;
+        }
+        if self.queued() > 0 {
+            return past(limits.send_timeout, self.since).then_some(Limit::Send);
+        }
+        if self.phase != Phase::Open {
+            return None;
+        }
+        if !self.input.is_empty() {
+            return (!self.stalled && past(limits.read_timeout, self.since)).then_some(Limit::Read);
+        }
+        let lifted = self.wants & abi::WANT_NO_IDLE_TIMEOUT != 0;
+        (self.next == Next::KeepOpen && !lifted && past(limits.idle_timeout, self.last_active)).then_some(Limit::Idle)
+    }
+
+    /// Acts on a limit reached (see [`Conn::limit_due`]).
+    pub fn enforce(&mut self, limit: Limit, ctx: &Ctx<'_>, scratch: &mut Scratch) -> After {
+        self.limit = Some(limit);
+        match limit {
+            Limit::Send => After::Close(CloseReason::Limit(limit)),
+            Limit::Idle => self.begin_close(),
+            Limit::Read => {
+                if ctx.app.has_events()
+                    && let Err(reason) =
+                        self.invoke(Callback::Event(abi::EVENT_READ_TIMEOUT), 0, self.flags(ctx), ctx, scratch)
+                {
+                    return After::Close(reason);
+                }
+                self.phase = Phase::Flushing;
+                self.flush_then()
+            }
+        }
     }
 
     /// Writes `bytes` (after anything already queued); queues what the socket does not take.
     fn write_out(&mut self, bytes: &[u8]) -> io::Result<()> {
-        if !self.output.is_empty() {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        if self.queued() > 0 {
+            // Move the unsent rest to the front only once it is at most half the buffer, so
+            // each byte is moved at most once on average.
+            if self.sent >= self.output.len() / 2 {
+                self.output.drain(..self.sent);
+                self.sent = 0;
+            }
             self.output.extend_from_slice(bytes);
             return self.flush();
         }
@@ -335,26 +594,34 @@ impl Conn {
         }
         self.bytes_out += written as u64;
         if written < bytes.len() {
+            self.output.clear();
+            self.sent = 0;
             self.output.extend_from_slice(&bytes[written..]);
+            self.since = Instant::now(); // `send_timeout` counts from here
         }
         Ok(())
     }
 
     /// Writes queued output until done or the socket is full.
     fn flush(&mut self) -> io::Result<()> {
-        let mut written = 0;
-        while written < self.output.len() {
-            match (&self.socket).write(&self.output[written..]) {
-                Ok(n) => written += n,
+        let before = self.sent;
+        while self.sent < self.output.len() {
+            match (&self.socket).write(&self.output[self.sent..]) {
+                Ok(n) => self.sent += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
         }
-        self.bytes_out += written as u64;
-        self.output.drain(..written);
-        if self.output.is_empty() {
+        self.bytes_out += (self.sent - before) as u64;
+        if self.sent > before {
+            // The peer took some: `send_timeout` counts again (or, with everything sent,
+            // `read_timeout` for a partial request that waited behind the output).
+            self.since = Instant::now();
+        }
+        if self.queued() == 0 {
             self.output = Vec::new();
+            self.sent = 0;
         }
         Ok(())
     }
@@ -364,7 +631,7 @@ impl Conn {
         if let Err(e) = self.flush() {
             return After::Close(CloseReason::Error(e.to_string()));
         }
-        if !self.output.is_empty() {
+        if self.queued() > 0 {
             return After::Park(interest::WRITE);
         }
         match self.phase {
@@ -409,10 +676,6 @@ impl Conn {
     pub fn linger_expired(&self, now: Instant) -> bool {
         matches!(self.phase, Phase::Lingering { until } if now >= until)
     }
-}
-
-fn timer_from_ms(ms: u64) -> Option<Duration> {
-    (ms > 0).then(|| Duration::from_millis(ms))
 }
 
 /// Makes a freshly accepted socket ready for the event loop.

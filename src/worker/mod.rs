@@ -35,6 +35,8 @@ use crate::sys;
 use conn::{After, CloseReason, Phase};
 use pool::{Listening, Pool};
 
+pub use conn::CLOSE_LABELS;
+
 /// How often a worker reports its counters (its heartbeat).
 pub const STATS_INTERVAL: Duration = Duration::from_millis(500);
 /// How often a draining worker looks for connections it may close.
@@ -106,6 +108,8 @@ struct Worker {
     passed_fds: std::collections::VecDeque<std::os::fd::OwnedFd>,
     /// The app event counters last sent to the master.
     sent_events: Vec<crate::ipc::AppEvent>,
+    /// The close counts last sent to the master.
+    sent_closed: Vec<u64>,
     /// Messages the channel did not take yet.
     outbox: crate::ipc::Outbox,
 }
@@ -220,7 +224,10 @@ impl Worker {
             })
             .collect();
         let load = spec.load.record(spec.load_index);
-        let pool = match Pool::new(apps, config.server.threads, config.server.workers, max_fds, load) {
+        let limits = config.listeners.iter().map(|l| l.limits).collect();
+        let workers = config.server.workers;
+        let max_open = config.server.limits.max_connections;
+        let pool = match Pool::new(apps, (config.server.threads, workers), max_fds, (limits, max_open), load) {
             Ok(pool) => Box::leak(Box::new(pool)),
             Err(e) => {
                 let _ = channel
@@ -246,6 +253,7 @@ impl Worker {
             acceptors: Vec::new(),
             passed_fds: Default::default(),
             sent_events: Vec::new(),
+            sent_closed: Vec::new(),
             outbox: Default::default(),
         };
         worker.send(WorkerMessage::Ready);
@@ -264,6 +272,12 @@ impl Worker {
         if events != self.sent_events {
             self.send(WorkerMessage::Events(events.clone()));
             self.sent_events = events;
+        }
+        let closed: Vec<u64> = self.pool.counters.closed.iter().map(|n| n.load(Ordering::Relaxed)).collect();
+        if closed != self.sent_closed {
+            let counts = CLOSE_LABELS.iter().zip(&closed).map(|(l, n)| (l.to_string(), *n)).collect();
+            self.send(WorkerMessage::Closed(counts));
+            self.sent_closed = closed;
         }
     }
 
@@ -429,6 +443,7 @@ impl Worker {
     fn begin_drain(&mut self) -> Instant {
         log::info!("draining: {} connection(s) open", self.pool.counters.open.load(Ordering::Relaxed));
         self.pool.draining.store(true, Ordering::SeqCst);
+        self.pool.announce_drain();
         // Listeners never handed to acceptors are closed now; acceptors close theirs as soon
         // as they return from accept(), which this interrupt makes immediate.
         self.listeners = None;

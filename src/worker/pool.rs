@@ -23,10 +23,11 @@ use std::time::Instant;
 use socket2::Socket;
 
 use super::admission::Admission;
-use super::conn::{After, CloseReason, Conn, Phase, Scratch, prepare_socket};
+use super::conn::{After, CLOSE_LABELS, CloseReason, Conn, Ctx, Phase, Scratch, prepare_socket};
 use super::share::AppShares;
 use super::table::{ConnTable, Guard, Slot, split_token, token};
 use crate::balance::WorkerLoad;
+use crate::config::Limits;
 use crate::listener::ACCEPT_WAKE_INTERVAL;
 use crate::plugin::App;
 use crate::sys::{Epoll, Event, EventFd, interest, monotonic_ms};
@@ -36,6 +37,12 @@ const STOP_TOKEN: u64 = u64::MAX;
 /// How often the timer thread looks for connections whose app timer ran out: the timers'
 /// resolution (app timers are for seconds-long quiet periods, such as an idle transaction).
 const TIMER_TICK: std::time::Duration = std::time::Duration::from_millis(100);
+/// How often the timer thread looks for connections past a limit (`idle_timeout`,
+/// `read_timeout`, `send_timeout`): the limits' resolution.
+const LIMIT_SWEEP_TICKS: u32 = 5;
+/// File descriptors a worker keeps for itself (log files, plugins' own files, database
+/// connections) when `max_connections` is derived from its open file limit.
+const RESERVED_FDS: usize = 64;
 /// How long an acceptor steps aside for a less loaded sibling before it looks again.
 const YIELD_PAUSE: std::time::Duration = std::time::Duration::from_micros(500);
 
@@ -99,6 +106,8 @@ pub struct Counters {
     pub accepted: AtomicU64,
     pub requests: AtomicU64,
     pub panics: AtomicU64,
+    /// Connections closed, by reason (indexed like `conn::CLOSE_LABELS`).
+    pub closed: [AtomicU64; CLOSE_LABELS.len()],
 }
 
 /// A listener of this worker and the app serving it.
@@ -135,15 +144,28 @@ pub struct Pool {
     /// The timer thread's heartbeat: counted for the longest-running request (so a stuck
     /// `on_timer` meets `request_timeout`), not for "every handler stuck".
     timer_beat: HandlerBeat,
+    /// Each listener's limits, by its place in the generation's `[[listen]]` list.
+    limits: Vec<Limits>,
+    /// Open connections of each listener (for its `max_connections`).
+    listener_open: Vec<AtomicUsize>,
+    /// The worker's `max_connections`.
+    max_open: usize,
+    /// Set when the drain starts; cleared by the timer thread once every connection was told
+    /// (`App::on_drain`).
+    drain_news: AtomicBool,
+    /// The timer thread, to wake it when the drain starts.
+    timer_thread: Mutex<Option<Thread>>,
 }
 
 impl Pool {
-    /// `workers`: how many workers the generation runs (for the admission's share of the CPUs).
+    /// `workers`: how many workers the generation runs (for the admission's share of the CPUs);
+    /// `limits`: each listener's; `max_open`: the worker's `max_connections` (0: derived from
+    /// `max_fds`, its open file limit).
     pub fn new(
         apps: Vec<App>,
-        threads: usize,
-        workers: usize,
+        (threads, workers): (usize, usize),
         max_fds: usize,
+        (limits, max_open): (Vec<Limits>, usize),
         load: WorkerLoad,
     ) -> std::io::Result<Pool> {
         let epoll = Epoll::new()?;
@@ -169,6 +191,11 @@ impl Pool {
             timed: AtomicUsize::new(0),
             shares: AppShares::new(apps_len, threads),
             timer_beat: HandlerBeat::default(),
+            listener_open: limits.iter().map(|_| AtomicUsize::new(0)).collect(),
+            limits,
+            max_open: if max_open > 0 { max_open } else { max_fds.saturating_sub(RESERVED_FDS).max(16) },
+            drain_news: AtomicBool::new(false),
+            timer_thread: Mutex::new(None),
         })
     }
 
@@ -182,10 +209,21 @@ impl Pool {
 
     /// Starts the thread that fires app timers (`fdt_sdk::Conn::set_timer`).
     pub fn spawn_timer_thread(&'static self) -> JoinHandle<()> {
-        thread::Builder::new()
+        let handle = thread::Builder::new()
             .name("timers".into())
             .spawn(move || self.timer_loop())
-            .expect("cannot start the timer thread")
+            .expect("cannot start the timer thread");
+        *self.timer_thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle.thread().clone());
+        handle
+    }
+
+    /// What a call into `conn`'s app may use.
+    fn ctx(&self, conn: &Conn) -> Ctx<'_> {
+        Ctx {
+            app: &self.apps[conn.app],
+            limits: &self.limits[conn.listener as usize],
+            draining: self.draining.load(Ordering::Relaxed),
+        }
     }
 
     /// Starts the handler threads.
@@ -265,9 +303,12 @@ impl Pool {
 
     fn acceptor_loop(&self, listener: Listening) {
         let mut last_error_log: Option<Instant> = None;
+        // For the apps' greetings (`App::on_open`); allocated at the first one.
+        let mut scratch = None;
         while !self.draining.load(Ordering::Acquire) {
-            // Saturated: let an idle worker take the next connection instead.
-            if self.busy.load(Ordering::Acquire) >= self.threads {
+            // Saturated, or at `max_connections`: let another worker take the next connection
+            // (at the limit of every worker, the kernel's backlog holds it).
+            if self.busy.load(Ordering::Acquire) >= self.threads || self.at_capacity(listener.index) {
                 self.load.not_ready(listener.index);
                 thread::park_timeout(ACCEPT_WAKE_INTERVAL);
                 continue;
@@ -285,7 +326,7 @@ impl Pool {
             match listener.socket.accept() {
                 Ok((socket, peer)) => {
                     let peer = peer.as_socket().map(|a| a.to_string()).unwrap_or_default();
-                    self.register(socket, peer, &listener);
+                    self.register(socket, peer, &listener, &mut scratch);
                 }
                 Err(e) => match e.raw_os_error() {
                     // SO_RCVTIMEO expired, or the connection died in the queue: carry on.
@@ -306,7 +347,27 @@ impl Pool {
         // Dropping `listener` closes this worker's copy of the socket.
     }
 
-    fn register(&self, socket: Socket, peer: String, listener: &Listening) {
+    /// True when the worker, or this listener, holds its `max_connections`.
+    fn at_capacity(&self, listener: usize) -> bool {
+        let max = self.limits[listener].max_connections;
+        self.counters.open.load(Ordering::Acquire) as usize >= self.max_open
+            || (max > 0 && self.listener_open[listener].load(Ordering::Acquire) >= max)
+    }
+
+    /// Starts telling every connection's app that the worker drains (`App::on_drain`), from
+    /// the timer thread.
+    pub fn announce_drain(&self) {
+        self.drain_news.store(true, Ordering::SeqCst);
+        self.timer_thread_wake();
+    }
+
+    fn timer_thread_wake(&self) {
+        if let Some(t) = self.timer_thread.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            t.unpark();
+        }
+    }
+
+    fn register(&self, socket: Socket, peer: String, listener: &Listening, scratch: &mut Option<Scratch>) {
         if let Err(e) = prepare_socket(&socket, listener.tcp) {
             log::warn!("dropping a connection from {peer}: {e}");
             return;
@@ -325,14 +386,30 @@ impl Pool {
         };
         let token = token(fd, seq);
         let mut guard = slot.lock();
-        *guard = Some(Conn::new(socket, listener.tcp, seq, listener.app, handle, peer));
+        let conn = guard.insert(Conn::new(socket, listener.tcp, seq, (listener.index as u32, listener.app), handle, peer));
         // A connection closed while its event waited for its app's share left its mark.
         slot.waiting.store(0, Ordering::SeqCst);
         self.conns.note_used(fd);
         self.counters.open.fetch_add(1, Ordering::Relaxed);
+        self.listener_open[listener.index].fetch_add(1, Ordering::Relaxed);
         self.load.opened();
         self.counters.accepted.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.epoll.add(fd as i32, interest::READ | interest::EDGE, token) {
+        // The app's greeting, if it has one (`App::on_open`), in this thread.
+        if app.has_events() {
+            let ctx = self.ctx(conn);
+            let had_timer = conn.timer.is_some();
+            match conn.on_open(&ctx, scratch.get_or_insert_with(Scratch::new)) {
+                After::Park(wanted) => conn.armed = wanted | interest::EDGE,
+                After::Close(reason) => {
+                    let conn = guard.take().expect("inserted above");
+                    drop(guard);
+                    return self.finish(conn, reason);
+                }
+            }
+            self.track_timer(had_timer, conn.timer.is_some());
+        }
+        let armed = conn.armed;
+        if let Err(e) = self.epoll.add(fd as i32, armed, token) {
             log::error!("cannot watch a new connection: {e}");
             if let Some(conn) = guard.take() {
                 drop(guard);
@@ -390,48 +467,96 @@ impl Pool {
         }
     }
 
-    /// Every `TIMER_TICK` while some connection has a timer: calls `on_timer` for each one
-    /// whose peer has been quiet long enough, under its slot lock like a handler would, within
-    /// its app's share of handlers and with a heartbeat of its own (so `request_timeout`
-    /// sees an `on_timer` that never returns). A connection is not quiet while it is being
-    /// served, while its event waits for its app's share, or while input waits in the kernel.
+    /// The worker's clock: every `TIMER_TICK` while some connection has a timer, calls
+    /// `on_timer` for each one whose peer has been quiet long enough; every
+    /// `LIMIT_SWEEP_TICKS` ticks, acts on connections past a limit (`idle_timeout`,
+    /// `read_timeout`, `send_timeout`); once the drain starts, tells every connection's app
+    /// (`on_drain`). Each under the slot lock like a handler, within the app's share of
+    /// handlers and with a heartbeat of its own (so `request_timeout` sees a call that never
+    /// returns). A connection being served or waiting for its app's share is skipped this
+    /// time; one whose input waits in the kernel is not quiet (no timer, no idle limit).
     fn timer_loop(&self) {
         let mut scratch = Scratch::new();
+        let mut ticks = 0u32;
         while !self.stopping.load(Ordering::Acquire) {
             thread::park_timeout(TIMER_TICK);
-            if self.timed.load(Ordering::Acquire) == 0 {
+            ticks = ticks.wrapping_add(1);
+            let limits = ticks.is_multiple_of(LIMIT_SWEEP_TICKS);
+            let timers = self.timed.load(Ordering::Acquire) > 0;
+            let news = self.drain_news.swap(false, Ordering::SeqCst);
+            if !(limits || timers || news) {
                 continue;
             }
             let now = Instant::now();
+            let mut untold = false;
             for slot in self.conns.used() {
                 if self.stopping.load(Ordering::Acquire) {
                     return;
                 }
-                let Some(mut guard) = slot.try_lock() else { continue };
-                let queued = |c: &Conn| slot.waiting.load(Ordering::SeqCst) == token(c.fd() as usize, c.seq);
-                let Some(conn) = guard.as_mut().filter(|c| c.timer_due(now) && !queued(c) && !c.input_waiting()) else {
-                    self.unlock(slot, guard);
+                let Some(guard) = slot.try_lock() else {
+                    untold |= news;
                     continue;
                 };
-                let app = conn.app;
-                if !self.shares.enter(app) {
-                    // Due again at the next tick, when the app may have a handler to spare.
-                    self.unlock(slot, guard);
-                    continue;
-                }
-                let had_timer = conn.timer.is_some();
-                let draining = self.draining.load(Ordering::Relaxed);
-                self.timer_beat.begin(app, &conn.peer);
-                let (after, requests) = conn.on_timer(&self.apps[app], draining, &mut scratch);
-                self.timer_beat.end();
-                self.track_timer(had_timer, conn.timer.is_some());
-                if requests > 0 {
-                    self.counters.requests.fetch_add(requests, Ordering::Relaxed);
-                }
-                self.apply(slot, guard, after);
-                self.shares.leave(app);
+                untold |= self.tick(slot, guard, Tick { now, limits, timers, news }, &mut scratch);
+            }
+            if untold {
+                self.drain_news.store(true, Ordering::SeqCst);
             }
         }
+    }
+
+    /// The clock's work on one connection (see `timer_loop`). True when it still has to hear
+    /// of the drain.
+    fn tick<'a>(&self, slot: &'a Slot, mut guard: Guard<'a>, tick: Tick, scratch: &mut Scratch) -> bool {
+        let Some(conn) = guard.as_mut() else { return false };
+        let queued = slot.waiting.load(Ordering::SeqCst) == token(conn.fd() as usize, conn.seq);
+        let untold = tick.news && conn.drain_news_due();
+        let limit = if tick.limits { conn.limit_due(tick.now, &self.limits[conn.listener as usize]) } else { None };
+        let job = if queued {
+            None
+        } else if untold {
+            Some(Job::Drain)
+        } else if let Some(limit) = limit {
+            Some(Job::Limit(limit))
+        } else if tick.timers && conn.timer_due(tick.now) {
+            Some(Job::Timer)
+        } else {
+            None
+        };
+        // Input in the kernel: the connection is not quiet, its event is on its way.
+        let waiting = || conn.input_waiting();
+        let job = job.filter(|j| !matches!(j, Job::Timer | Job::Limit(super::conn::Limit::Idle)) || !waiting());
+        let Some(job) = job else {
+            self.unlock(slot, guard);
+            return untold;
+        };
+        if job == Job::Drain && !self.apps[conn.app].has_events() {
+            conn.told_drain = true;
+            self.unlock(slot, guard);
+            return false;
+        }
+        let app = conn.app;
+        if !self.shares.enter(app) {
+            // Again at the next tick, when the app may have a handler to spare.
+            self.unlock(slot, guard);
+            return untold;
+        }
+        let had_timer = conn.timer.is_some();
+        let ctx = self.ctx(conn);
+        self.timer_beat.begin(app, &conn.peer);
+        let (after, requests) = match job {
+            Job::Drain => conn.on_drain(&ctx, scratch),
+            Job::Limit(limit) => (conn.enforce(limit, &ctx, scratch), 0),
+            Job::Timer => conn.on_timer(&ctx, scratch),
+        };
+        self.timer_beat.end();
+        self.track_timer(had_timer, conn.timer.is_some());
+        if requests > 0 {
+            self.counters.requests.fetch_add(requests, Ordering::Relaxed);
+        }
+        self.apply(slot, guard, after);
+        self.shares.leave(app);
+        false
     }
 
     /// Keeps `timed` in step when a connection's timer was set or removed.
@@ -534,6 +659,7 @@ impl Pool {
         }
         let conn = guard.as_mut().expect("checked above");
         let app_index = conn.app;
+        let ctx = self.ctx(conn);
         // Only app code counts against an app's share: a connection flushing or closing runs
         // none, and must not wait behind the app's stuck requests.
         let runs_app = conn.phase == Phase::Open;
@@ -548,11 +674,9 @@ impl Pool {
         }
         // Anything that arrived before this point is read now; a later arrival is a new edge.
         slot.again.store(false, Ordering::SeqCst);
-        let app = &self.apps[app_index];
-        let draining = self.draining.load(Ordering::Relaxed);
         beat.begin(app_index, &conn.peer);
         let had_timer = conn.timer.is_some();
-        let (after, requests) = conn.on_ready(&event, app, draining, scratch);
+        let (after, requests) = conn.on_ready(&event, &ctx, scratch);
         self.track_timer(had_timer, conn.timer.is_some());
         beat.end();
         if queued {
@@ -604,6 +728,12 @@ impl Pool {
     /// Ends a connection: tells the app, counts it, closes the socket.
     pub fn finish(&self, mut conn: Conn, reason: CloseReason) {
         let app = &self.apps[conn.app];
+        // A limit that began a gentle close is what ended the connection.
+        let reason = match conn.limit {
+            Some(limit) => CloseReason::Limit(limit),
+            None => reason,
+        };
+        self.counters.closed[reason.index()].fetch_add(1, Ordering::Relaxed);
         match &reason {
             CloseReason::AppFailed(msg) => {
                 self.counters.panics.fetch_add(1, Ordering::Relaxed);
@@ -630,10 +760,31 @@ impl Pool {
                 reason.label()
             ));
         }
-        self.counters.open.fetch_sub(1, Ordering::Relaxed);
+        let listener_open = self.listener_open[conn.listener as usize].fetch_sub(1, Ordering::Relaxed);
+        let open = self.counters.open.fetch_sub(1, Ordering::Relaxed);
         self.load.closed();
+        if open as usize >= self.max_open || listener_open == self.limits[conn.listener as usize].max_connections {
+            self.wake_acceptors(); // one may wait at `max_connections`
+        }
         // Dropping `conn` closes the socket, which also removes it from the epoll instance.
     }
+}
+
+/// What the clock looks at in one round (see `Pool::timer_loop`).
+#[derive(Clone, Copy)]
+struct Tick {
+    now: Instant,
+    limits: bool,
+    timers: bool,
+    news: bool,
+}
+
+/// What the clock does to one connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Job {
+    Drain,
+    Limit(super::conn::Limit),
+    Timer,
 }
 
 /// Waits up to `timeout` for a connection in `listener`'s queue, without taking it. An

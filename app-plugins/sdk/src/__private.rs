@@ -32,6 +32,7 @@ pub const fn descriptor<A: App>(app_type: &'static str) -> AppDescriptor {
         conn_close: conn_close::<A>,
         conn_timer: conn_timer::<A>,
         declared_settings: declared_settings::<A>,
+        conn_event: conn_event::<A>,
     }
 }
 
@@ -251,8 +252,30 @@ unsafe extern "C" fn conn_timer<A: App>(app: *mut c_void, conn: *mut c_void, io:
     unsafe { conn_call(app, conn, io, |app: &A, c| app.on_timer(c)) }
 }
 
-/// One call into the app for a connection (`conn_data` or `conn_timer`): runs `f` inside
-/// `catch_unwind`, then hands over what it wrote and the connection's timer.
+unsafe extern "C" fn conn_event<A: App>(
+    app: *mut c_void,
+    conn: *mut c_void,
+    io: *mut ConnIo,
+    kind: abi::EventKind,
+) -> NextCode {
+    let f: fn(&A, &mut Conn) -> crate::Next = match kind {
+        abi::EVENT_OPEN => A::on_open,
+        abi::EVENT_WRITABLE => A::on_writable,
+        abi::EVENT_DRAIN => A::on_drain,
+        abi::EVENT_READ_TIMEOUT => |app: &A, c: &mut Conn| {
+            app.on_read_timeout(c);
+            crate::Next::Close
+        },
+        // A kind added after this SDK was built: nothing to do.
+        _ => |_: &A, _: &mut Conn| crate::Next::KeepOpen,
+    };
+    // SAFETY: passed on from the host's call, with the same guarantees.
+    unsafe { conn_call(app, conn, io, f) }
+}
+
+/// One call into the app for a connection (`conn_data`, `conn_timer` or `conn_event`): runs
+/// `f` inside `catch_unwind`, then hands over what it wrote, the connection's timer and its
+/// wishes.
 ///
 /// # Safety
 /// `app` is the live `A` from `start`; `conn` came from `conn_open` and is used by no other
@@ -288,6 +311,15 @@ unsafe fn conn_call<A: App>(
     };
     // SAFETY: the input is valid and not modified during this call.
     let input = unsafe { borrowed(StrRef { ptr: input_ptr, len: input_len }) };
+    // A host before ABI 1.2 bounds no output.
+    let has = |end: usize| abi::covers(size, end);
+    let room_end = std::mem::offset_of!(ConnIo, output_room) + size_of::<u64>();
+    state.room = if has(room_end) {
+        // SAFETY: `size` says the host's `ConnIo` has this field.
+        usize::try_from(unsafe { addr_of!((*io).output_room).read() }).unwrap_or(usize::MAX)
+    } else {
+        usize::MAX
+    };
     let result = catch_unwind(AssertUnwindSafe(|| {
         let mut c = Conn::new(input, flags, state);
         let next = f(app, &mut c);
@@ -309,10 +341,16 @@ unsafe fn conn_call<A: App>(
         }
     };
     // A host of ABI 1.0 passes a shorter `ConnIo`, without the timer.
-    if abi::covers(size, std::mem::offset_of!(ConnIo, timer_ms) + size_of::<u64>()) {
+    if has(std::mem::offset_of!(ConnIo, timer_ms) + size_of::<u64>()) {
         let ms = state.timer.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1));
         // SAFETY: `size` says the host's `ConnIo` has this field.
         unsafe { addr_of_mut!((*io).timer_ms).write(ms) };
+    }
+    if has(std::mem::offset_of!(ConnIo, wants) + size_of::<u32>()) {
+        let wants = if state.want_writable { abi::WANT_WRITABLE } else { 0 }
+            | if state.no_idle_timeout { abi::WANT_NO_IDLE_TIMEOUT } else { 0 };
+        // SAFETY: `size` says the host's `ConnIo` has this field.
+        unsafe { addr_of_mut!((*io).wants).write(wants) };
     }
     if !state.out.is_empty() {
         // SAFETY: the host's write callback copies the bytes before returning.
@@ -418,6 +456,8 @@ mod tests {
             error: collect,
             error_ctx: (&mut error as *mut Vec<u8>).cast(),
             timer_ms: 777,
+            output_room: 2,
+            wants: 777,
         };
         let mut app = Timed;
         // SAFETY: `app` and `conn` are a live `Timed` and connection state; `io` and what it

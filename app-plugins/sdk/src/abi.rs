@@ -14,7 +14,7 @@ pub const MAGIC: [u8; 8] = *b"FDTAPP\0\x01";
 /// Bumped when a layout below changes incompatibly; the host refuses any other major.
 pub const ABI_MAJOR: u32 = 1;
 /// Bumped when fields are appended; a plugin built against a newer minor still loads.
-pub const ABI_MINOR: u32 = 1;
+pub const ABI_MINOR: u32 = 2;
 /// Name of the exported static [`AppDescriptor`] the host looks up with `dlsym`.
 pub const DESCRIPTOR_SYMBOL: &str = "FDT_APP_DESCRIPTOR_V1";
 
@@ -134,7 +134,32 @@ pub struct ConnIo {
     /// [`AppDescriptor::conn_timer`]. The plugin writes it after every call, when `size` says
     /// the field exists.
     pub timer_ms: u64,
+    /// ABI 1.2, in: how many bytes the app may write in this call before the connection's
+    /// output is full (`max_output` less what is queued); `u64::MAX` when unbounded.
+    pub output_room: u64,
+    /// ABI 1.2, out: the connection's `WANT_*` bits as the app left them. The plugin writes it
+    /// after every call, when `size` says the field exists.
+    pub wants: u32,
 }
+
+/// ABI 1.2, in [`ConnIo::wants`]: call [`AppDescriptor::conn_event`] with [`EVENT_WRITABLE`]
+/// whenever the connection's output has drained to half of `max_output` (a producer).
+pub const WANT_WRITABLE: u32 = 1;
+/// ABI 1.2, in [`ConnIo::wants`]: the server's `idle_timeout` does not apply to this connection.
+pub const WANT_NO_IDLE_TIMEOUT: u32 = 2;
+
+/// ABI 1.2: what [`AppDescriptor::conn_event`] reports. A plugin answers a kind it does not know
+/// with [`NEXT_KEEP_OPEN`] and no output, so the host may add kinds by bumping [`ABI_MINOR`].
+pub type EventKind = u32;
+/// The connection was just accepted (`io.input` is empty): the app may write a greeting.
+pub const EVENT_OPEN: EventKind = 1;
+/// The connection asked for [`WANT_WRITABLE`] and its output has room again.
+pub const EVENT_WRITABLE: EventKind = 2;
+/// The worker has started draining (a reload or a stop); called once per open connection.
+pub const EVENT_DRAIN: EventKind = 3;
+/// A request begun in `io.input` did not arrive in full within `read_timeout`: the app may
+/// write a last answer; the connection is closed after it, whatever the app returns.
+pub const EVENT_READ_TIMEOUT: EventKind = 4;
 
 /// The exported static the host looks up first. Read-only; every pointer in it is `'static`.
 #[repr(C)]
@@ -172,6 +197,10 @@ pub struct AppDescriptor {
     /// accepted); otherwise calls `key` once per setting name, with `ctx`, and returns 1. Runs no
     /// app code (the names are static data), so the host may call it before `start`.
     pub declared_settings: unsafe extern "C" fn(key: MessageFn, ctx: *mut c_void) -> i32,
+    /// ABI 1.2: something happened to the connection other than input (an [`EventKind`]).
+    /// Called like `conn_data` and returns the same codes.
+    pub conn_event:
+        unsafe extern "C" fn(app: *mut c_void, conn: *mut c_void, io: *mut ConnIo, kind: EventKind) -> NextCode,
 }
 
 /// Size of an ABI 1.0 descriptor (the fields up to `conn_close`): the smallest one a host of

@@ -165,6 +165,91 @@ pub trait App: Send + Sync + Sized + 'static {
         Next::KeepOpen
     }
 
+    /// The connection was just accepted, before any input: write a greeting here (an SMTP
+    /// `220` banner, a `WELCOME`), or set a timer. Runs in the thread that accepted the
+    /// connection, so keep it short. The default writes nothing and keeps the connection.
+    ///
+    /// ```
+    /// # use fdt_sdk::{App, Conn, Next, Settings};
+    /// struct Smtp;
+    /// impl App for Smtp {
+    ///     fn start(_: &Settings) -> Result<Self, String> { Ok(Smtp) }
+    ///     fn on_open(&self, conn: &mut Conn) -> Next {
+    ///         conn.write(b"220 mail.example.com ready\r\n");
+    ///         Next::KeepOpen
+    ///     }
+    ///     fn on_readable(&self, conn: &mut Conn) -> Next { Next::KeepOpen }
+    /// }
+    /// let app = fdt_sdk::testing::TestApp::<Smtp>::start("").unwrap();
+    /// let mut conn = app.connect();
+    /// assert_eq!(conn.take_output(), b"220 mail.example.com ready\r\n");
+    /// ```
+    fn on_open(&self, _conn: &mut Conn) -> Next {
+        Next::KeepOpen
+    }
+
+    /// The connection asked to produce ([`Conn::want_writable`]) and its output has room
+    /// again: it has drained to half of the server's `max_output`. Write up to
+    /// [`Conn::output_room`] bytes and return; the app is called again as the peer takes them,
+    /// until it says `conn.want_writable(false)`. So a response of any size costs at most
+    /// `max_output` of memory, however slow the peer (Twisted's producers, Envoy's watermarks).
+    ///
+    /// ```
+    /// # use fdt_sdk::{App, Conn, Next, Settings};
+    /// /// Sends `N` bytes of `x` for a line `N`, as fast as the peer reads them.
+    /// struct Bytes;
+    /// #[derive(Default)]
+    /// struct Left(usize);
+    /// impl App for Bytes {
+    ///     fn start(_: &Settings) -> Result<Self, String> { Ok(Bytes) }
+    ///     fn on_readable(&self, conn: &mut Conn) -> Next {
+    ///         if conn.session::<Left>().0 == 0 && let Some(line) = conn.take_line() {
+    ///             conn.session::<Left>().0 = String::from_utf8_lossy(line).trim().parse().unwrap_or(0);
+    ///             return self.on_writable(conn);
+    ///         }
+    ///         Next::KeepOpen
+    ///     }
+    ///     fn on_writable(&self, conn: &mut Conn) -> Next {
+    ///         let left = conn.session::<Left>().0;
+    ///         let n = left.min(conn.output_room());
+    ///         conn.write(&vec![b'x'; n]);
+    ///         conn.session::<Left>().0 = left - n;
+    ///         conn.want_writable(left > n);
+    ///         Next::KeepOpen
+    ///     }
+    /// }
+    /// let app = fdt_sdk::testing::TestApp::<Bytes>::start("").unwrap();
+    /// let mut conn = app.connect();
+    /// conn.set_output_room(1000);
+    /// conn.send(b"2500\n");
+    /// assert_eq!(conn.take_output().len(), 1000);
+    /// assert!(conn.wants_writable());
+    /// conn.writable();
+    /// conn.writable();
+    /// assert_eq!(conn.take_output().len(), 1500);
+    /// assert!(!conn.wants_writable());
+    /// ```
+    fn on_writable(&self, _conn: &mut Conn) -> Next {
+        Next::KeepOpen
+    }
+
+    /// The worker has started draining (a reload or a stop). Called once for each open
+    /// connection, also for one that is idle or only ever pushed to, which otherwise would learn
+    /// it only from [`Conn::draining`] at its next input: say goodbye, or return
+    /// [`Next::Close`]. The default keeps the connection (a draining worker closes it once it
+    /// is between requests and quiet).
+    ///
+    /// From `on_open`, `on_writable` and `on_drain`, [`Next::KeepOpen`] leaves the connection
+    /// as it was: a conversation [in progress](Next::InProgress) stays in progress.
+    fn on_drain(&self, _conn: &mut Conn) -> Next {
+        Next::KeepOpen
+    }
+
+    /// A request begun in [`Conn::input`] did not arrive in full within the server's
+    /// `read_timeout`. Write a last answer if the protocol has one (`hello` answers `408`);
+    /// the connection is closed after it.
+    fn on_read_timeout(&self, _conn: &mut Conn) {}
+
     /// The connection has ended (peer closed, error, drain timeout or [`Next::Close`]). The
     /// session, if any, is dropped right after this returns.
     fn on_close(&self, _conn: &mut Conn) {}
@@ -197,7 +282,6 @@ impl Next {
 }
 
 /// Per-connection state kept on the plugin side of the boundary.
-#[derive(Default)]
 pub(crate) struct ConnState {
     pub(crate) out: Vec<u8>,
     pub(crate) peer: String,
@@ -206,9 +290,32 @@ pub(crate) struct ConnState {
     pub(crate) session: Option<Box<dyn Any + Send>>,
     /// See [`Conn::set_timer`].
     pub(crate) timer: Option<std::time::Duration>,
+    /// How many bytes this call may write before the output is full (see [`Conn::output_room`]).
+    pub(crate) room: usize,
+    /// See [`Conn::want_writable`].
+    pub(crate) want_writable: bool,
+    /// See [`Conn::lift_idle_timeout`].
+    pub(crate) no_idle_timeout: bool,
     /// How many bytes at the start of the unconsumed input are known to hold no `\n`, so that
     /// [`Conn::take_line`] does not scan a long partial line again each time more of it comes.
     pub(crate) no_newline: usize,
+}
+
+impl Default for ConnState {
+    fn default() -> ConnState {
+        ConnState {
+            out: Vec::new(),
+            peer: String::new(),
+            listener: String::new(),
+            id: 0,
+            session: None,
+            timer: None,
+            room: usize::MAX,
+            want_writable: false,
+            no_idle_timeout: false,
+            no_newline: 0,
+        }
+    }
 }
 
 /// One client connection, as seen during one call into the app.
@@ -255,7 +362,9 @@ impl<'a> Conn<'a> {
     }
 
     /// Takes the next complete line, including its `\n`, and counts it as one request; `None`
-    /// when no complete line is left.
+    /// when no complete line is left, or when the connection's output is full
+    /// ([`Conn::has_room`]): the rest of the input waits, and the app is called again once the
+    /// peer has read enough.
     ///
     /// ```
     /// # use fdt_sdk::{App, Conn, Next, Settings};
@@ -271,6 +380,9 @@ impl<'a> Conn<'a> {
     /// # }
     /// ```
     pub fn take_line(&mut self) -> Option<&'a [u8]> {
+        if !self.has_room() {
+            return None;
+        }
         let from = self.scanned.max(self.pos);
         match memchr::memchr(b'\n', &self.input[from..]) {
             Some(i) => Some(self.consume_request(from + i + 1 - self.pos)),
@@ -281,9 +393,44 @@ impl<'a> Conn<'a> {
         }
     }
 
-    /// Appends bytes to the connection's output; they are sent when the call returns.
+    /// Appends bytes to the connection's output; they are sent when the call returns. A write
+    /// is never refused, so a well-behaved app writes no more than [`Conn::output_room`] at a
+    /// time: answer one request per [`Conn::has_room`], produce a large body from
+    /// [`App::on_writable`].
     pub fn write(&mut self, bytes: &[u8]) {
         self.state.out.extend_from_slice(bytes);
+    }
+
+    /// How many more bytes this call may write before the connection's output reaches the
+    /// server's `max_output` (what the peer has not read yet counts). Above it the server stops
+    /// reading the connection and calling the app for it until the peer has read half.
+    pub fn output_room(&self) -> usize {
+        self.state.room.saturating_sub(self.state.out.len())
+    }
+
+    /// True while [`Conn::output_room`] is not zero: the app may answer another request.
+    /// [`Conn::take_line`] checks it; an app that parses [`Conn::input`] itself checks it before
+    /// each request it answers.
+    pub fn has_room(&self) -> bool {
+        self.output_room() > 0
+    }
+
+    /// Asks to be called at [`App::on_writable`] each time the output has room again (`true`),
+    /// or no longer (`false`). It stays as set across calls. See [`App::on_writable`].
+    pub fn want_writable(&mut self, yes: bool) {
+        self.state.want_writable = yes;
+    }
+
+    /// True while the app asked for [`App::on_writable`] calls.
+    pub fn wants_writable(&self) -> bool {
+        self.state.want_writable
+    }
+
+    /// Lifts (`true`) or restores (`false`) the server's `idle_timeout` for this connection: a
+    /// subscriber that mostly listens, a connection the app pushes to. It stays as set across
+    /// calls. The other timeouts still apply.
+    pub fn lift_idle_timeout(&mut self, yes: bool) {
+        self.state.no_idle_timeout = yes;
     }
 
     /// Sets the connection's timer: once the peer has sent nothing for `after` (counted from

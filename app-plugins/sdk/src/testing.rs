@@ -21,6 +21,7 @@ use crate::{App, Conn, ConnState, Next, Settings, abi};
 /// An app started from settings text, as a worker would start it.
 pub struct TestApp<A: App> {
     app: A,
+    next_id: std::sync::atomic::AtomicU64,
 }
 
 impl<A: App> TestApp<A> {
@@ -33,7 +34,7 @@ impl<A: App> TestApp<A> {
         {
             return Err(format!("unknown setting `{unknown}` (the app takes: {})", declared.join(", ")));
         }
-        Ok(TestApp { app: A::start(&settings)? })
+        Ok(TestApp { app: A::start(&settings)?, next_id: Default::default() })
     }
 
     /// The app itself.
@@ -41,9 +42,30 @@ impl<A: App> TestApp<A> {
         &self.app
     }
 
-    /// Opens a new simulated connection.
+    /// Opens a new simulated connection and calls [`App::on_open`] (its greeting is in
+    /// [`TestConn::take_output`]). Each connection has its own [`Conn::id`] (1, 2, …) and
+    /// [`Conn::peer`] (`127.0.0.1:40001`, `127.0.0.1:40002`, …); its listener is
+    /// `127.0.0.1:7000`.
     pub fn connect(&self) -> TestConn<'_, A> {
-        TestConn { app: &self.app, input: Vec::new(), state: ConnState::default(), draining: false, requests: 0 }
+        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let state = ConnState {
+            peer: format!("127.0.0.1:{}", 40_000 + id % 20_000),
+            listener: "127.0.0.1:7000".into(),
+            id,
+            ..ConnState::default()
+        };
+        let mut conn =
+            TestConn {
+            app: &self.app,
+            input: Vec::new(),
+            state,
+            draining: false,
+            requests: 0,
+            room: usize::MAX,
+            opened: Next::KeepOpen,
+        };
+        conn.opened = conn.call(A::on_open);
+        conn
     }
 }
 
@@ -54,6 +76,10 @@ pub struct TestConn<'a, A: App> {
     state: ConnState,
     draining: bool,
     requests: u64,
+    /// What each call may write before the output counts as full (see [`Conn::output_room`]).
+    room: usize,
+    /// What [`App::on_open`] returned.
+    opened: Next,
 }
 
 impl<A: App> TestConn<'_, A> {
@@ -68,9 +94,57 @@ impl<A: App> TestConn<'_, A> {
         self.call(A::on_timer)
     }
 
+    /// What [`App::on_open`] returned when the connection was made.
+    pub fn opened(&self) -> Next {
+        self.opened
+    }
+
+    /// Calls `on_writable` once, as the worker does when the output has drained to half of
+    /// `max_output` and the app [wants it](Conn::want_writable). (The test connection's output
+    /// is what [`TestConn::take_output`] has not taken; it never counts as queued.)
+    pub fn writable(&mut self) -> Next {
+        self.call(A::on_writable)
+    }
+
+    /// Tells the app that the worker started draining: makes [`Conn::draining`] true from now
+    /// on and calls `on_drain` once.
+    pub fn drain(&mut self) -> Next {
+        self.draining = true;
+        self.call(A::on_drain)
+    }
+
+    /// Calls `on_read_timeout`, as the worker does when a begun request did not arrive in full
+    /// within `read_timeout` (the worker then closes the connection).
+    pub fn read_timeout(&mut self) {
+        self.call(|app, conn| {
+            app.on_read_timeout(conn);
+            Next::Close
+        });
+    }
+
+    /// Sets how many bytes each later call may write before the output counts as full
+    /// ([`Conn::output_room`]), as the server's `max_output` does. Unlimited by default.
+    pub fn set_output_room(&mut self, bytes: usize) {
+        self.room = bytes;
+    }
+
+    /// True while the app asks for `on_writable` calls ([`Conn::want_writable`]).
+    pub fn wants_writable(&self) -> bool {
+        self.state.want_writable
+    }
+
+    /// True while the app lifted the server's `idle_timeout` ([`Conn::lift_idle_timeout`]).
+    pub fn idle_timeout_lifted(&self) -> bool {
+        self.state.no_idle_timeout
+    }
+
     /// One call into the app, with the input kept since the last call.
     fn call(&mut self, f: impl FnOnce(&A, &mut Conn) -> Next) -> Next {
         let flags = if self.draining { abi::FLAG_DRAINING } else { 0 };
+        // Like the worker: what was written in earlier calls and not taken does not count (it
+        // was sent), only what this call writes.
+        let taken = self.state.out.len();
+        self.state.room = self.room.saturating_add(taken);
         let mut conn = Conn::new(&self.input, flags, &mut self.state);
         let next = f(self.app, &mut conn);
         let (consumed, requests) = conn.finish();
@@ -161,7 +235,9 @@ mod tests {
         conn.send(b"one\ntw");
         assert_eq!(conn.pending_input(), b"tw");
         let out = String::from_utf8(conn.take_output()).unwrap();
-        assert_eq!(out, "one peer=\"\" listener=\"\" id=0 closed=false timer=None\n");
+        assert_eq!(out, "one peer=\"127.0.0.1:40001\" listener=\"127.0.0.1:7000\" id=1 closed=false timer=None\n");
+        let other = app.connect();
+        assert_eq!((other.state.id, other.state.peer.as_str()), (2, "127.0.0.1:40002"), "each connection its own");
         // No timer set, and the default `on_timer` keeps the connection.
         assert_eq!(conn.timer(), None);
         assert_eq!(conn.fire_timer(), Next::KeepOpen);

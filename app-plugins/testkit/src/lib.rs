@@ -13,13 +13,20 @@
 //! variable's value in the worker, `-` when unset), `TIMER <ms>` (sets the connection's timer;
 //! each time it runs out the app writes `TICK <n> <bytes of partial input>`; `TIMER 0` removes
 //! it), `TIMEOUT <ms>` (when the timer runs out: `TIMED OUT`, then close), `TIMER_PANIC <ms>`
-//! (the app panics when the timer runs out), anything else is echoed.
+//! (the app panics when the timer runs out), `LIFT` (lifts the server's `idle_timeout` for
+//! this connection; answers `LIFTED`), anything else is echoed.
+//!
+//! Lifecycle: `greeting = "text"` is written as a line when a connection opens; with
+//! `drain_notice = true`, every open connection gets a line `DRAIN <pid>` when its worker starts
+//! draining.
 
 use fdt_sdk::{App, Conn, Next, Settings};
 use std::time::Duration;
 
 struct Testkit {
     tag: String,
+    greeting: String,
+    drain_notice: bool,
     pid: u32,
     generation: u64,
 }
@@ -43,6 +50,8 @@ impl App for Testkit {
         "abort_after_ms",
         "panic_at_start",
         "tag",
+        "greeting",
+        "drain_notice",
     ]);
 
     fn start(settings: &Settings) -> Result<Self, String> {
@@ -69,7 +78,27 @@ impl App for Testkit {
                 std::process::abort();
             });
         }
-        Ok(Testkit { tag: settings.string("tag", "")?, pid: settings.worker_pid(), generation: settings.generation() })
+        Ok(Testkit {
+            tag: settings.string("tag", "")?,
+            greeting: settings.string("greeting", "")?,
+            drain_notice: settings.bool("drain_notice", false)?,
+            pid: settings.worker_pid(),
+            generation: settings.generation(),
+        })
+    }
+
+    fn on_open(&self, conn: &mut Conn) -> Next {
+        if !self.greeting.is_empty() {
+            conn.write(format!("{}\n", self.greeting).as_bytes());
+        }
+        Next::KeepOpen
+    }
+
+    fn on_drain(&self, conn: &mut Conn) -> Next {
+        if self.drain_notice {
+            conn.write(format!("DRAIN {}\n", self.pid).as_bytes());
+        }
+        Next::KeepOpen
     }
 
     fn on_readable(&self, conn: &mut Conn) -> Next {
@@ -111,6 +140,10 @@ impl App for Testkit {
                 ("BUSY", _) => {
                     conn.session::<Session>().busy = true;
                     "BUSY".to_string()
+                }
+                ("LIFT", _) => {
+                    conn.lift_idle_timeout(true);
+                    "LIFTED".to_string()
                 }
                 ("IDLE", _) => {
                     conn.session::<Session>().busy = false;
