@@ -6,7 +6,13 @@
 use std::path::PathBuf;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use fdtserver::plugin::{App, DataOutcome, StartContext};
+use fdtserver::plugin::{App, Call, DataOutcome, StartContext};
+
+/// A call with `input`, as a worker makes it for a connection with nothing queued and the
+/// default `max_output`.
+fn call(input: &[u8]) -> Call<'_> {
+    Call { input, flags: 0, room: 256 * 1024, timer_ms: 0, wants: 0 }
+}
 
 fn plugin(name: &str) -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("target/release/libfdt_{name}.so"));
@@ -32,7 +38,7 @@ fn start(name: &str, settings: &str) -> App {
 fn bench_request(c: &mut Criterion, id: &str, app: &App, (input, requests): (&[u8], u64), expect: &[u8]) {
     let mut conn = app.open_conn("127.0.0.1:9", "127.0.0.1:0", 1).expect("conn_open");
     let mut output = Vec::with_capacity(4096);
-    let outcome = app.on_data(&mut conn, input, 0, &mut output);
+    let outcome = app.on_data(&mut conn, call(input), &mut output);
     assert!(matches!(outcome, DataOutcome::Next { consumed, .. } if consumed == input.len()), "{outcome:?}");
     assert!(
         output.windows(expect.len()).any(|w| w == expect),
@@ -44,7 +50,7 @@ fn bench_request(c: &mut Criterion, id: &str, app: &App, (input, requests): (&[u
     group.bench_function(id, |b| {
         b.iter(|| {
             output.clear();
-            app.on_data(&mut conn, std::hint::black_box(input), 0, &mut output)
+            app.on_data(&mut conn, call(std::hint::black_box(input)), &mut output)
         })
     });
     group.finish();
@@ -63,7 +69,7 @@ fn dispatch(c: &mut Criterion) {
     let mut conn = hello.open_conn("127.0.0.1:9", "127.0.0.1:0", 2).expect("conn_open");
     let mut output = Vec::new();
     c.bench_function("dispatch/hello: partial request (nothing to answer)", |b| {
-        b.iter(|| hello.on_data(&mut conn, std::hint::black_box(partial), 0, &mut output))
+        b.iter(|| hello.on_data(&mut conn, call(std::hint::black_box(partial)), &mut output))
     });
     hello.close_conn(conn);
     long_line(c, &echo);
@@ -80,7 +86,7 @@ fn feed_line_in_pieces(app: &App, total: usize, piece: usize) -> usize {
         let n = piece.min(total - sent);
         pending.extend_from_slice(if n == 0 { b"\n" } else { &chunk[..n] });
         sent += n.max(1);
-        if let DataOutcome::Next { consumed, .. } = app.on_data(&mut conn, &pending, 0, &mut output) {
+        if let DataOutcome::Next { consumed, .. } = app.on_data(&mut conn, call(&pending), &mut output) {
             pending.drain(..consumed);
         }
     }

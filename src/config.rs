@@ -107,14 +107,18 @@ struct RawLimits {
 impl RawLimits {
     /// `base` with the keys written here put in place.
     fn over(self, base: Limits, problems: &mut Problems<'_>) -> Limits {
-        let timeout = |value: Option<Spanned<f64>>, old: Option<Duration>, key, problems: &mut Problems<'_>| match value {
+        let timeout = |value: Option<Spanned<f64>>, old: Option<Duration>, key, problems: &mut Problems<'_>| match value
+        {
             None => old,
             some => Some(seconds(some, 0.0, key, problems)).filter(|d| !d.is_zero()),
         };
         let max_output = match self.max_output {
             None => base.max_output,
             Some(v) if !(1024..=1 << 40).contains(v.get_ref()) => {
-                problems.at(v.span(), format!("`max_output` must be between 1024 and {} bytes, got {}", 1u64 << 40, v.get_ref()));
+                problems.at(
+                    v.span(),
+                    format!("`max_output` must be between 1024 and {} bytes, got {}", 1u64 << 40, v.get_ref()),
+                );
                 base.max_output
             }
             Some(v) => v.into_inner() as usize,
@@ -122,7 +126,14 @@ impl RawLimits {
         let max_connections = match self.max_connections {
             None => base.max_connections,
             Some(v) if !(0..=1 << 24).contains(v.get_ref()) => {
-                problems.at(v.span(), format!("`max_connections` must be 0 (the open file limit) or up to {}, got {}", 1 << 24, v.get_ref()));
+                problems.at(
+                    v.span(),
+                    format!(
+                        "`max_connections` must be 0 (the open file limit) or up to {}, got {}",
+                        1 << 24,
+                        v.get_ref()
+                    ),
+                );
                 base.max_connections
             }
             Some(v) => v.into_inner() as usize,

@@ -222,7 +222,12 @@ mod tests {
     use std::path::Path;
 
     fn listen(address: &str, app: &str) -> ListenConfig {
-        ListenConfig { address: Address::parse(address, Path::new("/")).unwrap(), app: app.into(), backlog: 16, limits: Default::default() }
+        ListenConfig {
+            address: Address::parse(address, Path::new("/")).unwrap(),
+            app: app.into(),
+            backlog: 16,
+            limits: Default::default(),
+        }
     }
 
     fn passed(addr: &str) -> OwnedFd {

@@ -26,6 +26,11 @@ impl Drop for Server {
 impl Server {
     /// Starts `hello` with `workers` × `threads` and waits until every worker serves.
     pub fn start(workers: usize, threads: usize) -> Server {
+        Server::start_with(workers, threads, "")
+    }
+
+    /// Like [`Server::start`], with more `[server]` keys (TOML lines).
+    pub fn start_with(workers: usize, threads: usize, server_toml: &str) -> Server {
         let bin = PathBuf::from(env!("CARGO_BIN_EXE_fdtserver"));
         let plugin = bin.parent().unwrap().join("libfdt_hello.so");
         assert!(plugin.exists(), "{} is missing: run `cargo build --release --workspace` first", plugin.display());
@@ -34,7 +39,7 @@ impl Server {
         std::fs::write(
             &config,
             format!(
-                "[server]\nworkers = {workers}\nthreads = {threads}\ncontrol_socket = \"{}\"\n\
+                "[server]\nworkers = {workers}\nthreads = {threads}\ncontrol_socket = \"{}\"\n{server_toml}\n\
                  [[listen]]\naddress = \"127.0.0.1:0\"\napp = \"hello\"\nbacklog = 4096\n\
                  [app.hello]\nplugin = \"{}\"\n",
                 dir.join("control.sock").display(),
@@ -85,13 +90,23 @@ impl Server {
 }
 
 pub fn control(sock: &Path, method: &str, path: &str) -> Option<(u16, serde_json::Value)> {
+    let (code, body) = control_raw(sock, method, path)?;
+    Some((code, serde_json::from_str(&body).unwrap_or_default()))
+}
+
+/// The body of a `GET` on the control socket, as text (`/metrics`).
+pub fn control_text(sock: &Path, path: &str) -> Option<String> {
+    control_raw(sock, "GET", path).map(|r| r.1)
+}
+
+fn control_raw(sock: &Path, method: &str, path: &str) -> Option<(u16, String)> {
     let mut s = std::os::unix::net::UnixStream::connect(sock).ok()?;
     write!(s, "{method} {path} HTTP/1.1\r\nHost: fdt\r\nConnection: close\r\n\r\n").ok()?;
     let mut raw = String::new();
     s.read_to_string(&mut raw).ok()?;
     let (head, body) = raw.split_once("\r\n\r\n")?;
     let code = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, serde_json::from_str(body).unwrap_or_default()))
+    Some((code, body.to_string()))
 }
 
 /// True while a process runs (a zombie counts as gone).

@@ -390,7 +390,13 @@ impl App {
 
     /// Tells the app about an event of kind `kind` (`fdt_sdk::abi::EVENT_*`). An app built
     /// before ABI 1.2 keeps the connection as it is.
-    pub fn on_event(&self, conn: &mut ConnHandle, kind: abi::EventKind, call: Call<'_>, output: &mut Vec<u8>) -> DataOutcome {
+    pub fn on_event(
+        &self,
+        conn: &mut ConnHandle,
+        kind: abi::EventKind,
+        call: Call<'_>,
+        output: &mut Vec<u8>,
+    ) -> DataOutcome {
         match self.table.conn_event {
             // SAFETY: as in `on_data`.
             Some(entry) => self.call_with(conn, call, output, |app, c, io| unsafe { entry(app, c, io, kind) }),

@@ -164,7 +164,8 @@ pub struct Conn {
     pub seq: u32,
     /// Its listener's place in the generation's `[[listen]]` list (for its limits).
     pub listener: u32,
-    pub app: usize,
+    /// Its app's place in the worker's apps (see [`Conn::app`]).
+    app: u32,
     handle: Option<ConnHandle>,
     /// Unconsumed input (a partial request, or requests waiting for output room); usually
     /// empty and unallocated.
@@ -200,13 +201,15 @@ pub struct Conn {
     next: Next,
     /// The app's `WANT_*` bits.
     wants: u32,
-    /// The app's timer (`fdt_sdk::Conn::set_timer`): `App::on_timer` is called once the peer
-    /// has been quiet this long.
-    pub timer: Option<Duration>,
-    pub last_active: Instant,
+    /// The app's timer in milliseconds, 0 for none (`fdt_sdk::Conn::set_timer`): `App::on_timer`
+    /// is called once the peer has been quiet this long.
+    timer_ms: u64,
+    /// When the peer last sent something or got its answer (`sys::monotonic_ms`; times are
+    /// kept as milliseconds, not `Instant`s, to keep an idle connection small).
+    last_active: u64,
     /// When the current wait began: with output queued, the peer's last progress in taking
     /// it; otherwise, when the partial request in `input` began.
-    since: Instant,
+    since: u64,
     /// When it was accepted (for the access log's duration).
     pub opened: Instant,
     pub peer: String,
@@ -225,11 +228,12 @@ impl Conn {
         peer: String,
     ) -> Conn {
         let now = Instant::now();
+        let now_ms = sys::monotonic_ms();
         Conn {
             socket,
             seq,
             listener,
-            app,
+            app: app as u32,
             handle: Some(handle),
             input: Vec::new(),
             output: Vec::new(),
@@ -245,9 +249,9 @@ impl Conn {
             limit: None,
             next: Next::KeepOpen,
             wants: 0,
-            timer: None,
-            last_active: now,
-            since: now,
+            timer_ms: 0,
+            last_active: now_ms,
+            since: now_ms,
             opened: now,
             peer,
             bytes_in: 0,
@@ -256,8 +260,23 @@ impl Conn {
         }
     }
 
+    /// Its app's place in the worker's apps.
+    pub fn app(&self) -> usize {
+        self.app as usize
+    }
+
     pub fn fd(&self) -> RawFd {
         self.socket.as_raw_fd()
+    }
+
+    /// True while the app has a timer set.
+    pub fn has_timer(&self) -> bool {
+        self.timer_ms > 0
+    }
+
+    /// How long the peer has been quiet at `now` (`sys::monotonic_ms`), in milliseconds.
+    pub fn quiet_ms(&self, now: u64) -> u64 {
+        now.saturating_sub(self.last_active)
     }
 
     /// Output waiting for the peer.
@@ -354,7 +373,7 @@ impl Conn {
                 Err(e) => return Err(After::Close(CloseReason::Error(e.to_string()))),
             }
         }
-        self.last_active = Instant::now();
+        self.last_active = sys::monotonic_ms();
         // Common case: the connection had no partial request, so the app reads straight from
         // the scratch buffer and nothing is copied (see `invoke`).
         if !self.input.is_empty() && fresh > 0 {
@@ -368,7 +387,7 @@ impl Conn {
             requests = self.invoke(Callback::Input, fresh, self.flags(ctx), ctx, scratch).map_err(After::Close)?;
             // The peer's quiet time (app timers, the drain's grace) starts once it has its
             // answer, not while the app was still working on the request.
-            self.last_active = Instant::now();
+            self.last_active = sys::monotonic_ms();
         }
         Ok(requests)
     }
@@ -397,7 +416,7 @@ impl Conn {
             input: if use_scratch { &scratch.input[..fresh] } else { &self.input },
             flags,
             room: room as u64,
-            timer_ms: self.timer.map_or(0, |t| t.as_millis().max(1) as u64),
+            timer_ms: self.timer_ms,
             wants: self.wants,
         };
         let handle = self.handle.as_mut().expect("open connection has an app handle");
@@ -414,7 +433,7 @@ impl Conn {
                 if !(matches!(callback, Callback::Event(_)) && next == Next::KeepOpen) {
                     self.next = next;
                 }
-                self.timer = (timer_ms > 0).then(|| Duration::from_millis(timer_ms));
+                self.timer_ms = timer_ms;
                 self.wants = wants;
                 (consumed, requests)
             }
@@ -435,7 +454,7 @@ impl Conn {
         let producer_done = callback == Callback::Event(abi::EVENT_WRITABLE) && self.wants & abi::WANT_WRITABLE == 0;
         self.stalled = !self.input.is_empty() && (scratch.output.len() >= room || producer_done);
         if !had_input && !self.input.is_empty() {
-            self.since = Instant::now(); // a request has begun: `read_timeout` counts from here
+            self.since = sys::monotonic_ms(); // a request has begun: `read_timeout` counts from here
         }
         if consumed == 0 && !self.stalled && self.input.len() >= MAX_PENDING_INPUT {
             return Err(CloseReason::TooLarge);
@@ -469,7 +488,11 @@ impl Conn {
                     return After::Park(interest::WRITE);
                 }
                 (false, false) => {
-                    return After::Park(if self.queued() == 0 { interest::READ } else { interest::READ | interest::WRITE });
+                    return After::Park(if self.queued() == 0 {
+                        interest::READ
+                    } else {
+                        interest::READ | interest::WRITE
+                    });
                 }
             };
             match self.invoke(callback, 0, self.flags(ctx), ctx, scratch) {
@@ -494,16 +517,14 @@ impl Conn {
 
     /// True when the app's timer has run out: the connection is serving requests, its output
     /// is not full, and the peer has sent nothing for the timer's length.
-    pub fn timer_due(&self, now: Instant) -> bool {
-        self.phase == Phase::Open
-            && !self.full
-            && self.timer.is_some_and(|t| now.duration_since(self.last_active) >= t)
+    pub fn timer_due(&self, now: u64) -> bool {
+        self.phase == Phase::Open && !self.full && self.timer_ms > 0 && self.quiet_ms(now) >= self.timer_ms
     }
 
     /// Calls the app's `on_timer` (see [`Conn::timer_due`]); the quiet period starts again.
     pub fn on_timer(&mut self, ctx: &Ctx<'_>, scratch: &mut Scratch) -> (After, u64) {
         let result = self.call_and_settle(Callback::Timer, ctx, scratch);
-        self.last_active = Instant::now();
+        self.last_active = sys::monotonic_ms();
         result
     }
 
@@ -531,8 +552,9 @@ impl Conn {
     }
 
     /// The limit this connection has run into by `now`, if any (see [`Limit`]).
-    pub fn limit_due(&self, now: Instant, limits: &Limits) -> Option<Limit> {
-        let past = |t: Option<Duration>, since: Instant| t.is_some_and(|t| now.duration_since(since) >= t);
+    pub fn limit_due(&self, now: u64, limits: &Limits) -> Option<Limit> {
+        let past =
+            |t: Option<Duration>, since: u64| t.is_some_and(|t| u128::from(now.saturating_sub(since)) >= t.as_millis());
         if self.limit.is_some() || matches!(self.phase, Phase::Lingering { .. }) {
             return None;
         }
@@ -597,7 +619,7 @@ impl Conn {
             self.output.clear();
             self.sent = 0;
             self.output.extend_from_slice(&bytes[written..]);
-            self.since = Instant::now(); // `send_timeout` counts from here
+            self.since = sys::monotonic_ms(); // `send_timeout` counts from here
         }
         Ok(())
     }
@@ -617,7 +639,7 @@ impl Conn {
         if self.sent > before {
             // The peer took some: `send_timeout` counts again (or, with everything sent,
             // `read_timeout` for a partial request that waited behind the output).
-            self.since = Instant::now();
+            self.since = sys::monotonic_ms();
         }
         if self.queued() == 0 {
             self.output = Vec::new();

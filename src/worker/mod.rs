@@ -480,13 +480,13 @@ impl Worker {
 
     /// Closes (gently) every parked connection that is between requests and quiet.
     fn close_idle_connections(&self) {
-        let now = Instant::now();
+        let now_ms = sys::monotonic_ms();
         self.pool.sweep(|slot| {
             let conn = slot.as_mut().expect("sweep only offers occupied slots");
             // A request already in the kernel's buffer (its event not handled yet) means the
             // connection is not between requests after all.
             if conn.between_requests()
-                && now.duration_since(conn.last_active) >= DRAIN_IDLE_GRACE
+                && u128::from(conn.quiet_ms(now_ms)) >= DRAIN_IDLE_GRACE.as_millis()
                 && !conn.input_waiting()
                 && let After::Close(_) = conn.begin_close()
                 && let Some(conn) = slot.take()

@@ -220,7 +220,7 @@ impl Pool {
     /// What a call into `conn`'s app may use.
     fn ctx(&self, conn: &Conn) -> Ctx<'_> {
         Ctx {
-            app: &self.apps[conn.app],
+            app: &self.apps[conn.app()],
             limits: &self.limits[conn.listener as usize],
             draining: self.draining.load(Ordering::Relaxed),
         }
@@ -386,7 +386,8 @@ impl Pool {
         };
         let token = token(fd, seq);
         let mut guard = slot.lock();
-        let conn = guard.insert(Conn::new(socket, listener.tcp, seq, (listener.index as u32, listener.app), handle, peer));
+        let conn =
+            guard.insert(Conn::new(socket, listener.tcp, seq, (listener.index as u32, listener.app), handle, peer));
         // A connection closed while its event waited for its app's share left its mark.
         slot.waiting.store(0, Ordering::SeqCst);
         self.conns.note_used(fd);
@@ -397,7 +398,7 @@ impl Pool {
         // The app's greeting, if it has one (`App::on_open`), in this thread.
         if app.has_events() {
             let ctx = self.ctx(conn);
-            let had_timer = conn.timer.is_some();
+            let had_timer = conn.has_timer();
             match conn.on_open(&ctx, scratch.get_or_insert_with(Scratch::new)) {
                 After::Park(wanted) => conn.armed = wanted | interest::EDGE,
                 After::Close(reason) => {
@@ -406,7 +407,7 @@ impl Pool {
                     return self.finish(conn, reason);
                 }
             }
-            self.track_timer(had_timer, conn.timer.is_some());
+            self.track_timer(had_timer, conn.has_timer());
         }
         let armed = conn.armed;
         if let Err(e) = self.epoll.add(fd as i32, armed, token) {
@@ -487,7 +488,7 @@ impl Pool {
             if !(limits || timers || news) {
                 continue;
             }
-            let now = Instant::now();
+            let now = monotonic_ms();
             let mut untold = false;
             for slot in self.conns.used() {
                 if self.stopping.load(Ordering::Acquire) {
@@ -530,18 +531,18 @@ impl Pool {
             self.unlock(slot, guard);
             return untold;
         };
-        if job == Job::Drain && !self.apps[conn.app].has_events() {
+        if job == Job::Drain && !self.apps[conn.app()].has_events() {
             conn.told_drain = true;
             self.unlock(slot, guard);
             return false;
         }
-        let app = conn.app;
+        let app = conn.app();
         if !self.shares.enter(app) {
             // Again at the next tick, when the app may have a handler to spare.
             self.unlock(slot, guard);
             return untold;
         }
-        let had_timer = conn.timer.is_some();
+        let had_timer = conn.has_timer();
         let ctx = self.ctx(conn);
         self.timer_beat.begin(app, &conn.peer);
         let (after, requests) = match job {
@@ -550,7 +551,7 @@ impl Pool {
             Job::Timer => conn.on_timer(&ctx, scratch),
         };
         self.timer_beat.end();
-        self.track_timer(had_timer, conn.timer.is_some());
+        self.track_timer(had_timer, conn.has_timer());
         if requests > 0 {
             self.counters.requests.fetch_add(requests, Ordering::Relaxed);
         }
@@ -658,7 +659,7 @@ impl Pool {
             return None;
         }
         let conn = guard.as_mut().expect("checked above");
-        let app_index = conn.app;
+        let app_index = conn.app();
         let ctx = self.ctx(conn);
         // Only app code counts against an app's share: a connection flushing or closing runs
         // none, and must not wait behind the app's stuck requests.
@@ -675,9 +676,9 @@ impl Pool {
         // Anything that arrived before this point is read now; a later arrival is a new edge.
         slot.again.store(false, Ordering::SeqCst);
         beat.begin(app_index, &conn.peer);
-        let had_timer = conn.timer.is_some();
+        let had_timer = conn.has_timer();
         let (after, requests) = conn.on_ready(&event, &ctx, scratch);
-        self.track_timer(had_timer, conn.timer.is_some());
+        self.track_timer(had_timer, conn.has_timer());
         beat.end();
         if queued {
             // What happened while it waited (more input, the peer's FIN) came as events that
@@ -727,7 +728,7 @@ impl Pool {
 
     /// Ends a connection: tells the app, counts it, closes the socket.
     pub fn finish(&self, mut conn: Conn, reason: CloseReason) {
-        let app = &self.apps[conn.app];
+        let app = &self.apps[conn.app()];
         // A limit that began a gentle close is what ended the connection.
         let reason = match conn.limit {
             Some(limit) => CloseReason::Limit(limit),
@@ -745,7 +746,7 @@ impl Pool {
             CloseReason::Error(e) => log::debug!("connection from {} closed: {e}", conn.peer),
             _ => {}
         }
-        self.track_timer(conn.timer.is_some(), false);
+        self.track_timer(conn.has_timer(), false);
         conn.release(app);
         if crate::logging::access_enabled() {
             crate::logging::access(format_args!(
@@ -773,7 +774,8 @@ impl Pool {
 /// What the clock looks at in one round (see `Pool::timer_loop`).
 #[derive(Clone, Copy)]
 struct Tick {
-    now: Instant,
+    /// `sys::monotonic_ms()`.
+    now: u64,
     limits: bool,
     timers: bool,
     news: bool,

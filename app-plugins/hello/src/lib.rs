@@ -212,7 +212,6 @@ impl App for Hello {
         }
     }
 
-
     /// Sends the next pieces of a `/bytes/N` body, as much as the output has room for.
     fn on_writable(&self, conn: &mut Conn) -> Next {
         loop {
@@ -328,6 +327,78 @@ mod tests {
         let huge = b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999999\r\n\r\n";
         assert_eq!(conn.send(huge), Next::Close);
         assert!(text(conn.take_output()).starts_with("HTTP/1.1 413"));
+    }
+
+    /// The body of `/bytes/N`: `abc…z` repeated.
+    fn pattern(n: usize) -> Vec<u8> {
+        (0..n).map(|i| b'a' + (i % 26) as u8).collect()
+    }
+
+    #[test]
+    fn bytes_n_is_produced_as_the_output_has_room_and_pipelined_requests_wait_for_it() {
+        let app = TestApp::<Hello>::start("").unwrap();
+        let mut conn = app.connect();
+        conn.set_output_room(1000);
+        conn.send(b"GET /bytes/2500 HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\n");
+        let mut out = conn.take_output();
+        assert!(conn.wants_writable());
+        assert_eq!(conn.pending_input(), b"GET / HTTP/1.1\r\n\r\n", "waits behind the body");
+        while conn.wants_writable() {
+            conn.writable();
+            out.extend(conn.take_output());
+        }
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let head_end = text.find("\r\n\r\n").unwrap() + 4;
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n") && text.contains("Content-Length: 2500\r\n"), "{text}");
+        assert_eq!(&out[head_end..], pattern(2500).as_slice());
+        // The producer is done: the request behind it is answered.
+        conn.send(b"");
+        assert!(text_of(conn.take_output()).ends_with("Hello, world!"));
+        assert_eq!(conn.requests(), 2);
+    }
+
+    fn text_of(bytes: Vec<u8>) -> String {
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn bytes_n_closes_after_the_body_when_asked_and_refuses_a_bad_count() {
+        let app = TestApp::<Hello>::start("").unwrap();
+        let mut conn = app.connect();
+        assert_eq!(conn.send(b"GET /bytes/3 HTTP/1.0\r\n\r\n"), Next::Close);
+        let out = text_of(conn.take_output());
+        assert!(out.contains("Connection: close") && out.ends_with("\r\n\r\nabc"), "{out}");
+        let mut conn = app.connect();
+        assert_eq!(conn.send(b"GET /bytes/0 HTTP/1.1\r\n\r\n"), Next::KeepOpen);
+        let out = text_of(conn.take_output());
+        assert!(out.contains("Content-Length: 0\r\n") && out.ends_with("\r\n\r\n"), "{out}");
+        assert!(!conn.wants_writable(), "nothing to produce");
+        let mut conn = app.connect();
+        assert_eq!(conn.send(b"GET /bytes/lots HTTP/1.1\r\n\r\n"), Next::Close);
+        assert!(text_of(conn.take_output()).starts_with("HTTP/1.1 400"));
+    }
+
+    #[test]
+    fn pipelined_requests_are_answered_only_while_the_output_has_room() {
+        let app = TestApp::<Hello>::start("").unwrap();
+        let mut conn = app.connect();
+        conn.set_output_room(10);
+        conn.send(&b"GET / HTTP/1.1\r\n\r\n".repeat(3));
+        assert_eq!(text_of(conn.take_output()).matches("200 OK").count(), 1);
+        assert_eq!(conn.requests(), 1);
+        conn.set_output_room(usize::MAX);
+        conn.send(b"");
+        assert_eq!(text_of(conn.take_output()).matches("200 OK").count(), 2);
+    }
+
+    #[test]
+    fn a_request_that_does_not_arrive_in_time_gets_408() {
+        let app = TestApp::<Hello>::start("").unwrap();
+        let mut conn = app.connect();
+        conn.send(b"GET / HTTP/1.1\r\nHost: slow");
+        conn.read_timeout();
+        let out = text_of(conn.take_output());
+        assert!(out.starts_with("HTTP/1.1 408 Request Timeout\r\n") && out.contains("Connection: close"), "{out}");
     }
 
     #[test]

@@ -314,14 +314,14 @@ unsafe fn conn_call<A: App>(
     // A host before ABI 1.2 bounds no output.
     let has = |end: usize| abi::covers(size, end);
     let room_end = std::mem::offset_of!(ConnIo, output_room) + size_of::<u64>();
-    state.room = if has(room_end) {
+    let room = if has(room_end) {
         // SAFETY: `size` says the host's `ConnIo` has this field.
         usize::try_from(unsafe { addr_of!((*io).output_room).read() }).unwrap_or(usize::MAX)
     } else {
         usize::MAX
     };
     let result = catch_unwind(AssertUnwindSafe(|| {
-        let mut c = Conn::new(input, flags, state);
+        let mut c = Conn::new(input, flags, state).with_room(room);
         let next = f(app, &mut c);
         let (consumed, requests) = c.finish();
         (next, consumed, requests)
@@ -342,7 +342,7 @@ unsafe fn conn_call<A: App>(
     };
     // A host of ABI 1.0 passes a shorter `ConnIo`, without the timer.
     if has(std::mem::offset_of!(ConnIo, timer_ms) + size_of::<u64>()) {
-        let ms = state.timer.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1));
+        let ms = state.timer_ms;
         // SAFETY: `size` says the host's `ConnIo` has this field.
         unsafe { addr_of_mut!((*io).timer_ms).write(ms) };
     }
@@ -408,6 +408,25 @@ mod tests {
             conn.write(b"T");
             Next::Close
         }
+        fn on_open(&self, conn: &mut Conn) -> Next {
+            conn.write(b"hello\n");
+            conn.want_writable(true);
+            conn.lift_idle_timeout(true);
+            Next::KeepOpen
+        }
+        fn on_writable(&self, conn: &mut Conn) -> Next {
+            let room = conn.output_room();
+            conn.write(&vec![b'w'; room]);
+            conn.want_writable(false);
+            Next::InProgress
+        }
+        fn on_drain(&self, conn: &mut Conn) -> Next {
+            conn.write(if conn.draining() { b"bye\n" } else { b"??\n" });
+            Next::Close
+        }
+        fn on_read_timeout(&self, conn: &mut Conn) {
+            conn.write(conn.input());
+        }
     }
 
     /// An app that declares no settings.
@@ -435,18 +454,52 @@ mod tests {
         io: ConnIo,
     }
 
-    /// Calls `entry` as the host does, with a `ConnIo` that says it is `size` bytes long and
-    /// whose `timer_ms` holds 777 before the call.
+    /// Calls `entry` as the host does, with a `ConnIo` that says it is `size` bytes long,
+    /// whose `timer_ms` and `wants` hold 777 before the call, and 2 bytes of output room.
     fn call(
         entry: unsafe extern "C" fn(*mut c_void, *mut c_void, *mut ConnIo) -> NextCode,
         conn: *mut c_void,
         input: &[u8],
         size: usize,
     ) -> Called {
+        call_with(
+            |app, c, io| {
+                // SAFETY: as `call_with` promises.
+                unsafe { entry(app, c, io) }
+            },
+            conn,
+            input,
+            size,
+            0,
+        )
+    }
+
+    /// Like `call`, for `conn_event` with `kind` and `flags`.
+    fn event(kind: abi::EventKind, conn: *mut c_void, input: &[u8], flags: u32) -> Called {
+        call_with(
+            |app, c, io| {
+                // SAFETY: as `call_with` promises.
+                unsafe { conn_event::<Timed>(app, c, io, kind) }
+            },
+            conn,
+            input,
+            size_of::<ConnIo>(),
+            flags,
+        )
+    }
+
+    /// Calls `entry` with a live `Timed`, `conn`, and a `ConnIo` valid for the call.
+    fn call_with(
+        entry: impl FnOnce(*mut c_void, *mut c_void, *mut ConnIo) -> NextCode,
+        conn: *mut c_void,
+        input: &[u8],
+        size: usize,
+        flags: u32,
+    ) -> Called {
         let (mut out, mut error) = (Vec::new(), Vec::new());
         let mut io = ConnIo {
             size: size as u32,
-            flags: 0,
+            flags,
             input: input.as_ptr(),
             input_len: input.len(),
             consumed: 0,
@@ -460,9 +513,9 @@ mod tests {
             wants: 777,
         };
         let mut app = Timed;
-        // SAFETY: `app` and `conn` are a live `Timed` and connection state; `io` and what it
-        // points at outlive the call, which is the only one on this connection.
-        let code = unsafe { entry((&mut app as *mut Timed).cast(), conn, &mut io) };
+        // `app` and `conn` are a live `Timed` and connection state; `io` and what it points at
+        // outlive the call, which is the only one on this connection.
+        let code = entry((&mut app as *mut Timed).cast(), conn, &mut io);
         Called { code, out, error, io }
     }
 
@@ -499,6 +552,36 @@ mod tests {
         let c = call(conn_data::<Timed>, conn, b"hi\n", size_1_0);
         assert_eq!(c.out, b"hi\n");
         assert_eq!(c.io.timer_ms, 777, "the field a 1.0 host does not have is left alone");
+        close_conn(conn);
+    }
+
+    #[test]
+    fn events_reach_their_callbacks_with_the_output_room_and_report_the_wishes() {
+        let conn = open_conn();
+        let open = event(abi::EVENT_OPEN, conn, b"", 0);
+        assert_eq!((open.code, open.out.as_slice()), (abi::NEXT_KEEP_OPEN, &b"hello\n"[..]));
+        assert_eq!(open.io.wants, abi::WANT_WRITABLE | abi::WANT_NO_IDLE_TIMEOUT);
+        let writable = event(abi::EVENT_WRITABLE, conn, b"", 0);
+        assert_eq!(writable.out, b"ww", "exactly the room the host gave");
+        assert_eq!((writable.code, writable.io.wants), (abi::NEXT_IN_PROGRESS, abi::WANT_NO_IDLE_TIMEOUT));
+        let drain = event(abi::EVENT_DRAIN, conn, b"", abi::FLAG_DRAINING);
+        assert_eq!((drain.code, drain.out.as_slice()), (abi::NEXT_CLOSE, &b"bye\n"[..]));
+        let late = event(abi::EVENT_READ_TIMEOUT, conn, b"GET /", 0);
+        assert_eq!((late.code, late.out.as_slice()), (abi::NEXT_CLOSE, &b"GET /"[..]), "closed whatever the app says");
+        let unknown = event(99, conn, b"x", 0);
+        assert_eq!((unknown.code, unknown.out.len()), (abi::NEXT_KEEP_OPEN, 0), "a kind from a newer host");
+        close_conn(conn);
+    }
+
+    #[test]
+    fn a_host_of_abi_1_1_gets_no_wishes_written_and_bounds_no_output() {
+        let conn = open_conn();
+        let size_1_1 = std::mem::offset_of!(ConnIo, output_room);
+        // Two lines: with a room of 2 bytes only the first would be taken, but a 1.1 host
+        // passes no room.
+        let c = call(conn_data::<Timed>, conn, b"hi\nho\n", size_1_1);
+        assert_eq!(c.out, b"hi\nho\n");
+        assert_eq!((c.io.timer_ms, c.io.wants), (250, 777), "the timer is written, the wishes are not");
         close_conn(conn);
     }
 

@@ -288,10 +288,9 @@ pub(crate) struct ConnState {
     pub(crate) listener: String,
     pub(crate) id: u64,
     pub(crate) session: Option<Box<dyn Any + Send>>,
-    /// See [`Conn::set_timer`].
-    pub(crate) timer: Option<std::time::Duration>,
-    /// How many bytes this call may write before the output is full (see [`Conn::output_room`]).
-    pub(crate) room: usize,
+    /// See [`Conn::set_timer`]: milliseconds, 0 for none (a `Duration` would make every
+    /// connection's state a size class larger).
+    pub(crate) timer_ms: u64,
     /// See [`Conn::want_writable`].
     pub(crate) want_writable: bool,
     /// See [`Conn::lift_idle_timeout`].
@@ -299,6 +298,12 @@ pub(crate) struct ConnState {
     /// How many bytes at the start of the unconsumed input are known to hold no `\n`, so that
     /// [`Conn::take_line`] does not scan a long partial line again each time more of it comes.
     pub(crate) no_newline: usize,
+}
+
+impl ConnState {
+    pub(crate) fn timer(&self) -> Option<std::time::Duration> {
+        (self.timer_ms > 0).then(|| std::time::Duration::from_millis(self.timer_ms))
+    }
 }
 
 impl Default for ConnState {
@@ -309,8 +314,7 @@ impl Default for ConnState {
             listener: String::new(),
             id: 0,
             session: None,
-            timer: None,
-            room: usize::MAX,
+            timer_ms: 0,
             want_writable: false,
             no_idle_timeout: false,
             no_newline: 0,
@@ -329,13 +333,22 @@ pub struct Conn<'a> {
     scanned: usize,
     requests: u64,
     flags: u32,
+    /// How many bytes this call may write before the output is full (see [`Conn::output_room`]).
+    room: usize,
     state: &'a mut ConnState,
 }
 
 impl<'a> Conn<'a> {
     pub(crate) fn new(input: &'a [u8], flags: u32, state: &'a mut ConnState) -> Conn<'a> {
         let scanned = state.no_newline.min(input.len());
-        Conn { input, pos: 0, scanned, requests: 0, flags, state }
+        Conn { input, pos: 0, scanned, requests: 0, flags, room: usize::MAX, state }
+    }
+
+    /// Sets what this call may write before the output is full (the server's `max_output`
+    /// less what is queued).
+    pub(crate) fn with_room(mut self, room: usize) -> Conn<'a> {
+        self.room = room;
+        self
     }
 
     /// The input not consumed yet.
@@ -405,7 +418,7 @@ impl<'a> Conn<'a> {
     /// server's `max_output` (what the peer has not read yet counts). Above it the server stops
     /// reading the connection and calling the app for it until the peer has read half.
     pub fn output_room(&self) -> usize {
-        self.state.room.saturating_sub(self.state.out.len())
+        self.room.saturating_sub(self.state.out.len())
     }
 
     /// True while [`Conn::output_room`] is not zero: the app may answer another request.
@@ -439,12 +452,12 @@ impl<'a> Conn<'a> {
     /// app that uses it typically sets it at the end of every `on_readable` (for example while
     /// a transaction is open). Its resolution is about a tenth of a second.
     pub fn set_timer(&mut self, after: Option<std::time::Duration>) {
-        self.state.timer = after;
+        self.state.timer_ms = after.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1));
     }
 
     /// The connection's timer, as last set with [`Conn::set_timer`].
     pub fn timer(&self) -> Option<std::time::Duration> {
-        self.state.timer
+        self.state.timer()
     }
 
     /// True once the worker is draining (reload or stop): answer the current request and

@@ -54,8 +54,7 @@ impl<A: App> TestApp<A> {
             id,
             ..ConnState::default()
         };
-        let mut conn =
-            TestConn {
+        let mut conn = TestConn {
             app: &self.app,
             input: Vec::new(),
             state,
@@ -143,9 +142,8 @@ impl<A: App> TestConn<'_, A> {
         let flags = if self.draining { abi::FLAG_DRAINING } else { 0 };
         // Like the worker: what was written in earlier calls and not taken does not count (it
         // was sent), only what this call writes.
-        let taken = self.state.out.len();
-        self.state.room = self.room.saturating_add(taken);
-        let mut conn = Conn::new(&self.input, flags, &mut self.state);
+        let room = self.room.saturating_add(self.state.out.len());
+        let mut conn = Conn::new(&self.input, flags, &mut self.state).with_room(room);
         let next = f(self.app, &mut conn);
         let (consumed, requests) = conn.finish();
         self.input.drain(..consumed);
@@ -155,7 +153,7 @@ impl<A: App> TestConn<'_, A> {
 
     /// The connection's timer as the app left it ([`Conn::set_timer`]).
     pub fn timer(&self) -> Option<std::time::Duration> {
-        self.state.timer
+        self.state.timer()
     }
 
     /// Everything the app wrote since the last call.
@@ -245,6 +243,58 @@ mod tests {
         assert_eq!(conn.requests(), 2);
         conn.close();
         assert_eq!(CLOSED_WITH.load(std::sync::atomic::Ordering::SeqCst), 2, "on_close took the session");
+    }
+
+    /// Greets, answers lines while there is room, says goodbye on a drain and `408` on a read
+    /// timeout, and keeps subscribers (`SUB`) past the idle timeout.
+    struct Lifecycle;
+
+    impl App for Lifecycle {
+        fn start(_: &Settings) -> Result<Self, String> {
+            Ok(Lifecycle)
+        }
+        fn on_open(&self, conn: &mut Conn) -> Next {
+            conn.write(format!("WELCOME {}\n", conn.id()).as_bytes());
+            Next::KeepOpen
+        }
+        fn on_readable(&self, conn: &mut Conn) -> Next {
+            while let Some(line) = conn.take_line() {
+                if line == b"SUB\n" {
+                    conn.lift_idle_timeout(true);
+                }
+                conn.write(line);
+            }
+            Next::KeepOpen
+        }
+        fn on_drain(&self, conn: &mut Conn) -> Next {
+            assert!(conn.draining());
+            conn.write(b"BYE\n");
+            Next::Close
+        }
+        fn on_read_timeout(&self, conn: &mut Conn) {
+            let partial = conn.input().len();
+            conn.write(format!("408 after {partial} bytes\n").as_bytes());
+        }
+    }
+
+    #[test]
+    fn the_test_driver_drives_open_room_drain_and_read_timeout() {
+        let app = TestApp::<Lifecycle>::start("").unwrap();
+        let mut conn = app.connect();
+        assert_eq!((conn.opened(), conn.take_output()), (Next::KeepOpen, b"WELCOME 1\n".to_vec()));
+        conn.set_output_room(4);
+        conn.send(b"ab\ncd\nef\n");
+        assert_eq!(conn.take_output(), b"ab\ncd\n", "the second line filled the room: the third waits");
+        assert_eq!(conn.pending_input(), b"ef\n");
+        conn.set_output_room(usize::MAX);
+        conn.send(b"SUB\npart");
+        assert_eq!(conn.take_output(), b"ef\nSUB\n");
+        assert!(conn.idle_timeout_lifted() && !conn.wants_writable());
+        conn.read_timeout();
+        assert_eq!(conn.take_output(), b"408 after 4 bytes\n");
+        assert_eq!(conn.writable(), Next::KeepOpen, "the default on_writable does nothing");
+        assert_eq!(conn.drain(), Next::Close);
+        assert_eq!(conn.take_output(), b"BYE\n");
     }
 
     #[test]
