@@ -29,6 +29,7 @@ fn start(name: &str, settings: &str) -> App {
         worker_pid: std::process::id(),
         generation: 1,
         setting_lines: &Default::default(),
+        app_index: 0,
     };
     App::start(&plugin(name), &ctx).unwrap_or_else(|e| panic!("cannot start {name}: {e}"))
 }

@@ -130,7 +130,9 @@ fn main() {
         let (p50, p99) = p50_p99(sample.clone());
         format!("{label} p50 {p50:.2} ms, p99 {p99:.2} ms ({} requests)", sample.len())
     };
-    let (dripping, closing): (Vec<(Instant, Duration)>, Vec<(Instant, Duration)>) = during.into_iter().partition(|(t, _)| *t + Duration::from_millis(500) < first_close);
+    type Sample = Vec<(Instant, Duration)>;
+    let (dripping, closing): (Sample, Sample) =
+        during.into_iter().partition(|(t, _)| *t + Duration::from_millis(500) < first_close);
     println!("normal client (connect + request + answer):");
     println!("  {}", figures("before the attack:", before.iter().map(|r| r.1).collect()));
     println!("  {}", figures("while the slow connections drip:", dripping.iter().map(|r| r.1).collect()));

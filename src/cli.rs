@@ -266,6 +266,7 @@ fn check_apps(path: &Path) -> i32 {
             worker_pid: std::process::id(),
             generation: 0,
             setting_lines: &app.setting_lines,
+            app_index: 0,
         };
         // Never block on the file: a FIFO or a device at the plugin path is refused, as the
         // master refuses it.

@@ -3,6 +3,7 @@
 //! The binary (`src/main.rs`) is a thin shell over [`cli::main`]. See ARCHITECTURE.md for the
 //! processes, the signals, the reload sequence and a map of these modules.
 
+pub mod app_timers;
 pub mod balance;
 pub mod cli;
 pub mod config;

@@ -2,6 +2,9 @@
 //! connection's peer has been quiet for the timer's length, with the partial request it holds,
 //! and input restarts the countdown. A plugin built for ABI 1.0 (no timers) still loads and
 //! serves.
+//!
+//! App timers (`fdt_sdk::Timers`): callbacks run after a delay or every interval by the worker's
+//! clock thread, never overlapping with themselves, cancellable, dropped when the app stops.
 
 mod util;
 
@@ -178,4 +181,94 @@ fn a_panic_in_on_timer_closes_only_that_connection() {
         let counted = metrics.lines().any(|l| l.starts_with("fdtserver_handler_panics_total{") && l.ends_with(" 1"));
         (counted && server.log().contains("testkit was told to panic on its timer")).then_some(())
     });
+}
+
+/// `RUNS` of testkit: (runs, overlaps) of its command-started app timers.
+fn runs(client: &mut LineClient) -> (u64, u64) {
+    let answer = client.ask("RUNS");
+    let mut words = answer.split_whitespace().map(|w| w.parse::<u64>().unwrap());
+    (words.next().unwrap(), words.next().unwrap())
+}
+
+#[test]
+fn an_app_timer_runs_every_interval_until_cancelled() {
+    let server = testkit_server();
+    let mut client = LineClient::connect(server.addr("testkit"));
+    let started = Instant::now();
+    assert_eq!(client.ask("EVERY 100"), "STARTED");
+    wait_for(Duration::from_secs(5), "five runs of a 100 ms timer", || (runs(&mut client).0 >= 5).then_some(()));
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(500), "five runs of a 100 ms timer came after only {took:?}");
+    assert_eq!(client.ask("CANCEL"), "CANCELLED");
+    let after_cancel = runs(&mut client).0;
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(runs(&mut client).0 <= after_cancel + 1, "a cancelled timer ran on (a run in progress may finish)");
+}
+
+#[test]
+fn an_app_timer_never_overlaps_with_itself_and_a_one_shot_runs_once() {
+    let server = testkit_server();
+    let mut client = LineClient::connect(server.addr("testkit"));
+    // Due every 10 ms, each run takes 50 ms: runs are skipped, never run side by side.
+    assert_eq!(client.ask("EVERY 10 50"), "STARTED");
+    std::thread::sleep(Duration::from_millis(1000));
+    let (n, overlaps) = runs(&mut client);
+    assert_eq!(overlaps, 0, "runs of one timer overlapped");
+    assert!((5..=21).contains(&n), "{n} runs of 50 ms in one second");
+    assert_eq!(client.ask("CANCEL"), "CANCELLED");
+    // A run in progress at the cancel finishes (50 ms); then the count holds still.
+    let mut before = runs(&mut client).0;
+    wait_for(Duration::from_secs(3), "the cancelled timer's last run", || {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = runs(&mut client).0;
+        std::mem::replace(&mut before, now).eq(&now).then_some(())
+    });
+    assert_eq!(client.ask("AFTER 200"), "STARTED");
+    wait_for(Duration::from_secs(3), "the one-shot timer", || (runs(&mut client).0 > before).then_some(()));
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(runs(&mut client).0, before + 1, "a one-shot timer runs once");
+}
+
+#[test]
+fn a_panicking_app_timer_is_counted_and_keeps_running_and_the_worker_serves() {
+    let server = testkit_server();
+    let pid = server.worker_pids()[0];
+    let mut client = LineClient::connect(server.addr("testkit"));
+    assert_eq!(client.ask("EVERY_PANIC 100"), "STARTED");
+    wait_for(Duration::from_secs(5), "three panicking runs", || (runs(&mut client).0 >= 3).then_some(()));
+    assert_eq!(client.ask("PID"), pid.to_string(), "the worker lives on");
+    let panics = wait_for(Duration::from_secs(5), "the panics in the metrics", || {
+        let (_, metrics) = server.control("GET", "/metrics")?;
+        let line = metrics.lines().find(|l| l.starts_with("fdtserver_handler_panics_total"))?.to_string();
+        let n: f64 = line.rsplit(' ').next()?.parse().ok()?;
+        (n >= 2.0).then_some(n)
+    });
+    assert!(panics >= 2.0);
+    assert!(server.log().contains("a timer's callback panicked"), "{}", server.log());
+    assert!(server.log().contains("testkit was told to panic in a timer"), "the panic's message is logged");
+}
+
+#[test]
+fn app_timers_end_when_the_app_stops_and_their_callbacks_are_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ticks");
+    let settings = format!("tick_file = \"{}\"", file.display());
+    let server = TestServer::start(&Setup::new(1, 2).app("testkit", "testkit", &settings));
+    let old = server.worker_pids()[0];
+    let ticks_of = |pid: i32| {
+        std::fs::read_to_string(&file).unwrap_or_default().lines().filter(|l| *l == format!("TICK {pid}")).count()
+    };
+    wait_for(Duration::from_secs(5), "the tick timer to run", || (ticks_of(old) >= 2).then_some(()));
+    assert_eq!(server.reload().0, 200);
+    wait_for(Duration::from_secs(10), "the old worker to exit", || (!alive(old)).then_some(()));
+    let text = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let dropped = lines.iter().position(|l| *l == format!("DROPPED {old}"));
+    let last_tick = lines.iter().rposition(|l| *l == format!("TICK {old}"));
+    assert!(dropped.is_some(), "the old app's timer was not dropped:\n{text}");
+    assert!(last_tick < dropped, "the old app's timer ticked after it was dropped:\n{text}");
+    let new = server.worker_pids()[0];
+    wait_for(Duration::from_secs(5), "the new generation's timer", || (ticks_of(new) >= 1).then_some(()));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(ticks_of(old), text.lines().filter(|l| *l == format!("TICK {old}")).count(), "no tick after exit");
 }

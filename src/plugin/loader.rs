@@ -23,6 +23,8 @@ pub struct StartContext<'a> {
     pub generation: u64,
     /// `FILE:LINE` of each of the app's settings (`AppConfig::setting_lines`), for errors.
     pub setting_lines: &'a std::collections::BTreeMap<String, String>,
+    /// The app's place in the worker's apps (for its timers).
+    pub app_index: usize,
 }
 
 /// Facts from a plugin's descriptor (shown by `fdtserver check`).
@@ -124,6 +126,51 @@ impl AppEvents {
 /// Counters per app beyond this many names are dropped: an app that counts unbounded names
 /// (ids, say) must not grow the worker's memory and the metrics without limit.
 const MAX_EVENT_NAMES: usize = 256;
+
+/// An app timer's callback as the plugin gave it (`HostApi::timer_start`): run by one thread at
+/// a time, and freed by the plugin exactly once, when this is dropped.
+pub struct TimerCallback {
+    tick: abi::TimerTickFn,
+    drop: abi::TimerDropFn,
+    ctx: *mut c_void,
+}
+
+// SAFETY: the plugin's timer context is `Send` on its side (the SDK requires `Send` closures),
+// and the host uses it from one thread at a time (`&mut self`, or the drop).
+unsafe impl Send for TimerCallback {}
+
+impl TimerCallback {
+    /// Runs the tick; false when the app's code panicked (the plugin logged why).
+    pub fn tick(&mut self) -> bool {
+        // SAFETY: `ctx` is live until `drop`, which has not run (we own it), and no other
+        // thread uses it at the same time.
+        unsafe { (self.tick)(self.ctx) == abi::STATUS_OK }
+    }
+}
+
+impl Drop for TimerCallback {
+    fn drop(&mut self) {
+        // SAFETY: dropped once; `ctx` is not used after this.
+        unsafe { (self.drop)(self.ctx) }
+    }
+}
+
+unsafe extern "C" fn host_timer_start(
+    ctx: *const c_void,
+    delay_ms: u64,
+    every_ms: u64,
+    tick: abi::TimerTickFn,
+    drop: abi::TimerDropFn,
+    tick_ctx: *mut c_void,
+) -> u64 {
+    // SAFETY: `ctx` is the app index we leaked for this app (valid forever).
+    let app = unsafe { *ctx.cast::<usize>() };
+    crate::app_timers::start(app, delay_ms, every_ms, TimerCallback { tick, drop, ctx: tick_ctx })
+}
+
+unsafe extern "C" fn host_timer_cancel(_ctx: *const c_void, id: u64) {
+    crate::app_timers::cancel(id);
+}
 
 unsafe extern "C" fn host_count(ctx: *const c_void, name: StrRef, delta: u64) {
     // SAFETY: `ctx` is the `AppEvents` we leaked for this app (valid forever); the name is
@@ -325,6 +372,9 @@ impl App {
             databases_toml: StrRef::new(ctx.databases_toml),
             count: host_count,
             count_ctx: (events as *const AppEvents).cast(),
+            timer_start: host_timer_start,
+            timer_cancel: host_timer_cancel,
+            timers_ctx: (Box::leak(Box::new(ctx.app_index)) as *const usize).cast(),
         };
         let mut app: *mut c_void = std::ptr::null_mut();
         let mut error = String::new();

@@ -7,4 +7,4 @@
 pub mod loader;
 pub mod pin;
 
-pub use loader::{App, Call, ConnHandle, DataOutcome, StartContext};
+pub use loader::{App, Call, ConnHandle, DataOutcome, StartContext, TimerCallback};

@@ -197,6 +197,7 @@ impl Worker {
                 worker_pid: std::process::id(),
                 generation: spec.generation,
                 setting_lines: &app_config.setting_lines,
+                app_index: apps.len(),
             };
             match App::start(pinned, &ctx) {
                 Ok(app) => {
@@ -543,8 +544,10 @@ impl Worker {
             log::warn!("{stuck} thread(s) still inside app code; exiting without the apps' stop hooks");
             return;
         }
-        // Every connection is closed and no handler runs: the apps may stop.
-        for app in &self.pool.apps {
+        // Every connection is closed and no handler runs (nor the clock): the apps' timers end,
+        // and the apps may stop.
+        for (index, app) in self.pool.apps.iter().enumerate() {
+            crate::app_timers::stop_app(index);
             app.stop();
         }
         if graceful {

@@ -37,6 +37,8 @@ const STOP_TOKEN: u64 = u64::MAX;
 /// How often the timer thread looks for connections whose app timer ran out: the timers'
 /// resolution (app timers are for seconds-long quiet periods, such as an idle transaction).
 const TIMER_TICK: std::time::Duration = std::time::Duration::from_millis(100);
+/// App timers the clock runs in a row before it looks at its connections again.
+const APP_TIMER_BURST: usize = 64;
 /// How often the timer thread looks for connections past a limit (`idle_timeout`,
 /// `read_timeout`, `send_timeout`): the limits' resolution.
 const LIMIT_SWEEP_TICKS: u32 = 5;
@@ -477,18 +479,32 @@ impl Pool {
     /// returns). A connection being served or waiting for its app's share is skipped this
     /// time; one whose input waits in the kernel is not quiet (no timer, no idle limit).
     fn timer_loop(&self) {
+        crate::app_timers::set_clock(thread::current());
         let mut scratch = Scratch::new();
         let mut ticks = 0u32;
+        let tick_ms = TIMER_TICK.as_millis() as u64;
+        let mut next_tick = monotonic_ms() + tick_ms;
         while !self.stopping.load(Ordering::Acquire) {
-            thread::park_timeout(TIMER_TICK);
-            ticks = ticks.wrapping_add(1);
-            let limits = ticks.is_multiple_of(LIMIT_SWEEP_TICKS);
-            let timers = self.timed.load(Ordering::Acquire) > 0;
+            // Asleep until the next tick, or the next app timer if it comes first (or a wake:
+            // a new timer, the drain).
+            let now = monotonic_ms();
+            let wait = next_tick.saturating_sub(now).min(crate::app_timers::next_due_in(now).unwrap_or(u64::MAX));
+            if wait > 0 {
+                thread::park_timeout(std::time::Duration::from_millis(wait));
+            }
+            self.run_app_timers();
+            let now = monotonic_ms();
+            let ticked = now >= next_tick;
+            if ticked {
+                ticks = ticks.wrapping_add(1);
+                next_tick = now + tick_ms;
+            }
+            let limits = ticked && ticks.is_multiple_of(LIMIT_SWEEP_TICKS);
+            let timers = ticked && self.timed.load(Ordering::Acquire) > 0;
             let news = self.drain_news.swap(false, Ordering::SeqCst);
             if !(limits || timers || news) {
                 continue;
             }
-            let now = monotonic_ms();
             let mut untold = false;
             for slot in self.conns.used() {
                 if self.stopping.load(Ordering::Acquire) {
@@ -502,6 +518,28 @@ impl Pool {
             }
             if untold {
                 self.drain_news.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Runs the app timers that are due (`fdt_sdk::Timers`), each within its app's share of
+    /// handlers and under the clock's heartbeat, at most `APP_TIMER_BURST` of them before the
+    /// clock looks at its connections again.
+    fn run_app_timers(&self) {
+        let now = monotonic_ms();
+        for _ in 0..APP_TIMER_BURST {
+            if self.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            let Some(due) = crate::app_timers::take_due(now, |app| self.shares.enter(app)) else { return };
+            let app = due.app;
+            self.timer_beat.begin(app, "(app timer)");
+            let ok = due.run();
+            self.timer_beat.end();
+            self.shares.leave(app);
+            if !ok {
+                self.counters.panics.fetch_add(1, Ordering::Relaxed);
+                log::error!("app {}: a timer's callback panicked; the timer stays scheduled", self.apps[app].name());
             }
         }
     }

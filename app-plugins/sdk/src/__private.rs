@@ -182,10 +182,25 @@ unsafe extern "C" fn start<A: App>(
         } else {
             Default::default()
         };
+        // A host before ABI 1.2 has no clock for app timers.
+        let has_timers = abi::covers(size, std::mem::offset_of!(HostApi, timers_ctx) + size_of::<*const c_void>());
+        let timers = if has_timers {
+            // SAFETY: `size` says the host's `HostApi` has these fields.
+            unsafe {
+                crate::Timers::from_host(
+                    addr_of!((*host).timer_start).read(),
+                    addr_of!((*host).timer_cancel).read(),
+                    addr_of!((*host).timers_ctx).read(),
+                )
+            }
+        } else {
+            Default::default()
+        };
         let settings = Settings::parse(&name, &text)?
             .with_worker(&node, pid, generation)
             .with_databases(&databases)?
-            .with_events(events);
+            .with_events(events)
+            .with_timers(timers);
         A::start(&settings)
     }));
     match result {
@@ -203,6 +218,33 @@ unsafe extern "C" fn start<A: App>(
             abi::STATUS_PANIC
         }
     }
+}
+
+/// Boxes an app timer's callback for the host (freed by [`timer_drop`]).
+pub(crate) fn timer_context(f: crate::timers::Callback) -> *mut c_void {
+    Box::into_raw(Box::new(f)).cast::<c_void>()
+}
+
+/// Runs an app timer's callback; a panic is logged here (through the host's logger) and
+/// reported as `STATUS_PANIC`.
+pub(crate) unsafe extern "C" fn timer_tick(ctx: *mut c_void) -> Status {
+    // SAFETY: `ctx` came from `timer_context` and is not freed yet; the host runs one tick of
+    // a timer at a time.
+    let f = unsafe { &mut *ctx.cast::<crate::timers::Callback>() };
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(()) => abi::STATUS_OK,
+        Err(panic) => {
+            log::error!("timer: {}", panic_message(panic));
+            abi::STATUS_PANIC
+        }
+    }
+}
+
+/// Frees an app timer's callback (the host calls it once, when the timer is done).
+pub(crate) unsafe extern "C" fn timer_drop(ctx: *mut c_void) {
+    // SAFETY: `ctx` came from `timer_context`, and the host calls this once, last.
+    let f = unsafe { Box::from_raw(ctx.cast::<crate::timers::Callback>()) };
+    discard(catch_unwind(AssertUnwindSafe(move || drop(f))));
 }
 
 unsafe extern "C" fn stop<A: App>(app: *mut c_void) {
@@ -633,10 +675,47 @@ mod tests {
             databases_toml: StrRef::new(""),
             count: no_count,
             count_ctx: std::ptr::null(),
+            timer_start: no_timer_start,
+            timer_cancel: no_timer_cancel,
+            timers_ctx: std::ptr::null(),
         }
     }
 
     unsafe extern "C" fn no_count(_: *const c_void, _: StrRef, _: u64) {}
+
+    unsafe extern "C" fn no_timer_start(
+        _: *const c_void,
+        _: u64,
+        _: u64,
+        _: abi::TimerTickFn,
+        drop: abi::TimerDropFn,
+        ctx: *mut c_void,
+    ) -> u64 {
+        // SAFETY: the timer is done at once: freed exactly once, here.
+        unsafe { drop(ctx) };
+        1
+    }
+
+    unsafe extern "C" fn no_timer_cancel(_: *const c_void, _: u64) {}
+
+    #[test]
+    fn a_timer_callback_runs_reports_a_panic_and_is_freed_once() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static RUNS: AtomicU32 = AtomicU32::new(0);
+        let ctx = timer_context(Box::new(|| {
+            if RUNS.fetch_add(1, Ordering::SeqCst) == 1 {
+                panic!("second run");
+            }
+        }));
+        // SAFETY: `ctx` came from `timer_context`; ticks one at a time, then freed once.
+        unsafe {
+            assert_eq!(timer_tick(ctx), abi::STATUS_OK);
+            assert_eq!(timer_tick(ctx), abi::STATUS_PANIC);
+            assert_eq!(timer_tick(ctx), abi::STATUS_OK, "a panic does not end it");
+            timer_drop(ctx);
+        }
+        assert_eq!(RUNS.load(Ordering::SeqCst), 3);
+    }
 
     #[test]
     fn start_builds_the_app_and_refuses_another_abi_major() {

@@ -93,7 +93,31 @@ pub struct HostApi {
     pub count: unsafe extern "C" fn(ctx: *const c_void, name: StrRef, delta: u64),
     /// This app's counters on the host side; valid for the life of the process.
     pub count_ctx: *const c_void,
+    /// ABI 1.2: starts an app timer. After `delay_ms`, and then every `every_ms` (0: once), the
+    /// host calls `tick(tick_ctx)` from the worker's clock thread, never two calls of one timer
+    /// at once. Once the timer is done (cancelled, run once, or the app stops) the host calls
+    /// `drop(tick_ctx)`, exactly once, so that the plugin frees what `tick_ctx` points at.
+    /// Returns the timer's id (never 0). Thread-safe, callable any time, with `timers_ctx`.
+    pub timer_start: unsafe extern "C" fn(
+        ctx: *const c_void,
+        delay_ms: u64,
+        every_ms: u64,
+        tick: TimerTickFn,
+        drop: TimerDropFn,
+        tick_ctx: *mut c_void,
+    ) -> u64,
+    /// ABI 1.2: cancels the timer `id` (nothing when it is done already). A tick running right
+    /// now finishes first.
+    pub timer_cancel: unsafe extern "C" fn(ctx: *const c_void, id: u64),
+    /// This app's timers on the host side; valid for the life of the process.
+    pub timers_ctx: *const c_void,
 }
+
+/// ABI 1.2: an app timer's tick ([`HostApi::timer_start`]); returns a [`Status`] (the plugin logs
+/// a panic's message itself).
+pub type TimerTickFn = unsafe extern "C" fn(tick_ctx: *mut c_void) -> Status;
+/// ABI 1.2: frees an app timer's context ([`HostApi::timer_start`]).
+pub type TimerDropFn = unsafe extern "C" fn(tick_ctx: *mut c_void);
 
 /// What the host tells the plugin about a new connection; valid during `conn_open` only.
 #[repr(C)]

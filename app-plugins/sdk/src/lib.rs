@@ -42,6 +42,7 @@ pub mod abi;
 pub mod gid;
 mod settings;
 pub mod testing;
+mod timers;
 #[cfg(feature = "postgres")]
 pub mod txn;
 
@@ -51,6 +52,7 @@ pub mod __private;
 use std::any::Any;
 
 pub use settings::{DatabaseSettings, Settings};
+pub use timers::{TimerId, Timers};
 
 /// Event counters an app reports to the server's metrics, as
 /// `fdtserver_app_events_total{app="NAME",event="EVENT"}`. Get one from
@@ -282,6 +284,7 @@ impl Next {
 }
 
 /// Per-connection state kept on the plugin side of the boundary.
+#[derive(Default)]
 pub(crate) struct ConnState {
     pub(crate) out: Vec<u8>,
     pub(crate) peer: String,
@@ -303,22 +306,6 @@ pub(crate) struct ConnState {
 impl ConnState {
     pub(crate) fn timer(&self) -> Option<std::time::Duration> {
         (self.timer_ms > 0).then(|| std::time::Duration::from_millis(self.timer_ms))
-    }
-}
-
-impl Default for ConnState {
-    fn default() -> ConnState {
-        ConnState {
-            out: Vec::new(),
-            peer: String::new(),
-            listener: String::new(),
-            id: 0,
-            session: None,
-            timer_ms: 0,
-            want_writable: false,
-            no_idle_timeout: false,
-            no_newline: 0,
-        }
     }
 }
 

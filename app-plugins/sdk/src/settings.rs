@@ -23,6 +23,7 @@ pub struct Settings {
     generation: u64,
     databases: toml::Table,
     events: crate::Events,
+    timers: crate::Timers,
 }
 
 /// A `[database.NAME]` table of the server's config.
@@ -109,6 +110,17 @@ impl Settings {
 
     pub(crate) fn with_events(mut self, events: crate::Events) -> Settings {
         self.events = events;
+        self
+    }
+
+    /// The app's timers (see [`Timers`](crate::Timers)): callbacks run after a delay or every
+    /// interval by the worker's clock. Keep it (it is cheap to clone) to start timers later.
+    pub fn timers(&self) -> crate::Timers {
+        self.timers.clone()
+    }
+
+    pub(crate) fn with_timers(mut self, timers: crate::Timers) -> Settings {
+        self.timers = timers;
         self
     }
 

@@ -22,19 +22,30 @@ use crate::{App, Conn, ConnState, Next, Settings, abi};
 pub struct TestApp<A: App> {
     app: A,
     next_id: std::sync::atomic::AtomicU64,
+    clock: std::sync::Arc<crate::timers::TestClock>,
 }
 
 impl<A: App> TestApp<A> {
     /// Starts the app with the given `[app.NAME]` settings (TOML text).
     /// Like the server, refuses a key the app does not declare in [`App::SETTINGS`].
     pub fn start(settings_toml: &str) -> Result<TestApp<A>, String> {
-        let settings = Settings::parse("test", settings_toml)?.with_worker("test-node", std::process::id(), 1);
+        let clock = std::sync::Arc::new(crate::timers::TestClock::default());
+        let settings = Settings::parse("test", settings_toml)?
+            .with_worker("test-node", std::process::id(), 1)
+            .with_timers(crate::Timers::simulated(clock.clone()));
         if let Some(declared) = A::SETTINGS
             && let Some(unknown) = settings.keys().find(|k| !declared.contains(k))
         {
             return Err(format!("unknown setting `{unknown}` (the app takes: {})", declared.join(", ")));
         }
-        Ok(TestApp { app: A::start(&settings)?, next_id: Default::default() })
+        Ok(TestApp { app: A::start(&settings)?, next_id: Default::default(), clock })
+    }
+
+    /// Moves the app's simulated clock forward by `by`, running its timers
+    /// ([`Settings::timers`]) as they come due, in order; returns how many runs there were.
+    /// Time moves only here.
+    pub fn advance(&self, by: std::time::Duration) -> usize {
+        self.clock.advance(u64::try_from(by.as_millis()).unwrap_or(u64::MAX))
     }
 
     /// The app itself.

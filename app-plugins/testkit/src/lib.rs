@@ -14,19 +14,57 @@
 //! each time it runs out the app writes `TICK <n> <bytes of partial input>`; `TIMER 0` removes
 //! it), `TIMEOUT <ms>` (when the timer runs out: `TIMED OUT`, then close), `TIMER_PANIC <ms>`
 //! (the app panics when the timer runs out), `LIFT` (lifts the server's `idle_timeout` for
-//! this connection; answers `LIFTED`), anything else is echoed.
+//! this connection; answers `LIFTED`), `EVERY <ms> [<sleep ms>]` (starts an app timer that runs
+//! every `ms`, sleeping that long inside; answers `STARTED`), `AFTER <ms>` (a one-shot app timer;
+//! `STARTED`), `EVERY_PANIC <ms>` (an app timer that panics each run; `STARTED`), `CANCEL`
+//! (cancels every app timer started by commands; `CANCELLED`), `RUNS` (`<runs> <overlaps>` of
+//! those timers: an overlap is a run that began while another run of the same timer was still
+//! going), anything else is echoed.
 //!
 //! Lifecycle: `greeting = "text"` is written as a line when a connection opens; with
 //! `drain_notice = true`, every open connection gets a line `DRAIN <pid>` when its worker starts
-//! draining.
+//! draining. With `tick_file = "/path"`, an app timer appends `TICK <pid>` to that file every
+//! 100 ms, and `DROPPED <pid>` once the server drops the timer (when the app stops).
 
-use fdt_sdk::{App, Conn, Next, Settings};
+use fdt_sdk::{App, Conn, Next, Settings, TimerId, Timers};
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// What the app timers started by commands did.
+#[derive(Default)]
+struct TimerStats {
+    runs: AtomicU64,
+    overlaps: AtomicU64,
+}
+
+/// Appends a line to `path` (for `tick_file`).
+fn append(path: &str, line: &str) {
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        let _ = f.write_all(line.as_bytes());
+    }
+}
+
+/// Owned by the `tick_file` timer: says when the server drops it.
+struct DropNotice {
+    path: String,
+    pid: u32,
+}
+
+impl Drop for DropNotice {
+    fn drop(&mut self) {
+        append(&self.path, &format!("DROPPED {}\n", self.pid));
+    }
+}
 
 struct Testkit {
     tag: String,
     greeting: String,
     drain_notice: bool,
+    timers: Timers,
+    started: Mutex<Vec<TimerId>>,
+    stats: Arc<TimerStats>,
     pid: u32,
     generation: u64,
 }
@@ -52,6 +90,7 @@ impl App for Testkit {
         "tag",
         "greeting",
         "drain_notice",
+        "tick_file",
     ]);
 
     fn start(settings: &Settings) -> Result<Self, String> {
@@ -78,7 +117,17 @@ impl App for Testkit {
                 std::process::abort();
             });
         }
+        let tick_file = settings.string("tick_file", "")?;
+        if !tick_file.is_empty() {
+            let notice = DropNotice { path: tick_file, pid: settings.worker_pid() };
+            settings.timers().every(Duration::from_millis(100), move || {
+                append(&notice.path, &format!("TICK {}\n", notice.pid));
+            });
+        }
         Ok(Testkit {
+            timers: settings.timers(),
+            started: Mutex::new(Vec::new()),
+            stats: Arc::new(TimerStats::default()),
             tag: settings.string("tag", "")?,
             greeting: settings.string("greeting", "")?,
             drain_notice: settings.bool("drain_notice", false)?,
@@ -140,6 +189,42 @@ impl App for Testkit {
                 ("BUSY", _) => {
                     conn.session::<Session>().busy = true;
                     "BUSY".to_string()
+                }
+                ("EVERY" | "AFTER" | "EVERY_PANIC", Some(ms)) => {
+                    let period = Duration::from_millis(ms.parse().unwrap_or(100));
+                    let sleep = Duration::from_millis(words.next().and_then(|w| w.parse().ok()).unwrap_or(0));
+                    let (stats, running) = (self.stats.clone(), Arc::new(AtomicBool::new(false)));
+                    let panics = line.starts_with("EVERY_PANIC");
+                    let run = move || {
+                        if running.swap(true, Ordering::SeqCst) {
+                            stats.overlaps.fetch_add(1, Ordering::SeqCst);
+                        }
+                        std::thread::sleep(sleep);
+                        stats.runs.fetch_add(1, Ordering::SeqCst);
+                        running.store(false, Ordering::SeqCst);
+                        assert!(!panics, "testkit was told to panic in a timer");
+                    };
+                    let id = if line.starts_with("AFTER") {
+                        self.timers.after(period, run)
+                    } else {
+                        self.timers.every(period, run)
+                    };
+                    match id {
+                        Some(id) => {
+                            self.started.lock().unwrap_or_else(|e| e.into_inner()).push(id);
+                            "STARTED".to_string()
+                        }
+                        None => "NO CLOCK".to_string(),
+                    }
+                }
+                ("CANCEL", _) => {
+                    for id in self.started.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+                        self.timers.cancel(id);
+                    }
+                    "CANCELLED".to_string()
+                }
+                ("RUNS", _) => {
+                    format!("{} {}", self.stats.runs.load(Ordering::SeqCst), self.stats.overlaps.load(Ordering::SeqCst))
                 }
                 ("LIFT", _) => {
                     conn.lift_idle_timeout(true);
