@@ -333,63 +333,62 @@ impl Conn {
         }
     }
 
-    /// Reads what arrived and lets the app answer. `Err`: what to do instead of settling.
+    /// Reads what arrived and lets the app answer, a chunk at a time for as long as the app
+    /// keeps up (so a client that pipelines megabytes is read only as fast as it is answered).
+    /// `Err`: what to do instead of settling.
     fn serve(&mut self, ctx: &Ctx<'_>, scratch: &mut Scratch) -> Result<u64, After> {
-        let mut peer_closed = false;
-        let mut fresh = 0;
+        let mut requests = 0;
         loop {
-            match (&self.socket).read(&mut scratch.input) {
+            let (fresh, more) = self.read_chunk(scratch)?;
+            self.last_active = sys::monotonic_ms();
+            // Common case: the connection had no partial request, so the app reads straight
+            // from the scratch buffer and nothing is copied (see `invoke`).
+            if !self.input.is_empty() && fresh > 0 {
+                self.input.extend_from_slice(&scratch.input[..fresh]);
+            }
+            // At the end of input the app is called once more, with the flag: the peer sends
+            // no more, but if it only half-closed it still reads, so the rest of the input is
+            // answered and sent first (see `settle`). Nothing new: the app saw it all already.
+            if fresh > 0 || self.eof {
+                requests += self.invoke(Callback::Input, fresh, self.flags(ctx), ctx, scratch).map_err(After::Close)?;
+                // The peer's quiet time (app timers, the drain's grace) starts once it has its
+                // answer, not while the app was still working on the request.
+                self.last_active = sys::monotonic_ms();
+            }
+            // Read on only while the app keeps up: what it has no room to answer waits in the
+            // kernel's buffer (and, at the end, the client's), not in ours.
+            if !more || self.eof || self.stalled || self.queued() > ctx.limits.max_output {
+                return Ok(requests);
+            }
+        }
+    }
+
+    /// One `read` into the scratch buffer: how many bytes came, and whether more may be
+    /// waiting (a full buffer, or a short read that may have stopped early). Notes the end of
+    /// input and whether the socket was read empty.
+    fn read_chunk(&mut self, scratch: &mut Scratch) -> Result<(usize, bool), After> {
+        loop {
+            return match (&self.socket).read(&mut scratch.input) {
                 Ok(0) => {
-                    peer_closed = true;
+                    self.eof = true;
                     self.read_empty = true;
-                    break;
+                    Ok((0, false))
                 }
                 Ok(n) => {
-                    fresh = n;
                     self.bytes_in += n as u64;
-                    // A full buffer means more may be waiting: keep it and read again.
-                    if n == scratch.input.len() {
-                        self.input.extend_from_slice(&scratch.input[..n]);
-                        fresh = 0;
-                        if self.input.len() >= MAX_PENDING_INPUT {
-                            break;
-                        }
-                        continue;
-                    }
                     // A short read took every byte queued, unless something stopped it early.
-                    if self.read_to_eagain {
-                        fresh = 0;
-                        self.input.extend_from_slice(&scratch.input[..n]);
-                        continue;
-                    }
-                    self.read_empty = true;
-                    break;
+                    let more = n == scratch.input.len() || self.read_to_eagain;
+                    self.read_empty = !more;
+                    Ok((n, more))
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.read_empty = true;
-                    break;
+                    Ok((0, false))
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(After::Close(CloseReason::Error(e.to_string()))),
-            }
+                Err(e) => Err(After::Close(CloseReason::Error(e.to_string()))),
+            };
         }
-        self.last_active = sys::monotonic_ms();
-        // Common case: the connection had no partial request, so the app reads straight from
-        // the scratch buffer and nothing is copied (see `invoke`).
-        if !self.input.is_empty() && fresh > 0 {
-            self.input.extend_from_slice(&scratch.input[..fresh]);
-        }
-        // The peer sends no more, but if it only half-closed it still reads: the rest of the
-        // input is answered and sent first (see `settle`).
-        self.eof = peer_closed;
-        let mut requests = 0;
-        if fresh > 0 || !self.input.is_empty() || peer_closed {
-            requests = self.invoke(Callback::Input, fresh, self.flags(ctx), ctx, scratch).map_err(After::Close)?;
-            // The peer's quiet time (app timers, the drain's grace) starts once it has its
-            // answer, not while the app was still working on the request.
-            self.last_active = sys::monotonic_ms();
-        }
-        Ok(requests)
     }
 
     /// The flags of a call into the app.
@@ -447,6 +446,9 @@ impl Conn {
             self.input.drain(..consumed);
             if self.input.is_empty() {
                 self.input = Vec::new();
+            } else if self.input.capacity() > 2 * READ_CHUNK && self.input.len() < self.input.capacity() / 4 {
+                // A peak (a long request, a pipelined burst) is given back as it is consumed.
+                self.input.shrink_to(self.input.len().max(READ_CHUNK));
             }
         }
         // Input left once the app ran out of room, or once its producer finished, may hold
@@ -555,13 +557,15 @@ impl Conn {
     pub fn limit_due(&self, now: u64, limits: &Limits) -> Option<Limit> {
         let past =
             |t: Option<Duration>, since: u64| t.is_some_and(|t| u128::from(now.saturating_sub(since)) >= t.as_millis());
-        if self.limit.is_some() || matches!(self.phase, Phase::Lingering { .. }) {
+        if matches!(self.phase, Phase::Lingering { .. }) || self.limit == Some(Limit::Send) {
             return None;
         }
+        // Also while a close is under way (the app's last answer, a `408`): a peer that takes
+        // none of it holds nothing for longer than `send_timeout`.
         if self.queued() > 0 {
             return past(limits.send_timeout, self.since).then_some(Limit::Send);
         }
-        if self.phase != Phase::Open {
+        if self.phase != Phase::Open || self.limit.is_some() {
             return None;
         }
         if !self.input.is_empty() {

@@ -486,7 +486,10 @@ impl Worker {
             let conn = slot.as_mut().expect("sweep only offers occupied slots");
             // A request already in the kernel's buffer (its event not handled yet) means the
             // connection is not between requests after all.
+            // Not before its app heard of the drain (`App::on_drain`, from the clock).
+            let told = conn.told_drain || !self.pool.apps[conn.app()].has_events();
             if conn.between_requests()
+                && told
                 && u128::from(conn.quiet_ms(now_ms)) >= DRAIN_IDLE_GRACE.as_millis()
                 && !conn.input_waiting()
                 && let After::Close(_) = conn.begin_close()

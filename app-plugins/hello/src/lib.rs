@@ -201,7 +201,11 @@ impl App for Hello {
                 conn.write(head.as_bytes());
                 *conn.session::<Download>() = Download { sent: 0, left: n, close: !keep_alive };
                 conn.want_writable(true);
-                return self.on_writable(conn);
+                // A body that fitted at once leaves the requests behind it to this loop.
+                match self.on_writable(conn) {
+                    Next::KeepOpen if !conn.wants_writable() => continue,
+                    next => return next,
+                }
             }
             let answer = if keep_alive { &self.keep_alive } else { &self.close };
             let answer = if request.head_only { &answer[..answer.len() - self.body_len] } else { answer };
