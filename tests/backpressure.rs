@@ -151,15 +151,8 @@ fn write_until_stuck(streams: &[TcpStream], data: &[u8], stuck: Duration) -> Vec
 /// nothing.
 fn requests_when_still(server: &TestServer) -> u64 {
     let requests = || {
-        let v = server.status();
-        let generation = v["generation"].as_u64();
-        v["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|w| w["generation"].as_u64() == generation)
-            .map(|w| w["requests"].as_u64().expect("no request count in /status"))
-            .sum::<u64>()
+        let workers = server.active_workers();
+        workers.iter().map(|w| w["requests"].as_u64().expect("no request count in /status")).sum::<u64>()
     };
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut answered = requests();

@@ -11,14 +11,7 @@ use util::*;
 
 /// A config with one echo app, `server` lines in `[server]` and `settings` under `[app.echo]`.
 fn config(dir: &Path, server: &str, settings: &str) -> PathBuf {
-    let text = format!(
-        "[server]\nworkers = 1\nthreads = 1\n{server}\n\n[[listen]]\naddress = \"127.0.0.1:0\"\napp = \"echo\"\n\n\
-         [app.echo]\nplugin = \"{}\"\n{settings}\n",
-        plugin("echo").display()
-    );
-    let path = dir.join("fdt.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    echo_config(dir, server, "", settings)
 }
 
 /// `check` fails with every text of `wanted` in its error output.

@@ -290,14 +290,7 @@ fn max_connections_of_a_listener_makes_its_third_client_wait_while_other_listene
 /// A config of one echo app whose `[server]` line 4 is `server_line` and whose `[[listen]]`
 /// line 9 is `listen_line`.
 fn config(dir: &Path, server_line: &str, listen_line: &str) -> PathBuf {
-    let text = format!(
-        "[server]\nworkers = 1\nthreads = 1\n{server_line}\n\n[[listen]]\naddress = \"127.0.0.1:0\"\napp = \"echo\"\n\
-         {listen_line}\n\n[app.echo]\nplugin = \"{}\"\n",
-        plugin("echo").display()
-    );
-    let path = dir.join("fdt.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    echo_config(dir, server_line, listen_line, "")
 }
 
 /// `fdtserver check` and the server itself refuse `config`, each saying `wanted`.

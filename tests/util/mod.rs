@@ -30,6 +30,21 @@ pub fn plugin(name: &str) -> PathBuf {
     path
 }
 
+/// Writes `dir/fdt.toml`: one worker with one thread serving the echo app, with `server` as line
+/// 4 (in `[server]`), `listen` (when not empty) as line 9 (in its `[[listen]]`), and `settings`
+/// under `[app.echo]`.
+pub fn echo_config(dir: &Path, server: &str, listen: &str, settings: &str) -> PathBuf {
+    let listen = if listen.is_empty() { String::new() } else { format!("{listen}\n") };
+    let text = format!(
+        "[server]\nworkers = 1\nthreads = 1\n{server}\n\n[[listen]]\naddress = \"127.0.0.1:0\"\napp = \"echo\"\n\
+         {listen}\n[app.echo]\nplugin = \"{}\"\n{settings}\n",
+        plugin("echo").display()
+    );
+    let path = dir.join("fdt.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 /// Compiles `source` (C) into the shared library `dir/name` with gcc.
 pub fn gcc_shared(dir: &Path, name: &str, source: &str) -> PathBuf {
     let c = dir.join(format!("{name}.c"));
@@ -259,15 +274,14 @@ impl TestServer {
 
     /// Pids of the workers of the active generation.
     pub fn worker_pids(&self) -> Vec<i32> {
+        self.active_workers().iter().map(|w| w["pid"].as_i64().unwrap() as i32).collect()
+    }
+
+    /// The `/status` records of the active generation's workers.
+    pub fn active_workers(&self) -> Vec<Value> {
         let v = self.status();
         let generation = v["generation"].as_u64();
-        v["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|w| w["generation"].as_u64() == generation)
-            .map(|w| w["pid"].as_i64().unwrap() as i32)
-            .collect()
+        v["workers"].as_array().unwrap().iter().filter(|w| w["generation"].as_u64() == generation).cloned().collect()
     }
 
     pub fn generation(&self) -> u64 {

@@ -231,3 +231,63 @@ impl TestClock {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn counter() -> (Arc<AtomicUsize>, impl FnMut() + Send + 'static) {
+        let n = Arc::new(AtomicUsize::new(0));
+        let m = n.clone();
+        (n, move || {
+            m.fetch_add(1, Ordering::SeqCst);
+        })
+    }
+
+    #[test]
+    fn the_simulated_clock_runs_timers_as_they_come_due_and_cancel_stops_them() {
+        let clock = Arc::new(TestClock::default());
+        let timers = Timers::simulated(clock.clone());
+        let (every, tick) = counter();
+        let (once, mut shot) = counter();
+        let id = timers.every(Duration::from_millis(100), tick).unwrap();
+        timers.after(Duration::from_millis(250), move || shot()).unwrap();
+        assert_eq!(clock.advance(99), 0);
+        assert_eq!(clock.advance(1), 1, "due at 100 ms");
+        assert_eq!(clock.advance(200), 3, "200 and 300 ms, and the one-shot at 250");
+        assert_eq!((every.load(Ordering::SeqCst), once.load(Ordering::SeqCst)), (3, 1));
+        timers.cancel(id);
+        assert_eq!(clock.advance(1000), 0, "cancelled; the one-shot ran once");
+        assert_eq!(format!("{timers:?}"), "Timers(a simulated clock)");
+    }
+
+    #[test]
+    fn a_timer_may_cancel_itself_while_it_runs() {
+        let clock = Arc::new(TestClock::default());
+        let timers = Timers::simulated(clock.clone());
+        let own_id = Arc::new(Mutex::new(None::<TimerId>));
+        let (runs, mut count) = counter();
+        let (t, slot) = (timers.clone(), own_id.clone());
+        let id = timers
+            .every(Duration::ZERO, move || {
+                count();
+                if let Some(id) = *slot.lock().unwrap() {
+                    t.cancel(id);
+                }
+            })
+            .unwrap();
+        *own_id.lock().unwrap() = Some(id);
+        assert_eq!(clock.advance(50), 1, "a zero period is a millisecond; it cancelled itself at its first run");
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn without_a_clock_no_timer_starts() {
+        let timers = Timers::default();
+        assert!(timers.after(Duration::from_millis(1), || {}).is_none());
+        assert!(timers.every(Duration::from_millis(1), || {}).is_none());
+        timers.cancel(TimerId(1));
+        assert_eq!(format!("{timers:?}"), "Timers(none)");
+    }
+}
