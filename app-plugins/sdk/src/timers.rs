@@ -250,9 +250,9 @@ mod tests {
         let clock = Arc::new(TestClock::default());
         let timers = Timers::simulated(clock.clone());
         let (every, tick) = counter();
-        let (once, mut shot) = counter();
+        let (once, shot) = counter();
         let id = timers.every(Duration::from_millis(100), tick).unwrap();
-        timers.after(Duration::from_millis(250), move || shot()).unwrap();
+        timers.after(Duration::from_millis(250), shot).unwrap();
         assert_eq!(clock.advance(99), 0);
         assert_eq!(clock.advance(1), 1, "due at 100 ms");
         assert_eq!(clock.advance(200), 3, "200 and 300 ms, and the one-shot at 250");
