@@ -326,6 +326,7 @@ pub struct Conn<'a> {
 }
 
 impl<'a> Conn<'a> {
+    #[inline]
     pub(crate) fn new(input: &'a [u8], flags: u32, state: &'a mut ConnState) -> Conn<'a> {
         let scanned = state.no_newline.min(input.len());
         Conn { input, pos: 0, scanned, requests: 0, flags, room: usize::MAX, state }
@@ -333,12 +334,14 @@ impl<'a> Conn<'a> {
 
     /// Sets what this call may write before the output is full (the server's `max_output`
     /// less what is queued).
+    #[inline]
     pub(crate) fn with_room(mut self, room: usize) -> Conn<'a> {
         self.room = room;
         self
     }
 
     /// The input not consumed yet.
+    #[inline]
     pub fn input(&self) -> &'a [u8] {
         &self.input[self.pos..]
     }
@@ -347,6 +350,7 @@ impl<'a> Conn<'a> {
     ///
     /// # Panics
     /// When `n` is larger than the input left.
+    #[inline]
     pub fn consume(&mut self, n: usize) {
         assert!(n <= self.input.len() - self.pos, "consume({n}) past the end of the input");
         self.pos += n;
@@ -354,6 +358,7 @@ impl<'a> Conn<'a> {
 
     /// Consumes `n` bytes that made up one complete request, and counts it in the server's
     /// "requests served" figures.
+    #[inline]
     pub fn consume_request(&mut self, n: usize) -> &'a [u8] {
         let start = self.pos;
         self.consume(n);
@@ -379,6 +384,7 @@ impl<'a> Conn<'a> {
     /// }
     /// # }
     /// ```
+    #[inline]
     pub fn take_line(&mut self) -> Option<&'a [u8]> {
         if !self.has_room() {
             return None;
@@ -397,6 +403,7 @@ impl<'a> Conn<'a> {
     /// is never refused, so a well-behaved app writes no more than [`Conn::output_room`] at a
     /// time: answer one request per [`Conn::has_room`], produce a large body from
     /// [`App::on_writable`].
+    #[inline]
     pub fn write(&mut self, bytes: &[u8]) {
         self.state.out.extend_from_slice(bytes);
     }
@@ -404,6 +411,7 @@ impl<'a> Conn<'a> {
     /// How many more bytes this call may write before the connection's output reaches the
     /// server's `max_output` (what the peer has not read yet counts). Above it the server stops
     /// reading the connection and calling the app for it until the peer has read half.
+    #[inline]
     pub fn output_room(&self) -> usize {
         self.room.saturating_sub(self.state.out.len())
     }
@@ -411,6 +419,7 @@ impl<'a> Conn<'a> {
     /// True while [`Conn::output_room`] is not zero: the app may answer another request.
     /// [`Conn::take_line`] checks it; an app that parses [`Conn::input`] itself checks it before
     /// each request it answers.
+    #[inline]
     pub fn has_room(&self) -> bool {
         self.output_room() > 0
     }
