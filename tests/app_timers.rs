@@ -164,6 +164,9 @@ fn a_plugin_built_for_abi_1_0_still_loads_and_serves() {
         got.extend_from_slice(&buf[..n]);
     }
     assert_eq!(got, b"two\nlines\n");
+    // It has no drain callback (ABI 1.2): a reload's drain still closes its idle connection.
+    assert_eq!(server.reload().0, 200);
+    assert!(client.closed_by_peer(), "the old worker's drain closes the idle connection");
 }
 
 #[test]
