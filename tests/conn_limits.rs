@@ -246,6 +246,59 @@ fn send_timeout_closes_a_connection_whose_peer_reads_nothing_and_the_worker_serv
     assert_eq!((response.status, response.worker_pid()), (200, pid));
 }
 
+#[test]
+fn read_timeout_spares_a_request_pipelined_behind_a_download_until_the_download_ends() {
+    let server = TestServer::start(&Setup::new(1, 2).app("hello", "hello", "").server("read_timeout", "1"));
+    let mut client = TcpStream::connect(server.addr("hello")).unwrap();
+    // A 16 MB download with the start of another request behind it, read over about 2 s.
+    const N: usize = 16_000_000;
+    client.write_all(b"GET /bytes/16000000 HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHo").unwrap();
+    let mut received = Vec::with_capacity(N + 1024);
+    let mut buf = vec![0u8; 1 << 20];
+    let started = Instant::now();
+    let head_end = loop {
+        let n = client.read(&mut buf).unwrap();
+        assert!(n > 0, "closed during the download after {} bytes", received.len());
+        received.extend_from_slice(&buf[..n]);
+        if let Some(at) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+    };
+    // Slowly for 1.6 s (the worker keeps producing as it is read), then the rest at once, so
+    // that the download ends for the client about when the worker finished producing it.
+    while received.len() < head_end + N {
+        let slow = started.elapsed() < Duration::from_millis(1600);
+        let n = client.read(&mut buf[..if slow { 64 * 1024 } else { 1 << 20 }]).unwrap();
+        assert!(n > 0, "closed during the download after {} bytes", received.len() - head_end);
+        received.extend_from_slice(&buf[..n]);
+        if slow {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let ended = Instant::now();
+    assert!(ended - started > Duration::from_millis(1500), "the download was read too fast to test anything");
+    assert_eq!(received.len(), head_end + N, "the body, and nothing after it yet");
+    // The begun request now waits for its client alone: 408 about read_timeout later.
+    let (end, _, at) = read_until_end(&mut client, Duration::from_secs(5), 4096);
+    let waited = at - ended;
+    let End::Eof(bytes) = end else { panic!("expected a 408 and a gentle close: {end:?}") };
+    assert!(String::from_utf8_lossy(&bytes).starts_with("HTTP/1.1 408"), "{}", String::from_utf8_lossy(&bytes));
+    assert!(waited >= Duration::from_millis(750), "408 came {waited:?} after the download: counted from before it");
+}
+
+#[test]
+fn send_timeout_also_ends_a_close_whose_last_answer_the_peer_never_reads() {
+    let setup = Setup::new(1, 2).app("kit", "testkit", "").server("send_timeout", "1");
+    let server = TestServer::start(&setup);
+    let mut stuck = TcpStream::connect(server.addr("kit")).unwrap();
+    // 64 MB at once (an app that ignores the output room), then the app closes: the
+    // connection is flushing its last answer to a peer that reads none of it.
+    stuck.write_all(b"FLOOD 64000000\n").unwrap();
+    wait_closed_total(&server, "send_timeout", 1, Duration::from_secs(8));
+    let mut client = LineClient::connect(server.addr("kit"));
+    assert_eq!(client.ask("PING"), "PING", "the worker serves on");
+}
+
 /// Three clients of `addr` where at most two connections are allowed: the third waits until
 /// one of the first two closes. `other`, when given, is served meanwhile.
 fn third_waits_for_a_free_place(addr: SocketAddr, other: Option<SocketAddr>) {

@@ -455,8 +455,10 @@ impl Conn {
         // requests it has not answered yet: offer it again when there is room.
         let producer_done = callback == Callback::Event(abi::EVENT_WRITABLE) && self.wants & abi::WANT_WRITABLE == 0;
         self.stalled = !self.input.is_empty() && (scratch.output.len() >= room || producer_done);
-        if !had_input && !self.input.is_empty() {
-            self.since = sys::monotonic_ms(); // a request has begun: `read_timeout` counts from here
+        // A request has begun, or the response it waited behind is done: `read_timeout` counts
+        // from here.
+        if (!had_input || producer_done) && !self.input.is_empty() {
+            self.since = sys::monotonic_ms();
         }
         if consumed == 0 && !self.stalled && self.input.len() >= MAX_PENDING_INPUT {
             return Err(CloseReason::TooLarge);
@@ -568,8 +570,11 @@ impl Conn {
         if self.phase != Phase::Open || self.limit.is_some() {
             return None;
         }
+        // A request begun is the client's to finish, unless it waits for the app: answers it
+        // had no room for, or a response still being produced (requests pipelined behind it).
         if !self.input.is_empty() {
-            return (!self.stalled && past(limits.read_timeout, self.since)).then_some(Limit::Read);
+            let producing = self.wants & abi::WANT_WRITABLE != 0;
+            return (!self.stalled && !producing && past(limits.read_timeout, self.since)).then_some(Limit::Read);
         }
         let lifted = self.wants & abi::WANT_NO_IDLE_TIMEOUT != 0;
         (self.next == Next::KeepOpen && !lifted && past(limits.idle_timeout, self.last_active)).then_some(Limit::Idle)

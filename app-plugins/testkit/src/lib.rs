@@ -19,7 +19,8 @@
 //! `STARTED`), `EVERY_PANIC <ms>` (an app timer that panics each run; `STARTED`), `CANCEL`
 //! (cancels every app timer started by commands; `CANCELLED`), `RUNS` (`<runs> <overlaps>` of
 //! those timers: an overlap is a run that began while another run of the same timer was still
-//! going), anything else is echoed.
+//! going), `FLOOD <bytes>` (writes that many bytes at once, ignoring the output room, then
+//! closes), anything else is echoed.
 //!
 //! Lifecycle: `greeting = "text"` is written as a line when a connection opens; with
 //! `drain_notice = true`, every open connection gets a line `DRAIN <pid>` when its worker starts
@@ -225,6 +226,10 @@ impl App for Testkit {
                 }
                 ("RUNS", _) => {
                     format!("{} {}", self.stats.runs.load(Ordering::SeqCst), self.stats.overlaps.load(Ordering::SeqCst))
+                }
+                ("FLOOD", Some(n)) => {
+                    conn.write(&vec![b'x'; n.parse().unwrap_or(0)]);
+                    return Next::Close;
                 }
                 ("LIFT", _) => {
                     conn.lift_idle_timeout(true);
