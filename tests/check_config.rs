@@ -14,31 +14,6 @@ fn config(dir: &Path, server: &str, settings: &str) -> PathBuf {
     echo_config(dir, server, "", settings)
 }
 
-/// `check` fails with every text of `wanted` in its error output.
-fn check_refuses(config: &Path, wanted: &[&str]) {
-    let (code, out, err) = cli(&["check"], config);
-    assert_eq!(code, 1, "check must refuse it; stdout: {out}\nstderr: {err}");
-    for w in wanted {
-        assert!(err.contains(w), "check's error must say {w:?}: {err}");
-    }
-}
-
-/// The server refuses to start (exit 1) with every text of `wanted` on stderr.
-fn server_refuses(config: &Path, wanted: &[&str]) {
-    let out = std::process::Command::new(BIN)
-        .arg("--config")
-        .arg(config)
-        .env("TMPDIR", config.parent().unwrap())
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "the server must refuse it: {err}");
-    for w in wanted {
-        assert!(err.contains(w), "the server's error must say {w:?}: {err}");
-    }
-}
-
 #[test]
 fn check_refuses_an_error_log_in_a_directory_that_does_not_exist() {
     let dir = tempfile::tempdir().unwrap();

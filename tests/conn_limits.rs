@@ -348,24 +348,8 @@ fn config(dir: &Path, server_line: &str, listen_line: &str) -> PathBuf {
 
 /// `fdtserver check` and the server itself refuse `config`, each saying `wanted`.
 fn refused_with(config: &Path, wanted: &[&str]) {
-    let (code, out, err) = cli(&["check"], config);
-    assert_eq!(code, 1, "check must refuse it; stdout: {out}\nstderr: {err}");
-    for w in wanted {
-        assert!(err.contains(w), "check's error must say {w:?}: {err}");
-    }
-    let out = std::process::Command::new(BIN)
-        .arg("--config")
-        .arg(config)
-        .env("TMPDIR", config.parent().unwrap())
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "the server must refuse it: {err}");
-    for w in wanted {
-        assert!(err.contains(w), "the server's error must say {w:?}: {err}");
-    }
-    assert!(!err.contains("panicked"), "{err}");
+    check_refuses(config, wanted);
+    server_refuses(config, wanted);
 }
 
 #[test]

@@ -45,6 +45,32 @@ pub fn echo_config(dir: &Path, server: &str, listen: &str, settings: &str) -> Pa
     path
 }
 
+/// `check` fails with every text of `wanted` in its error output.
+pub fn check_refuses(config: &Path, wanted: &[&str]) {
+    let (code, out, err) = cli(&["check"], config);
+    assert_eq!(code, 1, "check must refuse it; stdout: {out}\nstderr: {err}");
+    for w in wanted {
+        assert!(err.contains(w), "check's error must say {w:?}: {err}");
+    }
+}
+
+/// The server refuses to start (exit 1) with every text of `wanted` on stderr.
+pub fn server_refuses(config: &Path, wanted: &[&str]) {
+    let out = std::process::Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .env("TMPDIR", config.parent().unwrap())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "the server must refuse it: {err}");
+    for w in wanted {
+        assert!(err.contains(w), "the server's error must say {w:?}: {err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 /// Compiles `source` (C) into the shared library `dir/name` with gcc.
 pub fn gcc_shared(dir: &Path, name: &str, source: &str) -> PathBuf {
     let c = dir.join(format!("{name}.c"));
