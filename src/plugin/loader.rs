@@ -172,6 +172,24 @@ unsafe extern "C" fn host_timer_cancel(_ctx: *const c_void, id: u64) {
     crate::app_timers::cancel(id);
 }
 
+/// What a push did (see `fdt_sdk::abi::PushStatus`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PushOutcome {
+    Ok,
+    Full,
+    Closed,
+}
+
+unsafe extern "C" fn host_push(_ctx: *const c_void, handle: u64, bytes: StrRef, close: u32) -> abi::PushStatus {
+    // SAFETY: the plugin passes bytes valid for the duration of this call.
+    let bytes = unsafe { bytes_of(bytes) };
+    match crate::worker::push::push(handle, bytes, close != 0) {
+        PushOutcome::Ok => abi::PUSH_OK,
+        PushOutcome::Full => abi::PUSH_FULL,
+        PushOutcome::Closed => abi::PUSH_CLOSED,
+    }
+}
+
 unsafe extern "C" fn host_count(ctx: *const c_void, name: StrRef, delta: u64) {
     // SAFETY: `ctx` is the `AppEvents` we leaked for this app (valid forever); the name is
     // valid during this call.
@@ -375,6 +393,8 @@ impl App {
             timer_start: host_timer_start,
             timer_cancel: host_timer_cancel,
             timers_ctx: (Box::leak(Box::new(ctx.app_index)) as *const usize).cast(),
+            push: host_push,
+            push_ctx: std::ptr::null(),
         };
         let mut app: *mut c_void = std::ptr::null_mut();
         let mut error = String::new();
@@ -408,12 +428,14 @@ impl App {
     }
 
     /// Creates the app's state for a new connection; `None` if the app failed to.
-    pub fn open_conn(&self, peer: &str, listener: &str, id: u64) -> Option<ConnHandle> {
+    /// `handle`: what names it for pushes (its token).
+    pub fn open_conn(&self, peer: &str, listener: &str, id: u64, handle: u64) -> Option<ConnHandle> {
         let info = ConnInfo {
             size: size_of::<ConnInfo>() as u32,
             peer: StrRef::new(peer),
             listener: StrRef::new(listener),
             id,
+            handle,
         };
         // SAFETY: `app` is live (not stopped), `info` outlives the call.
         let conn = unsafe { (self.table.conn_open)(self.app, &info) };

@@ -509,6 +509,43 @@ impl Conn {
         After::Park(interest::WRITE)
     }
 
+    /// True when pushed bytes may be moved into the output: at most half of `max_output`
+    /// queued.
+    pub fn has_push_room(&self, limits: &Limits) -> bool {
+        self.queued() <= limits.max_output / 2
+    }
+
+    /// Adds pushed bytes to the output (written at once when the socket takes them), and
+    /// starts a close after them when asked.
+    pub fn accept_push(&mut self, bytes: Vec<u8>, close: bool) {
+        if let Err(e) = self.write_out(&bytes) {
+            log::debug!("a push to {} failed: {e}", self.peer);
+        }
+        if close {
+            self.next = Next::Close;
+        }
+    }
+
+    /// Where a connection waits after a push was delivered outside its own events.
+    pub fn after_push(&mut self, limits: &Limits) -> After {
+        if self.phase != Phase::Open {
+            return After::Park(self.armed & !interest::EDGE);
+        }
+        if self.next == Next::Close {
+            self.phase = Phase::Flushing;
+            return self.flush_then();
+        }
+        if self.full || self.queued() > limits.max_output {
+            self.full = true;
+            return After::Park(interest::WRITE);
+        }
+        // A producer waits for writable events whatever the push left.
+        if self.wants & abi::WANT_WRITABLE != 0 || self.queued() > 0 {
+            return After::Park(if self.eof { interest::WRITE } else { interest::READ | interest::WRITE });
+        }
+        After::Park(if self.eof { interest::WRITE } else { interest::READ })
+    }
+
     /// Calls the app for a timer, an event or a limit, then settles as after input.
     fn call_and_settle(&mut self, callback: Callback, ctx: &Ctx<'_>, scratch: &mut Scratch) -> (After, u64) {
         let mut requests = match self.invoke(callback, 0, self.flags(ctx), ctx, scratch) {

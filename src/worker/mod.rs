@@ -12,6 +12,7 @@
 mod admission;
 mod conn;
 mod pool;
+pub mod push;
 mod share;
 mod table;
 
@@ -229,7 +230,11 @@ impl Worker {
         let workers = config.server.workers;
         let max_open = config.server.limits.max_connections;
         let pool = match Pool::new(apps, (config.server.threads, workers), max_fds, (limits, max_open), load) {
-            Ok(pool) => Box::leak(Box::new(pool)),
+            Ok(pool) => {
+                let pool: &'static Pool = Box::leak(Box::new(pool));
+                push::set_pool(pool);
+                pool
+            }
             Err(e) => {
                 let _ = channel
                     .write_all(WorkerMessage::Failed(format!("cannot set up epoll: {e}")).to_string().as_bytes());

@@ -157,6 +157,8 @@ pub struct Pool {
     drain_news: AtomicBool,
     /// The timer thread, to wake it when the drain starts.
     timer_thread: Mutex<Option<Thread>>,
+    /// Pushed bytes waiting for their connections (`worker::push`).
+    pushes: super::push::PushTable,
 }
 
 impl Pool {
@@ -170,6 +172,8 @@ impl Pool {
         (limits, max_open): (Vec<Limits>, usize),
         load: WorkerLoad,
     ) -> std::io::Result<Pool> {
+        // Pushes wait up to the largest `max_output` of the listeners.
+        let push_limit = limits.iter().map(|l| l.max_output).max().unwrap_or(Limits::DEFAULT_MAX_OUTPUT);
         let epoll = Epoll::new()?;
         let stop_event = EventFd::new()?;
         let apps_len = apps.len();
@@ -198,6 +202,7 @@ impl Pool {
             max_open: if max_open > 0 { max_open } else { max_fds.saturating_sub(RESERVED_FDS).max(16) },
             drain_news: AtomicBool::new(false),
             timer_thread: Mutex::new(None),
+            pushes: super::push::PushTable::new(push_limit),
         })
     }
 
@@ -375,9 +380,10 @@ impl Pool {
             return;
         }
         let fd = socket.as_raw_fd() as usize;
-        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed).max(1);
+        let token = token(fd, seq);
         let app = &self.apps[listener.app];
-        let Some(handle) = app.open_conn(&peer, &listener.address, u64::from(seq)) else {
+        let Some(handle) = app.open_conn(&peer, &listener.address, u64::from(seq), token) else {
             log::error!("app {} refused a connection from {peer}", app.name());
             return;
         };
@@ -386,12 +392,12 @@ impl Pool {
             app.close_conn(handle);
             return;
         };
-        let token = token(fd, seq);
         let mut guard = slot.lock();
         let conn =
             guard.insert(Conn::new(socket, listener.tcp, seq, (listener.index as u32, listener.app), handle, peer));
         // A connection closed while its event waited for its app's share left its mark.
         slot.waiting.store(0, Ordering::SeqCst);
+        slot.live.store(seq, Ordering::Release);
         self.conns.note_used(fd);
         self.counters.open.fetch_add(1, Ordering::Relaxed);
         self.listener_open[listener.index].fetch_add(1, Ordering::Relaxed);
@@ -449,9 +455,11 @@ impl Pool {
             }
             let Some(next) = slot.try_lock() else { return };
             guard = next;
+            // Pushed bytes wait: ask for a writable event, which a socket with room gives at once.
+            let pushed = if slot.pushed.load(Ordering::SeqCst) { interest::WRITE } else { 0 };
             if slot.again.swap(false, Ordering::SeqCst)
                 && let Some(conn) = guard.as_mut()
-                && let Err(e) = self.epoll.modify(conn.fd(), conn.armed, token(conn.fd() as usize, conn.seq))
+                && let Err(e) = self.epoll.modify(conn.fd(), conn.armed | pushed, token(conn.fd() as usize, conn.seq))
             {
                 log::warn!("cannot re-arm the connection from {}: {e}", conn.peer);
             }
@@ -713,6 +721,7 @@ impl Pool {
         }
         // Anything that arrived before this point is read now; a later arrival is a new edge.
         slot.again.store(false, Ordering::SeqCst);
+        self.deliver_pushes(slot, conn);
         beat.begin(app_index, &conn.peer);
         let had_timer = conn.has_timer();
         let (after, requests) = conn.on_ready(&event, &ctx, scratch);
@@ -738,7 +747,9 @@ impl Pool {
         let Some(conn) = guard.as_mut() else { return };
         let reason = match after {
             After::Park(wanted) => {
-                let wanted = wanted | interest::EDGE;
+                // Pushed bytes that waited for room are delivered at the next writable event.
+                let pushed = if slot.pushed.load(Ordering::SeqCst) { interest::WRITE } else { 0 };
+                let wanted = wanted | pushed | interest::EDGE;
                 // The common case: waiting for the next request on a socket read empty. Its
                 // arrival is a new edge; nothing to tell the kernel.
                 if wanted == conn.armed && conn.read_empty {
@@ -764,6 +775,61 @@ impl Pool {
         self.finish(conn, reason);
     }
 
+    /// Pushes `bytes` to the connection `token` names, then closes it when `close` (see
+    /// `worker::push`). Never blocks: a connection being served gets the bytes from the thread
+    /// serving it.
+    pub fn push(&self, token: u64, bytes: &[u8], close: bool) -> crate::plugin::PushOutcome {
+        use crate::plugin::PushOutcome;
+        let (fd, seq) = split_token(token);
+        let Some(slot) = self.conns.slot(fd) else { return PushOutcome::Closed };
+        if !super::push::is_live(&slot.live, seq) {
+            return PushOutcome::Closed;
+        }
+        if !self.pushes.add(token, bytes, close) {
+            return PushOutcome::Full;
+        }
+        slot.pushed.store(true, Ordering::SeqCst);
+        // It may have ended meanwhile: then nothing may be left for the fd's next connection.
+        if !super::push::is_live(&slot.live, seq) {
+            drop(self.pushes.take(token));
+            return PushOutcome::Closed;
+        }
+        // Deliver now if nobody holds the connection; else its holder re-arms it for writing as
+        // it lets go, and the handler of that event delivers.
+        if let Some(mut guard) = self.lock_for_event(slot) {
+            match guard.as_mut().filter(|c| c.seq == seq) {
+                Some(conn) => {
+                    self.deliver_pushes(slot, conn);
+                    let after = conn.after_push(&self.limits[conn.listener as usize]);
+                    self.apply(slot, guard, after);
+                }
+                None => self.unlock(slot, guard),
+            }
+        }
+        PushOutcome::Ok
+    }
+
+    /// Moves what was pushed to `conn` into its output, once the output has room (at most half
+    /// of `max_output` queued); until then it waits, and so do further pushes, up to the limit.
+    fn deliver_pushes(&self, slot: &Slot, conn: &mut Conn) {
+        if !slot.pushed.load(Ordering::SeqCst) {
+            return;
+        }
+        if conn.phase != Phase::Open {
+            // Closing: nothing more goes out.
+            slot.pushed.store(false, Ordering::SeqCst);
+            drop(self.pushes.take(token(conn.fd() as usize, conn.seq)));
+            return;
+        }
+        if !conn.has_push_room(&self.limits[conn.listener as usize]) {
+            return;
+        }
+        slot.pushed.store(false, Ordering::SeqCst);
+        if let Some(pushed) = self.pushes.take(token(conn.fd() as usize, conn.seq)) {
+            conn.accept_push(pushed.bytes, pushed.close);
+        }
+    }
+
     /// Ends a connection: tells the app, counts it, closes the socket.
     pub fn finish(&self, mut conn: Conn, reason: CloseReason) {
         let app = &self.apps[conn.app()];
@@ -773,6 +839,12 @@ impl Pool {
             None => reason,
         };
         self.counters.closed[reason.index()].fetch_add(1, Ordering::Relaxed);
+        // Pushes to it fail from now on, and what waited for it is dropped (the slot may hold
+        // the next connection on this fd already: only its own mark is cleared).
+        if let Some(slot) = self.conns.slot(conn.fd() as usize) {
+            let _ = slot.live.compare_exchange(conn.seq, 0, Ordering::AcqRel, Ordering::Acquire);
+        }
+        drop(self.pushes.take(token(conn.fd() as usize, conn.seq)));
         match &reason {
             CloseReason::AppFailed(msg) => {
                 self.counters.panics.fetch_add(1, Ordering::Relaxed);

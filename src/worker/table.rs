@@ -5,7 +5,7 @@
 //! (whoever touches a connection holds it) and an `again` flag for events that found it locked
 //! (see `Pool::unlock`).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock, TryLockError};
 
 use super::conn::Conn;
@@ -25,6 +25,11 @@ pub struct Slot {
     /// (`worker::share`); 0 when none. A token, not a flag, so that a connection closed while
     /// queued leaves nothing that could hold back the next connection on the same fd.
     pub waiting: AtomicU64,
+    /// The sequence number of the connection in `conn` (0: none), readable without its lock:
+    /// a push (`worker::push`) checks it to tell a live connection from a closed one.
+    pub live: AtomicU32,
+    /// Pushed bytes may wait for this connection (`worker::push`).
+    pub pushed: AtomicBool,
 }
 
 pub type Guard<'a> = MutexGuard<'a, Option<Conn>>;
@@ -62,7 +67,13 @@ impl ConnTable {
         let chunk = self.chunks.get(fd / CHUNK)?;
         let slots = chunk.get_or_init(|| {
             (0..CHUNK)
-                .map(|_| Slot { conn: Mutex::new(None), again: AtomicBool::new(false), waiting: AtomicU64::new(0) })
+                .map(|_| Slot {
+                    conn: Mutex::new(None),
+                    again: AtomicBool::new(false),
+                    waiting: AtomicU64::new(0),
+                    live: AtomicU32::new(0),
+                    pushed: AtomicBool::new(false),
+                })
                 .collect()
         });
         Some(&slots[fd % CHUNK])

@@ -196,6 +196,10 @@ unsafe extern "C" fn start<A: App>(
         } else {
             Default::default()
         };
+        if abi::covers(size, std::mem::offset_of!(HostApi, push_ctx) + size_of::<*const c_void>()) {
+            // SAFETY: `size` says the host's `HostApi` has these fields.
+            unsafe { crate::push::set_host(addr_of!((*host).push).read(), addr_of!((*host).push_ctx).read()) };
+        }
         let settings = Settings::parse(&name, &text)?
             .with_worker(&node, pid, generation)
             .with_databases(&databases)?
@@ -257,14 +261,31 @@ unsafe extern "C" fn stop<A: App>(app: *mut c_void) {
 }
 
 unsafe extern "C" fn conn_open(_app: *mut c_void, info: *const ConnInfo) -> *mut c_void {
-    // SAFETY: the host passes a valid `ConnInfo` for the duration of this call.
-    let info = unsafe { &*info };
+    // The host's `ConnInfo` may be shorter than ours (an older host): read field by field, the
+    // appended ones only where `size` covers them.
+    // SAFETY: the host passes a valid `ConnInfo` of at least the ABI 1.0 fields, and its
+    // strings, for the duration of this call.
+    let (size, peer, listener, id) = unsafe {
+        (
+            addr_of!((*info).size).read(),
+            addr_of!((*info).peer).read(),
+            addr_of!((*info).listener).read(),
+            addr_of!((*info).id).read(),
+        )
+    };
+    let handle = if abi::covers(size, std::mem::offset_of!(ConnInfo, handle) + size_of::<u64>()) {
+        // SAFETY: `size` says the host's `ConnInfo` has this field.
+        unsafe { addr_of!((*info).handle).read() }
+    } else {
+        0
+    };
     let state = catch_unwind(AssertUnwindSafe(|| ConnState {
         // SAFETY: as above, the strings are valid during this call.
-        peer: unsafe { borrowed_str(info.peer) },
+        peer: unsafe { borrowed_str(peer) },
         // SAFETY: as above.
-        listener: unsafe { borrowed_str(info.listener) },
-        id: info.id,
+        listener: unsafe { borrowed_str(listener) },
+        id,
+        handle,
         ..ConnState::default()
     }));
     match state {
@@ -562,8 +583,13 @@ mod tests {
     }
 
     fn open_conn() -> *mut c_void {
-        let info =
-            ConnInfo { size: size_of::<ConnInfo>() as u32, peer: StrRef::new("p"), listener: StrRef::new("l"), id: 7 };
+        let info = ConnInfo {
+            size: size_of::<ConnInfo>() as u32,
+            peer: StrRef::new("p"),
+            listener: StrRef::new("l"),
+            id: 7,
+            handle: 0,
+        };
         // SAFETY: `info` is valid during the call; the app pointer is unused by `conn_open`.
         unsafe { conn_open(std::ptr::null_mut(), &info) }
     }
@@ -678,6 +704,8 @@ mod tests {
             timer_start: no_timer_start,
             timer_cancel: no_timer_cancel,
             timers_ctx: std::ptr::null(),
+            push: no_push,
+            push_ctx: std::ptr::null(),
         }
     }
 
@@ -697,6 +725,10 @@ mod tests {
     }
 
     unsafe extern "C" fn no_timer_cancel(_: *const c_void, _: u64) {}
+
+    unsafe extern "C" fn no_push(_: *const c_void, _: u64, _: StrRef, _: u32) -> abi::PushStatus {
+        abi::PUSH_CLOSED
+    }
 
     #[test]
     fn a_timer_callback_runs_reports_a_panic_and_is_freed_once() {

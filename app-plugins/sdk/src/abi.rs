@@ -111,7 +111,22 @@ pub struct HostApi {
     pub timer_cancel: unsafe extern "C" fn(ctx: *const c_void, id: u64),
     /// This app's timers on the host side; valid for the life of the process.
     pub timers_ctx: *const c_void,
+    /// ABI 1.2: writes `bytes` to the connection [`ConnInfo::handle`] names, from any thread and
+    /// any callback, and closes it after them when `close` is not 0. Returns a [`PushStatus`].
+    /// Thread-safe, callable any time, with `push_ctx`; it never blocks.
+    pub push: unsafe extern "C" fn(ctx: *const c_void, handle: u64, bytes: StrRef, close: u32) -> PushStatus,
+    /// The worker's connections on the host side; valid for the life of the process.
+    pub push_ctx: *const c_void,
 }
+
+/// ABI 1.2: what [`HostApi::push`] did.
+pub type PushStatus = i32;
+/// Queued for the connection (or written to it at once).
+pub const PUSH_OK: PushStatus = 0;
+/// Nothing written: the connection's output would pass `max_output`.
+pub const PUSH_FULL: PushStatus = 1;
+/// Nothing written: the connection is closed (or closing), or the handle names no connection.
+pub const PUSH_CLOSED: PushStatus = 2;
 
 /// ABI 1.2: an app timer's tick ([`HostApi::timer_start`]); returns a [`Status`] (the plugin logs
 /// a panic's message itself).
@@ -129,6 +144,9 @@ pub struct ConnInfo {
     pub listener: StrRef,
     /// Unique within the worker process.
     pub id: u64,
+    /// ABI 1.2: names the connection for [`HostApi::push`]; never names another connection,
+    /// even once this one is closed.
+    pub handle: u64,
 }
 
 /// Flags in [`ConnIo::flags`].

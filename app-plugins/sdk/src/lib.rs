@@ -40,6 +40,7 @@
 
 pub mod abi;
 pub mod gid;
+mod push;
 mod settings;
 pub mod testing;
 mod timers;
@@ -51,6 +52,7 @@ pub mod __private;
 
 use std::any::Any;
 
+pub use push::{Handle, PushError};
 pub use settings::{DatabaseSettings, Settings};
 pub use timers::{TimerId, Timers};
 
@@ -290,6 +292,8 @@ pub(crate) struct ConnState {
     pub(crate) peer: String,
     pub(crate) listener: String,
     pub(crate) id: u64,
+    /// What names the connection for pushes ([`Conn::handle`]).
+    pub(crate) handle: u64,
     pub(crate) session: Option<Box<dyn Any + Send>>,
     /// See [`Conn::set_timer`]: milliseconds, 0 for none (a `Duration` would make every
     /// connection's state a size class larger).
@@ -300,7 +304,7 @@ pub(crate) struct ConnState {
     pub(crate) no_idle_timeout: bool,
     /// How many bytes at the start of the unconsumed input are known to hold no `\n`, so that
     /// [`Conn::take_line`] does not scan a long partial line again each time more of it comes.
-    pub(crate) no_newline: usize,
+    pub(crate) no_newline: u32,
 }
 
 impl ConnState {
@@ -328,7 +332,7 @@ pub struct Conn<'a> {
 impl<'a> Conn<'a> {
     #[inline]
     pub(crate) fn new(input: &'a [u8], flags: u32, state: &'a mut ConnState) -> Conn<'a> {
-        let scanned = state.no_newline.min(input.len());
+        let scanned = (state.no_newline as usize).min(input.len());
         Conn { input, pos: 0, scanned, requests: 0, flags, room: usize::MAX, state }
     }
 
@@ -477,6 +481,12 @@ impl<'a> Conn<'a> {
         &self.state.listener
     }
 
+    /// This connection's [`Handle`]: keep it to write to the connection, or close it, later
+    /// and from anywhere in the worker (push).
+    pub fn handle(&self) -> Handle {
+        Handle(self.state.handle)
+    }
+
     /// A number unique to this connection within its worker process.
     pub fn id(&self) -> u64 {
         self.state.id
@@ -510,7 +520,8 @@ impl<'a> Conn<'a> {
     /// Ends the call: how much input was consumed and how many requests it held. Remembers
     /// how far a failed line scan got, relative to the input left for the next call.
     pub(crate) fn finish(self) -> (usize, u64) {
-        self.state.no_newline = self.scanned.saturating_sub(self.pos);
+        // (A partial line is at most the server's 1 MiB limit on a pending request.)
+        self.state.no_newline = u32::try_from(self.scanned.saturating_sub(self.pos)).unwrap_or(u32::MAX);
         (self.pos, self.requests)
     }
 }
@@ -578,7 +589,7 @@ mod tests {
             pending.extend_from_slice(&[b'a'; 50]);
             let (lines, _) = lines_of(&pending, &mut state);
             assert!(lines.is_empty());
-            assert_eq!(state.no_newline, 50 * (i + 1));
+            assert_eq!(state.no_newline as usize, 50 * (i + 1));
         }
         pending.push(b'\n');
         let (lines, consumed) = lines_of(&pending, &mut state);

@@ -59,10 +59,17 @@ impl<A: App> TestApp<A> {
     /// `127.0.0.1:7000`.
     pub fn connect(&self) -> TestConn<'_, A> {
         let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        // Unique in the process (tests run side by side), so pushes find this connection.
+        static HANDLES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let handle = HANDLES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        crate::push::simulated_connections()
+            .get_or_insert_with(Default::default)
+            .insert(handle, crate::push::Simulated { room: usize::MAX, ..Default::default() });
         let state = ConnState {
             peer: format!("127.0.0.1:{}", 40_000 + id % 20_000),
             listener: "127.0.0.1:7000".into(),
             id,
+            handle,
             ..ConnState::default()
         };
         let mut conn = TestConn {
@@ -134,8 +141,18 @@ impl<A: App> TestConn<'_, A> {
 
     /// Sets how many bytes each later call may write before the output counts as full
     /// ([`Conn::output_room`]), as the server's `max_output` does. Unlimited by default.
+    /// Pushes to this connection ([`Handle::write`](crate::Handle::write)) are bounded the
+    /// same way: what waits untaken in [`TestConn::take_output`] counts.
     pub fn set_output_room(&mut self, bytes: usize) {
         self.room = bytes;
+        if let Some(conn) = crate::push::simulated_connections().as_mut().and_then(|m| m.get_mut(&self.state.handle)) {
+            conn.room = bytes;
+        }
+    }
+
+    /// True once a push asked to close this connection ([`Handle::close`](crate::Handle::close)).
+    pub fn closed_by_push(&self) -> bool {
+        crate::push::simulated_connections().as_ref().and_then(|m| m.get(&self.state.handle)).is_some_and(|c| c.closed)
     }
 
     /// True while the app asks for `on_writable` calls ([`Conn::want_writable`]).
@@ -168,8 +185,14 @@ impl<A: App> TestConn<'_, A> {
     }
 
     /// Everything the app wrote since the last call.
+    /// Pushed bytes ([`Handle::write`](crate::Handle::write)) come after what the app's own
+    /// callbacks wrote.
     pub fn take_output(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.state.out)
+        let mut out = std::mem::take(&mut self.state.out);
+        if let Some(conn) = crate::push::simulated_connections().as_mut().and_then(|m| m.get_mut(&self.state.handle)) {
+            out.append(&mut conn.bytes);
+        }
+        out
     }
 
     /// Input the app has not consumed yet (a partial request).
@@ -189,8 +212,22 @@ impl<A: App> TestConn<'_, A> {
 
     /// Closes the connection: calls `on_close` and drops the session.
     pub fn close(mut self) {
+        self.forget();
         let mut conn = Conn::new(&[], abi::FLAG_PEER_CLOSED, &mut self.state);
         self.app.on_close(&mut conn);
+    }
+
+    /// From now on, pushes to this connection fail as closed.
+    fn forget(&mut self) {
+        if let Some(all) = crate::push::simulated_connections().as_mut() {
+            all.remove(&self.state.handle);
+        }
+    }
+}
+
+impl<A: App> Drop for TestConn<'_, A> {
+    fn drop(&mut self) {
+        self.forget();
     }
 }
 
@@ -306,6 +343,56 @@ mod tests {
         assert_eq!(conn.writable(), Next::KeepOpen, "the default on_writable does nothing");
         assert_eq!(conn.drain(), Next::Close);
         assert_eq!(conn.take_output(), b"BYE\n");
+    }
+
+    /// Keeps the first connection's handle; `PUSH <text>` pushes to it, `KICK` closes it.
+    #[derive(Default)]
+    struct Pusher {
+        first: std::sync::Mutex<Option<crate::Handle>>,
+    }
+
+    impl App for Pusher {
+        fn start(_: &Settings) -> Result<Self, String> {
+            Ok(Pusher::default())
+        }
+        fn on_open(&self, conn: &mut Conn) -> Next {
+            self.first.lock().unwrap().get_or_insert(conn.handle());
+            Next::KeepOpen
+        }
+        fn on_readable(&self, conn: &mut Conn) -> Next {
+            let first = self.first.lock().unwrap().unwrap();
+            while let Some(line) = conn.take_line() {
+                let result = match line {
+                    b"KICK\n" => first.close(),
+                    _ => first.write(line),
+                };
+                conn.write(format!("{result:?}\n").as_bytes());
+            }
+            Next::KeepOpen
+        }
+    }
+
+    #[test]
+    fn pushes_reach_a_test_connection_bounded_by_its_room_and_fail_once_it_closed() {
+        let app = TestApp::<Pusher>::start("").unwrap();
+        let mut first = app.connect();
+        let mut second = app.connect();
+        first.set_output_room(8);
+        second.send(b"abc\n");
+        assert_eq!(second.take_output(), b"Ok(())\n");
+        second.send(b"defgh\n");
+        assert_eq!(second.take_output(), b"Err(Full)\n", "4 + 6 bytes pass the room of 8");
+        assert_eq!(first.take_output(), b"abc\n");
+        second.send(b"KICK\n");
+        assert!(first.closed_by_push());
+        assert_eq!(second.take_output(), b"Ok(())\n");
+        second.send(b"late\n");
+        assert_eq!(second.take_output(), b"Err(Closed)\n");
+        first.close();
+        assert_eq!(
+            crate::PushError::Full.to_string(),
+            "the connection's output is full (its peer does not read fast enough)"
+        );
     }
 
     #[test]

@@ -22,12 +22,19 @@
 //! going), `FLOOD <bytes>` (writes that many bytes at once, ignoring the output room, then
 //! closes), anything else is echoed.
 //!
+//! Push (one room per worker): `JOIN` (answers `JOINED`), `SAY <text>` (pushes `<text>` as a line
+//! to every other member; answers `SAID ok=N full=N closed=N`, and members that were full or
+//! closed leave the room), `FLOOD_OTHERS <bytes>` (pushes chunks of that size to every other
+//! member until one push is refused; answers `FLOODED <chunks> <full|closed>`), `KICK_OTHERS`
+//! (closes every other member after what was pushed; `KICKED N`), `LATER <ms> <text>` (an app
+//! timer pushes `<text>` to this connection after `ms`; answers `LATER`).
+//!
 //! Lifecycle: `greeting = "text"` is written as a line when a connection opens; with
 //! `drain_notice = true`, every open connection gets a line `DRAIN <pid>` when its worker starts
 //! draining. With `tick_file = "/path"`, an app timer appends `TICK <pid>` to that file every
 //! 100 ms, and `DROPPED <pid>` once the server drops the timer (when the app stops).
 
-use fdt_sdk::{App, Conn, Next, Settings, TimerId, Timers};
+use fdt_sdk::{App, Conn, Handle, Next, PushError, Settings, TimerId, Timers};
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -66,6 +73,8 @@ struct Testkit {
     timers: Timers,
     started: Mutex<Vec<TimerId>>,
     stats: Arc<TimerStats>,
+    /// `JOIN`ed connections.
+    room: Mutex<Vec<Handle>>,
     pid: u32,
     generation: u64,
 }
@@ -129,12 +138,18 @@ impl App for Testkit {
             timers: settings.timers(),
             started: Mutex::new(Vec::new()),
             stats: Arc::new(TimerStats::default()),
+            room: Mutex::new(Vec::new()),
             tag: settings.string("tag", "")?,
             greeting: settings.string("greeting", "")?,
             drain_notice: settings.bool("drain_notice", false)?,
             pid: settings.worker_pid(),
             generation: settings.generation(),
         })
+    }
+
+    fn on_close(&self, conn: &mut Conn) {
+        let me = conn.handle();
+        self.members().retain(|m| *m != me);
     }
 
     fn on_open(&self, conn: &mut Conn) -> Next {
@@ -231,6 +246,69 @@ impl App for Testkit {
                     conn.write(&vec![b'x'; n.parse().unwrap_or(0)]);
                     return Next::Close;
                 }
+                ("JOIN", _) => {
+                    self.members().push(conn.handle());
+                    "JOINED".to_string()
+                }
+                ("SAY", Some(_)) => {
+                    let text = format!("{}\n", line.split_once(' ').map_or("", |(_, t)| t));
+                    let me = conn.handle();
+                    let (mut ok, mut full, mut closed) = (0, 0, 0);
+                    self.members().retain(|m| match if *m == me { Ok(()) } else { m.write(text.as_bytes()) } {
+                        _ if *m == me => true,
+                        Ok(()) => {
+                            ok += 1;
+                            true
+                        }
+                        Err(PushError::Full) => {
+                            full += 1;
+                            false
+                        }
+                        Err(PushError::Closed) => {
+                            closed += 1;
+                            false
+                        }
+                    });
+                    format!("SAID ok={ok} full={full} closed={closed}")
+                }
+                ("FLOOD_OTHERS", Some(n)) => {
+                    let chunk = vec![b'f'; n.parse().unwrap_or(1)];
+                    let me = conn.handle();
+                    let others: Vec<Handle> = self.members().iter().copied().filter(|m| *m != me).collect();
+                    let mut chunks = 0u64;
+                    let why = 'flood: loop {
+                        for m in &others {
+                            match m.write(&chunk) {
+                                Ok(()) => chunks += 1,
+                                Err(e) => break 'flood e,
+                            }
+                        }
+                        if others.is_empty() {
+                            break PushError::Closed;
+                        }
+                    };
+                    format!("FLOODED {chunks} {}", if why == PushError::Full { "full" } else { "closed" })
+                }
+                ("KICK_OTHERS", _) => {
+                    let me = conn.handle();
+                    let mut kicked = 0;
+                    self.members().retain(|m| {
+                        *m == me
+                            || (m.close().is_ok() && {
+                                kicked += 1;
+                                false
+                            })
+                    });
+                    format!("KICKED {kicked}")
+                }
+                ("LATER", Some(ms)) => {
+                    let text = format!("{}\n", words.collect::<Vec<_>>().join(" "));
+                    let me = conn.handle();
+                    self.timers.after(Duration::from_millis(ms.parse().unwrap_or(0)), move || {
+                        let _ = me.write(text.as_bytes());
+                    });
+                    "LATER".to_string()
+                }
                 ("LIFT", _) => {
                     conn.lift_idle_timeout(true);
                     "LIFTED".to_string()
@@ -273,6 +351,12 @@ impl App for Testkit {
         let answer = format!("TICK {} {pending}\n", session.ticks);
         conn.write(answer.as_bytes());
         Next::KeepOpen
+    }
+}
+
+impl Testkit {
+    fn members(&self) -> std::sync::MutexGuard<'_, Vec<Handle>> {
+        self.room.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
