@@ -221,6 +221,16 @@ pub fn set_nonblocking(fd: RawFd, on: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// Bytes written to a socket that its peer has not taken yet (`SIOCOUTQ`): unsent, or sent and
+/// not acknowledged.
+pub fn unsent_bytes(fd: RawFd) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (= TIOCOUTQ) on a socket we hold writes one int to `n`, which outlives
+    // the call.
+    syscall!(ioctl(fd, libc::TIOCOUTQ, &mut n as *mut libc::c_int))?;
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
 /// Zeroed memory shared by this process and every child it forks afterwards
 /// (`MAP_SHARED | MAP_ANONYMOUS`), seen as 64-bit atomics.
 pub struct SharedAtomics {

@@ -275,3 +275,33 @@ fn app_timers_end_when_the_app_stops_and_their_callbacks_are_dropped() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(ticks_of(old), text.lines().filter(|l| *l == format!("TICK {old}")).count(), "no tick after exit");
 }
+
+/// CPU time (user + system) a process has used, in seconds.
+fn cpu_secs(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+#[test]
+fn a_due_timer_whose_app_holds_its_whole_share_waits_without_spinning() {
+    // Two apps and two handlers: each app may hold one. App `a` is busy in a request, so its
+    // due timer waits; the clock must sleep meanwhile, not spin.
+    let setup = Setup::new(1, 2).app("a", "testkit", "").app("b", "testkit", "");
+    let server = TestServer::start(&setup);
+    let pid = server.worker_pids()[0];
+    let mut a = LineClient::connect(server.addr("a"));
+    assert_eq!(a.ask("EVERY 50"), "STARTED");
+    let mut busy = LineClient::connect(server.addr("a"));
+    busy.send("SLEEP 2000");
+    std::thread::sleep(Duration::from_millis(200));
+    let before = cpu_secs(pid);
+    std::thread::sleep(Duration::from_millis(1500));
+    let used = cpu_secs(pid) - before;
+    assert!(used < 0.5, "the worker used {used:.2} s of CPU in 1.5 s while a timer waited for its app");
+    assert_eq!(busy.recv().as_deref(), Some("SLEPT"));
+    wait_for(Duration::from_secs(3), "the timer to run once its app has a handler again", || {
+        (runs(&mut a).0 >= 1).then_some(())
+    });
+}

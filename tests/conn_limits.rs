@@ -287,6 +287,41 @@ fn read_timeout_spares_a_request_pipelined_behind_a_download_until_the_download_
 }
 
 #[test]
+fn idle_timeout_counts_from_the_end_of_a_long_download_not_from_the_request() {
+    let server = TestServer::start(&Setup::new(1, 2).app("hello", "hello", "").server("idle_timeout", "1"));
+    // A small receive buffer: what the client has not read yet waits on the server's side,
+    // where the server can see it (what a client's kernel took is out of any server's sight).
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    socket.connect(&server.addr("hello").into()).unwrap();
+    let mut client: TcpStream = socket.into();
+    client.write_all(b"GET /bytes/3000000 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    // Read it over about 2 s: longer than idle_timeout, and no byte sent meanwhile.
+    let started = Instant::now();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut head_end = None;
+    let mut head = Vec::new();
+    while head_end.is_none_or(|h| got < h + 3_000_000) {
+        let n = client.read(&mut buf).unwrap();
+        assert!(n > 0, "closed after {got} bytes, {:?} into the download", started.elapsed());
+        if head_end.is_none() {
+            head.extend_from_slice(&buf[..n]);
+            head_end = head.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
+        }
+        got += n;
+        std::thread::sleep(Duration::from_millis(15));
+    }
+    assert!(started.elapsed() > Duration::from_millis(1500), "the download was read too fast to test anything");
+    // Quiet for less than idle_timeout after the end: the connection still serves.
+    std::thread::sleep(Duration::from_millis(500));
+    client.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let n = client.read(&mut buf).unwrap();
+    assert!(n > 0 && buf.starts_with(b"HTTP/1.1 200 OK"), "closed as idle right after its download");
+}
+
+#[test]
 fn send_timeout_also_ends_a_close_whose_last_answer_the_peer_never_reads() {
     let setup = Setup::new(1, 2).app("kit", "testkit", "").server("send_timeout", "1");
     let server = TestServer::start(&setup);

@@ -136,3 +136,68 @@ fn a_pushed_close_ends_the_connection_after_what_was_pushed() {
     assert!(b.closed_by_peer(), "the kicked connection ends after its last line");
     assert_eq!(a.ask("SAY anyone"), "SAID ok=0 full=0 closed=0", "the kicked one left the room");
 }
+
+#[test]
+fn a_pushed_close_of_a_reset_connection_never_runs_the_apps_close_inside_the_pusher() {
+    // One handler. Closing B runs testkit's `on_close`, which takes the room's lock; the push
+    // that asks for it runs inside A's callback holding that lock. Were the close done in the
+    // pushing thread, the worker would deadlock.
+    let server = TestServer::start(&Setup::new(1, 1).app("kit", "testkit", ""));
+    let mut a = member(&server);
+    let b = member(&server);
+    let mut busy = LineClient::connect(server.addr("kit"));
+    busy.send("SLEEP 600");
+    a.send("KICK_OTHERS");
+    // B resets its connection while the handler sleeps: the close pushed to it fails at once.
+    let b = socket2::Socket::from(b.into_stream());
+    b.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(b);
+    assert_eq!(busy.recv().as_deref(), Some("SLEPT"));
+    assert_eq!(a.recv().as_deref(), Some("KICKED 1"), "the worker is stuck");
+    assert_eq!(LineClient::connect(server.addr("kit")).ask("GEN"), "1", "a new client is served");
+}
+
+#[test]
+fn pushed_bytes_waiting_for_room_are_delivered_without_more_input() {
+    // One handler, a small max_output: B's pushes wait in the worker while B's output is more
+    // than half full. B then reads everything it has and asks something, in one event with the
+    // handler busy: the rest must still come without B sending anything more.
+    let server = TestServer::start(&Setup::new(1, 1).app("kit", "testkit", "").server("max_output", "1024"));
+    let mut a = member(&server);
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(1024).unwrap();
+    socket.connect(&server.addr("kit").into()).unwrap();
+    let mut b: TcpStream = socket.into();
+    b.write_all(b"JOIN\n").unwrap();
+    let mut joined = [0u8; 7];
+    b.read_exact(&mut joined).unwrap();
+    let answer = a.ask("FLOOD_OTHERS 100");
+    let chunks: usize = answer.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut busy = LineClient::connect(server.addr("kit"));
+    busy.send("SLEEP 800");
+    std::thread::sleep(Duration::from_millis(100));
+    // While the handler sleeps: take what came, then ask (one readable and writable event).
+    b.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 65536];
+    while let Ok(n) = b.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    b.write_all(b"PID\n").unwrap();
+    let pid = server.worker_pids()[0].to_string();
+    let want = chunks * 100 + pid.len() + 1;
+    b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    while got.len() < want {
+        match b.read(&mut buf) {
+            Ok(0) => panic!("closed"),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("{} of {want} bytes after 5 s ({e}): pushed bytes stalled", got.len()),
+        }
+    }
+    let pushed = got.iter().filter(|&&c| c == b'f').count();
+    assert_eq!(pushed, chunks * 100, "every accepted push arrived");
+    assert!(String::from_utf8_lossy(&got).contains(&format!("{pid}\n")));
+}

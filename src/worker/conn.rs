@@ -287,7 +287,11 @@ impl Conn {
     /// True when the connection is between requests and the app allows closing it: no partial
     /// input, nothing left to send, and the app did not say [`Next::InProgress`].
     pub fn between_requests(&self) -> bool {
-        self.phase == Phase::Open && self.input.is_empty() && self.queued() == 0 && self.next == Next::KeepOpen
+        self.phase == Phase::Open
+            && self.input.is_empty()
+            && self.queued() == 0
+            && self.next == Next::KeepOpen
+            && self.wants & abi::WANT_WRITABLE == 0
     }
 
     /// True when input waits in the kernel's buffer, not yet read (its event not handled yet).
@@ -457,8 +461,13 @@ impl Conn {
         self.stalled = !self.input.is_empty() && (scratch.output.len() >= room || producer_done);
         // A request has begun, or the response it waited behind is done: `read_timeout` counts
         // from here.
-        if (!had_input || producer_done) && !self.input.is_empty() {
+        // (While output is queued, `since` is the send timeout's; the flush that empties the
+        // queue starts the read timeout's count.)
+        if (!had_input || producer_done) && !self.input.is_empty() && self.queued() == 0 {
             self.since = sys::monotonic_ms();
+        }
+        if producer_done {
+            self.last_active = sys::monotonic_ms(); // the client's quiet time starts now
         }
         if consumed == 0 && !self.stalled && self.input.len() >= MAX_PENDING_INPUT {
             return Err(CloseReason::TooLarge);
@@ -526,24 +535,27 @@ impl Conn {
         }
     }
 
-    /// Where a connection waits after a push was delivered outside its own events.
-    pub fn after_push(&mut self, limits: &Limits) -> After {
+    /// Where a connection waits after a push was delivered outside its own events. Never a
+    /// close: the pushing thread may be inside app code (another connection's callback, with
+    /// the app's locks held), so the close is left to a handler — parked for writing, the
+    /// connection gets an event at once.
+    pub fn after_push(&mut self, limits: &Limits) -> u32 {
         if self.phase != Phase::Open {
-            return After::Park(self.armed & !interest::EDGE);
+            return self.armed & !interest::EDGE;
         }
         if self.next == Next::Close {
             self.phase = Phase::Flushing;
-            return self.flush_then();
+            return interest::WRITE;
         }
         if self.full || self.queued() > limits.max_output {
             self.full = true;
-            return After::Park(interest::WRITE);
+            return interest::WRITE;
         }
         // A producer waits for writable events whatever the push left.
         if self.wants & abi::WANT_WRITABLE != 0 || self.queued() > 0 {
-            return After::Park(if self.eof { interest::WRITE } else { interest::READ | interest::WRITE });
+            return if self.eof { interest::WRITE } else { interest::READ | interest::WRITE };
         }
-        After::Park(if self.eof { interest::WRITE } else { interest::READ })
+        if self.eof { interest::WRITE } else { interest::READ }
     }
 
     /// Calls the app for a timer, an event or a limit, then settles as after input.
@@ -614,7 +626,19 @@ impl Conn {
             return (!self.stalled && !producing && past(limits.read_timeout, self.since)).then_some(Limit::Read);
         }
         let lifted = self.wants & abi::WANT_NO_IDLE_TIMEOUT != 0;
-        (self.next == Next::KeepOpen && !lifted && past(limits.idle_timeout, self.last_active)).then_some(Limit::Idle)
+        (self.between_requests() && !lifted && past(limits.idle_timeout, self.last_active)).then_some(Limit::Idle)
+    }
+
+    /// True while what the worker wrote still waits in the kernel for the peer to read it (a
+    /// long answer handed over whole, still being read). The peer is then not idle: its quiet
+    /// time starts again from now. One system call; for connections already past
+    /// `idle_timeout` only.
+    pub fn still_reading(&mut self) -> bool {
+        let reading = sys::unsent_bytes(self.fd()).is_ok_and(|n| n > 0);
+        if reading {
+            self.last_active = sys::monotonic_ms();
+        }
+        reading
     }
 
     /// Acts on a limit reached (see [`Conn::limit_due`]).
@@ -682,7 +706,8 @@ impl Conn {
             }
         }
         self.bytes_out += (self.sent - before) as u64;
-        if self.sent > before {
+        let progressed = self.sent > before;
+        if progressed {
             // The peer took some: `send_timeout` counts again (or, with everything sent,
             // `read_timeout` for a partial request that waited behind the output).
             self.since = sys::monotonic_ms();
@@ -690,6 +715,10 @@ impl Conn {
         if self.queued() == 0 {
             self.output = Vec::new();
             self.sent = 0;
+            if progressed {
+                // The peer has every answer: its quiet time (`idle_timeout`, timers) starts now.
+                self.last_active = self.since;
+            }
         }
         Ok(())
     }

@@ -407,7 +407,10 @@ impl Pool {
         if app.has_events() {
             let ctx = self.ctx(conn);
             let had_timer = conn.has_timer();
-            match conn.on_open(&ctx, scratch.get_or_insert_with(Scratch::new)) {
+            let after = conn.on_open(&ctx, scratch.get_or_insert_with(Scratch::new));
+            // Before a close too: `finish` counts the timer off.
+            self.track_timer(had_timer, conn.has_timer());
+            match after {
                 After::Park(wanted) => conn.armed = wanted | interest::EDGE,
                 After::Close(reason) => {
                     let conn = guard.take().expect("inserted above");
@@ -415,7 +418,6 @@ impl Pool {
                     return self.finish(conn, reason);
                 }
             }
-            self.track_timer(had_timer, conn.has_timer());
         }
         let armed = conn.armed;
         if let Err(e) = self.epoll.add(fd as i32, armed, token) {
@@ -492,15 +494,19 @@ impl Pool {
         let mut ticks = 0u32;
         let tick_ms = TIMER_TICK.as_millis() as u64;
         let mut next_tick = monotonic_ms() + tick_ms;
+        // A due app timer whose app holds its whole share of handlers waits for the next tick
+        // (not a spin).
+        let mut held_back = false;
         while !self.stopping.load(Ordering::Acquire) {
             // Asleep until the next tick, or the next app timer if it comes first (or a wake:
             // a new timer, the drain).
             let now = monotonic_ms();
-            let wait = next_tick.saturating_sub(now).min(crate::app_timers::next_due_in(now).unwrap_or(u64::MAX));
+            let due_in = if held_back { None } else { crate::app_timers::next_due_in(now) };
+            let wait = next_tick.saturating_sub(now).min(due_in.unwrap_or(u64::MAX));
             if wait > 0 {
                 thread::park_timeout(std::time::Duration::from_millis(wait));
             }
-            self.run_app_timers();
+            held_back = self.run_app_timers() == 0 && crate::app_timers::next_due_in(monotonic_ms()) == Some(0);
             let now = monotonic_ms();
             let ticked = now >= next_tick;
             if ticked {
@@ -533,13 +539,16 @@ impl Pool {
     /// Runs the app timers that are due (`fdt_sdk::Timers`), each within its app's share of
     /// handlers and under the clock's heartbeat, at most `APP_TIMER_BURST` of them before the
     /// clock looks at its connections again.
-    fn run_app_timers(&self) {
+    /// Returns how many ran.
+    fn run_app_timers(&self) -> usize {
         let now = monotonic_ms();
+        let mut ran = 0;
         for _ in 0..APP_TIMER_BURST {
             if self.stopping.load(Ordering::Acquire) {
-                return;
+                break;
             }
-            let Some(due) = crate::app_timers::take_due(now, |app| self.shares.enter(app)) else { return };
+            let Some(due) = crate::app_timers::take_due(now, |app| self.shares.enter(app)) else { break };
+            ran += 1;
             let app = due.app;
             self.timer_beat.begin(app, "(app timer)");
             let ok = due.run();
@@ -550,6 +559,7 @@ impl Pool {
                 log::error!("app {}: a timer's callback panicked; the timer stays scheduled", self.apps[app].name());
             }
         }
+        ran
     }
 
     /// The clock's work on one connection (see `timer_loop`). True when it still has to hear
@@ -570,9 +580,13 @@ impl Pool {
         } else {
             None
         };
-        // Input in the kernel: the connection is not quiet, its event is on its way.
-        let waiting = || conn.input_waiting();
-        let job = job.filter(|j| !matches!(j, Job::Timer | Job::Limit(super::conn::Limit::Idle)) || !waiting());
+        // Input in the kernel: the connection is not quiet, its event is on its way. Output in
+        // the kernel: the peer is still reading its last answer, not idle.
+        let job = match job {
+            Some(Job::Timer) if conn.input_waiting() => None,
+            Some(Job::Limit(super::conn::Limit::Idle)) if conn.input_waiting() || conn.still_reading() => None,
+            job => job,
+        };
         let Some(job) = job else {
             self.unlock(slot, guard);
             return untold;
@@ -751,8 +765,9 @@ impl Pool {
                 let pushed = if slot.pushed.load(Ordering::SeqCst) { interest::WRITE } else { 0 };
                 let wanted = wanted | pushed | interest::EDGE;
                 // The common case: waiting for the next request on a socket read empty. Its
-                // arrival is a new edge; nothing to tell the kernel.
-                if wanted == conn.armed && conn.read_empty {
+                // arrival is a new edge; nothing to tell the kernel. (Not with pushed bytes
+                // waiting: the writable edge that would deliver them may have passed.)
+                if wanted == conn.armed && conn.read_empty && pushed == 0 {
                     return self.unlock(slot, guard);
                 }
                 // Otherwise (new interest, or input possibly left unread) re-arm: the kernel
@@ -797,14 +812,18 @@ impl Pool {
         // Deliver now if nobody holds the connection; else its holder re-arms it for writing as
         // it lets go, and the handler of that event delivers.
         if let Some(mut guard) = self.lock_for_event(slot) {
-            match guard.as_mut().filter(|c| c.seq == seq) {
-                Some(conn) => {
-                    self.deliver_pushes(slot, conn);
-                    let after = conn.after_push(&self.limits[conn.listener as usize]);
-                    self.apply(slot, guard, after);
+            if let Some(conn) = guard.as_mut().filter(|c| c.seq == seq) {
+                self.deliver_pushes(slot, conn);
+                // Parked, never closed here: closing runs the app's `on_close`, and this thread
+                // may be inside app code holding the app's locks. A handler closes it.
+                let wanted = conn.after_push(&self.limits[conn.listener as usize]) | interest::EDGE;
+                let pushed = if slot.pushed.load(Ordering::SeqCst) { interest::WRITE } else { 0 };
+                match self.epoll.modify(conn.fd(), wanted | pushed, token) {
+                    Ok(()) => conn.armed = wanted | pushed,
+                    Err(e) => log::warn!("cannot re-arm the connection from {}: {e}", conn.peer),
                 }
-                None => self.unlock(slot, guard),
             }
+            self.unlock(slot, guard);
         }
         PushOutcome::Ok
     }

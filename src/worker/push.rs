@@ -52,10 +52,11 @@ impl PushTable {
     /// Queues `bytes` for `token`; false when they would pass the limit.
     pub fn add(&self, token: u64, bytes: &[u8], close: bool) -> bool {
         let mut shard = self.shard(token);
-        let entry = shard.entry(token).or_default();
-        if entry.bytes.len() + bytes.len() > self.limit {
-            return false;
+        let waiting = shard.get(&token).map_or(0, |e| e.bytes.len());
+        if waiting.saturating_add(bytes.len()) > self.limit {
+            return false; // (no entry made: a refused push leaves nothing behind)
         }
+        let entry = shard.entry(token).or_default();
         entry.bytes.extend_from_slice(bytes);
         entry.close |= close;
         true

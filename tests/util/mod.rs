@@ -414,6 +414,11 @@ impl LineClient {
         self.reader.get_mut()
     }
 
+    /// The socket itself (what was buffered but not read is lost).
+    pub fn into_stream(self) -> TcpStream {
+        self.reader.into_inner()
+    }
+
     /// True once the peer has closed the connection (EOF or reset), reading and discarding
     /// any data; false when nothing more came within the read timeout.
     pub fn closed_by_peer(&mut self) -> bool {
