@@ -21,6 +21,19 @@ fn member(server: &TestServer) -> LineClient {
     c
 }
 
+/// A member of testkit's room whose socket has a receive buffer of `rcvbuf` bytes.
+fn small_member(server: &TestServer, rcvbuf: usize) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(rcvbuf).unwrap();
+    socket.connect(&server.addr("kit").into()).unwrap();
+    let mut stream: TcpStream = socket.into();
+    stream.write_all(b"JOIN\n").unwrap();
+    let mut joined = [0u8; 7];
+    stream.read_exact(&mut joined).unwrap();
+    assert_eq!(&joined, b"JOINED\n");
+    stream
+}
+
 #[test]
 fn a_line_said_on_one_connection_is_pushed_to_the_others() {
     let server = server(256 * 1024);
@@ -56,14 +69,7 @@ fn pushes_to_a_client_that_does_not_read_are_refused_once_max_output_is_reached(
     let pid = server.worker_pids()[0];
     let mut sender = member(&server);
     // A member with a small receive buffer that reads nothing.
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&server.addr("kit").into()).unwrap();
-    let mut slow: TcpStream = socket.into();
-    slow.write_all(b"JOIN\n").unwrap();
-    let mut joined = [0u8; 7];
-    slow.read_exact(&mut joined).unwrap();
-    assert_eq!(&joined, b"JOINED\n");
+    let mut slow = small_member(&server, 4096);
     let before = rss_kib(pid);
     // 16 KiB chunks until one is refused: the kernel's buffers, then max_output in the worker.
     let answer = sender.ask("FLOOD_OTHERS 16384");
@@ -164,13 +170,7 @@ fn pushed_bytes_waiting_for_room_are_delivered_without_more_input() {
     // handler busy: the rest must still come without B sending anything more.
     let server = TestServer::start(&Setup::new(1, 1).app("kit", "testkit", "").server("max_output", "1024"));
     let mut a = member(&server);
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(1024).unwrap();
-    socket.connect(&server.addr("kit").into()).unwrap();
-    let mut b: TcpStream = socket.into();
-    b.write_all(b"JOIN\n").unwrap();
-    let mut joined = [0u8; 7];
-    b.read_exact(&mut joined).unwrap();
+    let mut b = small_member(&server, 1024);
     let answer = a.ask("FLOOD_OTHERS 100");
     let chunks: usize = answer.split_whitespace().nth(1).unwrap().parse().unwrap();
     let mut busy = LineClient::connect(server.addr("kit"));
