@@ -251,13 +251,8 @@ fn check_apps(path: &Path) -> i32 {
         }
     }
     let mut failed = false;
-    let mut seen = Vec::new();
-    for l in &config.listeners {
-        if seen.contains(&l.app) {
-            continue;
-        }
-        seen.push(l.app.clone());
-        let app = config.app(&l.app);
+    // Every app: the server starts one that no listener names too.
+    for app in config.apps.values() {
         let ctx = crate::plugin::StartContext {
             app_name: &app.name,
             settings_toml: &app.settings_toml,

@@ -482,9 +482,9 @@ fn build(raw: RawConfig, path: &Path, dir: &Path, problems: &mut Problems<'_>) -
     }
 
     let mut listeners = Vec::new();
-    if raw.listen.is_empty() {
+    if raw.listen.is_empty() && apps.is_empty() {
         let at = if server_span.is_empty() { 0..0 } else { server_span };
-        problems.at(at, "no [[listen]] section: the server would have nothing to serve");
+        problems.at(at, "no [[listen]] and no [app.NAME]: the server would have nothing to run");
     }
     for l in raw.listen {
         let l = l.into_inner();

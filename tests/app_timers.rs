@@ -305,3 +305,36 @@ fn a_due_timer_whose_app_holds_its_whole_share_waits_without_spinning() {
         (runs(&mut a).0 >= 1).then_some(())
     });
 }
+
+/// `[app.svc]`: testkit appending `TICK <pid>` to `file` every 100 ms, named by no listener.
+fn service(file: &std::path::Path) -> String {
+    format!("[app.svc]\nplugin = \"{}\"\ntick_file = \"{}\"\n", plugin("testkit").display(), file.display())
+}
+
+/// The pids that wrote `TICK <pid>` to `file`.
+fn tickers(file: &std::path::Path) -> std::collections::BTreeSet<i32> {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    text.lines().filter_map(|l| l.strip_prefix("TICK ")?.parse().ok()).collect()
+}
+
+#[test]
+fn an_app_no_listener_names_is_started_in_every_worker_and_runs_its_timers() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ticks");
+    let server = TestServer::start(&Setup::new(2, 2).app("echo", "echo", "").extra(&service(&file)));
+    let workers: std::collections::BTreeSet<i32> = server.worker_pids().into_iter().collect();
+    wait_for(Duration::from_secs(5), "both workers' services to tick", || (tickers(&file) == workers).then_some(()));
+    assert_eq!(LineClient::connect(server.addr("echo")).ask("still serving"), "still serving");
+    let (code, out, err) = server.cli(&["check"]);
+    assert_eq!(code, 0, "check starts the service app too: {out}{err}");
+    assert!(out.contains("app svc: ok"), "{out}");
+}
+
+#[test]
+fn a_server_with_no_listener_runs_its_services() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ticks");
+    let server = TestServer::start(&Setup::new(1, 1).extra(&service(&file)));
+    let worker = server.worker_pids()[0];
+    wait_for(Duration::from_secs(5), "the service to tick", || tickers(&file).contains(&worker).then_some(()));
+}

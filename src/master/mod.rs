@@ -889,15 +889,11 @@ impl Master {
         }
         let identity = crate::privileges::resolve(config.server.user.as_deref(), config.server.group.as_deref())
             .inspect_err(|_| self.close_unused_listeners())?;
-        // Every app a listener uses, once; its plugin file is pinned in a child process that
-        // may take at most `PIN_TIMEOUT` (a file on a hung mount never hangs the master).
-        let mut apps: Vec<(String, PathBuf)> = Vec::new();
-        for l in &config.listeners {
-            let app = config.app(&l.app);
-            if !apps.iter().any(|(name, _)| *name == app.name) {
-                apps.push((app.name.clone(), app.plugin.clone()));
-            }
-        }
+        // Every app, also one no listener names (a service that serves nothing); its plugin
+        // file is pinned in a child process that may take at most `PIN_TIMEOUT` (a file on a
+        // hung mount never hangs the master).
+        let apps: Vec<(String, PathBuf)> =
+            config.apps.values().map(|app| (app.name.clone(), app.plugin.clone())).collect();
         let files: Vec<&Path> = apps.iter().map(|(_, p)| p.as_path()).collect();
         let pinned = crate::plugin::pin::pin_all(&files, &self.runtime_dir.plugins(), crate::plugin::pin::PIN_TIMEOUT)
             .inspect_err(|_| self.close_unused_listeners())?;

@@ -184,7 +184,10 @@ impl Worker {
         let config = &spec.config;
         let mut apps = Vec::new();
         let mut app_index = BTreeMap::new();
-        for (_, _, name) in &spec.listeners {
+        // The listeners' apps in their order, then every app no listener names (a service
+        // that serves nothing: its timers and threads are its work).
+        let names = spec.listeners.iter().map(|(_, _, name)| name).chain(config.apps.keys());
+        for name in names {
             if app_index.contains_key(name) {
                 continue;
             }
