@@ -30,6 +30,7 @@ fn start(name: &str, settings: &str) -> App {
         generation: 1,
         setting_lines: &Default::default(),
         app_index: 0,
+        server_id: "bench",
     };
     App::start(&plugin(name), &ctx).unwrap_or_else(|e| panic!("cannot start {name}: {e}"))
 }

@@ -251,6 +251,7 @@ fn check_apps(path: &Path) -> i32 {
         }
     }
     let mut failed = false;
+    let server_id = config.server.control_socket.display().to_string();
     // Every app: the server starts one that no listener names too.
     for app in config.apps.values() {
         let ctx = crate::plugin::StartContext {
@@ -262,6 +263,7 @@ fn check_apps(path: &Path) -> i32 {
             generation: 0,
             setting_lines: &app.setting_lines,
             app_index: 0,
+            server_id: &server_id,
         };
         // Never block on the file: a FIFO or a device at the plugin path is refused, as the
         // master refuses it.

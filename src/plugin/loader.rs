@@ -25,6 +25,8 @@ pub struct StartContext<'a> {
     pub setting_lines: &'a std::collections::BTreeMap<String, String>,
     /// The app's place in the worker's apps (for its timers).
     pub app_index: usize,
+    /// What names the server (`HostApi::server_id`): its control socket's path.
+    pub server_id: &'a str,
 }
 
 /// Facts from a plugin's descriptor (shown by `fdtserver check`).
@@ -395,6 +397,7 @@ impl App {
             timers_ctx: (Box::leak(Box::new(ctx.app_index)) as *const usize).cast(),
             push: host_push,
             push_ctx: std::ptr::null(),
+            server_id: StrRef::new(ctx.server_id),
         };
         let mut app: *mut c_void = std::ptr::null_mut();
         let mut error = String::new();

@@ -184,6 +184,7 @@ impl Worker {
         let config = &spec.config;
         let mut apps = Vec::new();
         let mut app_index = BTreeMap::new();
+        let server_id = config.server.control_socket.display().to_string();
         // The listeners' apps in their order, then every app no listener names (a service
         // that serves nothing: its timers and threads are its work).
         let names = spec.listeners.iter().map(|(_, _, name)| name).chain(config.apps.keys());
@@ -202,6 +203,7 @@ impl Worker {
                 generation: spec.generation,
                 setting_lines: &app_config.setting_lines,
                 app_index: apps.len(),
+                server_id: &server_id,
             };
             match App::start(pinned, &ctx) {
                 Ok(app) => {

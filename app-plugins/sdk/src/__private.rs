@@ -200,11 +200,20 @@ unsafe extern "C" fn start<A: App>(
             // SAFETY: `size` says the host's `HostApi` has these fields.
             unsafe { crate::push::set_host(addr_of!((*host).push).read(), addr_of!((*host).push_ctx).read()) };
         }
+        // A host before ABI 1.2 names no server: its singletons are per app name only.
+        let server_id = if abi::covers(size, std::mem::offset_of!(HostApi, server_id) + size_of::<StrRef>()) {
+            // SAFETY: `size` says the host's `HostApi` has this field; its string is valid
+            // during this call.
+            unsafe { borrowed_str(addr_of!((*host).server_id).read()) }
+        } else {
+            String::new()
+        };
         let settings = Settings::parse(&name, &text)?
             .with_worker(&node, pid, generation)
             .with_databases(&databases)?
             .with_events(events)
-            .with_timers(timers);
+            .with_timers(timers)
+            .with_server_id(&server_id);
         A::start(&settings)
     }));
     match result {
@@ -706,6 +715,7 @@ mod tests {
             timers_ctx: std::ptr::null(),
             push: no_push,
             push_ctx: std::ptr::null(),
+            server_id: StrRef::new("/run/test.sock"),
         }
     }
 

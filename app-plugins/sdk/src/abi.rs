@@ -117,6 +117,9 @@ pub struct HostApi {
     pub push: unsafe extern "C" fn(ctx: *const c_void, handle: u64, bytes: StrRef, close: u32) -> PushStatus,
     /// The worker's connections on the host side; valid for the life of the process.
     pub push_ctx: *const c_void,
+    /// ABI 1.2: what names this server on the machine, the same in all its workers and across
+    /// its reloads and binary upgrades (its control socket's path).
+    pub server_id: StrRef,
 }
 
 /// ABI 1.2: what [`HostApi::push`] did.

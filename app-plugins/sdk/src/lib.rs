@@ -42,6 +42,7 @@ pub mod abi;
 pub mod gid;
 mod push;
 mod settings;
+mod singleton;
 pub mod testing;
 mod timers;
 #[cfg(feature = "postgres")]
@@ -54,6 +55,7 @@ use std::any::Any;
 
 pub use push::{Handle, PushError};
 pub use settings::{DatabaseSettings, Settings};
+pub use singleton::Singleton;
 pub use timers::{TimerId, Timers};
 
 /// Event counters an app reports to the server's metrics, as

@@ -102,11 +102,17 @@ impl Handle {
     }
 
     fn push(&self, bytes: &[u8], close: bool) -> Result<(), PushError> {
-        let status = match HOST.get() {
+        // A test connection (`testing`) is found first: a process that runs tests may also have
+        // started an app as a server would.
+        let simulated = SIMULATING.load(std::sync::atomic::Ordering::Acquire).then(|| simulated(self.0, bytes, close));
+        let status = match (simulated.flatten(), HOST.get()) {
+            (Some(status), _) => status,
             // SAFETY: the host's function and context stay valid for the life of the process,
             // and it copies the bytes before returning.
-            Some(Host(push, ctx)) => unsafe { push(*ctx, self.0, abi::StrRef::from_bytes(bytes), u32::from(close)) },
-            None => simulated(self.0, bytes, close),
+            (None, Some(Host(push, ctx))) => unsafe {
+                push(*ctx, self.0, abi::StrRef::from_bytes(bytes), u32::from(close))
+            },
+            (None, None) => abi::PUSH_CLOSED,
         };
         match status {
             abi::PUSH_OK => Ok(()),
@@ -126,21 +132,26 @@ pub(crate) struct Simulated {
 }
 
 pub(crate) static SIMULATED: Mutex<Option<HashMap<u64, Simulated>>> = Mutex::new(None);
+/// Set once a test connection exists: only then are pushes looked up among them.
+static SIMULATING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// The test connections (taking it marks that some exist).
 pub(crate) fn simulated_connections() -> std::sync::MutexGuard<'static, Option<HashMap<u64, Simulated>>> {
+    SIMULATING.store(true, std::sync::atomic::Ordering::Release);
     SIMULATED.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn simulated(handle: u64, bytes: &[u8], close: bool) -> abi::PushStatus {
+/// A push to a test connection; `None` when `handle` names none (it may name a server's).
+fn simulated(handle: u64, bytes: &[u8], close: bool) -> Option<abi::PushStatus> {
     let mut all = simulated_connections();
-    let Some(conn) = all.as_mut().and_then(|m| m.get_mut(&handle)) else { return abi::PUSH_CLOSED };
+    let conn = all.as_mut()?.get_mut(&handle)?;
     if conn.closed {
-        return abi::PUSH_CLOSED;
+        return Some(abi::PUSH_CLOSED);
     }
     if conn.bytes.len().saturating_add(bytes.len()) > conn.room {
-        return abi::PUSH_FULL;
+        return Some(abi::PUSH_FULL);
     }
     conn.bytes.extend_from_slice(bytes);
     conn.closed |= close;
-    abi::PUSH_OK
+    Some(abi::PUSH_OK)
 }

@@ -24,6 +24,8 @@ pub struct Settings {
     databases: toml::Table,
     events: crate::Events,
     timers: crate::Timers,
+    /// What names the server (its control socket's path), for [`Settings::singleton`].
+    server_id: String,
 }
 
 /// A `[database.NAME]` table of the server's config.
@@ -122,6 +124,17 @@ impl Settings {
     pub(crate) fn with_timers(mut self, timers: crate::Timers) -> Settings {
         self.timers = timers;
         self
+    }
+
+    pub(crate) fn with_server_id(mut self, server_id: &str) -> Settings {
+        self.server_id = server_id.to_string();
+        self
+    }
+
+    /// A claim named `name` that one worker of this server holds at a time (see
+    /// [`Singleton`](crate::Singleton)): for work that runs once per server.
+    pub fn singleton(&self, name: &str) -> crate::Singleton {
+        crate::Singleton::new(&self.server_id, &self.app_name, name)
     }
 
     /// The server's `[database.NAME]`, or an error naming what is configured.
