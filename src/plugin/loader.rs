@@ -252,6 +252,8 @@ struct Table {
     /// ABI 1.1.
     declared_settings: Option<unsafe extern "C" fn(abi::MessageFn, *mut c_void) -> i32>,
     /// ABI 1.2.
+    app_drain: Option<unsafe extern "C" fn(*mut c_void)>,
+    /// ABI 1.2.
     conn_event: Option<unsafe extern "C" fn(*mut c_void, *mut c_void, *mut ConnIo, abi::EventKind) -> abi::NextCode>,
     describe: Describe,
 }
@@ -302,6 +304,7 @@ fn open(path: &Path) -> Result<(libloading::os::unix::Library, Table), String> {
     let timer_end = std::mem::offset_of!(AppDescriptor, conn_timer);
     let settings_end = std::mem::offset_of!(AppDescriptor, declared_settings);
     let event_end = std::mem::offset_of!(AppDescriptor, conn_event);
+    let drain_end = std::mem::offset_of!(AppDescriptor, app_drain);
     // SAFETY: magic, major version and size checked: the static has the ABI 1.0 layout we
     // compiled up to `DESCRIPTOR_SIZE_1_0`, and a later field is read only when the declared
     // size covers it. The static lives as long as the library (forever, see invariants) and is
@@ -316,6 +319,7 @@ fn open(path: &Path) -> Result<(libloading::os::unix::Library, Table), String> {
             conn_timer: ends(timer_end).then(|| std::ptr::addr_of!((*ptr).conn_timer).read()),
             declared_settings: ends(settings_end).then(|| std::ptr::addr_of!((*ptr).declared_settings).read()),
             conn_event: ends(event_end).then(|| std::ptr::addr_of!((*ptr).conn_event).read()),
+            app_drain: ends(drain_end).then(|| std::ptr::addr_of!((*ptr).app_drain).read()),
             describe: Describe {
                 app_type: lossy(std::ptr::addr_of!((*ptr).app_type).read()),
                 sdk_version: lossy(std::ptr::addr_of!((*ptr).sdk_version).read()),
@@ -476,6 +480,15 @@ impl App {
             // SAFETY: as in `on_data`.
             Some(entry) => self.call_with(conn, call, output, |app, c, io| unsafe { entry(app, c, io, kind) }),
             None => DataOutcome::unchanged(call),
+        }
+    }
+
+    /// Tells the app that its worker drains: its background services are asked to stop (ABI
+    /// 1.2; an older plugin has none).
+    pub fn drain(&self) {
+        if let Some(app_drain) = self.table.app_drain {
+            // SAFETY: `app` is live (not stopped); the function only signals the app's threads.
+            unsafe { app_drain(self.app) }
         }
     }
 

@@ -455,6 +455,9 @@ impl Worker {
         log::info!("draining: {} connection(s) open", self.pool.counters.open.load(Ordering::Relaxed));
         self.pool.draining.store(true, Ordering::SeqCst);
         self.pool.announce_drain();
+        for app in &self.pool.apps {
+            app.drain();
+        }
         // Listeners never handed to acceptors are closed now; acceptors close theirs as soon
         // as they return from accept(), which this interrupt makes immediate.
         self.listeners = None;

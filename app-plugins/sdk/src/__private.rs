@@ -33,6 +33,7 @@ pub const fn descriptor<A: App>(app_type: &'static str) -> AppDescriptor {
         conn_timer: conn_timer::<A>,
         declared_settings: declared_settings::<A>,
         conn_event: conn_event::<A>,
+        app_drain,
     }
 }
 
@@ -260,7 +261,18 @@ pub(crate) unsafe extern "C" fn timer_drop(ctx: *mut c_void) {
     discard(catch_unwind(AssertUnwindSafe(move || drop(f))));
 }
 
+unsafe extern "C" fn app_drain(_app: *mut c_void) {
+    discard(catch_unwind(crate::services::stop_all));
+}
+
+/// The text of a caught panic, with where it happened when known.
+pub(crate) fn panic_text(payload: Box<dyn Any + Send>) -> String {
+    panic_message(payload)
+}
+
 unsafe extern "C" fn stop<A: App>(app: *mut c_void) {
+    // Its services first: they may use the app's state.
+    discard(catch_unwind(|| crate::services::stop_and_wait(crate::services::STOP_WAIT)));
     // SAFETY: `app` came from `start::<A>` (a `Box<A>`), and the host calls `stop` once, after
     // every other call has returned, so we own it again.
     let app = unsafe { Box::from_raw(app.cast::<A>()) };

@@ -246,6 +246,9 @@ pub struct AppDescriptor {
     /// Called like `conn_data` and returns the same codes.
     pub conn_event:
         unsafe extern "C" fn(app: *mut c_void, conn: *mut c_void, io: *mut ConnIo, kind: EventKind) -> NextCode,
+    /// ABI 1.2: the worker has started draining (a reload, a stop): the app's background
+    /// services are asked to stop. Runs no request; returns at once.
+    pub app_drain: unsafe extern "C" fn(app: *mut c_void),
 }
 
 /// Size of an ABI 1.0 descriptor (the fields up to `conn_close`): the smallest one a host of

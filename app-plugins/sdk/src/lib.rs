@@ -41,6 +41,7 @@
 pub mod abi;
 pub mod gid;
 mod push;
+mod services;
 mod settings;
 mod singleton;
 pub mod testing;
@@ -54,6 +55,7 @@ pub mod __private;
 use std::any::Any;
 
 pub use push::{Handle, PushError};
+pub use services::Stop;
 pub use settings::{DatabaseSettings, Settings};
 pub use singleton::Singleton;
 pub use timers::{TimerId, Timers};

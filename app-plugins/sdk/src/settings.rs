@@ -131,6 +131,54 @@ impl Settings {
         self
     }
 
+    /// Starts a background service: `work` runs on a thread of its own from now on, in every
+    /// worker. It is asked to stop when its worker drains ([`Stop`](crate::Stop)), and the
+    /// worker waits up to 5 s for it before exiting; if it panics, the panic is logged with the
+    /// app, counted (`fdtserver_app_events_total{event="service_panics"}`), and `work` runs
+    /// again after a pause (0.1 s, doubling up to 30 s). If it returns while not asked to stop,
+    /// it is not run again. (`fdtserver check`, which starts apps to check them, runs none.)
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// # let settings = fdt_sdk::Settings::parse("app", "").unwrap();
+    /// settings.service("poller", |stop| {
+    ///     while !stop.requested() {
+    ///         // … poll something …
+    ///         stop.sleep(Duration::from_secs(1));
+    ///     }
+    /// })?;
+    /// # Ok::<(), String>(())
+    /// ```
+    pub fn service(&self, name: &str, work: impl Fn(&crate::Stop) + Send + Sync + 'static) -> Result<(), String> {
+        self.spawn_service(name, None, work)
+    }
+
+    /// Like [`Settings::service`], but one instance per server: it runs in the worker that
+    /// holds the [`Singleton`](crate::Singleton) claim named after the service, and moves —
+    /// never doubled — to another worker when that one drains (a reload) or dies.
+    pub fn singleton_service(
+        &self,
+        name: &str,
+        work: impl Fn(&crate::Stop) + Send + Sync + 'static,
+    ) -> Result<(), String> {
+        self.spawn_service(name, Some(self.singleton(&format!("service {name}"))), work)
+    }
+
+    fn spawn_service(
+        &self,
+        name: &str,
+        claim: Option<crate::Singleton>,
+        work: impl Fn(&crate::Stop) + Send + Sync + 'static,
+    ) -> Result<(), String> {
+        // `fdtserver check` starts apps (generation 0) only to see that they start.
+        if self.generation == 0 {
+            return Ok(());
+        }
+        let spec =
+            crate::services::Spec { app: self.app_name.clone(), name: name.to_string(), events: self.events, claim };
+        crate::services::spawn(spec, work)
+    }
+
     /// A claim named `name` that one worker of this server holds at a time (see
     /// [`Singleton`](crate::Singleton)): for work that runs once per server.
     pub fn singleton(&self, name: &str) -> crate::Singleton {

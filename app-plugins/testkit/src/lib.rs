@@ -33,6 +33,11 @@
 //! `drain_notice = true`, every open connection gets a line `DRAIN <pid>` when its worker starts
 //! draining. With `tick_file = "/path"`, an app timer appends `TICK <pid>` to that file every
 //! 100 ms, and `DROPPED <pid>` once the server drops the timer (when the app stops).
+//!
+//! Services: with `service_file = "/path"`, a background service appends `RUN <pid>` when it
+//! starts, `BEAT <pid>` every 50 ms, and `STOP <pid>` when asked to stop; with
+//! `service_panic_after = N` it panics after N beats (and is run again); with
+//! `service_singleton = true` one instance runs per server.
 
 use fdt_sdk::{App, Conn, Handle, Next, PushError, Settings, TimerId, Timers};
 use std::io::Write;
@@ -101,6 +106,9 @@ impl App for Testkit {
         "greeting",
         "drain_notice",
         "tick_file",
+        "service_file",
+        "service_panic_after",
+        "service_singleton",
     ]);
 
     fn start(settings: &Settings) -> Result<Self, String> {
@@ -133,6 +141,25 @@ impl App for Testkit {
             settings.timers().every(Duration::from_millis(100), move || {
                 append(&notice.path, &format!("TICK {}\n", notice.pid));
             });
+        }
+        let service_file = settings.string("service_file", "")?;
+        if !service_file.is_empty() {
+            let (pid, panic_after) = (settings.worker_pid(), settings.u64("service_panic_after", 0)?);
+            let work = move |stop: &fdt_sdk::Stop| {
+                append(&service_file, &format!("RUN {pid}\n"));
+                let mut beats = 0;
+                while !stop.sleep(Duration::from_millis(50)) {
+                    append(&service_file, &format!("BEAT {pid}\n"));
+                    beats += 1;
+                    assert!(panic_after == 0 || beats < panic_after, "testkit's service was told to panic");
+                }
+                append(&service_file, &format!("STOP {pid}\n"));
+            };
+            if settings.bool("service_singleton", false)? {
+                settings.singleton_service("beat", work)?;
+            } else {
+                settings.service("beat", work)?;
+            }
         }
         Ok(Testkit {
             timers: settings.timers(),

@@ -1,0 +1,144 @@
+//! Background services: long-lived work with a lifecycle of its own.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// First pause before a service that panicked runs again; it doubles up to [`MAX_BACKOFF`],
+/// and starts over once a run lasted [`STEADY`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+const STEADY: Duration = Duration::from_secs(10);
+/// How long a stopping worker waits for its services to return.
+pub const STOP_WAIT: Duration = Duration::from_secs(5);
+
+/// What a service is given: whether to stop, and a sleep that ends when it must.
+///
+/// A service checks [`Stop::requested`] between pieces of work and waits with
+/// [`Stop::sleep`]; it is asked to stop when its worker starts draining (a reload, a stop), and
+/// the worker waits up to 5 s for it to return before it exits.
+#[derive(Clone, Default)]
+pub struct Stop {
+    inner: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl Stop {
+    /// True once the service must stop.
+    pub fn requested(&self) -> bool {
+        *self.inner.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sleeps for `d`, or less when the service is asked to stop meanwhile. True when it must
+    /// stop.
+    pub fn sleep(&self, d: Duration) -> bool {
+        let deadline = Instant::now() + d;
+        let mut stop = self.inner.0.lock().unwrap_or_else(|e| e.into_inner());
+        while !*stop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            stop = self.inner.1.wait_timeout(stop, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        *stop
+    }
+
+    fn request(&self) {
+        *self.inner.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.inner.1.notify_all();
+    }
+}
+
+/// The services this plugin started in this process.
+static RUNNING: Mutex<Vec<(Stop, JoinHandle<()>)>> = Mutex::new(Vec::new());
+
+fn running() -> std::sync::MutexGuard<'static, Vec<(Stop, JoinHandle<()>)>> {
+    RUNNING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How a service runs (see [`Settings::service`](crate::Settings::service)).
+pub(crate) struct Spec {
+    pub(crate) app: String,
+    pub(crate) name: String,
+    pub(crate) events: crate::Events,
+    /// Runs only while this worker holds the claim: one instance per server.
+    pub(crate) claim: Option<crate::Singleton>,
+}
+
+/// Starts `work` on a thread of its own: run, restarted with back-off after a panic (logged,
+/// counted as the app event `service_panics`), until its worker drains.
+pub(crate) fn spawn(spec: Spec, work: impl Fn(&Stop) + Send + Sync + 'static) -> Result<(), String> {
+    let stop = Stop::default();
+    let thread_stop = stop.clone();
+    let (thread, name) = (format!("service {}", spec.name), spec.name.clone());
+    let handle = std::thread::Builder::new()
+        .name(thread)
+        .spawn(move || supervise(&spec, &work, &thread_stop))
+        .map_err(|e| format!("cannot start service {name}: {e}"))?;
+    running().push((stop, handle));
+    Ok(())
+}
+
+fn supervise(spec: &Spec, work: &(impl Fn(&Stop) + Send + Sync), stop: &Stop) {
+    let mut backoff = FIRST_BACKOFF;
+    while !stop.requested() {
+        if let Some(claim) = &spec.claim
+            && !claim.try_hold()
+        {
+            // Another worker of the server runs it: look again soon.
+            stop.sleep(Duration::from_millis(100));
+            continue;
+        }
+        let began = Instant::now();
+        let result = catch_unwind(AssertUnwindSafe(|| work(stop)));
+        if stop.requested() {
+            break;
+        }
+        match result {
+            Ok(()) => {
+                log::info!("app {}: service {} returned; it is not run again", spec.app, spec.name);
+                break;
+            }
+            Err(panic) => {
+                if began.elapsed() >= STEADY {
+                    backoff = FIRST_BACKOFF;
+                }
+                let msg = crate::__private::panic_text(panic);
+                log::error!("app {}: service {} panicked: {msg}; running it again in {backoff:?}", spec.app, spec.name);
+                spec.events.count("service_panics", 1);
+                if stop.sleep(backoff) {
+                    break;
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+    if let Some(claim) = &spec.claim {
+        claim.release();
+    }
+}
+
+/// Asks every service to stop (the worker drains).
+pub(crate) fn stop_all() {
+    for (stop, _) in running().iter() {
+        stop.request();
+    }
+}
+
+/// Asks every service to stop and waits, up to `limit`, for them to return.
+pub(crate) fn stop_and_wait(limit: Duration) {
+    stop_all();
+    let deadline = Instant::now() + limit;
+    let services = std::mem::take(&mut *running());
+    for (_, handle) in services {
+        while !handle.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if handle.is_finished() {
+            let _ = handle.join();
+        } else {
+            log::warn!("a service did not stop within {limit:?}; the worker exits without it");
+        }
+    }
+}
