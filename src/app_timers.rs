@@ -42,7 +42,8 @@ fn table() -> std::sync::MutexGuard<'static, Table> {
 /// Starts a timer of app `app`: first due `delay_ms` from now, then every `every_ms` (0: once).
 /// Returns its id.
 pub fn start(app: usize, delay_ms: u64, every_ms: u64, callback: TimerCallback) -> u64 {
-    let due = crate::sys::monotonic_ms().saturating_add(delay_ms);
+    // +1: the clock is read in whole milliseconds, so a timer is never early (at most 1 ms late).
+    let due = crate::sys::monotonic_ms().saturating_add(delay_ms).saturating_add(1);
     let mut table = table();
     let id = table.next_id;
     table.next_id += 1;
