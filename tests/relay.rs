@@ -77,3 +77,24 @@ fn an_upstream_that_is_down_at_start_is_dialled_until_it_comes_up() {
     assert_eq!(client.recv().as_deref(), Some("finally"));
     assert!(server.worker_pids().len() == 1);
 }
+
+#[test]
+fn an_upstream_that_never_ends_its_line_is_dropped_and_dialled_again() {
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = relay(1, upstream.local_addr().unwrap());
+    let pid = server.worker_pids()[0];
+    let mut first = links(&upstream, 1).remove(0);
+    // 1 MB without a newline: more than a line may be; the relay gives up on this link.
+    let junk = vec![b'x'; 1 << 20];
+    let _ = first.write_all(&junk);
+    let mut second = links(&upstream, 1);
+    let mut client = LineClient::connect(server.addr("relay"));
+    wait_for(Duration::from_secs(5), "the client to be registered", || {
+        let open: u64 = server.active_workers().iter().map(|w| w["connections"].as_u64().unwrap_or(0)).sum();
+        (open == 1).then_some(())
+    });
+    say(&mut second, "fresh start");
+    assert_eq!(client.recv().as_deref(), Some("fresh start"));
+    assert!(server.log().contains("passed 65536 bytes; dropping the connection"), "{}", server.log());
+    assert_eq!(server.worker_pids(), vec![pid]);
+}

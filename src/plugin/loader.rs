@@ -185,10 +185,12 @@ pub enum PushOutcome {
 unsafe extern "C" fn host_push(_ctx: *const c_void, handle: u64, bytes: StrRef, close: u32) -> abi::PushStatus {
     // SAFETY: the plugin passes bytes valid for the duration of this call.
     let bytes = unsafe { bytes_of(bytes) };
-    match crate::worker::push::push(handle, bytes, close != 0) {
-        PushOutcome::Ok => abi::PUSH_OK,
-        PushOutcome::Full => abi::PUSH_FULL,
-        PushOutcome::Closed => abi::PUSH_CLOSED,
+    // No panic may cross into the plugin's frames.
+    let pushed = std::panic::catch_unwind(|| crate::worker::push::push(handle, bytes, close != 0));
+    match pushed {
+        Ok(PushOutcome::Ok) => abi::PUSH_OK,
+        Ok(PushOutcome::Full) => abi::PUSH_FULL,
+        Ok(PushOutcome::Closed) | Err(_) => abi::PUSH_CLOSED,
     }
 }
 

@@ -527,6 +527,10 @@ impl Worker {
     /// Ends the worker: every connection closed, handlers stopped, apps stopped.
     fn finish(mut self, graceful: bool) {
         self.pool.draining.store(true, Ordering::SeqCst);
+        // Services wind down from now on, also when the stop hooks below are skipped.
+        for app in &self.pool.apps {
+            app.drain();
+        }
         // No acceptor may take a connection (or touch an app) once the apps stop: a sibling
         // worker serves the connections this one no longer takes.
         let acceptors_done = self.stop_acceptors();

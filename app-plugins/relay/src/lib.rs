@@ -18,6 +18,11 @@ use fdt_sdk::{App, Conn, Handle, Next, Settings, Stop};
 /// How long one wait for the upstream lasts before the service looks at `stop` again.
 const POLL: Duration = Duration::from_millis(100);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// How long one dial of one upstream address may take.
+const DIAL: Duration = Duration::from_secs(1);
+/// Longest line relayed (a longer one ends the upstream connection): a line must fit in a
+/// client's output (`max_output`, 256 KiB by default) to be pushed.
+const MAX_LINE: usize = 64 * 1024;
 
 struct Relay {
     clients: Arc<Mutex<Vec<Handle>>>,
@@ -38,35 +43,50 @@ fn fan_out(clients: &Mutex<Vec<Handle>>, line: &[u8]) {
 /// One connection to the upstream, read line by line until it ends or the service must stop.
 /// Returns whether it connected at all.
 fn serve_upstream(upstream: &str, clients: &Mutex<Vec<Handle>>, stop: &Stop) -> bool {
-    let connected = upstream
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut addrs| addrs.find_map(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).ok()));
+    // Each address for a second at most, looking at `stop` in between.
+    let addrs: Vec<_> = upstream.to_socket_addrs().map(Iterator::collect).unwrap_or_default();
+    let connected =
+        addrs.iter().take_while(|_| !stop.requested()).find_map(|a| TcpStream::connect_timeout(a, DIAL).ok());
     let Some(stream) = connected else { return false };
     log::info!("relay: connected to {upstream}");
     let _ = stream.set_read_timeout(Some(POLL));
     let mut reader = BufReader::new(stream);
     let mut line = Vec::new();
     while !stop.requested() {
-        match reader.read_until(b'\n', &mut line) {
-            Ok(0) => break,
-            Ok(_) if line.ends_with(b"\n") => {
-                fan_out(clients, &line);
-                line.clear();
-            }
-            Ok(_) => {} // a partial line: the rest comes with the next read
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
+        // One buffer at a time (never waiting for a newline that may not come), so that `stop`
+        // and the line limit are looked at between reads.
+        let taken = match reader.fill_buf() {
+            Ok([]) => break,
+            Ok(buf) => match memchr(buf) {
+                Some(i) => {
+                    line.extend_from_slice(&buf[..=i]);
+                    i + 1
+                }
+                None => {
+                    line.extend_from_slice(buf);
+                    buf.len()
+                }
+            },
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => 0,
             Err(e) => {
                 log::warn!("relay: reading from {upstream} failed: {e}");
                 break;
             }
-        }
-        if line.len() > 1 << 20 {
-            log::warn!("relay: a line from {upstream} passed 1 MiB; dropping the connection");
+        };
+        reader.consume(taken);
+        if line.ends_with(b"\n") {
+            fan_out(clients, &line);
+            line.clear();
+        } else if line.len() > MAX_LINE {
+            log::warn!("relay: a line from {upstream} passed {MAX_LINE} bytes; dropping the connection");
             break;
         }
     }
     true
+}
+
+fn memchr(buf: &[u8]) -> Option<usize> {
+    buf.iter().position(|&b| b == b'\n')
 }
 
 impl App for Relay {

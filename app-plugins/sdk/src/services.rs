@@ -32,9 +32,14 @@ impl Stop {
     /// Sleeps for `d`, or less when the service is asked to stop meanwhile. True when it must
     /// stop.
     pub fn sleep(&self, d: Duration) -> bool {
-        let deadline = Instant::now() + d;
+        // `Duration::MAX`: until asked to stop.
+        let deadline = Instant::now().checked_add(d);
         let mut stop = self.inner.0.lock().unwrap_or_else(|e| e.into_inner());
         while !*stop {
+            let Some(deadline) = deadline else {
+                stop = self.inner.1.wait(stop).unwrap_or_else(|e| e.into_inner());
+                continue;
+            };
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
@@ -98,6 +103,9 @@ fn supervise(spec: &Spec, work: &(impl Fn(&Stop) + Send + Sync), stop: &Stop) {
         match result {
             Ok(()) => {
                 log::info!("app {}: service {} returned; it is not run again", spec.app, spec.name);
+                // A singleton keeps its claim until the worker drains: its work is done for the
+                // server, not to be run again by each sibling in turn.
+                while spec.claim.is_some() && !stop.sleep(Duration::from_secs(3600)) {}
                 break;
             }
             Err(panic) => {
@@ -140,5 +148,22 @@ pub(crate) fn stop_and_wait(limit: Duration) {
         } else {
             log::warn!("a service did not stop within {limit:?}; the worker exits without it");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sleep_without_end_lasts_until_the_stop() {
+        let stop = Stop::default();
+        let sleeper = stop.clone();
+        let t = std::thread::spawn(move || sleeper.sleep(Duration::MAX));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!t.is_finished());
+        stop.request();
+        assert!(t.join().unwrap(), "it says the service must stop");
+        assert!(stop.requested() && stop.sleep(Duration::from_secs(10)), "a stopped Stop never sleeps");
     }
 }

@@ -41,6 +41,14 @@ impl Tick {
         let n = self.ticks.fetch_add(1, Ordering::Relaxed) + 1;
         let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
         let line = format!("{ms} pid={} generation={} tick={n}\n", self.pid, self.generation);
+        // Never block the worker's clock on the file: a FIFO (or a device) is refused before
+        // it is opened.
+        if let Ok(meta) = std::fs::metadata(&self.file)
+            && !meta.file_type().is_file()
+        {
+            log::warn!("ticker: {} is not a regular file; not ticking into it", self.file);
+            return;
+        }
         // One `write` of one line, in append mode: lines of several writers never mix.
         let written = std::fs::OpenOptions::new()
             .create(true)
