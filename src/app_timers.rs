@@ -81,9 +81,16 @@ pub fn stop_app(app: usize) {
     drop(dropped);
 }
 
-/// Makes `clock` the thread woken when a timer is started.
+/// Makes `clock` the thread woken when a timer is started (and by [`wake_clock`]).
 pub fn set_clock(clock: Thread) {
     table().clock = Some(clock);
+}
+
+/// Wakes the worker's clock thread now (the drain started).
+pub fn wake_clock() {
+    if let Some(clock) = &table().clock {
+        clock.unpark();
+    }
 }
 
 /// How many milliseconds from `now` until the next timer is due (`None`: no timer).

@@ -306,9 +306,10 @@ fn a_due_timer_whose_app_holds_its_whole_share_waits_without_spinning() {
     });
 }
 
-/// `[app.svc]`: testkit appending `TICK <pid>` to `file` every 100 ms, named by no listener.
-fn service(file: &std::path::Path) -> String {
-    format!("[app.svc]\nplugin = \"{}\"\ntick_file = \"{}\"\n", plugin("testkit").display(), file.display())
+/// `setup` with `[app.svc]`: testkit appending `TICK <pid>` to `file` every 100 ms, named by no
+/// listener.
+fn with_service(setup: Setup, file: &std::path::Path) -> Setup {
+    setup.app_without_listener("svc", "testkit", &format!("tick_file = \"{}\"", file.display()))
 }
 
 /// The pids that wrote `TICK <pid>` to `file`.
@@ -321,7 +322,7 @@ fn tickers(file: &std::path::Path) -> std::collections::BTreeSet<i32> {
 fn an_app_no_listener_names_is_started_in_every_worker_and_runs_its_timers() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("ticks");
-    let server = TestServer::start(&Setup::new(2, 2).app("echo", "echo", "").extra(&service(&file)));
+    let server = TestServer::start(&with_service(Setup::new(2, 2).app("echo", "echo", ""), &file));
     let workers: std::collections::BTreeSet<i32> = server.worker_pids().into_iter().collect();
     wait_for(Duration::from_secs(5), "both workers' services to tick", || (tickers(&file) == workers).then_some(()));
     assert_eq!(LineClient::connect(server.addr("echo")).ask("still serving"), "still serving");
@@ -334,7 +335,7 @@ fn an_app_no_listener_names_is_started_in_every_worker_and_runs_its_timers() {
 fn a_server_with_no_listener_runs_its_services() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("ticks");
-    let server = TestServer::start(&Setup::new(1, 1).extra(&service(&file)));
+    let server = TestServer::start(&with_service(Setup::new(1, 1), &file));
     let worker = server.worker_pids()[0];
     wait_for(Duration::from_secs(5), "the service to tick", || tickers(&file).contains(&worker).then_some(()));
 }

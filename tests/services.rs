@@ -13,12 +13,8 @@ use util::*;
 /// A server of `workers` workers whose testkit app `svc` (no listener) runs the beat service
 /// writing to `file`, with more testkit settings.
 fn server(workers: usize, file: &Path, settings: &str) -> TestServer {
-    let table = format!(
-        "[app.svc]\nplugin = \"{}\"\nservice_file = \"{}\"\n{settings}\n",
-        plugin("testkit").display(),
-        file.display()
-    );
-    TestServer::start(&Setup::new(workers, 2).extra(&table))
+    let settings = format!("service_file = \"{}\"\n{settings}", file.display());
+    TestServer::start(&Setup::new(workers, 2).app_without_listener("svc", "testkit", &settings))
 }
 
 /// The lines of `file`, as (word, pid).

@@ -11,12 +11,8 @@ use util::*;
 
 /// A server of `workers` workers running `ticker` (no listener) into `file` every 50 ms.
 fn ticker(workers: usize, file: &Path, singleton: bool) -> TestServer {
-    let table = format!(
-        "[app.ticker]\nplugin = \"{}\"\nfile = \"{}\"\ninterval_ms = 50\nsingleton = {singleton}\n",
-        plugin("ticker").display(),
-        file.display()
-    );
-    TestServer::start(&Setup::new(workers, 2).extra(&table))
+    let settings = format!("file = \"{}\"\ninterval_ms = 50\nsingleton = {singleton}", file.display());
+    TestServer::start(&Setup::new(workers, 2).app_without_listener("ticker", "ticker", &settings))
 }
 
 /// Each line's (pid, generation), in file order.

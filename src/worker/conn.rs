@@ -145,12 +145,6 @@ pub struct Ctx<'a> {
     pub draining: bool,
 }
 
-impl Ctx<'_> {
-    fn flags(&self) -> u32 {
-        if self.draining { abi::FLAG_DRAINING } else { 0 }
-    }
-}
-
 /// Which of the app's functions a call goes to.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Callback {
@@ -397,7 +391,7 @@ impl Conn {
 
     /// The flags of a call into the app.
     fn flags(&self, ctx: &Ctx<'_>) -> u32 {
-        ctx.flags() | if self.eof { abi::FLAG_PEER_CLOSED } else { 0 }
+        (if ctx.draining { abi::FLAG_DRAINING } else { 0 }) | if self.eof { abi::FLAG_PEER_CLOSED } else { 0 }
     }
 
     /// One call into the app: `Input` offers the fresh bytes in the scratch buffer (`fresh`)
@@ -581,11 +575,9 @@ impl Conn {
         result
     }
 
-    /// Calls the app's `on_open` for a connection just accepted (it may write a greeting).
+    /// Calls the app's `on_open` for a connection just accepted (it may write a greeting). The
+    /// caller checks that the app has events (ABI 1.2).
     pub fn on_open(&mut self, ctx: &Ctx<'_>, scratch: &mut Scratch) -> After {
-        if !ctx.app.has_events() {
-            return After::Park(interest::READ);
-        }
         self.call_and_settle(Callback::Event(abi::EVENT_OPEN), ctx, scratch).0
     }
 
@@ -595,12 +587,10 @@ impl Conn {
         !self.told_drain && self.phase == Phase::Open && !self.full
     }
 
-    /// Calls the app's `on_drain` (once per connection).
+    /// Calls the app's `on_drain` (once per connection). The caller checks that the app has
+    /// events (ABI 1.2).
     pub fn on_drain(&mut self, ctx: &Ctx<'_>, scratch: &mut Scratch) -> (After, u64) {
         self.told_drain = true;
-        if !ctx.app.has_events() {
-            return (After::Park(self.armed & !interest::EDGE), 0);
-        }
         self.call_and_settle(Callback::Event(abi::EVENT_DRAIN), ctx, scratch)
     }
 

@@ -155,8 +155,6 @@ pub struct Pool {
     /// Set when the drain starts; cleared by the timer thread once every connection was told
     /// (`App::on_drain`).
     drain_news: AtomicBool,
-    /// The timer thread, to wake it when the drain starts.
-    timer_thread: Mutex<Option<Thread>>,
     /// Pushed bytes waiting for their connections (`worker::push`).
     pushes: super::push::PushTable,
 }
@@ -201,7 +199,6 @@ impl Pool {
             limits,
             max_open: if max_open > 0 { max_open } else { max_fds.saturating_sub(RESERVED_FDS).max(16) },
             drain_news: AtomicBool::new(false),
-            timer_thread: Mutex::new(None),
             pushes: super::push::PushTable::new(push_limit),
         })
     }
@@ -220,7 +217,7 @@ impl Pool {
             .name("timers".into())
             .spawn(move || self.timer_loop())
             .expect("cannot start the timer thread");
-        *self.timer_thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle.thread().clone());
+        crate::app_timers::set_clock(handle.thread().clone());
         handle
     }
 
@@ -365,13 +362,7 @@ impl Pool {
     /// the timer thread.
     pub fn announce_drain(&self) {
         self.drain_news.store(true, Ordering::SeqCst);
-        self.timer_thread_wake();
-    }
-
-    fn timer_thread_wake(&self) {
-        if let Some(t) = self.timer_thread.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            t.unpark();
-        }
+        crate::app_timers::wake_clock();
     }
 
     fn register(&self, socket: Socket, peer: String, listener: &Listening, scratch: &mut Option<Scratch>) {
@@ -489,7 +480,6 @@ impl Pool {
     /// returns). A connection being served or waiting for its app's share is skipped this
     /// time; one whose input waits in the kernel is not quiet (no timer, no idle limit).
     fn timer_loop(&self) {
-        crate::app_timers::set_clock(thread::current());
         let mut scratch = Scratch::new();
         let mut ticks = 0u32;
         let tick_ms = TIMER_TICK.as_millis() as u64;

@@ -147,6 +147,13 @@ impl Setup {
         self
     }
 
+    /// Adds `[app.NAME]` from the workspace's plugin `plugin_name` with no `[[listen]]` naming
+    /// it: a service that serves nothing.
+    pub fn app_without_listener(mut self, name: &str, plugin_name: &str, settings: &str) -> Setup {
+        self.apps.push(AppSpec { name: name.into(), plugin: plugin(plugin_name), settings: settings.into() });
+        self
+    }
+
     pub fn app_at(mut self, name: &str, plugin: &Path, settings: &str, address: &str) -> Setup {
         self.apps.push(AppSpec { name: name.into(), plugin: plugin.to_path_buf(), settings: settings.into() });
         self.listen.push((address.into(), name.into()));

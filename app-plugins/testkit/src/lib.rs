@@ -27,7 +27,9 @@
 //! closed leave the room), `FLOOD_OTHERS <bytes>` (pushes chunks of that size to every other
 //! member until one push is refused; answers `FLOODED <chunks> <full|closed>`), `KICK_OTHERS`
 //! (closes every other member after what was pushed; `KICKED N`), `LATER <ms> <text>` (an app
-//! timer pushes `<text>` to this connection after `ms`; answers `LATER`).
+//! timer pushes `<text>` to this connection after `ms`; answers `LATER`), `KEEP` (keeps this
+//! connection's handle for good, even after it closes; `KEPT`), `TELL_KEPT <text>` (pushes to
+//! every kept handle; `TOLD ok=N closed=N`).
 //!
 //! Lifecycle: `greeting = "text"` is written as a line when a connection opens; with
 //! `drain_notice = true`, every open connection gets a line `DRAIN <pid>` when its worker starts
@@ -80,6 +82,8 @@ struct Testkit {
     stats: Arc<TimerStats>,
     /// `JOIN`ed connections.
     room: Mutex<Vec<Handle>>,
+    /// `KEEP`: handles kept after their connections close (stale ones, on purpose).
+    kept: Mutex<Vec<Handle>>,
     pid: u32,
     generation: u64,
 }
@@ -166,6 +170,7 @@ impl App for Testkit {
             started: Mutex::new(Vec::new()),
             stats: Arc::new(TimerStats::default()),
             room: Mutex::new(Vec::new()),
+            kept: Mutex::new(Vec::new()),
             tag: settings.string("tag", "")?,
             greeting: settings.string("greeting", "")?,
             drain_notice: settings.bool("drain_notice", false)?,
@@ -272,6 +277,16 @@ impl App for Testkit {
                 ("FLOOD", Some(n)) => {
                     conn.write(&vec![b'x'; n.parse().unwrap_or(0)]);
                     return Next::Close;
+                }
+                ("KEEP", _) => {
+                    self.kept.lock().unwrap_or_else(|e| e.into_inner()).push(conn.handle());
+                    "KEPT".to_string()
+                }
+                ("TELL_KEPT", Some(_)) => {
+                    let text = format!("{}\n", line.split_once(' ').map_or("", |(_, t)| t));
+                    let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+                    let ok = kept.iter().filter(|h| h.write(text.as_bytes()).is_ok()).count();
+                    format!("TOLD ok={ok} closed={}", kept.len() - ok)
                 }
                 ("JOIN", _) => {
                     self.members().push(conn.handle());
