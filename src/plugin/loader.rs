@@ -194,6 +194,29 @@ unsafe extern "C" fn host_push(_ctx: *const c_void, handle: u64, bytes: StrRef, 
     }
 }
 
+unsafe extern "C" fn host_connect(
+    ctx: *const c_void,
+    addr: StrRef,
+    link: u64,
+    timeout_ms: u64,
+    error: abi::MessageFn,
+    error_ctx: *mut c_void,
+) -> u64 {
+    // SAFETY: `ctx` is null or the app index we leaked for this app (valid forever); the
+    // address is valid during this call.
+    let (app, addr) = unsafe { ((!ctx.is_null()).then(|| *ctx.cast::<usize>()), lossy(addr)) };
+    // No panic may cross into the plugin's frames.
+    let made = std::panic::catch_unwind(|| crate::worker::outbound::connect(app, &addr, link, timeout_ms));
+    let reason = match made {
+        Ok(Ok(handle)) => return handle,
+        Ok(Err(reason)) => reason,
+        Err(_) => format!("cannot connect to {addr}: the server failed (see its log)"),
+    };
+    // SAFETY: the plugin passed this callback and context for the duration of this call.
+    unsafe { error(error_ctx, StrRef::new(&reason)) };
+    0
+}
+
 unsafe extern "C" fn host_count(ctx: *const c_void, name: StrRef, delta: u64) {
     // SAFETY: `ctx` is the `AppEvents` we leaked for this app (valid forever); the name is
     // valid during this call.
@@ -384,6 +407,7 @@ impl App {
             );
         }
         let events: &'static AppEvents = Box::leak(Box::default());
+        let app_index = (Box::leak(Box::new(ctx.app_index)) as *const usize).cast();
         let host = HostApi {
             size: size_of::<HostApi>() as u32,
             abi_major: abi::ABI_MAJOR,
@@ -400,10 +424,12 @@ impl App {
             count_ctx: (events as *const AppEvents).cast(),
             timer_start: host_timer_start,
             timer_cancel: host_timer_cancel,
-            timers_ctx: (Box::leak(Box::new(ctx.app_index)) as *const usize).cast(),
+            timers_ctx: app_index,
             push: host_push,
             push_ctx: std::ptr::null(),
             server_id: StrRef::new(ctx.server_id),
+            connect: host_connect,
+            connect_ctx: app_index,
         };
         let mut app: *mut c_void = std::ptr::null_mut();
         let mut error = String::new();
@@ -437,14 +463,24 @@ impl App {
     }
 
     /// Creates the app's state for a new connection; `None` if the app failed to.
-    /// `handle`: what names it for pushes (its token).
-    pub fn open_conn(&self, peer: &str, listener: &str, id: u64, handle: u64) -> Option<ConnHandle> {
+    /// `handle`: what names it for pushes (its token); `outbound`: for a connection the app
+    /// made, the link its connect named.
+    pub fn open_conn(
+        &self,
+        peer: &str,
+        listener: &str,
+        id: u64,
+        handle: u64,
+        outbound: Option<u64>,
+    ) -> Option<ConnHandle> {
         let info = ConnInfo {
             size: size_of::<ConnInfo>() as u32,
             peer: StrRef::new(peer),
             listener: StrRef::new(listener),
             id,
             handle,
+            outbound: u32::from(outbound.is_some()),
+            link: outbound.unwrap_or(0),
         };
         // SAFETY: `app` is live (not stopped), `info` outlives the call.
         let conn = unsafe { (self.table.conn_open)(self.app, &info) };

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use fdt_sdk::{Next, abi};
 use socket2::Socket;
 
+use super::{outbound, push};
 use crate::config::Limits;
 use crate::plugin::{App, Call, ConnHandle, DataOutcome};
 use crate::sys::{self, Event, interest};
@@ -28,6 +29,9 @@ pub const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Where a connection is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
+    /// An outbound connection whose connect is under way, to fail at `deadline`
+    /// (`sys::monotonic_ms`).
+    Connecting { deadline: u64 },
     /// Serving requests.
     Open,
     /// Sending the rest of its output, then closing.
@@ -48,6 +52,8 @@ pub enum CloseReason {
     Forced,
     /// A connection limit ended it (the close itself may have been gentle).
     Limit(Limit),
+    /// An outbound connection could not be made (refused, unreachable, timed out).
+    ConnectFailed(String),
 }
 
 /// The connection limits that close a connection ("Connection limits and timeouts").
@@ -60,10 +66,12 @@ pub enum Limit {
     Read,
     /// Output the peer took none of for `send_timeout`: closed at once.
     Send,
+    /// An outbound connect not made by its timeout: failed.
+    Connect,
 }
 
 /// Every label of [`CloseReason::label`], in the order of [`CloseReason::index`].
-pub const CLOSE_LABELS: [&str; 10] = [
+pub const CLOSE_LABELS: [&str; 11] = [
     "peer",
     "done",
     "app_failed",
@@ -74,6 +82,7 @@ pub const CLOSE_LABELS: [&str; 10] = [
     "idle_timeout",
     "read_timeout",
     "send_timeout",
+    "connect_failed",
 ];
 
 impl CloseReason {
@@ -90,6 +99,7 @@ impl CloseReason {
             CloseReason::Limit(Limit::Idle) => 7,
             CloseReason::Limit(Limit::Read) => 8,
             CloseReason::Limit(Limit::Send) => 9,
+            CloseReason::ConnectFailed(_) | CloseReason::Limit(Limit::Connect) => 10,
         }
     }
 
@@ -187,6 +197,12 @@ pub struct Conn {
     /// The peer closed its sending side: nothing more to read, the rest of the input and the
     /// output to finish.
     eof: bool,
+    /// A push from the app's last call to another connection was refused as full, with input
+    /// left: no reading and no call until that connection has room (`worker::push`, flow
+    /// control), when its input is offered again.
+    blocked: bool,
+    /// The app made this connection (`worker::outbound`).
+    pub outbound: bool,
     /// The app was told that the worker drains (`App::on_drain`).
     pub told_drain: bool,
     /// The limit that is closing it, if one is.
@@ -239,6 +255,8 @@ impl Conn {
             full: false,
             stalled: false,
             eof: false,
+            blocked: false,
+            outbound: false,
             told_drain: false,
             limit: None,
             next: Next::KeepOpen,
@@ -252,6 +270,15 @@ impl Conn {
             bytes_out: 0,
             requests: 0,
         }
+    }
+
+    /// An outbound connection whose connect is under way (see `worker::outbound`), to fail
+    /// after `timeout_ms`.
+    pub fn connecting(mut self, timeout_ms: u64) -> Conn {
+        self.phase = Phase::Connecting { deadline: sys::monotonic_ms().saturating_add(timeout_ms) };
+        self.armed = interest::WRITE | interest::EDGE;
+        self.outbound = true;
+        self
     }
 
     /// Its app's place in the worker's apps.
@@ -301,6 +328,7 @@ impl Conn {
         // The edge that announced it is spent: read on past a stop a short read cannot see.
         self.read_to_eagain |= event.read_may_stop_early();
         match self.phase {
+            Phase::Connecting { .. } => self.on_connected(event, ctx, scratch),
             Phase::Lingering { .. } => (self.discard_input(), 0),
             Phase::Flushing => (self.flush_then(), 0),
             Phase::Open => {
@@ -319,7 +347,7 @@ impl Conn {
                     self.full = false;
                 }
                 let mut requests = 0;
-                if readable && !self.eof {
+                if readable && !self.eof && !self.blocked {
                     match self.serve(ctx, scratch) {
                         Ok(n) => requests = n,
                         Err(after) => return (after, 0),
@@ -355,7 +383,7 @@ impl Conn {
             }
             // Read on only while the app keeps up: what it has no room to answer waits in the
             // kernel's buffer (and, at the end, the client's), not in ours.
-            if !more || self.eof || self.stalled || self.queued() > ctx.limits.max_output {
+            if !more || self.eof || self.stalled || self.blocked || self.queued() > ctx.limits.max_output {
                 return Ok(requests);
             }
         }
@@ -417,11 +445,18 @@ impl Conn {
             wants: self.wants,
         };
         let handle = self.handle.as_mut().expect("open connection has an app handle");
-        let outcome = match callback {
+        let current = outbound::Current {
+            token: super::table::token(self.socket.as_raw_fd() as usize, self.seq),
+            app: self.app as usize,
+            listener: self.listener,
+        };
+        let outcome = outbound::serving(current, || match callback {
             Callback::Input => ctx.app.on_data(handle, call, &mut scratch.output),
             Callback::Timer => ctx.app.on_timer(handle, call, &mut scratch.output),
             Callback::Event(kind) => ctx.app.on_event(handle, kind, call, &mut scratch.output),
-        };
+        });
+        // A push it made to another connection was refused as full (flow control).
+        let refused = push::take_blocked();
         let (consumed, requests) = match outcome {
             DataOutcome::Failed(reason) => return Err(CloseReason::AppFailed(reason)),
             DataOutcome::Next { next, consumed, requests, timer_ms, wants } => {
@@ -452,7 +487,10 @@ impl Conn {
         // Input left once the app ran out of room, or once its producer finished, may hold
         // requests it has not answered yet: offer it again when there is room.
         let producer_done = callback == Callback::Event(abi::EVENT_WRITABLE) && self.wants & abi::WANT_WRITABLE == 0;
-        self.stalled = !self.input.is_empty() && (scratch.output.len() >= room || producer_done);
+        // Input left behind a refused push waits for the other connection's room: that
+        // connection wakes this one (`Pool::wake`).
+        self.blocked = refused && !self.input.is_empty();
+        self.stalled = !self.blocked && !self.input.is_empty() && (scratch.output.len() >= room || producer_done);
         // A request has begun, or the response it waited behind is done: `read_timeout` counts
         // from here.
         // (While output is queued, `since` is the send timeout's; the flush that empties the
@@ -482,6 +520,10 @@ impl Conn {
                 return self.flush_then();
             }
             let producing = self.wants & abi::WANT_WRITABLE != 0 && ctx.app.has_events();
+            if self.blocked {
+                // Nothing read, nothing called until woken; only output still to send.
+                return After::Park(if self.queued() > 0 { interest::WRITE } else { 0 });
+            }
             if self.queued() > max || ((self.stalled || producing) && self.queued() > max / 2) {
                 self.full = true;
                 return After::Park(interest::WRITE);
@@ -510,6 +552,62 @@ impl Conn {
         // Enough for one event: back to the event loop, which reports a socket with room at
         // once.
         After::Park(interest::WRITE)
+    }
+
+    /// The connection a push from this one was refused by has room now (`Pool::wake`): offer
+    /// the input left behind again.
+    pub fn unblock(&mut self) {
+        if self.blocked {
+            self.blocked = false;
+            self.stalled = !self.input.is_empty();
+        }
+    }
+
+    /// The end of an outbound connect (the socket reported writable, or an error): on success
+    /// the connection serves requests and the app hears `on_open` (and `on_drain` when the
+    /// worker drains already); on failure, `on_connect_failed`, then it is closed.
+    fn on_connected(&mut self, event: &Event, ctx: &Ctx<'_>, scratch: &mut Scratch) -> (After, u64) {
+        let error = match self.socket.take_error() {
+            Ok(error) => error,
+            Err(e) => Some(e),
+        };
+        if let Some(e) = error {
+            return (self.connect_failed(&format!("cannot connect to {}: {e}", self.peer), ctx, scratch), 0);
+        }
+        if !event.writable() {
+            return (After::Park(interest::WRITE), 0);
+        }
+        self.phase = Phase::Open;
+        self.last_active = sys::monotonic_ms();
+        self.since = self.last_active;
+        if !ctx.app.has_events() {
+            return (After::Park(interest::READ), 0);
+        }
+        let mut requests = match self.invoke(Callback::Event(abi::EVENT_OPEN), 0, self.flags(ctx), ctx, scratch) {
+            Ok(n) => n,
+            Err(reason) => return (After::Close(reason), 0),
+        };
+        if ctx.draining && self.next != Next::Close {
+            // The drain's news went out before this connection could hear it.
+            self.told_drain = true;
+            match self.invoke(Callback::Event(abi::EVENT_DRAIN), 0, self.flags(ctx), ctx, scratch) {
+                Ok(n) => requests += n,
+                Err(reason) => return (After::Close(reason), 0),
+            }
+        }
+        let after = self.settle(ctx, scratch, &mut requests);
+        (after, requests)
+    }
+
+    /// Tells the app that its connect failed (`reason`), and closes the connection.
+    fn connect_failed(&mut self, reason: &str, ctx: &Ctx<'_>, scratch: &mut Scratch) -> After {
+        if ctx.app.has_events() {
+            self.input = reason.as_bytes().to_vec();
+            // Whatever it returns or writes: nothing can be sent.
+            let _ = self.invoke(Callback::Event(abi::EVENT_CONNECT_FAILED), 0, self.flags(ctx), ctx, scratch);
+            self.input = Vec::new();
+        }
+        After::Close(CloseReason::ConnectFailed(reason.to_string()))
     }
 
     /// True when pushed bytes may be moved into the output: at most half of `max_output`
@@ -544,6 +642,9 @@ impl Conn {
         if self.full || self.queued() > limits.max_output {
             self.full = true;
             return interest::WRITE;
+        }
+        if self.blocked {
+            return if self.queued() > 0 { interest::WRITE } else { 0 };
         }
         // A producer waits for writable events whatever the push left.
         if self.wants & abi::WANT_WRITABLE != 0 || self.queued() > 0 {
@@ -598,6 +699,9 @@ impl Conn {
     pub fn limit_due(&self, now: u64, limits: &Limits) -> Option<Limit> {
         let past =
             |t: Option<Duration>, since: u64| t.is_some_and(|t| u128::from(now.saturating_sub(since)) >= t.as_millis());
+        if let Phase::Connecting { deadline } = self.phase {
+            return (now >= deadline).then_some(Limit::Connect);
+        }
         if matches!(self.phase, Phase::Lingering { .. }) || self.limit == Some(Limit::Send) {
             return None;
         }
@@ -613,7 +717,8 @@ impl Conn {
         // had no room for, or a response still being produced (requests pipelined behind it).
         if !self.input.is_empty() {
             let producing = self.wants & abi::WANT_WRITABLE != 0;
-            return (!self.stalled && !producing && past(limits.read_timeout, self.since)).then_some(Limit::Read);
+            let waits = self.stalled || producing || self.blocked;
+            return (!waits && past(limits.read_timeout, self.since)).then_some(Limit::Read);
         }
         let lifted = self.wants & abi::WANT_NO_IDLE_TIMEOUT != 0;
         (self.between_requests() && !lifted && past(limits.idle_timeout, self.last_active)).then_some(Limit::Idle)
@@ -633,9 +738,13 @@ impl Conn {
 
     /// Acts on a limit reached (see [`Conn::limit_due`]).
     pub fn enforce(&mut self, limit: Limit, ctx: &Ctx<'_>, scratch: &mut Scratch) -> After {
+        if limit == Limit::Connect {
+            let reason = format!("cannot connect to {}: timed out", self.peer);
+            return self.connect_failed(&reason, ctx, scratch);
+        }
         self.limit = Some(limit);
         match limit {
-            Limit::Send => After::Close(CloseReason::Limit(limit)),
+            Limit::Send | Limit::Connect => After::Close(CloseReason::Limit(limit)),
             Limit::Idle => self.begin_close(),
             Limit::Read => {
                 if ctx.app.has_events()

@@ -11,6 +11,7 @@
 
 mod admission;
 mod conn;
+pub mod outbound;
 mod pool;
 pub mod push;
 mod share;
@@ -234,7 +235,8 @@ impl Worker {
         let limits = config.listeners.iter().map(|l| l.limits).collect();
         let workers = config.server.workers;
         let max_open = config.server.limits.max_connections;
-        let pool = match Pool::new(apps, (config.server.threads, workers), max_fds, (limits, max_open), load) {
+        let limits = (limits, config.server.limits, max_open);
+        let pool = match Pool::new(apps, (config.server.threads, workers), max_fds, limits, load) {
             Ok(pool) => {
                 let pool: &'static Pool = Box::leak(Box::new(pool));
                 push::set_pool(pool);

@@ -157,19 +157,38 @@ pub struct Pool {
     drain_news: AtomicBool,
     /// Pushed bytes waiting for their connections (`worker::push`).
     pushes: super::push::PushTable,
+    /// Where the server's own limits are in `limits`: those of an outbound connection made
+    /// outside a connection's callback.
+    server_limits: u32,
+}
+
+/// An outbound connection to make (see `worker::outbound`).
+pub struct Outbound {
+    pub app: usize,
+    /// The address as the app wrote it.
+    pub peer: String,
+    pub address: std::net::SocketAddr,
+    /// What its `Conn::link` returns (0: none).
+    pub link: u64,
+    /// The listener whose limits it takes (`None`: the server's).
+    pub listener: Option<u32>,
+    pub timeout_ms: u64,
 }
 
 impl Pool {
     /// `workers`: how many workers the generation runs (for the admission's share of the CPUs);
-    /// `limits`: each listener's; `max_open`: the worker's `max_connections` (0: derived from
-    /// `max_fds`, its open file limit).
+    /// `limits`: each listener's, then the server's; `max_open`: the worker's
+    /// `max_connections` (0: derived from `max_fds`, its open file limit).
     pub fn new(
         apps: Vec<App>,
         (threads, workers): (usize, usize),
         max_fds: usize,
-        (limits, max_open): (Vec<Limits>, usize),
+        (limits, server, max_open): (Vec<Limits>, Limits, usize),
         load: WorkerLoad,
     ) -> std::io::Result<Pool> {
+        let mut limits = limits;
+        let server_limits = limits.len() as u32;
+        limits.push(server);
         // Pushes wait up to the largest `max_output` of the listeners.
         let push_limit = limits.iter().map(|l| l.max_output).max().unwrap_or(Limits::DEFAULT_MAX_OUTPUT);
         let epoll = Epoll::new()?;
@@ -200,6 +219,7 @@ impl Pool {
             max_open: if max_open > 0 { max_open } else { max_fds.saturating_sub(RESERVED_FDS).max(16) },
             drain_news: AtomicBool::new(false),
             pushes: super::push::PushTable::new(push_limit),
+            server_limits,
         })
     }
 
@@ -374,7 +394,7 @@ impl Pool {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed).max(1);
         let token = token(fd, seq);
         let app = &self.apps[listener.app];
-        let Some(handle) = app.open_conn(&peer, &listener.address, u64::from(seq), token) else {
+        let Some(handle) = app.open_conn(&peer, &listener.address, u64::from(seq), token, None) else {
             log::error!("app {} refused a connection from {peer}", app.name());
             return;
         };
@@ -448,8 +468,9 @@ impl Pool {
             }
             let Some(next) = slot.try_lock() else { return };
             guard = next;
-            // Pushed bytes wait: ask for a writable event, which a socket with room gives at once.
-            let pushed = if slot.pushed.load(Ordering::SeqCst) { interest::WRITE } else { 0 };
+            // Pushed bytes or a wake wait: ask for a writable event, which a socket with room
+            // gives at once.
+            let pushed = slot.waiting_interest();
             if slot.again.swap(false, Ordering::SeqCst)
                 && let Some(conn) = guard.as_mut()
                 && let Err(e) = self.epoll.modify(conn.fd(), conn.armed | pushed, token(conn.fd() as usize, conn.seq))
@@ -725,6 +746,9 @@ impl Pool {
         }
         // Anything that arrived before this point is read now; a later arrival is a new edge.
         slot.again.store(false, Ordering::SeqCst);
+        if slot.wake.swap(false, Ordering::SeqCst) {
+            conn.unblock();
+        }
         self.deliver_pushes(slot, conn);
         beat.begin(app_index, &conn.peer);
         let had_timer = conn.has_timer();
@@ -751,8 +775,9 @@ impl Pool {
         let Some(conn) = guard.as_mut() else { return };
         let reason = match after {
             After::Park(wanted) => {
-                // Pushed bytes that waited for room are delivered at the next writable event.
-                let pushed = if slot.pushed.load(Ordering::SeqCst) { interest::WRITE } else { 0 };
+                // Pushed bytes that waited for room (or a wake) are handled at the next
+                // writable event.
+                let pushed = slot.waiting_interest();
                 let wanted = wanted | pushed | interest::EDGE;
                 // The common case: waiting for the next request on a socket read empty. Its
                 // arrival is a new edge; nothing to tell the kernel. (Not with pushed bytes
@@ -790,7 +815,8 @@ impl Pool {
         if !super::push::is_live(&slot.live, seq) {
             return PushOutcome::Closed;
         }
-        if !self.pushes.add(token, bytes, close) {
+        let waiter = super::outbound::current().map(|c| c.token);
+        if self.pushes.add(token, bytes, close, waiter) == super::push::Added::Full {
             return PushOutcome::Full;
         }
         slot.pushed.store(true, Ordering::SeqCst);
@@ -807,7 +833,7 @@ impl Pool {
                 // Parked, never closed here: closing runs the app's `on_close`, and this thread
                 // may be inside app code holding the app's locks. A handler closes it.
                 let wanted = conn.after_push(&self.limits[conn.listener as usize]) | interest::EDGE;
-                let pushed = if slot.pushed.load(Ordering::SeqCst) { interest::WRITE } else { 0 };
+                let pushed = slot.waiting_interest();
                 match self.epoll.modify(conn.fd(), wanted | pushed, token) {
                     Ok(()) => conn.armed = wanted | pushed,
                     Err(e) => log::warn!("cannot re-arm the connection from {}: {e}", conn.peer),
@@ -824,11 +850,16 @@ impl Pool {
         if !slot.pushed.load(Ordering::SeqCst) {
             return;
         }
-        if conn.phase != Phase::Open {
-            // Closing: nothing more goes out.
-            slot.pushed.store(false, Ordering::SeqCst);
-            drop(self.pushes.take(token(conn.fd() as usize, conn.seq)));
-            return;
+        match conn.phase {
+            // What was written before the connect completes waits for it.
+            Phase::Connecting { .. } => return,
+            Phase::Open => {}
+            Phase::Flushing | Phase::Lingering { .. } => {
+                // Closing: nothing more goes out.
+                slot.pushed.store(false, Ordering::SeqCst);
+                self.drop_pushes(token(conn.fd() as usize, conn.seq));
+                return;
+            }
         }
         if !conn.has_push_room(&self.limits[conn.listener as usize]) {
             return;
@@ -836,7 +867,93 @@ impl Pool {
         slot.pushed.store(false, Ordering::SeqCst);
         if let Some(pushed) = self.pushes.take(token(conn.fd() as usize, conn.seq)) {
             conn.accept_push(pushed.bytes, pushed.close);
+            self.wake_all(&pushed.waiters);
         }
+    }
+
+    /// Drops what was pushed to the connection `token` names (it ends), waking the
+    /// connections that waited for its room: their next push fails as closed.
+    fn drop_pushes(&self, token: u64) {
+        if let Some(pushed) = self.pushes.take(token) {
+            self.wake_all(&pushed.waiters);
+        }
+    }
+
+    /// Wakes connections whose push was refused as full (see `worker::push`): each is re-armed
+    /// for writing, and the handler that takes its event offers its input again. Never waits
+    /// for a lock (the caller holds another connection's).
+    fn wake_all(&self, waiters: &[u64]) {
+        for &waiter in waiters {
+            let (fd, seq) = split_token(waiter);
+            let Some(slot) = self.conns.slot(fd) else { continue };
+            if !super::push::is_live(&slot.live, seq) {
+                continue;
+            }
+            slot.wake.store(true, Ordering::SeqCst);
+            // Held: its holder re-arms it as it lets go (`unlock`), asking for writable.
+            let Some(mut guard) = self.lock_for_event(slot) else { continue };
+            if let Some(conn) = guard.as_mut().filter(|c| c.seq == seq) {
+                let wanted = conn.armed | interest::WRITE;
+                if let Err(e) = self.epoll.modify(conn.fd(), wanted, waiter) {
+                    log::warn!("cannot re-arm the connection from {}: {e}", conn.peer);
+                } else {
+                    conn.armed = wanted;
+                }
+            }
+            self.unlock(slot, guard);
+        }
+    }
+
+    /// Starts an outbound connection (see `worker::outbound`); returns its token.
+    pub fn connect(&self, out: Outbound) -> Result<u64, String> {
+        use socket2::{Domain, Protocol, Type};
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(format!("cannot connect to {}: the worker is stopping", out.peer));
+        }
+        let fail = |e: std::io::Error| format!("cannot connect to {}: {e}", out.peer);
+        let socket = Socket::new(Domain::for_address(out.address), Type::STREAM, Some(Protocol::TCP)).map_err(fail)?;
+        prepare_socket(&socket, true).map_err(fail)?;
+        match socket.connect(&out.address.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => return Err(fail(e)),
+        }
+        let fd = socket.as_raw_fd() as usize;
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed).max(1);
+        let token = token(fd, seq);
+        let app = &self.apps[out.app];
+        let Some(handle) = app.open_conn(&out.peer, "", u64::from(seq), token, Some(out.link)) else {
+            return Err(format!("cannot connect to {}: the app refused the connection", out.peer));
+        };
+        let Some(slot) = self.conns.slot(fd) else {
+            app.close_conn(handle);
+            return Err(format!("cannot connect to {}: fd {fd} is beyond the connection table", out.peer));
+        };
+        let listener = out.listener.unwrap_or(self.server_limits);
+        let mut guard = slot.lock();
+        let conn = Conn::new(socket, true, seq, (listener, out.app), handle, out.peer).connecting(out.timeout_ms);
+        let conn = guard.insert(conn);
+        slot.waiting.store(0, Ordering::SeqCst);
+        slot.live.store(seq, Ordering::Release);
+        self.conns.note_used(fd);
+        self.counters.open.fetch_add(1, Ordering::Relaxed);
+        self.load.opened();
+        let added = self.epoll.add(fd as i32, conn.armed, token);
+        // The worker stops: its last sweep of the connections may have passed this slot.
+        let stopping = self.stopping.load(Ordering::SeqCst);
+        if added.is_err() || stopping {
+            let conn = guard.take().expect("inserted above");
+            drop(guard);
+            let reason = match &added {
+                Err(e) => format!("cannot watch it: {e}"),
+                Ok(()) => "the worker is stopping".into(),
+            };
+            self.finish(conn, CloseReason::Error(reason.clone()));
+            return Err(format!("cannot connect: {reason}"));
+        }
+        // Its connect may have completed already, its event raced us to a handler.
+        self.unlock(slot, guard);
+        Ok(token)
     }
 
     /// Ends a connection: tells the app, counts it, closes the socket.
@@ -853,7 +970,7 @@ impl Pool {
         if let Some(slot) = self.conns.slot(conn.fd() as usize) {
             let _ = slot.live.compare_exchange(conn.seq, 0, Ordering::AcqRel, Ordering::Acquire);
         }
-        drop(self.pushes.take(token(conn.fd() as usize, conn.seq)));
+        self.drop_pushes(token(conn.fd() as usize, conn.seq));
         match &reason {
             CloseReason::AppFailed(msg) => {
                 self.counters.panics.fetch_add(1, Ordering::Relaxed);
@@ -863,6 +980,7 @@ impl Pool {
                 log::warn!("app {}: connection from {} closed: request larger than 1 MiB", app.name(), conn.peer)
             }
             CloseReason::Error(e) => log::debug!("connection from {} closed: {e}", conn.peer),
+            CloseReason::ConnectFailed(e) => log::debug!("app {}: {e}", app.name()),
             _ => {}
         }
         self.track_timer(conn.has_timer(), false);
@@ -880,10 +998,12 @@ impl Pool {
                 reason.label()
             ));
         }
-        let listener_open = self.listener_open[conn.listener as usize].fetch_sub(1, Ordering::Relaxed);
+        let listener_open =
+            if conn.outbound { 0 } else { self.listener_open[conn.listener as usize].fetch_sub(1, Ordering::Relaxed) };
         let open = self.counters.open.fetch_sub(1, Ordering::Relaxed);
         self.load.closed();
-        if open as usize >= self.max_open || listener_open == self.limits[conn.listener as usize].max_connections {
+        let at_listener_max = !conn.outbound && listener_open == self.limits[conn.listener as usize].max_connections;
+        if open as usize >= self.max_open || at_listener_max {
             self.wake_acceptors(); // one may wait at `max_connections`
         }
         // Dropping `conn` closes the socket, which also removes it from the epoll instance.

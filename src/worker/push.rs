@@ -9,6 +9,12 @@
 //! delivers at once; when it is held, the holder re-arms the connection for writing as it lets
 //! go (`Pool::unlock`), and the handler that takes the event delivers.
 //!
+//! Flow control: a push refused as full from inside another connection's callback (a proxy
+//! forwarding what one side sent to the other) leaves that connection's token among the
+//! target's waiters; the callback leaves its input unconsumed, and the worker stops reading
+//! its connection (`Conn::blocked`) until the target's waiting bytes move into its output, or
+//! the target ends: then each waiter is woken (`Pool::wake`) and its input offered again.
+//!
 //! Invariants: a push reaches only the connection its token names — the slot's `live` sequence
 //! number is checked before and after the bytes are queued, and a connection's pushes are
 //! dropped when it ends, so nothing is left for a connection that reuses its fd; a refused push
@@ -30,6 +36,28 @@ pub struct Pushed {
     pub bytes: Vec<u8>,
     /// Close the connection after the bytes.
     pub close: bool,
+    /// Connections whose push here was refused as full, to wake once these bytes move on.
+    pub waiters: Vec<u64>,
+}
+
+/// What [`PushTable::add`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Added {
+    Queued,
+    /// Refused: the bytes would pass the limit. The waiter, if any, was noted.
+    Full,
+}
+
+std::thread_local! {
+    /// Set when a push from this thread was refused as full and its connection noted as a
+    /// waiter (see the module doc); taken after each call into the app.
+    static BLOCKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// True (once) when a push from the app call that just returned on this thread was refused as
+/// full, with the calling connection noted as a waiter.
+pub fn take_blocked() -> bool {
+    BLOCKED.with(|b| b.replace(false))
 }
 
 /// Pushed bytes not yet moved into their connections' output.
@@ -49,17 +77,29 @@ impl PushTable {
         self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues `bytes` for `token`; false when they would pass the limit.
-    pub fn add(&self, token: u64, bytes: &[u8], close: bool) -> bool {
+    /// Queues `bytes` for `token`, unless bytes wait already and these would pass the limit
+    /// (a push into an empty queue is always taken, however large: like a connection's own
+    /// answer, it is bounded by what the app holds; so is a close, which adds no bytes). A refused push notes `waiter` (the
+    /// connection whose callback pushed), to wake when the waiting bytes move on.
+    pub fn add(&self, token: u64, bytes: &[u8], close: bool, waiter: Option<u64>) -> Added {
         let mut shard = self.shard(token);
-        let waiting = shard.get(&token).map_or(0, |e| e.bytes.len());
-        if waiting.saturating_add(bytes.len()) > self.limit {
-            return false; // (no entry made: a refused push leaves nothing behind)
+        if let Some(entry) = shard.get_mut(&token)
+            && !bytes.is_empty()
+            && !entry.bytes.is_empty()
+            && entry.bytes.len().saturating_add(bytes.len()) > self.limit
+        {
+            if let Some(waiter) = waiter.filter(|w| *w != token) {
+                if !entry.waiters.contains(&waiter) {
+                    entry.waiters.push(waiter);
+                }
+                BLOCKED.with(|b| b.set(true));
+            }
+            return Added::Full;
         }
         let entry = shard.entry(token).or_default();
         entry.bytes.extend_from_slice(bytes);
         entry.close |= close;
-        true
+        Added::Queued
     }
 
     /// Takes what waits for `token`.
@@ -74,6 +114,11 @@ static POOL: OnceLock<&'static super::pool::Pool> = OnceLock::new();
 /// Makes `pool` the target of pushes.
 pub fn set_pool(pool: &'static super::pool::Pool) {
     let _ = POOL.set(pool);
+}
+
+/// The worker's pool, once it exists.
+pub fn pool() -> Option<&'static super::pool::Pool> {
+    POOL.get().copied()
 }
 
 /// Pushes `bytes` to the connection `token` names (see the module doc).

@@ -30,6 +30,9 @@ pub struct Slot {
     pub live: AtomicU32,
     /// Pushed bytes may wait for this connection (`worker::push`).
     pub pushed: AtomicBool,
+    /// A connection this one's push was refused by has room now: its input is offered again
+    /// (`Pool::wake`).
+    pub wake: AtomicBool,
 }
 
 pub type Guard<'a> = MutexGuard<'a, Option<Conn>>;
@@ -42,6 +45,16 @@ impl Slot {
             Ok(guard) => Some(guard),
             Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
             Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// The interest to add when re-arming it: writable (reported at once by a socket with
+    /// room) while pushed bytes or a wake wait for its handler.
+    pub fn waiting_interest(&self) -> u32 {
+        if self.pushed.load(Ordering::SeqCst) || self.wake.load(Ordering::SeqCst) {
+            crate::sys::interest::WRITE
+        } else {
+            0
         }
     }
 
@@ -73,6 +86,7 @@ impl ConnTable {
                     waiting: AtomicU64::new(0),
                     live: AtomicU32::new(0),
                     pushed: AtomicBool::new(false),
+                    wake: AtomicBool::new(false),
                 })
                 .collect()
         });

@@ -201,6 +201,15 @@ unsafe extern "C" fn start<A: App>(
             // SAFETY: `size` says the host's `HostApi` has these fields.
             unsafe { crate::push::set_host(addr_of!((*host).push).read(), addr_of!((*host).push_ctx).read()) };
         }
+        // A host before ABI 1.3 makes no outbound connections.
+        let connector = if abi::covers(size, std::mem::offset_of!(HostApi, connect_ctx) + size_of::<*const c_void>()) {
+            // SAFETY: `size` says the host's `HostApi` has these fields.
+            unsafe {
+                crate::Connector::from_host(addr_of!((*host).connect).read(), addr_of!((*host).connect_ctx).read())
+            }
+        } else {
+            Default::default()
+        };
         // A host before ABI 1.2 names no server: its singletons are per app name only.
         let server_id = if abi::covers(size, std::mem::offset_of!(HostApi, server_id) + size_of::<StrRef>()) {
             // SAFETY: `size` says the host's `HostApi` has this field; its string is valid
@@ -214,6 +223,7 @@ unsafe extern "C" fn start<A: App>(
             .with_databases(&databases)?
             .with_events(events)
             .with_timers(timers)
+            .with_connector(connector)
             .with_server_id(&server_id);
         A::start(&settings)
     }));
@@ -300,6 +310,12 @@ unsafe extern "C" fn conn_open(_app: *mut c_void, info: *const ConnInfo) -> *mut
     } else {
         0
     };
+    let (outbound, link) = if abi::covers(size, std::mem::offset_of!(ConnInfo, link) + size_of::<u64>()) {
+        // SAFETY: `size` says the host's `ConnInfo` has these fields.
+        unsafe { (addr_of!((*info).outbound).read() != 0, addr_of!((*info).link).read()) }
+    } else {
+        (false, 0)
+    };
     let state = catch_unwind(AssertUnwindSafe(|| ConnState {
         // SAFETY: as above, the strings are valid during this call.
         peer: unsafe { borrowed_str(peer) },
@@ -307,6 +323,8 @@ unsafe extern "C" fn conn_open(_app: *mut c_void, info: *const ConnInfo) -> *mut
         listener: unsafe { borrowed_str(listener) },
         id,
         handle,
+        outbound,
+        link,
         ..ConnState::default()
     }));
     match state {
@@ -348,6 +366,12 @@ unsafe extern "C" fn conn_event<A: App>(
         abi::EVENT_DRAIN => A::on_drain,
         abi::EVENT_READ_TIMEOUT => |app: &A, c: &mut Conn| {
             app.on_read_timeout(c);
+            crate::Next::Close
+        },
+        abi::EVENT_CONNECT_FAILED => |app: &A, c: &mut Conn| {
+            let reason = String::from_utf8_lossy(c.input()).into_owned();
+            c.consume(c.input().len());
+            app.on_connect_failed(c, &reason);
             crate::Next::Close
         },
         // A kind added after this SDK was built: nothing to do.
@@ -610,6 +634,8 @@ mod tests {
             listener: StrRef::new("l"),
             id: 7,
             handle: 0,
+            outbound: 0,
+            link: 0,
         };
         // SAFETY: `info` is valid during the call; the app pointer is unused by `conn_open`.
         unsafe { conn_open(std::ptr::null_mut(), &info) }
@@ -728,6 +754,8 @@ mod tests {
             push: no_push,
             push_ctx: std::ptr::null(),
             server_id: StrRef::new("/run/test.sock"),
+            connect: no_connect,
+            connect_ctx: std::ptr::null(),
         }
     }
 
@@ -747,6 +775,17 @@ mod tests {
     }
 
     unsafe extern "C" fn no_timer_cancel(_: *const c_void, _: u64) {}
+
+    unsafe extern "C" fn no_connect(
+        _: *const c_void,
+        _: StrRef,
+        _: u64,
+        _: u64,
+        _: abi::MessageFn,
+        _: *mut c_void,
+    ) -> u64 {
+        0
+    }
 
     unsafe extern "C" fn no_push(_: *const c_void, _: u64, _: StrRef, _: u32) -> abi::PushStatus {
         abi::PUSH_CLOSED

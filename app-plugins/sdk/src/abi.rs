@@ -14,7 +14,7 @@ pub const MAGIC: [u8; 8] = *b"FDTAPP\0\x01";
 /// Bumped when a layout below changes incompatibly; the host refuses any other major.
 pub const ABI_MAJOR: u32 = 1;
 /// Bumped when fields are appended; a plugin built against a newer minor still loads.
-pub const ABI_MINOR: u32 = 2;
+pub const ABI_MINOR: u32 = 3;
 /// Name of the exported static [`AppDescriptor`] the host looks up with `dlsym`.
 pub const DESCRIPTOR_SYMBOL: &str = "FDT_APP_DESCRIPTOR_V1";
 
@@ -120,6 +120,24 @@ pub struct HostApi {
     /// ABI 1.2: what names this server on the machine, the same in all its workers and across
     /// its reloads and binary upgrades (its control socket's path).
     pub server_id: StrRef,
+    /// ABI 1.3: starts an outbound connection to `addr` (`host:port`) in the worker's event
+    /// loop, served by this app like an accepted one ([`ConnInfo::outbound`]). Returns its
+    /// handle at once (the connect goes on without the caller: [`EVENT_OPEN`] once it is
+    /// made, [`EVENT_CONNECT_FAILED`] then `conn_close` when it fails or takes longer than
+    /// `timeout_ms`); 0 when it cannot start, with the reason passed to `error`. `link`: a
+    /// handle the new connection's [`ConnInfo::link`] carries (0: none). Thread-safe, callable
+    /// any time, with `connect_ctx`; it never waits for the peer (a host name is resolved in the
+    /// calling thread).
+    pub connect: unsafe extern "C" fn(
+        ctx: *const c_void,
+        addr: StrRef,
+        link: u64,
+        timeout_ms: u64,
+        error: MessageFn,
+        error_ctx: *mut c_void,
+    ) -> u64,
+    /// This app on the host side; valid for the life of the process.
+    pub connect_ctx: *const c_void,
 }
 
 /// ABI 1.2: what [`HostApi::push`] did.
@@ -150,6 +168,10 @@ pub struct ConnInfo {
     /// ABI 1.2: names the connection for [`HostApi::push`]; never names another connection,
     /// even once this one is closed.
     pub handle: u64,
+    /// ABI 1.3: 1 for a connection the app made ([`HostApi::connect`]), 0 for an accepted one.
+    pub outbound: u32,
+    /// ABI 1.3: the `link` its [`HostApi::connect`] named (0: none, or accepted).
+    pub link: u64,
 }
 
 /// Flags in [`ConnIo::flags`].
@@ -205,6 +227,9 @@ pub const EVENT_DRAIN: EventKind = 3;
 /// A request begun in `io.input` did not arrive in full within `read_timeout`: the app may
 /// write a last answer; the connection is closed after it, whatever the app returns.
 pub const EVENT_READ_TIMEOUT: EventKind = 4;
+/// ABI 1.3: an outbound connection ([`HostApi::connect`]) could not be made: `io.input` holds
+/// the reason as text; `conn_close` follows, whatever the app returns.
+pub const EVENT_CONNECT_FAILED: EventKind = 5;
 
 /// The exported static the host looks up first. Read-only; every pointer in it is `'static`.
 #[repr(C)]

@@ -40,6 +40,7 @@
 
 pub mod abi;
 pub mod gid;
+mod outbound;
 mod push;
 mod services;
 mod settings;
@@ -54,6 +55,7 @@ pub mod __private;
 
 use std::any::Any;
 
+pub use outbound::{ConnectError, Connector, DEFAULT_CONNECT_TIMEOUT};
 pub use push::{Handle, PushError};
 pub use services::Stop;
 pub use settings::{DatabaseSettings, Settings};
@@ -176,6 +178,7 @@ pub trait App: Send + Sync + Sized + 'static {
     /// The connection was just accepted, before any input: write a greeting here (an SMTP
     /// `220` banner, a `WELCOME`), or set a timer. Runs in the thread that accepted the
     /// connection, so keep it short. The default writes nothing and keeps the connection.
+    /// For an outbound connection ([`Conn::is_outbound`]), called once it is made.
     ///
     /// ```
     /// # use fdt_sdk::{App, Conn, Next, Settings};
@@ -258,6 +261,11 @@ pub trait App: Send + Sync + Sized + 'static {
     /// the connection is closed after it.
     fn on_read_timeout(&self, _conn: &mut Conn) {}
 
+    /// An outbound connection ([`Conn::connect`], [`Connector`]) could not be made: `error`
+    /// says why (refused, unreachable, timed out). Pushes to it fail from now on; `on_close`
+    /// follows.
+    fn on_connect_failed(&self, _conn: &mut Conn, _error: &str) {}
+
     /// The connection has ended (peer closed, error, drain timeout or [`Next::Close`]). The
     /// session, if any, is dropped right after this returns.
     fn on_close(&self, _conn: &mut Conn) {}
@@ -298,6 +306,10 @@ pub(crate) struct ConnState {
     pub(crate) id: u64,
     /// What names the connection for pushes ([`Conn::handle`]).
     pub(crate) handle: u64,
+    /// The app made this connection ([`Conn::is_outbound`]).
+    pub(crate) outbound: bool,
+    /// See [`Conn::link`]; 0 for none.
+    pub(crate) link: u64,
     pub(crate) session: Option<Box<dyn Any + Send>>,
     /// See [`Conn::set_timer`]: milliseconds, 0 for none (a `Duration` would make every
     /// connection's state a size class larger).
@@ -489,6 +501,78 @@ impl<'a> Conn<'a> {
     /// and from anywhere in the worker (push).
     pub fn handle(&self) -> Handle {
         Handle(self.state.handle)
+    }
+
+    /// Connects to `addr` (`host:port`) from the worker's event loop, for this app: returns the
+    /// new connection's [`Handle`] at once, and the worker serves that connection with this
+    /// app's callbacks — [`App::on_open`] once it is made (or [`App::on_connect_failed`]), then
+    /// `on_readable`, `on_writable`, `on_close` — with the same bounds and timeouts as this
+    /// one. Its [`Conn::link`] is this connection. What is written to the handle before the
+    /// connect completes waits for it. Times out after [`DEFAULT_CONNECT_TIMEOUT`](crate::DEFAULT_CONNECT_TIMEOUT).
+    ///
+    /// Flow control between the two: when a [`Handle::write`] from this connection's callback
+    /// is refused as [`Full`](crate::PushError::Full), leave the input unconsumed and return —
+    /// the worker stops reading this connection and offers its input again once the other
+    /// side has room. A complete proxy is in the README ("Outbound connections").
+    ///
+    /// ```
+    /// use fdt_sdk::{App, Conn, Next, Settings};
+    ///
+    /// /// Forwards every line to a backend; the backend's lines come back to the client.
+    /// struct Forward;
+    ///
+    /// impl App for Forward {
+    ///     fn start(_: &Settings) -> Result<Self, String> { Ok(Forward) }
+    ///     fn on_open(&self, conn: &mut Conn) -> Next {
+    ///         if !conn.is_outbound() {
+    ///             match conn.connect("127.0.0.1:7001") {
+    ///                 Ok(backend) => *conn.session() = Some(backend),
+    ///                 Err(_) => return Next::Close,
+    ///             }
+    ///         }
+    ///         Next::KeepOpen
+    ///     }
+    ///     fn on_readable(&self, conn: &mut Conn) -> Next {
+    ///         let other = if conn.is_outbound() { conn.link() } else { *conn.session::<Option<fdt_sdk::Handle>>() };
+    ///         let Some(other) = other else { return Next::Close };
+    ///         match other.write(conn.input()) {
+    ///             Ok(()) => conn.consume(conn.input().len()),
+    ///             Err(fdt_sdk::PushError::Full) => {} // called again once it has room
+    ///             Err(fdt_sdk::PushError::Closed) => return Next::Close,
+    ///         }
+    ///         Next::KeepOpen
+    ///     }
+    /// }
+    ///
+    /// let app = fdt_sdk::testing::TestApp::<Forward>::start("").unwrap();
+    /// let mut client = app.connect();
+    /// let mut backend = client.take_outbound().expect("it connected");
+    /// assert_eq!(backend.peer(), "127.0.0.1:7001");
+    /// backend.connected();
+    /// client.send(b"ping\n");
+    /// assert_eq!(backend.take_output(), b"ping\n");
+    /// backend.send(b"pong\n");
+    /// assert_eq!(client.take_output(), b"pong\n");
+    /// ```
+    pub fn connect(&self, addr: &str) -> Result<Handle, ConnectError> {
+        self.connect_timeout(addr, crate::DEFAULT_CONNECT_TIMEOUT)
+    }
+
+    /// [`Conn::connect`] with a timeout of its own.
+    pub fn connect_timeout(&self, addr: &str, timeout: std::time::Duration) -> Result<Handle, ConnectError> {
+        outbound::connect_from_callback(addr, self.handle(), timeout)
+    }
+
+    /// True for a connection the app made ([`Conn::connect`], [`Connector`]); its
+    /// [`Conn::peer`] is the address it connected to.
+    pub fn is_outbound(&self) -> bool {
+        self.state.outbound
+    }
+
+    /// For an outbound connection, the handle its connect named: with [`Conn::connect`], the
+    /// connection that made it. `None` otherwise.
+    pub fn link(&self) -> Option<Handle> {
+        (self.state.link != 0).then_some(Handle(self.state.link))
     }
 
     /// A number unique to this connection within its worker process.

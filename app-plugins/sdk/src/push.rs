@@ -141,6 +141,12 @@ pub(crate) fn simulated_connections() -> std::sync::MutexGuard<'static, Option<H
     SIMULATED.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// True when `handle` names a test connection ([`testing`](crate::testing)).
+pub(crate) fn is_simulated(handle: u64) -> bool {
+    SIMULATING.load(std::sync::atomic::Ordering::Acquire)
+        && SIMULATED.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|m| m.contains_key(&handle))
+}
+
 /// A push to a test connection; `None` when `handle` names none (it may name a server's).
 fn simulated(handle: u64, bytes: &[u8], close: bool) -> Option<abi::PushStatus> {
     let mut all = simulated_connections();

@@ -24,6 +24,7 @@ pub struct Settings {
     databases: toml::Table,
     events: crate::Events,
     timers: crate::Timers,
+    connector: crate::Connector,
     /// What names the server (its control socket's path), for [`Settings::singleton`].
     server_id: String,
 }
@@ -123,6 +124,17 @@ impl Settings {
 
     pub(crate) fn with_timers(mut self, timers: crate::Timers) -> Settings {
         self.timers = timers;
+        self
+    }
+
+    /// Makes outbound connections (see [`Connector`](crate::Connector)), from anywhere in the
+    /// app. Keep it (it is cheap to clone).
+    pub fn connector(&self) -> crate::Connector {
+        self.connector.clone()
+    }
+
+    pub(crate) fn with_connector(mut self, connector: crate::Connector) -> Settings {
+        self.connector = connector;
         self
     }
 
@@ -276,6 +288,31 @@ impl Settings {
                 .collect::<Result<Vec<_>, _>>()
                 .map(Some),
             Some(v) => Err(self.wrong_type(key, "a list of strings", v)),
+        }
+    }
+
+    /// A table of strings (`routes = { api = "10.0.0.5:7000", db = "10.0.0.6:5432" }`), in
+    /// key order; `None` when absent.
+    ///
+    /// ```
+    /// let settings = fdt_sdk::Settings::parse("proxy", "routes = { b = \"h:2\", a = \"h:1\" }")?;
+    /// let routes = settings.string_table("routes")?.unwrap();
+    /// assert_eq!(routes.into_iter().collect::<Vec<_>>(), [("a".into(), "h:1".into()), ("b".into(), "h:2".into())]);
+    /// assert!(settings.string_table("other")?.is_none());
+    /// # Ok::<(), String>(())
+    /// ```
+    pub fn string_table(&self, key: &str) -> Result<Option<std::collections::BTreeMap<String, String>>, String> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(toml::Value::Table(items)) => items
+                .iter()
+                .map(|(k, v)| match v {
+                    toml::Value::String(s) => Ok((k.clone(), s.clone())),
+                    other => Err(self.wrong_type(&format!("{key}.{k}"), "a string", other)),
+                })
+                .collect::<Result<_, _>>()
+                .map(Some),
+            Some(v) => Err(self.wrong_type(key, "a table of strings", v)),
         }
     }
 }

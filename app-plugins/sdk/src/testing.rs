@@ -32,7 +32,8 @@ impl<A: App> TestApp<A> {
         let clock = std::sync::Arc::new(crate::timers::TestClock::default());
         let settings = Settings::parse("test", settings_toml)?
             .with_worker("test-node", std::process::id(), 1)
-            .with_timers(crate::Timers::simulated(clock.clone()));
+            .with_timers(crate::Timers::simulated(clock.clone()))
+            .with_connector(crate::Connector::simulated());
         if let Some(declared) = A::SETTINGS
             && let Some(unknown) = settings.keys().find(|k| !declared.contains(k))
         {
@@ -59,36 +60,66 @@ impl<A: App> TestApp<A> {
     /// `127.0.0.1:7000`.
     pub fn connect(&self) -> TestConn<'_, A> {
         let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        // Unique in the process (tests run side by side), so pushes find this connection.
-        static HANDLES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        let handle = HANDLES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        crate::push::simulated_connections()
-            .get_or_insert_with(Default::default)
-            .insert(handle, crate::push::Simulated { room: usize::MAX, ..Default::default() });
         let state = ConnState {
             peer: format!("127.0.0.1:{}", 40_000 + id % 20_000),
             listener: "127.0.0.1:7000".into(),
             id,
-            handle,
+            handle: new_handle(),
             ..ConnState::default()
         };
-        let mut conn = TestConn {
-            app: &self.app,
+        let mut conn = self.conn(state);
+        conn.opened = conn.call(A::on_open);
+        conn
+    }
+
+    /// Takes the outbound connection the app started to `addr` ([`Connector::connect`](crate::Connector::connect),
+    /// [`Conn::connect`]), if it started one that was not taken yet: the test plays its peer.
+    /// It is not connected yet: call [`TestConn::connected`] (the app's `on_open`) or
+    /// [`TestConn::refuse`]. What the app wrote to its handle meanwhile is in its
+    /// [`TestConn::take_output`].
+    pub fn take_outbound(&self, addr: &str) -> Option<TestConn<'_, A>> {
+        let pending = crate::outbound::take_pending(|p| p.addr == addr)?;
+        Some(self.outbound(pending))
+    }
+
+    fn outbound(&self, pending: crate::outbound::Pending) -> TestConn<'_, A> {
+        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        self.conn(ConnState {
+            peer: pending.addr,
+            id,
+            handle: pending.handle,
+            outbound: true,
+            link: pending.link,
+            ..ConnState::default()
+        })
+    }
+
+    fn conn(&self, state: ConnState) -> TestConn<'_, A> {
+        TestConn {
+            app: self,
             input: Vec::new(),
             state,
             draining: false,
             requests: 0,
             room: usize::MAX,
             opened: Next::KeepOpen,
-        };
-        conn.opened = conn.call(A::on_open);
-        conn
+        }
     }
+}
+
+/// A new handle, unique in the process (tests run side by side), that pushes find.
+pub(crate) fn new_handle() -> u64 {
+    static HANDLES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let handle = HANDLES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    crate::push::simulated_connections()
+        .get_or_insert_with(Default::default)
+        .insert(handle, crate::push::Simulated { room: usize::MAX, ..Default::default() });
+    handle
 }
 
 /// A simulated connection: keeps the unconsumed input between calls, like the worker does.
 pub struct TestConn<'a, A: App> {
-    app: &'a A,
+    app: &'a TestApp<A>,
     input: Vec<u8>,
     state: ConnState,
     draining: bool,
@@ -99,7 +130,7 @@ pub struct TestConn<'a, A: App> {
     opened: Next,
 }
 
-impl<A: App> TestConn<'_, A> {
+impl<'a, A: App> TestConn<'a, A> {
     /// Appends bytes to the input and calls `on_readable` once.
     pub fn send(&mut self, bytes: &[u8]) -> Next {
         self.input.extend_from_slice(bytes);
@@ -172,7 +203,7 @@ impl<A: App> TestConn<'_, A> {
         // was sent), only what this call writes.
         let room = self.room.saturating_add(self.state.out.len());
         let mut conn = Conn::new(&self.input, flags, &mut self.state).with_room(room);
-        let next = f(self.app, &mut conn);
+        let next = f(&self.app.app, &mut conn);
         let (consumed, requests) = conn.finish();
         self.input.drain(..consumed);
         self.requests += requests;
@@ -214,7 +245,42 @@ impl<A: App> TestConn<'_, A> {
     pub fn close(mut self) {
         self.forget();
         let mut conn = Conn::new(&[], abi::FLAG_PEER_CLOSED, &mut self.state);
-        self.app.on_close(&mut conn);
+        self.app.app.on_close(&mut conn);
+    }
+
+    /// Takes the outbound connection this connection's callback started ([`Conn::connect`]),
+    /// if any (see [`TestApp::take_outbound`]).
+    pub fn take_outbound(&self) -> Option<TestConn<'a, A>> {
+        let handle = self.state.handle;
+        let pending = crate::outbound::take_pending(|p| p.link == handle)?;
+        Some(self.app.outbound(pending))
+    }
+
+    /// For an outbound connection: the connect succeeded. Calls [`App::on_open`].
+    pub fn connected(&mut self) -> Next {
+        self.opened = self.call(A::on_open);
+        self.opened
+    }
+
+    /// For an outbound connection: the connect failed with `reason`. Calls
+    /// [`App::on_connect_failed`], then closes the connection (`on_close`).
+    pub fn refuse(mut self, reason: &str) {
+        self.forget();
+        self.call(|app, conn| {
+            app.on_connect_failed(conn, reason);
+            Next::Close
+        });
+        self.close();
+    }
+
+    /// The peer's address: for an outbound connection, the address the app connected to.
+    pub fn peer(&self) -> &str {
+        &self.state.peer
+    }
+
+    /// The handle pushes to this connection use ([`Conn::handle`]).
+    pub fn handle(&self) -> crate::Handle {
+        crate::Handle(self.state.handle)
     }
 
     /// From now on, pushes to this connection fail as closed.
