@@ -38,7 +38,7 @@ fn start(name: &str, settings: &str) -> App {
 /// Offers `input` (holding `requests` requests) to a connection of `app` again and again;
 /// checks the first answer.
 fn bench_request(c: &mut Criterion, id: &str, app: &App, (input, requests): (&[u8], u64), expect: &[u8]) {
-    let mut conn = app.open_conn("127.0.0.1:9", "127.0.0.1:0", 1, 0).expect("conn_open");
+    let mut conn = app.open_conn("127.0.0.1:9", "127.0.0.1:0", 1, 0, None).expect("conn_open");
     let mut output = Vec::with_capacity(4096);
     let outcome = app.on_data(&mut conn, call(input), &mut output);
     assert!(matches!(outcome, DataOutcome::Next { consumed, .. } if consumed == input.len()), "{outcome:?}");
@@ -68,7 +68,7 @@ fn dispatch(c: &mut Criterion) {
     let echo = start("echo", "delay_ms = 0");
     bench_request(c, "echo: one 32-byte line", &echo, (b"0123456789abcdef0123456789abcde\n", 1), b"0123");
     let partial = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n";
-    let mut conn = hello.open_conn("127.0.0.1:9", "127.0.0.1:0", 2, 0).expect("conn_open");
+    let mut conn = hello.open_conn("127.0.0.1:9", "127.0.0.1:0", 2, 0, None).expect("conn_open");
     let mut output = Vec::new();
     c.bench_function("dispatch/hello: partial request (nothing to answer)", |b| {
         b.iter(|| hello.on_data(&mut conn, call(std::hint::black_box(partial)), &mut output))
@@ -80,7 +80,7 @@ fn dispatch(c: &mut Criterion) {
 /// Feeds `total` bytes of one line to echo in `piece`-byte reads, keeping the unconsumed input
 /// as the worker does, then the final newline. Returns the output length.
 fn feed_line_in_pieces(app: &App, total: usize, piece: usize) -> usize {
-    let mut conn = app.open_conn("127.0.0.1:9", "127.0.0.1:0", 3, 0).expect("conn_open");
+    let mut conn = app.open_conn("127.0.0.1:9", "127.0.0.1:0", 3, 0, None).expect("conn_open");
     let (mut pending, mut output) = (Vec::with_capacity(total + 1), Vec::new());
     let chunk = vec![b'x'; piece];
     let mut sent = 0;
