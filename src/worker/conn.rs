@@ -618,8 +618,8 @@ impl Conn {
 
     /// Adds pushed bytes to the output (written at once when the socket takes them), and
     /// starts a close after them when asked.
-    pub fn accept_push(&mut self, bytes: Vec<u8>, close: bool) {
-        if let Err(e) = self.write_out(&bytes) {
+    pub fn accept_push(&mut self, bytes: &[u8], close: bool) {
+        if let Err(e) = self.write_out(bytes) {
             log::debug!("a push to {} failed: {e}", self.peer);
         }
         if close {

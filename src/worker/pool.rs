@@ -815,6 +815,22 @@ impl Pool {
         if !super::push::is_live(&slot.live, seq) {
             return PushOutcome::Closed;
         }
+        // The common case: nothing waits for it and nobody holds it: straight into its output,
+        // without the table.
+        if !slot.pushed.load(Ordering::SeqCst)
+            && let Some(mut guard) = slot.try_lock()
+        {
+            if let Some(conn) = guard.as_mut().filter(|c| c.seq == seq && c.phase == Phase::Open)
+                && conn.has_push_room(&self.limits[conn.listener as usize])
+                && !slot.pushed.load(Ordering::SeqCst)
+            {
+                conn.accept_push(bytes, close);
+                self.rearm_after_push(slot, conn, token);
+                self.unlock(slot, guard);
+                return PushOutcome::Ok;
+            }
+            self.unlock(slot, guard);
+        }
         let waiter = super::outbound::current().map(|c| c.token);
         if self.pushes.add(token, bytes, close, waiter) == super::push::Added::Full {
             return PushOutcome::Full;
@@ -830,18 +846,26 @@ impl Pool {
         if let Some(mut guard) = self.lock_for_event(slot) {
             if let Some(conn) = guard.as_mut().filter(|c| c.seq == seq) {
                 self.deliver_pushes(slot, conn);
-                // Parked, never closed here: closing runs the app's `on_close`, and this thread
-                // may be inside app code holding the app's locks. A handler closes it.
-                let wanted = conn.after_push(&self.limits[conn.listener as usize]) | interest::EDGE;
-                let pushed = slot.waiting_interest();
-                match self.epoll.modify(conn.fd(), wanted | pushed, token) {
-                    Ok(()) => conn.armed = wanted | pushed,
-                    Err(e) => log::warn!("cannot re-arm the connection from {}: {e}", conn.peer),
-                }
+                self.rearm_after_push(slot, conn, token);
             }
             self.unlock(slot, guard);
         }
         PushOutcome::Ok
+    }
+
+    /// Parks a connection that a push reached outside its own events — never closes it here:
+    /// closing runs the app's `on_close`, and the pushing thread may be inside app code holding
+    /// the app's locks (a handler closes it). No system call when the interest is unchanged:
+    /// output left queued is announced by the writable edge to come.
+    fn rearm_after_push(&self, slot: &Slot, conn: &mut Conn, token: u64) {
+        let wanted = conn.after_push(&self.limits[conn.listener as usize]) | slot.waiting_interest() | interest::EDGE;
+        if wanted == conn.armed {
+            return;
+        }
+        match self.epoll.modify(conn.fd(), wanted, token) {
+            Ok(()) => conn.armed = wanted,
+            Err(e) => log::warn!("cannot re-arm the connection from {}: {e}", conn.peer),
+        }
     }
 
     /// Moves what was pushed to `conn` into its output, once the output has room (at most half
@@ -866,7 +890,7 @@ impl Pool {
         }
         slot.pushed.store(false, Ordering::SeqCst);
         if let Some(pushed) = self.pushes.take(token(conn.fd() as usize, conn.seq)) {
-            conn.accept_push(pushed.bytes, pushed.close);
+            conn.accept_push(&pushed.bytes, pushed.close);
             self.wake_all(&pushed.waiters);
         }
     }
