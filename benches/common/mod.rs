@@ -31,19 +31,27 @@ impl Server {
 
     /// Like [`Server::start`], with more `[server]` keys (TOML lines).
     pub fn start_with(workers: usize, threads: usize, server_toml: &str) -> Server {
+        let apps = "[[listen]]\naddress = \"127.0.0.1:0\"\napp = \"hello\"\nbacklog = 4096\n\
+                    [app.hello]\nplugin = \"{plugins}/libfdt_hello.so\"\n";
+        Server::start_apps(workers, threads, server_toml, apps)
+    }
+
+    /// Starts a server with `[server]` keys and its `[[listen]]` and `[app.NAME]` tables (TOML,
+    /// where `{plugins}` stands for the directory of the release plugins); `addr` is its first
+    /// listener's.
+    pub fn start_apps(workers: usize, threads: usize, server_toml: &str, apps_toml: &str) -> Server {
         let bin = PathBuf::from(env!("CARGO_BIN_EXE_fdtserver"));
-        let plugin = bin.parent().unwrap().join("libfdt_hello.so");
+        let plugins = bin.parent().unwrap();
+        let plugin = plugins.join("libfdt_hello.so");
         assert!(plugin.exists(), "{} is missing: run `cargo build --release --workspace` first", plugin.display());
         let dir = tempfile::tempdir().unwrap().keep();
         let config = dir.join("bench.toml");
         std::fs::write(
             &config,
             format!(
-                "[server]\nworkers = {workers}\nthreads = {threads}\ncontrol_socket = \"{}\"\n{server_toml}\n\
-                 [[listen]]\naddress = \"127.0.0.1:0\"\napp = \"hello\"\nbacklog = 4096\n\
-                 [app.hello]\nplugin = \"{}\"\n",
+                "[server]\nworkers = {workers}\nthreads = {threads}\ncontrol_socket = \"{}\"\n{server_toml}\n{}",
                 dir.join("control.sock").display(),
-                plugin.display()
+                apps_toml.replace("{plugins}", &plugins.display().to_string())
             ),
         )
         .unwrap();
@@ -59,13 +67,18 @@ impl Server {
             if let Some(v) = server.status() {
                 let w = v["workers"].as_array().cloned().unwrap_or_default();
                 if w.len() == workers && w.iter().all(|w| w["state"] == "serving") {
-                    server.addr = v["listeners"][0]["bound"].as_str().unwrap().parse().unwrap();
+                    server.addr = server.bound(0);
                     return server;
                 }
             }
             assert!(Instant::now() < deadline, "the server did not start; see {}", server.dir.display());
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The address listener `i` is bound to.
+    pub fn bound(&self, i: usize) -> SocketAddr {
+        self.status().unwrap()["listeners"][i]["bound"].as_str().unwrap().parse().unwrap()
     }
 
     pub fn control(&self, method: &str, path: &str) -> Option<(u16, serde_json::Value)> {
