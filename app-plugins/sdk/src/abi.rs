@@ -113,7 +113,9 @@ pub struct HostApi {
     pub timers_ctx: *const c_void,
     /// ABI 1.2: writes `bytes` to the connection [`ConnInfo::handle`] names, from any thread and
     /// any callback, and closes it after them when `close` is not 0. Returns a [`PushStatus`].
-    /// Thread-safe, callable any time, with `push_ctx`; it never blocks.
+    /// Thread-safe, callable any time, with `push_ctx`; it never blocks. ABI 1.3: a push
+    /// refused as full from inside a connection's callback makes the host offer that
+    /// connection's unconsumed input again once the target has room (flow control).
     pub push: unsafe extern "C" fn(ctx: *const c_void, handle: u64, bytes: StrRef, close: u32) -> PushStatus,
     /// The worker's connections on the host side; valid for the life of the process.
     pub push_ctx: *const c_void,

@@ -508,7 +508,7 @@ impl<'a> Conn<'a> {
     /// app's callbacks — [`App::on_open`] once it is made (or [`App::on_connect_failed`]), then
     /// `on_readable`, `on_writable`, `on_close` — with the same bounds and timeouts as this
     /// one. Its [`Conn::link`] is this connection. What is written to the handle before the
-    /// connect completes waits for it. Times out after [`DEFAULT_CONNECT_TIMEOUT`](crate::DEFAULT_CONNECT_TIMEOUT).
+    /// connect completes waits for it. Times out after [`DEFAULT_CONNECT_TIMEOUT`].
     ///
     /// Flow control between the two: when a [`Handle::write`] from this connection's callback
     /// is refused as [`Full`](crate::PushError::Full), leave the input unconsumed and return —

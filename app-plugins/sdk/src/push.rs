@@ -11,9 +11,12 @@ use crate::abi;
 /// it is a number (`Copy`), usable from any thread of the worker.
 ///
 /// A push never blocks. It is bounded like the connection's own output: pushed bytes wait (for
-/// the connection's output to drain to half of `max_output`) up to `max_output`, and a push that
-/// does not fit is refused with [`PushError::Full`] and writes nothing — decide what a slow
-/// client costs (a chat server disconnects it). A handle whose connection has closed fails with
+/// the connection's output to drain to half of `max_output`) up to `max_output` (a push into an
+/// empty queue is always taken), and a push that does not fit is refused with
+/// [`PushError::Full`] and writes nothing — decide what a slow client costs (a chat server
+/// disconnects it; a proxy leaves its input unconsumed: a push refused from a connection's
+/// callback makes the worker offer that connection's input again once the target has room, see
+/// [`Conn::connect`](crate::Conn::connect)). A handle whose connection has closed fails with
 /// [`PushError::Closed`]; it never reaches another connection, even one that reuses the socket.
 /// Pushed bytes go out after what the connection's current callback writes, in push order.
 ///
