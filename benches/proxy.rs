@@ -1,8 +1,9 @@
 //! The `proxy` app's round trip against a direct connection to its backend: one server
-//! (`workers = 2`, `threads = 2`) serves `echo` and a `proxy` whose route leads to that echo.
-//! 32 clients each send a 64-byte line and wait for it to come back, either straight to echo
-//! or through the proxy (client → proxy → echo → proxy → client, two more hops in the same
-//! workers); the two runs alternate, three rounds each, so that both see the same machine.
+//! (`workers = 2`, `threads = 2`) serves `echo` (and `slow`, an echo that works 1 ms per
+//! line), another (the same size) the `proxy` whose routes lead to them. 32 clients each send
+//! a 64-byte line and wait for it to come back, either straight to the backend or through the
+//! proxy (client → proxy → backend → proxy → client: two more hops); the two runs alternate,
+//! three rounds each, so that both see the same machine.
 //!
 //! Three loads: `closed` (each client sends its next line as soon as the last came back: the
 //! machine is saturated, and the round trip is the CPU each one costs), `paced` (each client
@@ -64,21 +65,26 @@ fn main() {
     }
     let clients: usize = std::env::var("CLIENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(32);
     let seconds: u64 = std::env::var("SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
-    let free_port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let (echo_port, slow_port) = (free_port(), free_port());
-    let apps = format!(
-        "[[listen]]\naddress = \"127.0.0.1:{echo_port}\"\napp = \"echo\"\nbacklog = 1024\n\
-         [[listen]]\naddress = \"127.0.0.1:0\"\napp = \"proxy\"\nbacklog = 1024\n\
-         [[listen]]\naddress = \"127.0.0.1:{slow_port}\"\napp = \"slow\"\nbacklog = 1024\n\
-         [app.echo]\nplugin = \"{{plugins}}/libfdt_echo.so\"\n\
-         [app.slow]\nplugin = \"{{plugins}}/libfdt_echo.so\"\ndelay_ms = 1\n\
-         [app.proxy]\nplugin = \"{{plugins}}/libfdt_proxy.so\"\n\
-         routes = {{ echo = \"127.0.0.1:{echo_port}\", slow = \"127.0.0.1:{slow_port}\" }}\n"
+    let backends = Server::start_apps(
+        2,
+        2,
+        "",
+        "[[listen]]\naddress = \"127.0.0.1:0\"\napp = \"echo\"\nbacklog = 1024\n\
+         [[listen]]\naddress = \"127.0.0.1:0\"\napp = \"slow\"\nbacklog = 1024\n\
+         [app.echo]\nplugin = \"{plugins}/libfdt_echo.so\"\n\
+         [app.slow]\nplugin = \"{plugins}/libfdt_echo.so\"\ndelay_ms = 1\n",
     );
-    let server = Server::start_apps(2, 2, "", &apps);
-    let (echo, proxy, slow) = (server.bound(0), server.bound(1), server.bound(2));
+    let (echo, slow) = (backends.bound(0), backends.bound(1));
+    let proxies = format!(
+        "[[listen]]\naddress = \"127.0.0.1:0\"\napp = \"proxy\"\nbacklog = 1024\n\
+         [app.proxy]\nplugin = \"{{plugins}}/libfdt_proxy.so\"\nroutes = {{ echo = \"{echo}\", slow = \"{slow}\" }}\n"
+    );
+    let server = Server::start_apps(2, 2, "", &proxies);
+    let proxy = server.addr;
     let each = Duration::from_secs(seconds);
-    println!("proxy round trip, {clients} clients, 2 workers × 2 threads, {seconds} s per run, 3 rounds:");
+    println!(
+        "proxy round trip, {clients} clients, proxy and backend 2 workers × 2 threads each, {seconds} s per run, 3 rounds:"
+    );
     let loads = [
         ("closed", echo, "echo", Duration::ZERO),
         ("paced 5 ms", echo, "echo", Duration::from_millis(5)),
