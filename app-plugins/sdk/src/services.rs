@@ -55,10 +55,18 @@ impl Stop {
     }
 }
 
-/// The services this plugin started in this process.
-static RUNNING: Mutex<Vec<(Stop, JoinHandle<()>)>> = Mutex::new(Vec::new());
+/// One service this plugin started in this process.
+struct Running {
+    /// Whose it is: 0 for a server's app, else the test driver's app (`testing`) that started it.
+    owner: u64,
+    stop: Stop,
+    thread: JoinHandle<()>,
+}
 
-fn running() -> std::sync::MutexGuard<'static, Vec<(Stop, JoinHandle<()>)>> {
+/// The services this plugin started in this process.
+static RUNNING: Mutex<Vec<Running>> = Mutex::new(Vec::new());
+
+fn running() -> std::sync::MutexGuard<'static, Vec<Running>> {
     RUNNING.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -69,6 +77,8 @@ pub(crate) struct Spec {
     pub(crate) events: crate::Events,
     /// Runs only while this worker holds the claim: one instance per server.
     pub(crate) claim: Option<crate::Singleton>,
+    /// See [`Running::owner`].
+    pub(crate) owner: u64,
 }
 
 /// Starts `work` on a thread of its own: run, restarted with back-off after a panic (logged,
@@ -76,12 +86,12 @@ pub(crate) struct Spec {
 pub(crate) fn spawn(spec: Spec, work: impl Fn(&Stop) + Send + Sync + 'static) -> Result<(), String> {
     let stop = Stop::default();
     let thread_stop = stop.clone();
-    let (thread, name) = (format!("service {}", spec.name), spec.name.clone());
-    let handle = std::thread::Builder::new()
+    let (thread, name, owner) = (format!("service {}", spec.name), spec.name.clone(), spec.owner);
+    let thread = std::thread::Builder::new()
         .name(thread)
         .spawn(move || supervise(&spec, &work, &thread_stop))
         .map_err(|e| format!("cannot start service {name}: {e}"))?;
-    running().push((stop, handle));
+    running().push(Running { owner, stop, thread });
     Ok(())
 }
 
@@ -129,26 +139,49 @@ fn supervise(spec: &Spec, work: &(impl Fn(&Stop) + Send + Sync), stop: &Stop) {
 
 /// Asks every service to stop (the worker drains).
 pub(crate) fn stop_all() {
-    for (stop, _) in running().iter() {
-        stop.request();
+    for service in running().iter() {
+        service.stop.request();
     }
 }
 
 /// Asks every service to stop and waits, up to `limit`, for them to return.
 pub(crate) fn stop_and_wait(limit: Duration) {
     stop_all();
+    wait(|_| true, limit);
+}
+
+/// Asks the services of `owner` (a test driver's app) to stop and waits, up to `limit`, for
+/// them to return; true when all did.
+pub(crate) fn stop_owned(owner: u64, limit: Duration) -> bool {
+    for service in running().iter().filter(|s| s.owner == owner) {
+        service.stop.request();
+    }
+    wait(|s| s.owner == owner, limit)
+}
+
+/// Waits, up to `limit`, for the services `which` picks (asked to stop) to return; true when
+/// all did.
+fn wait(which: impl Fn(&Running) -> bool, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
-    let services = std::mem::take(&mut *running());
-    for (_, handle) in services {
-        while !handle.is_finished() && Instant::now() < deadline {
+    let services: Vec<Running> = {
+        let mut all = running();
+        let (picked, kept) = std::mem::take(&mut *all).into_iter().partition(|s| which(s));
+        *all = kept;
+        picked
+    };
+    let mut all_stopped = true;
+    for service in services {
+        while !service.thread.is_finished() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        if handle.is_finished() {
-            let _ = handle.join();
+        if service.thread.is_finished() {
+            let _ = service.thread.join();
         } else {
+            all_stopped = false;
             log::warn!("a service did not stop within {limit:?}; the worker exits without it");
         }
     }
+    all_stopped
 }
 
 #[cfg(test)]

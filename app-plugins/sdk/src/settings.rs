@@ -25,6 +25,8 @@ pub struct Settings {
     events: crate::Events,
     timers: crate::Timers,
     connector: crate::Connector,
+    /// Whose services these settings start: 0 in a server, the test driver's app id in tests.
+    service_owner: u64,
     /// What names the server (its control socket's path), for [`Settings::singleton`].
     server_id: String,
 }
@@ -133,6 +135,11 @@ impl Settings {
         self.connector.clone()
     }
 
+    pub(crate) fn with_service_owner(mut self, owner: u64) -> Settings {
+        self.service_owner = owner;
+        self
+    }
+
     pub(crate) fn with_connector(mut self, connector: crate::Connector) -> Settings {
         self.connector = connector;
         self
@@ -186,8 +193,13 @@ impl Settings {
         if self.generation == 0 {
             return Ok(());
         }
-        let spec =
-            crate::services::Spec { app: self.app_name.clone(), name: name.to_string(), events: self.events, claim };
+        let spec = crate::services::Spec {
+            app: self.app_name.clone(),
+            name: name.to_string(),
+            events: self.events,
+            claim,
+            owner: self.service_owner,
+        };
         crate::services::spawn(spec, work)
     }
 

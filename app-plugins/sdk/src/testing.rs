@@ -23,6 +23,8 @@ pub struct TestApp<A: App> {
     app: A,
     next_id: std::sync::atomic::AtomicU64,
     clock: std::sync::Arc<crate::timers::TestClock>,
+    /// Owns the services the app starts ([`Settings::service`]).
+    owner: u64,
 }
 
 impl<A: App> TestApp<A> {
@@ -30,7 +32,10 @@ impl<A: App> TestApp<A> {
     /// Like the server, refuses a key the app does not declare in [`App::SETTINGS`].
     pub fn start(settings_toml: &str) -> Result<TestApp<A>, String> {
         let clock = std::sync::Arc::new(crate::timers::TestClock::default());
+        static OWNERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let owner = OWNERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let settings = Settings::parse("test", settings_toml)?
+            .with_service_owner(owner)
             .with_worker("test-node", std::process::id(), 1)
             .with_timers(crate::Timers::simulated(clock.clone()))
             .with_connector(crate::Connector::simulated());
@@ -39,7 +44,15 @@ impl<A: App> TestApp<A> {
         {
             return Err(format!("unknown setting `{unknown}` (the app takes: {})", declared.join(", ")));
         }
-        Ok(TestApp { app: A::start(&settings)?, next_id: Default::default(), clock })
+        Ok(TestApp { app: A::start(&settings)?, next_id: Default::default(), clock, owner })
+    }
+
+    /// Asks the app's background services ([`Settings::service`]) to stop, as when its worker
+    /// drains, and waits for them as the worker does (up to 5 s); true when all returned in
+    /// time. Services run on real threads from [`TestApp::start`] on; dropping the `TestApp`
+    /// stops them too.
+    pub fn stop_services(&self) -> bool {
+        crate::services::stop_owned(self.owner, crate::services::STOP_WAIT)
     }
 
     /// Moves the app's simulated clock forward by `by`, running its timers
@@ -104,6 +117,12 @@ impl<A: App> TestApp<A> {
             room: usize::MAX,
             opened: Next::KeepOpen,
         }
+    }
+}
+
+impl<A: App> Drop for TestApp<A> {
+    fn drop(&mut self) {
+        self.stop_services();
     }
 }
 
@@ -459,6 +478,66 @@ mod tests {
             crate::PushError::Full.to_string(),
             "the connection's output is full (its peer does not read fast enough)"
         );
+    }
+
+    /// A service that dials `peer` through the app's connector, then counts until stopped.
+    struct Dialer {
+        rounds: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    }
+
+    impl App for Dialer {
+        fn start(settings: &Settings) -> Result<Self, String> {
+            let rounds = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+            let (counter, connector) = (rounds.clone(), settings.connector());
+            settings.service("dial", move |stop| {
+                let link = connector.connect("10.1.2.3:99", None).expect("a simulated connect");
+                let _ = link.write(b"HELLO\n");
+                while !stop.sleep(Duration::from_millis(5)) {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            })?;
+            Ok(Dialer { rounds })
+        }
+        fn on_readable(&self, conn: &mut Conn) -> Next {
+            assert!(conn.is_outbound() && conn.link().is_none());
+            while let Some(line) = conn.take_line() {
+                conn.write(line);
+            }
+            Next::KeepOpen
+        }
+    }
+
+    #[test]
+    fn a_service_runs_on_its_own_thread_dials_through_the_connector_and_stops_when_asked() {
+        let app = TestApp::<Dialer>::start("").unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut link = loop {
+            if let Some(link) = app.take_outbound("10.1.2.3:99") {
+                break link;
+            }
+            assert!(std::time::Instant::now() < deadline, "the service did not connect");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert_eq!(link.connected(), Next::KeepOpen);
+        assert_eq!(link.take_output(), b"HELLO\n", "written before the connect completed");
+        link.send(b"echo\n");
+        assert_eq!(link.take_output(), b"echo\n");
+        while app.app().rounds.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+            assert!(std::time::Instant::now() < deadline, "the service does not run");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(app.stop_services(), "the service returned when asked");
+        let after = app.app().rounds.load(std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(app.app().rounds.load(std::sync::atomic::Ordering::SeqCst), after, "stopped for good");
+        assert!(app.take_outbound("10.1.2.3:99").is_none(), "taken once");
+    }
+
+    #[test]
+    fn a_connect_outside_a_server_or_its_test_driver_fails_with_a_reason() {
+        let err = crate::Connector::default().connect("127.0.0.1:1", None).unwrap_err();
+        assert!(err.to_string().contains("plugin ABI 1.3"), "{err}");
+        assert_eq!(format!("{:?}", crate::Connector::default()), "Connector { backend: \"none\" }");
     }
 
     #[test]
