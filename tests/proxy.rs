@@ -287,3 +287,45 @@ fn a_killed_worker_costs_only_its_own_proxied_connections() {
     // A new connection is served (by the survivor or the respawned worker).
     assert_eq!(routed(&server, "echo").ask("new"), "new");
 }
+
+#[test]
+fn a_client_that_only_receives_is_not_idle() {
+    // The backend streams a line every 200 ms and reads nothing; the client only listens.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        for i in 0..20 {
+            if stream.write_all(format!("tick {i}\n").as_bytes()).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    let settings = format!("routes = {{ ticks = \"{addr}\" }}");
+    let server = TestServer::start(&Setup::new(1, 2).app("proxy", "proxy", &settings).server("idle_timeout", "1"));
+    let mut client = routed(&server, "ticks");
+    for i in 0..12 {
+        assert_eq!(client.recv(), Some(format!("tick {i}")), "a stream of 2.4 s outlived idle_timeout = 1");
+    }
+}
+
+#[test]
+fn a_blocked_upload_ended_by_its_client_survives_a_reload_and_arrives_whole() {
+    let (backend, go, reader) = stalled_backend();
+    let server = proxy(1, &format!("slow = \"{backend}\""), "");
+    let mut client = routed(&server, "slow").into_stream();
+    client.set_write_timeout(Some(Duration::from_millis(300))).unwrap();
+    let chunk = vec![b'y'; 65_536];
+    let mut sent = 0usize;
+    while let Ok(n) = client.write(&chunk) {
+        sent += n;
+    }
+    // The client is done: what it sent waits in the proxy (blocked) and the kernel.
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    // The drain tells the app (`on_drain`) while the connection waits for its backend.
+    assert_eq!(server.reload().0, 200);
+    std::thread::sleep(Duration::from_millis(300));
+    go.send(()).unwrap();
+    assert_eq!(reader.join().unwrap(), sent, "every byte the client sent reached the backend");
+}

@@ -434,7 +434,9 @@ impl App {
         let mut app: *mut c_void = std::ptr::null_mut();
         let mut error = String::new();
         // SAFETY: the descriptor passed its checks; `host`, `app` and `error` outlive the call.
-        let status = unsafe { (table.start)(&host, &mut app, collect_message, (&mut error as *mut String).cast()) };
+        let status = crate::worker::outbound::starting(|| unsafe {
+            (table.start)(&host, &mut app, collect_message, (&mut error as *mut String).cast())
+        });
         match status {
             abi::STATUS_OK if !app.is_null() => Ok(App {
                 name: ctx.app_name.to_string(),

@@ -489,7 +489,8 @@ impl Conn {
         let producer_done = callback == Callback::Event(abi::EVENT_WRITABLE) && self.wants & abi::WANT_WRITABLE == 0;
         // Input left behind a refused push waits for the other connection's room: that
         // connection wakes this one (`Pool::wake`).
-        self.blocked = refused && !self.input.is_empty();
+        // Until woken (`unblock`), whatever else is called meanwhile (a timer, the drain).
+        self.blocked = (refused || self.blocked) && !self.input.is_empty();
         self.stalled = !self.blocked && !self.input.is_empty() && (scratch.output.len() >= room || producer_done);
         // A request has begun, or the response it waited behind is done: `read_timeout` counts
         // from here.
@@ -619,6 +620,10 @@ impl Conn {
     /// Adds pushed bytes to the output (written at once when the socket takes them), and
     /// starts a close after them when asked.
     pub fn accept_push(&mut self, bytes: &[u8], close: bool) {
+        if !bytes.is_empty() {
+            // Traffic: a connection that only receives (a stream, a subscriber) is not idle.
+            self.last_active = sys::monotonic_ms();
+        }
         if let Err(e) = self.write_out(bytes) {
             log::debug!("a push to {} failed: {e}", self.peer);
         }

@@ -26,6 +26,21 @@ pub struct Current {
 
 std::thread_local! {
     static CURRENT: Cell<Option<Current>> = const { Cell::new(None) };
+    /// True on the thread that runs an app's `start`.
+    static STARTING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// How long a connect made while the worker starts (from a service or a timer that an app's
+/// `start` began) waits for the worker's event loop to exist.
+const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs `f`, an app's `start`: a connect from inside it is refused with a clear reason (the
+/// app, not started yet, could not serve the connection).
+pub fn starting<R>(f: impl FnOnce() -> R) -> R {
+    STARTING.with(|s| s.set(true));
+    let result = f();
+    STARTING.with(|s| s.set(false));
+    result
 }
 
 /// Runs `f` (a call into the app for `current`) with `current` known to connects and pushes
@@ -46,7 +61,13 @@ pub fn current() -> Option<Current> {
 /// Starts a connect to `addr` for `app` (`None`: the app of the connection being served on
 /// this thread); returns the new connection's token, or why it could not start.
 pub fn connect(app: Option<usize>, addr: &str, link: u64, timeout_ms: u64) -> Result<u64, String> {
-    let pool = super::push::pool().ok_or_else(|| "outbound connections are made only in a worker".to_string())?;
+    if STARTING.with(Cell::get) {
+        return Err(format!(
+            "cannot connect to {addr} from App::start: the app must be started to serve the connection \
+             (connect from a service, a timer or a connection's callback)"
+        ));
+    }
+    let pool = wait_for_pool().ok_or_else(|| format!("cannot connect to {addr}: the worker is not serving"))?;
     let current = current();
     let Some(app) = app.or(current.map(|c| c.app)) else {
         return Err("Conn::connect works inside a connection's callback; elsewhere use Settings::connector".into());
@@ -54,6 +75,21 @@ pub fn connect(app: Option<usize>, addr: &str, link: u64, timeout_ms: u64) -> Re
     let address = resolve(addr)?;
     let listener = current.filter(|c| c.app == app).map(|c| c.listener);
     pool.connect(super::pool::Outbound { app, peer: addr.to_string(), address, link, listener, timeout_ms })
+}
+
+/// The worker's pool: a service or timer started by an app's `start` may run before the
+/// worker has set it up.
+fn wait_for_pool() -> Option<&'static super::pool::Pool> {
+    let deadline = std::time::Instant::now() + POOL_WAIT;
+    loop {
+        if let Some(pool) = super::push::pool() {
+            return Some(pool);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
 }
 
 /// The first address `addr` names (`host:port`, an IP address or a name).

@@ -734,7 +734,7 @@ impl Pool {
         let ctx = self.ctx(conn);
         // Only app code counts against an app's share: a connection flushing or closing runs
         // none, and must not wait behind the app's stuck requests.
-        let runs_app = conn.phase == Phase::Open;
+        let runs_app = matches!(conn.phase, Phase::Open | Phase::Connecting { .. });
         if runs_app && !self.shares.enter(app_index) {
             // The app holds its share of handlers: the connection waits for one of them, not
             // for a handler another app needs. Its event is kept (once), not re-armed.
@@ -838,7 +838,7 @@ impl Pool {
         slot.pushed.store(true, Ordering::SeqCst);
         // It may have ended meanwhile: then nothing may be left for the fd's next connection.
         if !super::push::is_live(&slot.live, seq) {
-            drop(self.pushes.take(token));
+            self.drop_pushes(token);
             return PushOutcome::Closed;
         }
         // Deliver now if nobody holds the connection; else its holder re-arms it for writing as
@@ -945,36 +945,32 @@ impl Pool {
         let fd = socket.as_raw_fd() as usize;
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed).max(1);
         let token = token(fd, seq);
+        let Some(slot) = self.conns.slot(fd) else {
+            return Err(format!("cannot connect to {}: fd {fd} is beyond the connection table", out.peer));
+        };
+        // Every step that can fail comes before the app's state exists: a failure here is the
+        // caller's `Err` alone, never an `on_close` run inside the app's own call.
+        let mut guard = slot.lock();
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(format!("cannot connect to {}: the worker is stopping", out.peer));
+        }
+        // An event that comes before the connection is in its slot finds the slot locked, and
+        // `unlock` re-arms it.
+        if let Err(e) = self.epoll.add(fd as i32, interest::WRITE | interest::EDGE, token) {
+            return Err(format!("cannot connect to {}: cannot watch the socket: {e}", out.peer));
+        }
         let app = &self.apps[out.app];
         let Some(handle) = app.open_conn(&out.peer, "", u64::from(seq), token, Some(out.link)) else {
             return Err(format!("cannot connect to {}: the app refused the connection", out.peer));
         };
-        let Some(slot) = self.conns.slot(fd) else {
-            app.close_conn(handle);
-            return Err(format!("cannot connect to {}: fd {fd} is beyond the connection table", out.peer));
-        };
         let listener = out.listener.unwrap_or(self.server_limits);
-        let mut guard = slot.lock();
         let conn = Conn::new(socket, true, seq, (listener, out.app), handle, out.peer).connecting(out.timeout_ms);
-        let conn = guard.insert(conn);
+        *guard = Some(conn);
         slot.waiting.store(0, Ordering::SeqCst);
         slot.live.store(seq, Ordering::Release);
         self.conns.note_used(fd);
         self.counters.open.fetch_add(1, Ordering::Relaxed);
         self.load.opened();
-        let added = self.epoll.add(fd as i32, conn.armed, token);
-        // The worker stops: its last sweep of the connections may have passed this slot.
-        let stopping = self.stopping.load(Ordering::SeqCst);
-        if added.is_err() || stopping {
-            let conn = guard.take().expect("inserted above");
-            drop(guard);
-            let reason = match &added {
-                Err(e) => format!("cannot watch it: {e}"),
-                Ok(()) => "the worker is stopping".into(),
-            };
-            self.finish(conn, CloseReason::Error(reason.clone()));
-            return Err(format!("cannot connect: {reason}"));
-        }
         // Its connect may have completed already, its event raced us to a handler.
         self.unlock(slot, guard);
         Ok(token)

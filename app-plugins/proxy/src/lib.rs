@@ -38,9 +38,10 @@ impl App for Proxy {
     }
 
     fn on_open(&self, conn: &mut Conn) -> Next {
-        // The backend answered the connect: tell the client.
-        if conn.is_outbound() && conn.link().is_none_or(|client| client.write(b"OK\n").is_err()) {
-            return Next::Close;
+        // The backend answered the connect: tell the client. (A client gone meanwhile pushed
+        // its last bytes and a close here: they end this connection after those bytes.)
+        if let Some(client) = conn.link().filter(|_| conn.is_outbound()) {
+            let _ = client.write(b"OK\n");
         }
         Next::KeepOpen
     }

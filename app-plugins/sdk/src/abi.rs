@@ -126,7 +126,9 @@ pub struct HostApi {
     /// loop, served by this app like an accepted one ([`ConnInfo::outbound`]). Returns its
     /// handle at once (the connect goes on without the caller: [`EVENT_OPEN`] once it is
     /// made, [`EVENT_CONNECT_FAILED`] then `conn_close` when it fails or takes longer than
-    /// `timeout_ms`); 0 when it cannot start, with the reason passed to `error`. `link`: a
+    /// `timeout_ms`; a worker that exits meanwhile closes it with `conn_close` alone); 0 when it
+    /// cannot start, with the reason passed to `error` (and no `conn_close`: the app's state for
+    /// it is made only once nothing else can fail). Refused from inside the app's `start`. `link`: a
     /// handle the new connection's [`ConnInfo::link`] carries (0: none). Thread-safe, callable
     /// any time, with `connect_ctx`; it never waits for the peer (a host name is resolved in the
     /// calling thread).

@@ -25,23 +25,30 @@ impl std::error::Error for ConnectError {}
 
 type HostConnect = unsafe extern "C" fn(*const c_void, abi::StrRef, u64, u64, abi::MessageFn, *mut c_void) -> u64;
 
-/// Makes outbound connections from anywhere in the app — a background service, a timer —
+/// Makes outbound connections from anywhere in the app — a background service, a timer (not
+/// from [`App::start`](crate::App::start) itself, which runs before the app can serve them) —
 /// served by the worker's event loop with the app's callbacks ([`App::on_open`](crate::App::on_open)
 /// once connected, then `on_readable`, `on_writable`, `on_close`; [`Conn::is_outbound`](crate::Conn::is_outbound)
 /// tells them apart). Get it from [`Settings::connector`](crate::Settings::connector); it is cheap
 /// to clone. Within a connection's callback, [`Conn::connect`](crate::Conn::connect) is shorter.
 ///
 /// ```
+/// use std::time::Duration;
 /// use fdt_sdk::{App, Conn, Connector, Next, Settings};
 ///
-/// /// Says hello to a server at start, and logs what it answers.
+/// /// Says hello to a server once the worker serves, and logs what it answers.
 /// struct Hello;
 ///
 /// impl App for Hello {
 ///     fn start(settings: &Settings) -> Result<Self, String> {
 ///         let peer = settings.string("peer", "127.0.0.1:7000")?;
 ///         let connector: Connector = settings.connector();
-///         connector.connect(&peer, None).map_err(|e| e.to_string())?;
+///         // Not from `start` itself: the app must be started to serve the connection.
+///         settings.timers().after(Duration::ZERO, move || {
+///             if let Err(e) = connector.connect(&peer, None) {
+///                 log::error!("{e}");
+///             }
+///         });
 ///         Ok(Hello)
 ///     }
 ///     fn on_open(&self, conn: &mut Conn) -> Next {
@@ -59,6 +66,7 @@ type HostConnect = unsafe extern "C" fn(*const c_void, abi::StrRef, u64, u64, ab
 /// }
 ///
 /// let app = fdt_sdk::testing::TestApp::<Hello>::start("peer = \"10.0.0.7:7000\"").unwrap();
+/// app.advance(Duration::ZERO);
 /// let mut server = app.take_outbound("10.0.0.7:7000").expect("the app connected");
 /// server.connected();
 /// assert_eq!(server.take_output(), b"HELLO\n");
