@@ -1,6 +1,7 @@
 //! The `proxy` app and the outbound connections under it: a client's `ROUTE <NAME>` connects to
 //! that route's backend from the worker's event loop, bytes flow both ways untouched with flow
-//! control between the two sides, and either side's end closes the other.
+//! control between the two sides, and either side's end closes the other. Also connections an
+//! app makes from a timer (`Settings::connector`, the testkit's `dial`).
 
 mod util;
 
@@ -328,4 +329,52 @@ fn a_blocked_upload_ended_by_its_client_survives_a_reload_and_arrives_whole() {
     std::thread::sleep(Duration::from_millis(300));
     go.send(()).unwrap();
     assert_eq!(reader.join().unwrap(), sent, "every byte the client sent reached the backend");
+}
+
+/// A server whose testkit app dials `addr` from an app timer in each worker.
+fn dialer(workers: usize, addr: &str) -> TestServer {
+    TestServer::start(&Setup::new(workers, 2).app("kit", "testkit", &format!("dial = \"{addr}\"")))
+}
+
+#[test]
+fn an_app_timer_connects_through_the_connector_and_the_connection_is_served_like_any_other() {
+    let peer = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = dialer(2, &peer.local_addr().unwrap().to_string());
+    let mut pids = Vec::new();
+    for _ in 0..2 {
+        let (stream, _) = peer.accept().unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut link = BufReader::new(stream);
+        let mut hello = String::new();
+        link.read_line(&mut hello).unwrap();
+        let pid: i32 = hello.strip_prefix("HELLO ").and_then(|p| p.trim().parse().ok()).expect(&hello);
+        link.get_mut().write_all(b"ping\n").unwrap();
+        let mut answer = String::new();
+        link.read_line(&mut answer).unwrap();
+        assert_eq!(answer, "GOT ping\n");
+        pids.push(pid);
+    }
+    pids.sort();
+    assert_eq!(pids, server.worker_pids(), "one connection from each worker");
+    assert!(
+        server.log().contains("cannot connect to") && server.log().contains("from App::start"),
+        "a connect from start is refused with its reason:\n{}",
+        server.log()
+    );
+}
+
+#[test]
+fn a_refused_or_unresolvable_connect_reaches_the_app_with_its_reason() {
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let server = dialer(1, &closed);
+    wait_for(Duration::from_secs(10), "the refused connect logged", || {
+        server.log().contains(&format!("testkit: dial failed: cannot connect to {closed}")).then_some(())
+    });
+    wait_for(Duration::from_secs(5), "the failed connect counted", || {
+        metrics(&server).contains("fdtserver_connections_closed_total{reason=\"connect_failed\"} 1").then_some(())
+    });
+    let server = dialer(1, "no-such-host.invalid:7");
+    wait_for(Duration::from_secs(10), "the unresolvable name logged", || {
+        server.log().contains("testkit: dial failed: cannot resolve \"no-such-host.invalid:7\"").then_some(())
+    });
 }

@@ -40,6 +40,11 @@
 //! starts, `BEAT <pid>` every 50 ms, and `STOP <pid>` when asked to stop; with
 //! `service_panic_after = N` it panics after N beats (and is run again); with
 //! `service_singleton = true` one instance runs per server.
+//!
+//! Outbound: with `dial = "host:port"`, each worker connects there from an app timer once it
+//! serves (a connect from `start` itself is tried first and logged as refused), writes
+//! `HELLO <pid>` once connected and answers each line `<l>` from that peer with `GOT <l>`;
+//! failures are logged (`testkit: dial failed: …`).
 
 use fdt_sdk::{App, Conn, Handle, Next, PushError, Settings, TimerId, Timers};
 use std::io::Write;
@@ -113,6 +118,7 @@ impl App for Testkit {
         "service_file",
         "service_panic_after",
         "service_singleton",
+        "dial",
     ]);
 
     fn start(settings: &Settings) -> Result<Self, String> {
@@ -144,6 +150,18 @@ impl App for Testkit {
             let notice = DropNotice { path: tick_file, pid: settings.worker_pid() };
             settings.timers().every(Duration::from_millis(100), move || {
                 append(&notice.path, &format!("TICK {}\n", notice.pid));
+            });
+        }
+        let dial = settings.string("dial", "")?;
+        if !dial.is_empty() {
+            let connector = settings.connector();
+            if let Err(e) = connector.connect(&dial, None) {
+                log::warn!("testkit: dial from start: {e}");
+            }
+            settings.timers().after(Duration::ZERO, move || {
+                if let Err(e) = connector.connect(&dial, None) {
+                    log::warn!("testkit: dial failed: {e}");
+                }
             });
         }
         let service_file = settings.string("service_file", "")?;
@@ -184,7 +202,15 @@ impl App for Testkit {
         self.members().retain(|m| *m != me);
     }
 
+    fn on_connect_failed(&self, _conn: &mut Conn, error: &str) {
+        log::warn!("testkit: dial failed: {error}");
+    }
+
     fn on_open(&self, conn: &mut Conn) -> Next {
+        if conn.is_outbound() {
+            conn.write(format!("HELLO {}\n", self.pid).as_bytes());
+            return Next::KeepOpen;
+        }
         if !self.greeting.is_empty() {
             conn.write(format!("{}\n", self.greeting).as_bytes());
         }
@@ -199,6 +225,13 @@ impl App for Testkit {
     }
 
     fn on_readable(&self, conn: &mut Conn) -> Next {
+        if conn.is_outbound() {
+            while let Some(line) = conn.take_line() {
+                conn.write(b"GOT ");
+                conn.write(line);
+            }
+            return Next::KeepOpen;
+        }
         while let Some(line) = conn.take_line() {
             let line = String::from_utf8_lossy(line).trim().to_string();
             let mut words = line.split_whitespace();
