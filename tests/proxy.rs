@@ -378,3 +378,18 @@ fn a_refused_or_unresolvable_connect_reaches_the_app_with_its_reason() {
         server.log().contains("testkit: dial failed: cannot resolve \"no-such-host.invalid:7\"").then_some(())
     });
 }
+
+#[test]
+fn term_ends_idle_proxied_pairs_gently_and_the_server_exits() {
+    let echo = echo_backend(None);
+    let mut server = proxy(2, &format!("echo = \"{echo}\""), "");
+    let mut clients: Vec<LineClient> = (0..4).map(|_| routed(&server, "echo")).collect();
+    assert_eq!(clients[0].ask("before"), "before");
+    let started = Instant::now();
+    server.signal(nix::sys::signal::Signal::SIGTERM);
+    for c in &mut clients {
+        assert!(c.closed_by_peer(), "an idle proxied client is closed by the stop");
+    }
+    assert!(server.wait_exit(Duration::from_secs(10)).success());
+    assert!(started.elapsed() < Duration::from_secs(5), "stopped in {:?}", started.elapsed());
+}
