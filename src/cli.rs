@@ -264,6 +264,7 @@ fn check_apps(path: &Path) -> i32 {
             setting_lines: &app.setting_lines,
             app_index: 0,
             server_id: &server_id,
+            events_database: "",
         };
         // Never block on the file: a FIFO or a device at the plugin path is refused, as the
         // master refuses it.

@@ -5,6 +5,7 @@
 
 pub mod app_timers;
 pub mod balance;
+pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -305,6 +305,14 @@ impl Master {
                 .unwrap_or_else(|| e.to_string());
             problems.push(format!("cannot open the control socket {}: {why}", control_path.display()))
         });
+        // The event bus's directory, beside the control socket (see `bus`).
+        if control.is_ok() {
+            let identity = crate::privileges::resolve(config.server.user.as_deref(), config.server.group.as_deref());
+            let bus_dir = crate::bus::dir(control_path);
+            if let Err(e) = crate::bus::prepare_dir(&bus_dir, identity.ok().flatten().as_ref()) {
+                problems.push(format!("cannot make the event bus directory {}: {e}", bus_dir.display()));
+            }
+        }
         // The pidfile is written once the first generation serves; a path that can never hold
         // it (a component that is a file) is refused now, as `check` refuses it.
         if let Some(pidfile) = &config.server.pidfile

@@ -127,7 +127,9 @@ impl Master {
     }
 
     /// App event totals: every live worker's last report plus what exited workers counted.
-    fn app_events(&self) -> std::collections::BTreeMap<(String, String), u64> {
+    /// The apps' event counters, and the bus's (under `worker::events::COUNTERS_APP`), totalled
+    /// over live and retired workers.
+    fn all_events(&self) -> std::collections::BTreeMap<(String, String), u64> {
         let mut totals = self.retired_events.clone();
         for w in self.table.workers.values() {
             for (app, event, n) in &w.events {
@@ -135,6 +137,24 @@ impl Master {
             }
         }
         totals
+    }
+
+    fn app_events(&self) -> std::collections::BTreeMap<(String, String), u64> {
+        let mut totals = self.all_events();
+        totals.retain(|(app, _), _| app != crate::worker::events::COUNTERS_APP);
+        totals
+    }
+
+    /// The event bus's counters: ((kind, topic prefix), total).
+    fn bus_events(&self) -> Vec<((String, String), u64)> {
+        self.all_events()
+            .into_iter()
+            .filter(|((app, _), _)| app == crate::worker::events::COUNTERS_APP)
+            .filter_map(|((_, name), n)| {
+                let (kind, prefix) = name.split_once(':')?;
+                Some(((kind.to_string(), prefix.to_string()), n))
+            })
+            .collect()
     }
 
     fn app_events_json(&self) -> Value {
@@ -172,6 +192,17 @@ impl Master {
                 .into_iter()
                 .map(|((app, event), n)| {
                     (format!("{{app=\"{}\",event=\"{}\"}}", escape(&app), escape(&event)), n as f64)
+                })
+                .collect(),
+        );
+        metric(
+            "events_total",
+            "counter",
+            "Events on the server's bus by kind (emitted, delivered to a subscription, dropped) and topic prefix.",
+            self.bus_events()
+                .into_iter()
+                .map(|((kind, prefix), n)| {
+                    (format!("{{kind=\"{}\",prefix=\"{}\"}}", escape(&kind), escape(&prefix)), n as f64)
                 })
                 .collect(),
         );

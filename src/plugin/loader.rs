@@ -27,6 +27,8 @@ pub struct StartContext<'a> {
     pub app_index: usize,
     /// What names the server (`HostApi::server_id`): its control socket's path.
     pub server_id: &'a str,
+    /// `[events] database` (`HostApi::events_database`), or empty.
+    pub events_database: &'a str,
 }
 
 /// Facts from a plugin's descriptor (shown by `fdtserver check`).
@@ -172,6 +174,75 @@ unsafe extern "C" fn host_timer_start(
 
 unsafe extern "C" fn host_timer_cancel(_ctx: *const c_void, id: u64) {
     crate::app_timers::cancel(id);
+}
+
+/// An event subscription's callback as the plugin gave it (`HostApi::subscribe`): called by one
+/// thread at a time, and freed by the plugin exactly once, when this is dropped.
+pub struct EventCallback {
+    deliver: abi::EventDeliverFn,
+    drop: abi::TimerDropFn,
+    ctx: *mut c_void,
+}
+
+// SAFETY: the plugin's subscription context is `Send + Sync` on its side (the SDK requires
+// such closures); the host calls it from one thread at a time (`worker::events`).
+unsafe impl Send for EventCallback {}
+// SAFETY: as above.
+unsafe impl Sync for EventCallback {}
+
+impl EventCallback {
+    /// Delivers one event; false when the app's code panicked (the plugin logged why).
+    pub fn call(&self, topic: &[u8], payload: &[u8]) -> bool {
+        // SAFETY: `ctx` is live until `drop`, which has not run (we are borrowed); the plugin
+        // copies what it keeps of the borrowed bytes.
+        unsafe { (self.deliver)(self.ctx, StrRef::from_bytes(topic), StrRef::from_bytes(payload)) == abi::STATUS_OK }
+    }
+}
+
+impl Drop for EventCallback {
+    fn drop(&mut self) {
+        // SAFETY: dropped once; `ctx` is not used after this.
+        unsafe { (self.drop)(self.ctx) }
+    }
+}
+
+unsafe extern "C" fn host_emit(
+    ctx: *const c_void,
+    topic: StrRef,
+    payload: StrRef,
+    flags: u32,
+    error: abi::MessageFn,
+    error_ctx: *mut c_void,
+) -> abi::Status {
+    // SAFETY: `ctx` is the app index we leaked for this app; the bytes are valid during this call.
+    let (_app, topic, payload) = unsafe { (*ctx.cast::<usize>(), bytes_of(topic), bytes_of(payload)) };
+    // No panic may cross into the plugin's frames.
+    let emitted = std::panic::catch_unwind(|| crate::worker::events::emit(topic, payload, flags));
+    let reason = match emitted {
+        Ok(Ok(())) => return abi::STATUS_OK,
+        Ok(Err(reason)) => reason,
+        Err(_) => "the server failed to emit (see its log)".to_string(),
+    };
+    // SAFETY: the plugin passed this callback and context for the duration of this call.
+    unsafe { error(error_ctx, StrRef::new(&reason)) };
+    abi::STATUS_ERROR
+}
+
+unsafe extern "C" fn host_subscribe(
+    ctx: *const c_void,
+    pattern: StrRef,
+    deliver: abi::EventDeliverFn,
+    drop: abi::TimerDropFn,
+    sub_ctx: *mut c_void,
+) -> u64 {
+    let callback = EventCallback { deliver, drop, ctx: sub_ctx };
+    // SAFETY: `ctx` is the app index we leaked for this app; the pattern is valid during this call.
+    let (app, pattern) = unsafe { (*ctx.cast::<usize>(), bytes_of(pattern)) };
+    crate::worker::events::subscribe(app, pattern, callback)
+}
+
+unsafe extern "C" fn host_unsubscribe(_ctx: *const c_void, id: u64) {
+    crate::worker::events::unsubscribe(id);
 }
 
 /// What a push did (see `fdt_sdk::abi::PushStatus`).
@@ -430,6 +501,11 @@ impl App {
             server_id: StrRef::new(ctx.server_id),
             connect: host_connect,
             connect_ctx: app_index,
+            emit: host_emit,
+            subscribe: host_subscribe,
+            unsubscribe: host_unsubscribe,
+            events_ctx: app_index,
+            events_database: StrRef::new(ctx.events_database),
         };
         let mut app: *mut c_void = std::ptr::null_mut();
         let mut error = String::new();

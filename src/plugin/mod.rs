@@ -7,4 +7,4 @@
 pub mod loader;
 pub mod pin;
 
-pub use loader::{App, Call, ConnHandle, DataOutcome, PushOutcome, StartContext, TimerCallback};
+pub use loader::{App, Call, ConnHandle, DataOutcome, EventCallback, PushOutcome, StartContext, TimerCallback};

@@ -11,6 +11,7 @@
 
 mod admission;
 mod conn;
+pub mod events;
 pub mod outbound;
 mod pool;
 pub mod push;
@@ -183,6 +184,12 @@ impl Worker {
         };
 
         let config = &spec.config;
+        // Before the apps: they may subscribe as they start.
+        if let Err(e) = events::start(&config.server.control_socket) {
+            log::error!("{e}");
+            let _ = channel.write_all(WorkerMessage::Failed(e).to_string().as_bytes());
+            return Err(EXIT_START_FAILED);
+        }
         let mut apps = Vec::new();
         let mut app_index = BTreeMap::new();
         let server_id = config.server.control_socket.display().to_string();
@@ -205,6 +212,7 @@ impl Worker {
                 setting_lines: &app_config.setting_lines,
                 app_index: apps.len(),
                 server_id: &server_id,
+                events_database: "",
             };
             match App::start(pinned, &ctx) {
                 Ok(app) => {
@@ -281,6 +289,11 @@ impl Worker {
             .apps
             .iter()
             .flat_map(|app| app.events.snapshot().into_iter().map(|(event, n)| (app.name().to_string(), event, n)))
+            .chain(
+                events::counters()
+                    .into_iter()
+                    .map(|(kind, prefix, n)| (events::COUNTERS_APP.to_string(), format!("{kind}:{prefix}"), n)),
+            )
             .collect();
         if events != self.sent_events {
             self.send(WorkerMessage::Events(events.clone()));
@@ -570,8 +583,10 @@ impl Worker {
         // and the apps may stop.
         for (index, app) in self.pool.apps.iter().enumerate() {
             crate::app_timers::stop_app(index);
+            events::stop_app(index);
             app.stop();
         }
+        events::stop();
         if graceful {
             log::info!("drained; exiting");
         }

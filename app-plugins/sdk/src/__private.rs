@@ -210,6 +210,25 @@ unsafe extern "C" fn start<A: App>(
         } else {
             Default::default()
         };
+        // A host before ABI 1.4 has no event bus.
+        let (bus, events_database) =
+            if abi::covers(size, std::mem::offset_of!(HostApi, events_database) + size_of::<StrRef>()) {
+                // SAFETY: `size` says the host's `HostApi` has these fields; the string is valid
+                // during this call.
+                unsafe {
+                    (
+                        crate::Bus::from_host(
+                            addr_of!((*host).emit).read(),
+                            addr_of!((*host).subscribe).read(),
+                            addr_of!((*host).unsubscribe).read(),
+                            addr_of!((*host).events_ctx).read(),
+                        ),
+                        borrowed_str(addr_of!((*host).events_database).read()),
+                    )
+                }
+            } else {
+                (crate::Bus::default(), String::new())
+            };
         // A host before ABI 1.2 names no server: its singletons are per app name only.
         let server_id = if abi::covers(size, std::mem::offset_of!(HostApi, server_id) + size_of::<StrRef>()) {
             // SAFETY: `size` says the host's `HostApi` has this field; its string is valid
@@ -224,6 +243,7 @@ unsafe extern "C" fn start<A: App>(
             .with_events(events)
             .with_timers(timers)
             .with_connector(connector)
+            .with_bus(bus, &events_database)
             .with_server_id(&server_id);
         A::start(&settings)
     }));
@@ -756,6 +776,11 @@ mod tests {
             server_id: StrRef::new("/run/test.sock"),
             connect: no_connect,
             connect_ctx: std::ptr::null(),
+            emit: no_emit,
+            subscribe: no_subscribe,
+            unsubscribe: no_unsubscribe,
+            events_ctx: std::ptr::null(),
+            events_database: StrRef::new(""),
         }
     }
 
@@ -786,6 +811,31 @@ mod tests {
     ) -> u64 {
         0
     }
+
+    unsafe extern "C" fn no_emit(
+        _: *const c_void,
+        _: StrRef,
+        _: StrRef,
+        _: u32,
+        _: abi::MessageFn,
+        _: *mut c_void,
+    ) -> abi::Status {
+        abi::STATUS_ERROR
+    }
+
+    unsafe extern "C" fn no_subscribe(
+        _: *const c_void,
+        _: StrRef,
+        _: abi::EventDeliverFn,
+        drop: abi::TimerDropFn,
+        ctx: *mut c_void,
+    ) -> u64 {
+        // SAFETY: the subscription ends at once: freed exactly once, here.
+        unsafe { drop(ctx) };
+        1
+    }
+
+    unsafe extern "C" fn no_unsubscribe(_: *const c_void, _: u64) {}
 
     unsafe extern "C" fn no_push(_: *const c_void, _: u64, _: StrRef, _: u32) -> abi::PushStatus {
         abi::PUSH_CLOSED

@@ -14,7 +14,7 @@ pub const MAGIC: [u8; 8] = *b"FDTAPP\0\x01";
 /// Bumped when a layout below changes incompatibly; the host refuses any other major.
 pub const ABI_MAJOR: u32 = 1;
 /// Bumped when fields are appended; a plugin built against a newer minor still loads.
-pub const ABI_MINOR: u32 = 3;
+pub const ABI_MINOR: u32 = 4;
 /// Name of the exported static [`AppDescriptor`] the host looks up with `dlsym`.
 pub const DESCRIPTOR_SYMBOL: &str = "FDT_APP_DESCRIPTOR_V1";
 
@@ -142,7 +142,46 @@ pub struct HostApi {
     ) -> u64,
     /// This app on the host side; valid for the life of the process.
     pub connect_ctx: *const c_void,
+    /// ABI 1.4: emits the event (`topic`, `payload`) on the server's bus: it reaches the
+    /// subscriptions of every worker of the server (and, with `[events] database`, of every
+    /// server sharing that database), in emit order per emitter. `flags`: [`EMIT_LOCAL`].
+    /// Returns [`STATUS_OK`], or [`STATUS_ERROR`] with the reason passed to `error` (a bad topic,
+    /// a payload too large). Thread-safe, callable any time, with `events_ctx`; never blocks.
+    pub emit: unsafe extern "C" fn(
+        ctx: *const c_void,
+        topic: StrRef,
+        payload: StrRef,
+        flags: u32,
+        error: MessageFn,
+        error_ctx: *mut c_void,
+    ) -> Status,
+    /// ABI 1.4: calls `deliver(sub_ctx, topic, payload)` for every event whose topic `pattern`
+    /// takes (`*`, `prefix.*`, or a topic), from the worker's event thread, one call at a time,
+    /// until [`HostApi::unsubscribe`] or the app stops; then `drop(sub_ctx)`, exactly once,
+    /// never during a call. Returns the subscription's id. Thread-safe, with `events_ctx`.
+    pub subscribe: unsafe extern "C" fn(
+        ctx: *const c_void,
+        pattern: StrRef,
+        deliver: EventDeliverFn,
+        drop: TimerDropFn,
+        sub_ctx: *mut c_void,
+    ) -> u64,
+    /// ABI 1.4: ends the subscription `id` (nothing when it has ended already).
+    pub unsubscribe: unsafe extern "C" fn(ctx: *const c_void, id: u64),
+    /// This app's events on the host side; valid for the life of the process.
+    pub events_ctx: *const c_void,
+    /// ABI 1.4: the `[database.NAME]` whose PostgreSQL carries events between servers
+    /// (`[events] database`), or empty.
+    pub events_database: StrRef,
 }
+
+/// ABI 1.4, in [`HostApi::emit`]'s `flags`: deliver within this server only (the caller has
+/// told the other servers itself, inside a transaction).
+pub const EMIT_LOCAL: u32 = 1;
+
+/// ABI 1.4: an event for a subscription ([`HostApi::subscribe`]); returns a [`Status`] (the
+/// plugin logs a panic's message itself).
+pub type EventDeliverFn = unsafe extern "C" fn(sub_ctx: *mut c_void, topic: StrRef, payload: StrRef) -> Status;
 
 /// ABI 1.2: what [`HostApi::push`] did.
 pub type PushStatus = i32;

@@ -39,6 +39,7 @@
 //! connections go on. Log with the `log` crate's macros: records go to the server's log.
 
 pub mod abi;
+mod bus;
 pub mod gid;
 mod outbound;
 mod push;
@@ -55,6 +56,7 @@ pub mod __private;
 
 use std::any::Any;
 
+pub use bus::{Bus, EmitError, SubscriptionId};
 pub use outbound::{ConnectError, Connector, DEFAULT_CONNECT_TIMEOUT};
 pub use push::{Handle, PushError};
 pub use services::Stop;

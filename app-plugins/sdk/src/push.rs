@@ -94,6 +94,12 @@ pub(crate) fn set_host(push: HostPush, ctx: *const c_void) {
 }
 
 impl Handle {
+    /// The number that names the connection within its worker (with the worker's pid, it
+    /// names the connection within the server: to tell a message's sender in an event).
+    pub fn as_u64(&self) -> u64 {
+        self.0
+    }
+
     /// Writes `bytes` to the connection (see [`Handle`] for the bounds).
     pub fn write(&self, bytes: &[u8]) -> Result<(), PushError> {
         self.push(bytes, false)

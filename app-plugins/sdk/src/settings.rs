@@ -25,6 +25,9 @@ pub struct Settings {
     events: crate::Events,
     timers: crate::Timers,
     connector: crate::Connector,
+    bus: crate::Bus,
+    /// `[events] database` of the server's config, if any.
+    events_database: Option<String>,
     /// Whose services these settings start: 0 in a server, the test driver's app id in tests.
     service_owner: u64,
     /// What names the server (its control socket's path), for [`Settings::singleton`].
@@ -138,6 +141,23 @@ impl Settings {
     pub(crate) fn with_service_owner(mut self, owner: u64) -> Settings {
         self.service_owner = owner;
         self
+    }
+
+    /// The server's event bus, for this app (see [`Bus`](crate::Bus)). Keep it (it is cheap
+    /// to clone).
+    pub fn bus(&self) -> crate::Bus {
+        self.bus.clone()
+    }
+
+    pub(crate) fn with_bus(mut self, bus: crate::Bus, events_database: &str) -> Settings {
+        self.bus = bus;
+        self.events_database = (!events_database.is_empty()).then(|| events_database.to_string());
+        self
+    }
+
+    /// The `[database.NAME]` that carries events between servers (`[events] database`), if any.
+    pub fn events_database(&self) -> Option<&str> {
+        self.events_database.as_deref()
     }
 
     pub(crate) fn with_connector(mut self, connector: crate::Connector) -> Settings {

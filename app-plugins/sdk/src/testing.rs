@@ -25,6 +25,7 @@ pub struct TestApp<A: App> {
     clock: std::sync::Arc<crate::timers::TestClock>,
     /// Owns the services the app starts ([`Settings::service`]).
     owner: u64,
+    bus: std::sync::Arc<crate::bus::TestBus>,
 }
 
 impl<A: App> TestApp<A> {
@@ -34,8 +35,10 @@ impl<A: App> TestApp<A> {
         let clock = std::sync::Arc::new(crate::timers::TestClock::default());
         static OWNERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let owner = OWNERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let bus = std::sync::Arc::new(crate::bus::TestBus::default());
         let settings = Settings::parse("test", settings_toml)?
             .with_service_owner(owner)
+            .with_bus(crate::Bus::simulated(bus.clone()), "")
             .with_worker("test-node", std::process::id(), 1)
             .with_timers(crate::Timers::simulated(clock.clone()))
             .with_connector(crate::Connector::simulated());
@@ -44,7 +47,26 @@ impl<A: App> TestApp<A> {
         {
             return Err(format!("unknown setting `{unknown}` (the app takes: {})", declared.join(", ")));
         }
-        Ok(TestApp { app: A::start(&settings)?, next_id: Default::default(), clock, owner })
+        Ok(TestApp { app: A::start(&settings)?, next_id: Default::default(), clock, owner, bus })
+    }
+
+    /// The events the app emitted ([`Bus::emit`](crate::Bus::emit)) since the last call, in
+    /// order, as (topic, payload).
+    pub fn emitted(&self) -> Vec<(String, Vec<u8>)> {
+        self.bus.take_emitted()
+    }
+
+    /// Delivers what the app emitted to its own subscriptions, in order, as the worker's event
+    /// thread would (and what those deliveries emit, in turn); returns how many deliveries ran.
+    /// Events wait for this call: a test decides when they arrive.
+    pub fn deliver_events(&self) -> usize {
+        self.bus.deliver_queued()
+    }
+
+    /// Delivers an event to the app's subscriptions as if another worker or server emitted it;
+    /// returns how many subscriptions took it.
+    pub fn inject(&self, topic: &str, payload: &[u8]) -> usize {
+        self.bus.deliver(topic, payload)
     }
 
     /// Asks the app's background services ([`Settings::service`]) to stop, as when its worker

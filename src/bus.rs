@@ -1,0 +1,207 @@
+//! The event bus within one server: its place, its members and its wire format.
+//!
+//! Shape: every worker binds a Unix datagram socket `w<pid>` in the bus directory
+//! (`<control_socket>.bus`, made by the master); `fdtserver subscribe` binds `s<pid>` there. A
+//! worker sends each batch of events to every member (itself included), so an event reaches
+//! every worker of every generation, and the master is never on the path. Members are found by
+//! listing the directory (again every second, and at once when a newcomer says hello); a socket
+//! whose owner is gone refuses the datagram and its file is removed.
+//!
+//! A datagram holds whole records, each `[kind u8][topic length u16][payload length u32]`
+//! (little-endian) then the topic and the payload.
+
+use std::io;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+
+/// The longest topic (`[A-Za-z0-9._:-]`).
+pub const TOPIC_MAX: usize = 128;
+/// The largest payload within one server.
+pub const PAYLOAD_MAX: usize = 60 * 1024;
+/// The largest datagram a batch is cut into (a record larger than this goes alone).
+pub const DATAGRAM_MAX: usize = 64 * 1024;
+/// What a receiving socket may queue before senders see it full.
+pub const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Record kinds.
+pub const KIND_EVENT: u8 = 0;
+/// A new member: its socket's name is the payload.
+pub const KIND_HELLO: u8 = 1;
+/// An event for the receiving worker to emit as an app would (from `fdtserver emit`).
+pub const KIND_RELAY: u8 = 2;
+
+const HEADER: usize = 7;
+
+/// The bus directory of the server whose control socket is `control_socket`.
+pub fn dir(control_socket: &Path) -> PathBuf {
+    let mut name = control_socket.as_os_str().to_owned();
+    name.push(".bus");
+    PathBuf::from(name)
+}
+
+/// Makes the bus directory of the server (the master, at start): private to the server's
+/// user, and owned by the workers' user when they drop to one (`identity`).
+pub fn prepare_dir(dir: &Path, identity: Option<&crate::privileges::Identity>) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    if let Some(id) = identity {
+        nix::unistd::chown(dir, Some(id.uid), Some(id.gid)).map_err(io::Error::from)?;
+    }
+    Ok(())
+}
+
+/// The longest name a member's socket gets (`w` or `s` and a pid).
+pub const MEMBER_NAME_MAX: usize = 11;
+
+/// Appends one record to `out`.
+pub fn encode(out: &mut Vec<u8>, kind: u8, topic: &[u8], payload: &[u8]) {
+    out.push(kind);
+    out.extend_from_slice(&(topic.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(topic);
+    out.extend_from_slice(payload);
+}
+
+/// One record of a datagram.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Record<'a> {
+    pub kind: u8,
+    pub topic: &'a [u8],
+    pub payload: &'a [u8],
+}
+
+/// The records of `buf`, up to the first that is cut short (nothing after it is trusted).
+pub fn decode(mut buf: &[u8]) -> impl Iterator<Item = Record<'_>> {
+    std::iter::from_fn(move || {
+        if buf.len() < HEADER {
+            return None;
+        }
+        let kind = buf[0];
+        let topic_len = usize::from(u16::from_le_bytes([buf[1], buf[2]]));
+        let payload_len = u32::from_le_bytes([buf[3], buf[4], buf[5], buf[6]]) as usize;
+        let end = HEADER.checked_add(topic_len)?.checked_add(payload_len)?;
+        if buf.len() < end {
+            buf = &[];
+            return None;
+        }
+        let record = Record { kind, topic: &buf[HEADER..HEADER + topic_len], payload: &buf[HEADER + topic_len..end] };
+        buf = &buf[end..];
+        Some(record)
+    })
+}
+
+/// The length of the record that starts `buf` (for cutting a batch at record boundaries).
+pub fn record_len(buf: &[u8]) -> Option<usize> {
+    if buf.len() < HEADER {
+        return None;
+    }
+    let topic_len = usize::from(u16::from_le_bytes([buf[1], buf[2]]));
+    let payload_len = u32::from_le_bytes([buf[3], buf[4], buf[5], buf[6]]) as usize;
+    Some(HEADER + topic_len + payload_len).filter(|n| *n <= buf.len())
+}
+
+/// Why an event cannot be emitted.
+pub fn check(topic: &[u8], payload: &[u8], payload_max: usize) -> Result<(), String> {
+    if topic.is_empty() || topic.len() > TOPIC_MAX {
+        return Err(format!("a topic is 1 to {TOPIC_MAX} bytes, not {}", topic.len()));
+    }
+    if !topic.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':')) {
+        return Err(format!("a topic is made of A-Z a-z 0-9 . _ - : ({:?})", String::from_utf8_lossy(topic)));
+    }
+    if payload.len() > payload_max {
+        return Err(format!("a payload is at most {payload_max} bytes, not {}", payload.len()));
+    }
+    Ok(())
+}
+
+/// True when `pattern` takes `topic`: `*` takes every topic, `a.*` (a trailing `*`) every topic
+/// that begins with `a.`, anything else only itself.
+pub fn matches(pattern: &[u8], topic: &[u8]) -> bool {
+    match pattern.strip_suffix(b"*") {
+        Some(prefix) => topic.starts_with(prefix),
+        None => pattern == topic,
+    }
+}
+
+/// What the metrics count a topic under: its first segment (`bank` for `bank.transferred`).
+pub fn prefix(topic: &[u8]) -> &[u8] {
+    topic.split(|b| *b == b'.').next().unwrap_or(topic)
+}
+
+/// Binds a member's socket `name` in `dir` (a file left by a dead member of that name goes).
+pub fn bind(dir: &Path, name: &str) -> io::Result<UnixDatagram> {
+    let path = dir.join(name);
+    let _ = std::fs::remove_file(&path);
+    let socket = UnixDatagram::bind(&path)?;
+    let fd = std::os::fd::AsFd::as_fd(&socket);
+    let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::RcvBuf, &SOCKET_BUFFER);
+    let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::SndBuf, &SOCKET_BUFFER);
+    Ok(socket)
+}
+
+/// The members' sockets in `dir`: workers (`w…`) and subscribers (`s…`).
+pub fn members(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            (name.starts_with('w') || name.starts_with('s')) && name[1..].bytes().all(|b| b.is_ascii_digit())
+        })
+        .map(|e| e.path())
+        .collect()
+}
+
+/// Sends one datagram to `to` without waiting. `Ok(false)`: its queue is full.
+pub fn send(socket: &UnixDatagram, to: &Path, datagram: &[u8]) -> io::Result<bool> {
+    use nix::sys::socket::{MsgFlags, UnixAddr, sendto};
+    use std::os::fd::AsRawFd;
+    let addr = UnixAddr::new(to).map_err(io::Error::from)?;
+    loop {
+        match sendto(socket.as_raw_fd(), datagram, &addr, MsgFlags::MSG_DONTWAIT) {
+            Ok(_) => return Ok(true),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::EAGAIN) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_a_cut_record_ends_the_datagram() {
+        let mut buf = Vec::new();
+        encode(&mut buf, KIND_EVENT, b"bank.transferred", b"{\"amount\":5}");
+        encode(&mut buf, KIND_HELLO, b"hello", b"w42");
+        let records: Vec<_> = decode(&buf).collect();
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[0], Record { kind: KIND_EVENT, topic: b"bank.transferred", payload: b"{\"amount\":5}" });
+        assert_eq!(record_len(&buf), Some(7 + 16 + 12));
+        let cut = &buf[..buf.len() - 1];
+        assert_eq!(decode(cut).count(), 1, "the cut record is not read");
+        assert_eq!(record_len(&buf[..3]), None);
+    }
+
+    #[test]
+    fn topics_patterns_and_prefixes() {
+        assert!(check(b"chat.line", b"x", 10).is_ok());
+        assert!(check(b"", b"", 10).unwrap_err().contains("1 to 128"));
+        assert!(check(b"a b", b"", 10).unwrap_err().contains("made of"));
+        assert!(check(b"a", b"12345678901", 10).unwrap_err().contains("at most 10"));
+        assert!(matches(b"*", b"anything"));
+        assert!(matches(b"bank.*", b"bank.changed") && !matches(b"bank.*", b"banker"));
+        assert!(matches(b"chat.line", b"chat.line") && !matches(b"chat.line", b"chat.lines"));
+        assert_eq!(prefix(b"bank.transferred"), b"bank");
+        assert_eq!(prefix(b"plain"), b"plain");
+        assert_eq!(dir(Path::new("/run/fdt.sock")), PathBuf::from("/run/fdt.sock.bus"));
+    }
+}
