@@ -173,6 +173,81 @@ pub fn send(socket: &UnixDatagram, to: &Path, datagram: &[u8]) -> io::Result<boo
     }
 }
 
+/// `fdtserver emit TOPIC PAYLOAD`: hands the event to one worker of the running server, which
+/// emits it as an app would (to every worker, and other servers on the `[events]` database).
+pub fn emit_command(control_socket: &Path, topic: &str, payload: &str) -> Result<(), String> {
+    check(topic.as_bytes(), payload.as_bytes(), PAYLOAD_MAX)?;
+    let dir = running_bus(control_socket)?;
+    let socket = UnixDatagram::unbound().map_err(|e| format!("cannot make a socket: {e}"))?;
+    let mut datagram = Vec::new();
+    encode(&mut datagram, KIND_RELAY, topic.as_bytes(), payload.as_bytes());
+    let workers =
+        members(&dir).into_iter().filter(|m| m.file_name().is_some_and(|n| n.to_string_lossy().starts_with('w')));
+    for worker in workers {
+        if let Ok(true) = send(&socket, &worker, &datagram) {
+            return Ok(());
+        }
+    }
+    Err(format!("no worker of the server took the event (bus {})", dir.display()))
+}
+
+/// `fdtserver subscribe PATTERN`: prints `TOPIC PAYLOAD` for every event the pattern takes,
+/// until `stop` is set (an interrupt).
+pub fn subscribe_command(
+    control_socket: &Path,
+    pattern: &str,
+    out: &mut dyn io::Write,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<(), String> {
+    let dir = running_bus(control_socket)?;
+    let name = format!("s{}", std::process::id());
+    let socket = bind(&dir, &name).map_err(|e| format!("cannot join the event bus at {}: {e}", dir.display()))?;
+    let path = dir.join(&name);
+    let result = (|| {
+        socket.set_read_timeout(Some(std::time::Duration::from_millis(200))).map_err(|e| e.to_string())?;
+        let mut hello = Vec::new();
+        encode(&mut hello, KIND_HELLO, b"hello", name.as_bytes());
+        for member in members(&dir) {
+            let _ = send(&socket, &member, &hello);
+        }
+        let mut buf = vec![0u8; DATAGRAM_MAX.max(PAYLOAD_MAX + TOPIC_MAX + 64)];
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let n = match socket.recv(&mut buf) {
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(format!("receiving from the event bus failed: {e}")),
+            };
+            for record in decode(&buf[..n]).filter(|r| r.kind == KIND_EVENT && matches(pattern.as_bytes(), r.topic)) {
+                let payload = record.payload.strip_suffix(b"\n").unwrap_or(record.payload);
+                let mut line = record.topic.to_vec();
+                line.push(b' ');
+                line.extend_from_slice(payload);
+                line.push(b'\n');
+                out.write_all(&line).and_then(|()| out.flush()).map_err(|e| format!("cannot write: {e}"))?;
+            }
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
+/// The bus directory of the server answering on `control_socket` (an error when none does).
+fn running_bus(control_socket: &Path) -> Result<PathBuf, String> {
+    match crate::control::request(control_socket, "GET", "/status", std::time::Duration::from_secs(10)) {
+        Ok((200, _)) => Ok(dir(control_socket)),
+        Ok((code, body)) => Err(format!("the server answered {code}: {}", body.trim())),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -49,6 +49,16 @@ enum Command {
         #[command(subcommand)]
         action: TxnAction,
     },
+    /// Emit one event on the running server's bus (to every worker, and other servers sharing
+    /// its `[events]` database).
+    Emit {
+        /// `A-Z a-z 0-9 . _ - :`, up to 128.
+        topic: String,
+        payload: String,
+    },
+    /// Print `TOPIC PAYLOAD` for every event on the running server's bus whose topic PATTERN
+    /// takes (`*`, `prefix.*`, or a topic), until interrupted.
+    Subscribe { pattern: String },
     /// Internal: the throw-away child of `check`.
     #[command(name = "__check-apps", hide = true)]
     CheckApps,
@@ -99,6 +109,8 @@ pub fn main() -> i32 {
             },
         ),
         Some(Command::CheckApps) => check_apps(&config_path),
+        Some(Command::Emit { topic, payload }) => emit(&config_path, &topic, &payload),
+        Some(Command::Subscribe { pattern }) => subscribe(&config_path, &pattern),
     }
 }
 
@@ -293,6 +305,39 @@ fn check_apps(path: &Path) -> i32 {
         }
     }
     if failed { exit::FAILURE } else { exit::OK }
+}
+
+fn emit(path: &Path, topic: &str, payload: &str) -> i32 {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match crate::bus::emit_command(&config.server.control_socket, topic, payload) {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("fdtserver: emit: {e}");
+            exit::FAILURE
+        }
+    }
+}
+
+fn subscribe(path: &Path, pattern: &str) -> i32 {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
+        let _ = signal_hook::flag::register(signal, stop.clone());
+    }
+    let mut out = std::io::stdout().lock();
+    match crate::bus::subscribe_command(&config.server.control_socket, pattern, &mut out, &stop) {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("fdtserver: subscribe: {e}");
+            exit::FAILURE
+        }
+    }
 }
 
 fn client_error(e: ClientError) -> i32 {

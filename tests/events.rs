@@ -66,3 +66,79 @@ fn a_burst_reaches_every_other_client_of_every_worker_in_order_per_sender() {
     assert!(m.contains("fdtserver_events_total{kind=\"delivered\",prefix=\"chat\"} 2000"), "{m}");
     assert!(!m.contains("kind=\"dropped\""), "{m}");
 }
+
+/// `fdtserver subscribe PATTERN` running, killed (and reaped) on drop.
+struct Subscriber {
+    child: std::process::Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl Subscriber {
+    fn start(server: &TestServer, pattern: &str) -> Subscriber {
+        let mut child = std::process::Command::new(BIN)
+            .args(["subscribe", pattern, "--config"])
+            .arg(&server.config)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let socket = std::path::PathBuf::from(format!("{}.bus/s{}", server.control_socket().display(), child.id()));
+        wait_for(Duration::from_secs(10), "the subscriber's socket", || socket.exists().then_some(()));
+        let stdout = child.stdout.take().unwrap();
+        Subscriber { child, lines: std::io::BufRead::lines(std::io::BufReader::new(stdout)) }
+    }
+
+    fn next(&mut self) -> String {
+        self.lines.next().expect("the subscriber ended").unwrap()
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn subscribe_sees_what_emit_and_the_apps_emit_and_leaves_no_socket_behind() {
+    let server = chat(2);
+    let mut sub = Subscriber::start(&server, "demo.*");
+    let mut all = Subscriber::start(&server, "*");
+    let (code, _, err) = server.cli(&["emit", "demo.hello", "hi there"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(server.cli(&["emit", "other.topic", "not for demo"]).0, 0);
+    assert_eq!(server.cli(&["emit", "demo.second", "{\"n\":2}"]).0, 0);
+    assert_eq!(sub.next(), "demo.hello hi there");
+    assert_eq!(sub.next(), "demo.second {\"n\":2}", "other.topic is not taken by demo.*");
+    assert_eq!(all.next(), "demo.hello hi there");
+    assert_eq!(all.next(), "other.topic not for demo");
+    assert_eq!(all.next(), "demo.second {\"n\":2}");
+    // What an app emits too.
+    let (mut a, _) = join(&server);
+    a.send("from the app");
+    let line = all.next();
+    assert!(line.starts_with("chat.line ") && line.ends_with(" anon: from the app"), "{line}");
+    // Interrupted: it exits 0 and takes its socket with it.
+    let socket = std::path::PathBuf::from(format!("{}.bus/s{}", server.control_socket().display(), sub.child.id()));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(sub.child.id() as i32), nix::sys::signal::Signal::SIGINT)
+        .unwrap();
+    let status = wait_for(Duration::from_secs(5), "the subscriber to exit", || sub.child.try_wait().unwrap());
+    assert!(status.success());
+    assert!(!socket.exists());
+    // Bad input is refused with a reason.
+    let (code, _, err) = server.cli(&["emit", "bad topic", "x"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("a topic is made of"), "{err}");
+}
+
+#[test]
+fn emit_and_subscribe_without_a_server_say_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = echo_config(dir.path(), "", "", "");
+    let (code, _, err) = cli(&["emit", "a.b", "x"], &config);
+    assert_eq!(code, 1);
+    assert!(err.starts_with("fdtserver: emit: "), "{err}");
+    let (code, _, err) = cli(&["subscribe", "*"], &config);
+    assert_eq!(code, 1);
+    assert!(err.starts_with("fdtserver: subscribe: "), "{err}");
+}
