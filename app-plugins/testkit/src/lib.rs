@@ -41,6 +41,11 @@
 //! `service_panic_after = N` it panics after N beats (and is run again); with
 //! `service_singleton = true` one instance runs per server.
 //!
+//! Events: with `bench_events = true`, the app counts the events `bench.*` it receives and
+//! their latency; `EMIT <n> [gap_us]` emits n of them (64 bytes, stamped with the time, one every
+//! gap_us if given; answers `EMITTED <n> refused=<r>`), `RECEIVED` answers
+//! `<count> <p50 µs> <p99 µs>` for this worker since the last `RECEIVED`.
+//!
 //! Outbound: with `dial = "host:port"`, each worker connects there from an app timer once it
 //! serves (a connect from `start` itself is tried first and logged as refused), writes
 //! `HELLO <pid>` once connected and answers each line `<l>` from that peer with `GOT <l>`;
@@ -57,6 +62,11 @@ use std::time::Duration;
 struct TimerStats {
     runs: AtomicU64,
     overlaps: AtomicU64,
+}
+
+/// The wall clock in nanoseconds (the same in every process of the machine).
+fn now_ns() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
 }
 
 /// Appends a line to `path` (for `tick_file`).
@@ -91,6 +101,9 @@ struct Testkit {
     kept: Mutex<Vec<Handle>>,
     pid: u32,
     generation: u64,
+    bus: fdt_sdk::Bus,
+    /// `bench_events`: latencies (ns) of the `bench.*` events received since the last `RECEIVED`.
+    received: Arc<Mutex<Vec<u64>>>,
 }
 
 #[derive(Default)]
@@ -119,6 +132,7 @@ impl App for Testkit {
         "service_panic_after",
         "service_singleton",
         "dial",
+        "bench_events",
     ]);
 
     fn start(settings: &Settings) -> Result<Self, String> {
@@ -164,6 +178,22 @@ impl App for Testkit {
                 }
             });
         }
+        let received = Arc::new(Mutex::new(Vec::new()));
+        if settings.bool("bench_events", false)? {
+            let mine = received.clone();
+            settings
+                .bus()
+                .subscribe("bench.*", move |_, payload| {
+                    let sent =
+                        payload.get(..16).and_then(|p| u128::from_str_radix(std::str::from_utf8(p).ok()?, 16).ok());
+                    let now = now_ns();
+                    let mut all = mine.lock().unwrap_or_else(|e| e.into_inner());
+                    if all.len() < 4_000_000 {
+                        all.push(sent.map_or(0, |s| now.saturating_sub(s) as u64));
+                    }
+                })
+                .map_err(|e| e.to_string())?;
+        }
         let service_file = settings.string("service_file", "")?;
         if !service_file.is_empty() {
             let (pid, panic_after) = (settings.worker_pid(), settings.u64("service_panic_after", 0)?);
@@ -194,6 +224,8 @@ impl App for Testkit {
             drain_notice: settings.bool("drain_notice", false)?,
             pid: settings.worker_pid(),
             generation: settings.generation(),
+            bus: settings.bus(),
+            received,
         })
     }
 
@@ -237,6 +269,27 @@ impl App for Testkit {
             let mut words = line.split_whitespace();
             let answer = match (words.next().unwrap_or(""), words.next()) {
                 ("PID", _) => self.pid.to_string(),
+                ("EMIT", Some(n)) => {
+                    let n: usize = n.parse().unwrap_or(0);
+                    let gap = Duration::from_micros(words.next().and_then(|g| g.parse().ok()).unwrap_or(0));
+                    let mut refused = 0;
+                    let began = std::time::Instant::now();
+                    for i in 0..n {
+                        if !gap.is_zero() {
+                            let due = began + gap * i as u32;
+                            std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+                        }
+                        let payload = format!("{:016x}{:048}", now_ns(), i);
+                        refused += usize::from(self.bus.emit("bench.e", payload.as_bytes()).is_err());
+                    }
+                    format!("EMITTED {n} refused={refused}")
+                }
+                ("RECEIVED", _) => {
+                    let mut all = std::mem::take(&mut *self.received.lock().unwrap_or_else(|e| e.into_inner()));
+                    all.sort_unstable();
+                    let at = |q: f64| all.get(((all.len().max(1) - 1) as f64 * q) as usize).map_or(0, |ns| ns / 1000);
+                    format!("{} {} {}", all.len(), at(0.5), at(0.99))
+                }
                 ("GEN", _) => self.generation.to_string(),
                 ("TAG", _) => self.tag.clone(),
                 ("DRAINING", _) => if conn.draining() { "yes" } else { "no" }.to_string(),
