@@ -31,6 +31,7 @@ fn start(name: &str, settings: &str) -> App {
         setting_lines: &Default::default(),
         app_index: 0,
         server_id: "bench",
+        events_database: "",
     };
     App::start(&plugin(name), &ctx).unwrap_or_else(|e| panic!("cannot start {name}: {e}"))
 }
