@@ -175,8 +175,13 @@ pub fn send(socket: &UnixDatagram, to: &Path, datagram: &[u8]) -> io::Result<boo
 
 /// `fdtserver emit TOPIC PAYLOAD`: hands the event to one worker of the running server, which
 /// emits it as an app would (to every worker, and other servers on the `[events]` database).
-pub fn emit_command(control_socket: &Path, topic: &str, payload: &str) -> Result<(), String> {
+pub fn emit_command(config: &crate::config::Config, topic: &str, payload: &str) -> Result<(), String> {
+    let control_socket = &config.server.control_socket;
     check(topic.as_bytes(), payload.as_bytes(), PAYLOAD_MAX)?;
+    if config.events_database.is_some() {
+        let origin = fdt_sdk::notify::origin(&config.server.node_id, &control_socket.display().to_string());
+        fdt_sdk::notify::encode(&origin, topic, payload.as_bytes())?;
+    }
     let dir = running_bus(control_socket)?;
     let socket = UnixDatagram::unbound().map_err(|e| format!("cannot make a socket: {e}"))?;
     let mut datagram = Vec::new();

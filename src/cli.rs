@@ -312,7 +312,7 @@ fn emit(path: &Path, topic: &str, payload: &str) -> i32 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match crate::bus::emit_command(&config.server.control_socket, topic, payload) {
+    match crate::bus::emit_command(&config, topic, payload) {
         Ok(()) => exit::OK,
         Err(e) => {
             eprintln!("fdtserver: emit: {e}");

@@ -24,6 +24,9 @@ pub struct Config {
     pub listeners: Vec<ListenConfig>,
     pub apps: BTreeMap<String, AppConfig>,
     pub databases: BTreeMap<String, DatabaseConfig>,
+    /// `[events] database`: the `[database.NAME]` whose PostgreSQL carries events between
+    /// servers (LISTEN/NOTIFY), if any.
+    pub events_database: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -181,6 +184,19 @@ pub struct DatabaseConfig {
     pub statement_timeout: Option<Duration>,
 }
 
+impl DatabaseConfig {
+    /// The session settings the workers' pools use (`lock_timeout`, `statement_timeout`), for
+    /// one session of the server's own.
+    pub fn settings(&self) -> fdt_sdk::DatabaseSettings {
+        fdt_sdk::DatabaseSettings {
+            pool_size: 1,
+            lock_timeout: self.lock_timeout,
+            statement_timeout: self.statement_timeout,
+            ..fdt_sdk::DatabaseSettings::new(&self.name, &self.url)
+        }
+    }
+}
+
 /// Where a listener listens.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Address {
@@ -244,6 +260,14 @@ struct RawConfig {
     app: BTreeMap<String, Spanned<toml::Table>>,
     #[serde(default)]
     database: BTreeMap<String, Spanned<RawDatabase>>,
+    #[serde(default)]
+    events: Option<Spanned<RawEvents>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEvents {
+    database: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -559,7 +583,18 @@ fn build(raw: RawConfig, path: &Path, dir: &Path, problems: &mut Problems<'_>) -
             .insert(name.clone(), DatabaseConfig { name, url: db.url, pool_size, lock_timeout, statement_timeout });
     }
 
-    Config { path: path.to_path_buf(), server, listeners, apps, databases }
+    let events_database = raw.events.and_then(|e| e.into_inner().database).and_then(|name| {
+        if databases.contains_key(name.get_ref()) {
+            return Some(name.into_inner());
+        }
+        problems.at(
+            name.span(),
+            format!("[events] database = {:?}: there is no [database.{}]", name.get_ref(), name.get_ref()),
+        );
+        None
+    });
+
+    Config { path: path.to_path_buf(), server, listeners, apps, databases, events_database }
 }
 
 /// The longest path a Unix socket can have (`sun_path` is 108 bytes, with its final NUL).

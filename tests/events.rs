@@ -142,3 +142,104 @@ fn emit_and_subscribe_without_a_server_say_so() {
     assert_eq!(code, 1);
     assert!(err.starts_with("fdtserver: subscribe: "), "{err}");
 }
+
+// ---- Across servers, and with transactions: PostgreSQL LISTEN/NOTIFY ([events] database) ----
+
+use util::pg::PgCluster;
+
+/// A server on `cluster`'s database `main` with `[events] database = "main"`, as node `node`,
+/// serving the given apps.
+fn on_bus(cluster: &PgCluster, node: &str, setup: Setup) -> TestServer {
+    TestServer::start(
+        &setup
+            .server("node_id", &format!("\"{node}\""))
+            .extra(&format!("[database.main]\nurl = \"{}\"\n\n[events]\ndatabase = \"main\"\n", cluster.url("main"))),
+    )
+}
+
+/// Waits until `n` sessions listen for events on the cluster's `main` (each worker has one).
+fn listening(cluster: &PgCluster, n: i64) {
+    wait_for(Duration::from_secs(20), "the workers' LISTEN sessions", || {
+        let rows = cluster
+            .client("main")
+            .query("SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN fdt_events'", &[])
+            .unwrap();
+        (rows[0].get::<_, i64>(0) >= n).then_some(())
+    });
+}
+
+#[test]
+fn chat_reaches_the_clients_of_another_server_sharing_the_events_database_once() {
+    let cluster = PgCluster::start();
+    cluster.create_db("main");
+    let one = on_bus(&cluster, "one", Setup::new(2, 2).app("chat", "chat", ""));
+    let two = on_bus(&cluster, "two", Setup::new(1, 2).app("chat", "chat", ""));
+    listening(&cluster, 3);
+    let (mut a, _) = join(&one);
+    let (mut a2, _) = join(&one);
+    let (mut b, _) = join(&two);
+    assert_eq!(a.ask("NICK ann"), "OK");
+    a.send("hello from one");
+    assert_eq!(b.recv().as_deref(), Some("ann: hello from one"), "another server's client");
+    assert_eq!(a2.recv().as_deref(), Some("ann: hello from one"));
+    b.send("and back");
+    assert_eq!(a.recv().as_deref(), Some("anon: and back"));
+    assert_eq!(a2.recv().as_deref(), Some("anon: and back"));
+    // Each line once: the next line each gets is the next one said.
+    a2.send("last");
+    assert_eq!(a.recv().as_deref(), Some("anon: last"));
+    assert_eq!(b.recv().as_deref(), Some("anon: last"));
+    // A line too large for a NOTIFY is refused with the reason, at the emit.
+    let long = "x".repeat(8000);
+    assert!(a.ask(&long).starts_with("ERR with an [events] database, an event must fit in a PostgreSQL NOTIFY"));
+    let (code, _, err) = one.cli(&["emit", "big", &long]);
+    assert_eq!(code, 1);
+    assert!(err.contains("PostgreSQL NOTIFY"), "{err}");
+}
+
+#[test]
+fn bank_events_arrive_when_their_transaction_commits_and_never_otherwise() {
+    let cluster = PgCluster::start();
+    cluster.create_db("main");
+    let server = on_bus(&cluster, "bank-events", Setup::new(1, 2).app("bank", "bank", "database = \"main\""));
+    let mut sub = Subscriber::start(&server, "bank.*");
+    let mut c = LineClient::connect(server.addr("bank"));
+    assert_eq!(c.ask("OPEN a 100"), "OK");
+    assert_eq!(c.ask("OPEN b 0"), "OK");
+    assert_eq!(c.ask("TRANSFER a b 5"), "OK");
+    assert_eq!(sub.next(), "bank.transferred {\"from\":\"a\",\"to\":\"b\",\"amount\":5}");
+    // Rolled back: nothing.
+    for command in ["BEGIN", "DEBIT a 3", "CREDIT b 3"] {
+        assert_eq!(c.ask(command), "OK");
+    }
+    assert_eq!(c.ask("ROLLBACK"), "ROLLED-BACK");
+    assert_eq!(c.ask("TRANSFER a b 1"), "ERR insufficient funds".replace("ERR insufficient funds", "OK"));
+    assert_eq!(sub.next(), "bank.transferred {\"from\":\"a\",\"to\":\"b\",\"amount\":1}", "nothing from the rollback");
+    // Committed: each change, in order.
+    for command in ["BEGIN", "DEBIT a 2", "CREDIT b 2"] {
+        assert_eq!(c.ask(command), "OK");
+    }
+    assert_eq!(c.ask("COMMIT"), "COMMITTED");
+    assert_eq!(sub.next(), "bank.changed {\"account\":\"a\",\"delta\":-2}");
+    assert_eq!(sub.next(), "bank.changed {\"account\":\"b\",\"delta\":2}");
+    // A failed transfer inside an open transaction emits nothing either.
+    assert_eq!(c.ask("TRANSFER b a 1000"), "ERR insufficient funds");
+    // The worker is killed between the statement and the commit: nothing, ever.
+    for command in ["BEGIN", "CREDIT b 7"] {
+        assert_eq!(c.ask(command), "OK");
+    }
+    let victim = server.worker_pids()[0];
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), nix::sys::signal::Signal::SIGKILL).unwrap();
+    assert!(c.closed_by_peer());
+    let mut after = wait_for(Duration::from_secs(20), "a respawned worker", || {
+        let pids = server.worker_pids();
+        (pids.len() == 1 && pids[0] != victim).then(|| LineClient::connect(server.addr("bank")))
+    });
+    assert_eq!(after.ask("TRANSFER a b 1"), "OK");
+    assert_eq!(
+        sub.next(),
+        "bank.transferred {\"from\":\"a\",\"to\":\"b\",\"amount\":1}",
+        "the killed transaction's CREDIT never came"
+    );
+    assert_eq!(after.ask("BALANCE b"), "OK 9");
+}

@@ -7,7 +7,6 @@
 use std::path::Path;
 use std::time::Duration;
 
-use fdt_sdk::DatabaseSettings;
 use fdt_sdk::gid::Gid;
 use fdt_sdk::txn::postgres::Client;
 use fdt_sdk::txn::{TxnError, recovery};
@@ -46,12 +45,7 @@ pub fn run(config_path: &Path, command: TxnCommand) -> i32 {
     let mut clients = Vec::new();
     for db in config.databases.values() {
         // The same session settings as the workers' pools (lock_timeout, statement_timeout).
-        let settings = DatabaseSettings {
-            pool_size: 1,
-            lock_timeout: db.lock_timeout,
-            statement_timeout: db.statement_timeout,
-            ..DatabaseSettings::new(&db.name, &db.url)
-        };
+        let settings = db.settings();
         match fdt_sdk::txn::connect(&settings, "fdtserver txn") {
             Ok(c) => clients.push((db.name.clone(), c)),
             Err(e) => {

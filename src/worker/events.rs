@@ -65,17 +65,29 @@ pub struct Events {
     counts: Mutex<BTreeMap<Key, u64>>,
     last_drop_log: Mutex<Option<Instant>>,
     stopping: AtomicBool,
+    /// To the other servers on the `[events] database` (`worker::notify`).
+    link: Option<&'static super::notify::Link>,
 }
 
 static EVENTS: OnceLock<&'static Events> = OnceLock::new();
 
-/// Joins the bus of the server whose control socket is `control_socket`: binds this worker's
-/// socket and starts its threads.
-pub fn start(control_socket: &Path) -> Result<(), String> {
+/// Joins the bus of the server `config` describes: binds this worker's socket and starts its
+/// threads; with `[events] database`, also the link to the other servers.
+pub fn start(config: &crate::config::Config) -> Result<(), String> {
+    let control_socket = &config.server.control_socket;
     let dir = bus::dir(control_socket);
     let name = format!("w{}", std::process::id());
     let socket = bus::bind(&dir, &name)
         .map_err(|e| format!("cannot join the event bus at {}: {e}", dir.join(&name).display()))?;
+    let link = match &config.events_database {
+        Some(db) => {
+            let settings =
+                config.databases.get(db).map(|d| d.settings()).ok_or_else(|| format!("no [database.{db}]"))?;
+            let origin = fdt_sdk::notify::origin(&config.server.node_id, &control_socket.display().to_string());
+            Some(super::notify::start(settings, origin, dir.join(&name))?)
+        }
+        None => None,
+    };
     let events: &'static Events = Box::leak(Box::new(Events {
         dir,
         socket,
@@ -88,6 +100,7 @@ pub fn start(control_socket: &Path) -> Result<(), String> {
         counts: Mutex::new(BTreeMap::new()),
         last_drop_log: Mutex::new(None),
         stopping: AtomicBool::new(false),
+        link,
     }));
     let _ = EVENTS.set(events);
     let spawn = |name: &str, f: fn(&'static Events)| {
@@ -108,12 +121,26 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Emits an event: to every worker of the server (`flags`: `fdt_sdk::abi::EMIT_LOCAL`). Errors
 /// say why it was refused.
-pub fn emit(topic: &[u8], payload: &[u8], _flags: u32) -> Result<(), String> {
+pub fn emit(topic: &[u8], payload: &[u8], flags: u32) -> Result<(), String> {
     let events = EVENTS.get().ok_or("there is no event bus here (fdtserver check starts apps without one)")?;
     bus::check(topic, payload, bus::PAYLOAD_MAX)?;
+    if let Some(link) = events.link
+        && flags & fdt_sdk::abi::EMIT_LOCAL == 0
+        // (`check` made sure the topic is ASCII.)
+        && !link.push(&String::from_utf8_lossy(topic), payload)?
+    {
+        events.dropped(topic, 1, "the queue to the [events] database is full (it does not keep up)");
+    }
     events.count("emitted", topic, 1);
     events.queue(bus::KIND_EVENT, topic, payload);
     Ok(())
+}
+
+/// Counts an event of `topic` dropped on its way (logged at most once a second).
+pub fn count_dropped(topic: &[u8]) {
+    if let Some(events) = EVENTS.get() {
+        events.dropped(topic, 1, "it could not be passed on");
+    }
 }
 
 /// Subscribes `app` to the topics `pattern` takes; returns the subscription's id. Without a

@@ -12,6 +12,7 @@
 mod admission;
 mod conn;
 pub mod events;
+mod notify;
 pub mod outbound;
 mod pool;
 pub mod push;
@@ -185,7 +186,7 @@ impl Worker {
 
         let config = &spec.config;
         // Before the apps: they may subscribe as they start.
-        if let Err(e) = events::start(&config.server.control_socket) {
+        if let Err(e) = events::start(config) {
             log::error!("{e}");
             let _ = channel.write_all(WorkerMessage::Failed(e).to_string().as_bytes());
             return Err(EXIT_START_FAILED);
@@ -212,7 +213,7 @@ impl Worker {
                 setting_lines: &app_config.setting_lines,
                 app_index: apps.len(),
                 server_id: &server_id,
-                events_database: "",
+                events_database: config.events_database.as_deref().unwrap_or(""),
             };
             match App::start(pinned, &ctx) {
                 Ok(app) => {

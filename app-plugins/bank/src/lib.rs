@@ -50,6 +50,22 @@ fn amount(word: Option<&str>) -> Result<i64, String> {
     }
 }
 
+/// `s` as a JSON string.
+fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 fn account(word: Option<&str>) -> Result<&str, String> {
     match word {
         Some(a) if !a.is_empty() && a.len() <= 64 => Ok(a),
@@ -175,6 +191,8 @@ impl Bank {
                     }
                     self.debit(tx, from, n)?;
                     self.credit(tx, to, n)?;
+                    let event = format!("{{\"from\":{},\"to\":{},\"amount\":{n}}}", json_str(from), json_str(to));
+                    tx.emit("bank.transferred", event.as_bytes()).map_err(err)?;
                     Ok("OK".into())
                 })
             }
@@ -191,11 +209,15 @@ impl Bank {
                 let acct = account(words.next())?;
                 let n = amount(words.next())?;
                 let tx = Self::open_tx(session)?;
-                if verb == "DEBIT" {
-                    self.debit(tx, acct, n)?
+                let delta = if verb == "DEBIT" {
+                    self.debit(tx, acct, n)?;
+                    -n
                 } else {
-                    self.credit(tx, acct, n)?
-                }
+                    self.credit(tx, acct, n)?;
+                    n
+                };
+                let event = format!("{{\"account\":{},\"delta\":{delta}}}", json_str(acct));
+                tx.emit("bank.changed", event.as_bytes()).map_err(err)?;
                 Ok("OK".into())
             }
             "PREPARE" => {

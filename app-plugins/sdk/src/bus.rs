@@ -235,7 +235,7 @@ impl Bus {
 }
 
 /// The checks of the server (`crate::bus::check` on its side), for the test driver.
-fn check(topic: &str, payload: &[u8]) -> Result<(), EmitError> {
+pub(crate) fn check(topic: &str, payload: &[u8]) -> Result<(), EmitError> {
     let ok = !topic.is_empty()
         && topic.len() <= 128
         && topic.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'));

@@ -41,6 +41,7 @@
 pub mod abi;
 mod bus;
 pub mod gid;
+pub mod notify;
 mod outbound;
 mod push;
 mod services;

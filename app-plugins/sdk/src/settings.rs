@@ -165,6 +165,11 @@ impl Settings {
         self
     }
 
+    /// What names the server (its control socket's path; empty outside a server).
+    pub(crate) fn server_id(&self) -> &str {
+        &self.server_id
+    }
+
     pub(crate) fn with_server_id(mut self, server_id: &str) -> Settings {
         self.server_id = server_id.to_string();
         self

@@ -145,6 +145,12 @@ struct Shared {
     /// when broken): recovery must run exactly when requests have taken every pooled
     /// connection, waiting behind an orphaned branch's row locks.
     recovery: Mutex<BTreeMap<String, Client>>,
+    /// Where [`Transaction::emit`] sends events once their transaction commits.
+    bus: crate::Bus,
+    /// `[events] database`: a transaction on it notifies other servers inside its own `COMMIT`.
+    events_database: Option<String>,
+    /// This server among those sharing the events database (`notify::origin`).
+    origin: String,
 }
 
 /// Default `txn_idle_timeout`: a client that opened a transaction and went silent holds a
@@ -211,6 +217,9 @@ impl Databases {
                 events: settings.events(),
                 idle_timeout: idle_timeout(settings)?,
                 recovery: Mutex::new(BTreeMap::new()),
+                bus: settings.bus(),
+                events_database: settings.events_database().map(str::to_string),
+                origin: crate::notify::origin(settings.node_id(), settings.server_id()),
             }),
         };
         let mut clients = Vec::new();
@@ -325,7 +334,13 @@ impl Databases {
 
     /// A new transaction; nothing is sent until its first statement.
     pub fn transaction(&self) -> Transaction {
-        Transaction { dbs: self.clone(), branches: BTreeMap::new(), state: TxnState::Idle }
+        Transaction {
+            dbs: self.clone(),
+            branches: BTreeMap::new(),
+            state: TxnState::Idle,
+            events: Vec::new(),
+            notified: false,
+        }
     }
 
     /// The gid this node and app give a gtrid.
@@ -406,6 +421,10 @@ pub struct Transaction {
     dbs: Databases,
     branches: BTreeMap<String, Branch>,
     state: TxnState,
+    /// Emitted in this transaction ([`Transaction::emit`]): delivered once it commits.
+    events: Vec<(String, Vec<u8>)>,
+    /// The events were notified to other servers inside the commit.
+    notified: bool,
 }
 
 impl Transaction {
@@ -453,6 +472,37 @@ impl Transaction {
         log::info!("rolling back a transaction idle for txn_idle_timeout ({:?})", self.dbs.shared.idle_timeout);
         if let Err(e) = self.rollback() {
             log::warn!("rolling back an idle transaction failed: {e}");
+        }
+    }
+
+    /// Emits an event ([`Bus`](crate::Bus)) when, and only when, this transaction commits: it
+    /// waits in the transaction and is dropped by a rollback, a failed commit or the end of the
+    /// connection. With an `[events] database`, a one-phase commit on that database notifies
+    /// the other servers inside the transaction itself (PostgreSQL delivers a `NOTIFY` only on
+    /// commit, so even a crash between statement and commit loses nothing and announces
+    /// nothing); the workers of this server get it once the commit returns. Otherwise (another
+    /// database, or two-phase commit, where PostgreSQL refuses `NOTIFY`) the event goes out once
+    /// the commit returns: a worker that dies between the two loses it, never announces a
+    /// rollback.
+    pub fn emit(&mut self, topic: &str, payload: &[u8]) -> Result<(), TxnError> {
+        if !self.is_open() {
+            return Err(TxnError::Usage("emit needs an open transaction (use Bus::emit outside one)".into()));
+        }
+        crate::bus::check(topic, payload).map_err(|e| TxnError::Usage(e.to_string()))?;
+        if self.dbs.shared.events_database.is_some() {
+            crate::notify::encode(&self.dbs.shared.origin, topic, payload).map_err(TxnError::Usage)?;
+        }
+        self.events.push((topic.to_string(), payload.to_vec()));
+        Ok(())
+    }
+
+    /// Sends the events of a transaction that committed.
+    fn publish(&mut self) {
+        let flags = if self.notified { crate::abi::EMIT_LOCAL } else { 0 };
+        for (topic, payload) in std::mem::take(&mut self.events) {
+            if let Err(e) = self.dbs.shared.bus.emit_with(&topic, &payload, flags) {
+                log::error!("a committed transaction's event {topic} could not be emitted: {e}");
+            }
         }
     }
 
@@ -650,6 +700,10 @@ impl Transaction {
         let result = self.commit_from(state);
         // Every path ends with the connections back in their pools (none is left in a block).
         self.rollback_branches();
+        match &result {
+            Ok(()) => self.publish(),
+            Err(_) => self.events.clear(),
+        }
         if counted {
             match &result {
                 Ok(()) if two_phase => {
@@ -684,6 +738,27 @@ impl Transaction {
         let Some((db, mut branch)) = self.branches.pop_first() else { return Ok(()) };
         let pool = self.dbs.pool(&db)?;
         let mut client = branch.client.take().ok_or(TxnError::NotOpen)?;
+        // The events travel to other servers with the commit itself.
+        if !self.events.is_empty() && self.dbs.shared.events_database.as_deref() == Some(db.as_str()) {
+            let texts: Vec<String> = self
+                .events
+                .iter()
+                .filter_map(|(topic, payload)| crate::notify::encode(&self.dbs.shared.origin, topic, payload).ok())
+                .collect();
+            let notified = client.execute(
+                "SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS t(p, i) ORDER BY i",
+                &[&crate::notify::CHANNEL, &texts],
+            );
+            if let Err(e) = notified {
+                let _ = client.batch_execute("ROLLBACK");
+                pool.checkin(client);
+                return Err(TxnError::Database(format!(
+                    "database {db}: the events could not be notified, rolled back: {}",
+                    describe(&e)
+                )));
+            }
+            self.notified = true;
+        }
         match client.batch_execute("COMMIT") {
             Ok(()) => {
                 pool.checkin(client);
