@@ -3,15 +3,47 @@
 //! `threads = 2`, the testkit app with `bench_events = true` (it subscribes to `bench.*` in
 //! every worker); a connection to each worker drives it (`EMIT`, `RECEIVED`).
 //!
+//! Across servers: a throw-away PostgreSQL cluster (as the tests start one; skipped, saying so,
+//! where PostgreSQL is not installed) and two such servers with `[events] database` on it; the
+//! latency from an emit in one server to the delivery in the other.
+//!
 //! `cargo build --release --workspace && cargo bench --bench events` (`EVENTS=N` for the burst).
 
 mod common;
+#[path = "../tests/util/pg.rs"]
+#[allow(dead_code)]
+mod pg;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::Server;
+
+/// What `pg` waits with (as in the tests).
+fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A server of the testkit app with `bench_events`, and `extra` config (TOML).
+fn kit_server(workers: usize, server_toml: &str, extra: &str) -> Server {
+    Server::start_apps(
+        workers,
+        2,
+        server_toml,
+        &format!(
+            "[[listen]]\naddress = \"127.0.0.1:0\"\napp = \"kit\"\n\
+             [app.kit]\nplugin = \"{{plugins}}/libfdt_testkit.so\"\nbench_events = true\n{extra}"
+        ),
+    )
+}
 
 struct Client {
     reader: BufReader<TcpStream>,
@@ -44,13 +76,7 @@ fn main() {
         return;
     }
     let n: u64 = std::env::var("EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(500_000);
-    let server = Server::start_apps(
-        2,
-        2,
-        "",
-        "[[listen]]\naddress = \"127.0.0.1:0\"\napp = \"kit\"\n\
-         [app.kit]\nplugin = \"{plugins}/libfdt_testkit.so\"\nbench_events = true\n",
-    );
+    let server = kit_server(2, "", "");
     // One connection to each worker.
     let (mut a, mut b) = loop {
         let mut clients: Vec<(String, Client)> = (0..8)
@@ -107,4 +133,37 @@ fn main() {
     std::thread::sleep(Duration::from_millis(300));
     let (count, p50, p99) = b.received();
     println!("  20,000 at 10,000/s: the other worker received {count}; emit → delivery p50 {p50} µs, p99 {p99} µs");
+
+    // Across two servers through PostgreSQL.
+    if std::process::Command::new("sh")
+        .args(["-c", "command -v initdb || ls /usr/lib/postgresql/*/bin/initdb"])
+        .output()
+        .map_or(true, |o| !o.status.success())
+    {
+        println!("  across servers: skipped (PostgreSQL is not installed here; .ci/run installs it)");
+        return;
+    }
+    drop((a, b, server));
+    let cluster = pg::PgCluster::start();
+    cluster.create_db("main");
+    let db = format!("[database.main]\nurl = \"{}\"\n[events]\ndatabase = \"main\"\n", cluster.url("main"));
+    let one = kit_server(1, "node_id = \"one\"", &db);
+    let two = kit_server(1, "node_id = \"two\"", &db);
+    wait_for(Duration::from_secs(20), "both workers listening", || {
+        let rows = cluster
+            .client("main")
+            .query("SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN fdt_events'", &[])
+            .unwrap();
+        (rows[0].get::<_, i64>(0) >= 2).then_some(())
+    });
+    let (mut a, mut b) = (Client::connect(one.addr), Client::connect(two.addr));
+    a.ask("EMIT 100");
+    std::thread::sleep(Duration::from_millis(300));
+    b.received();
+    a.ask("EMIT 5000 1000");
+    std::thread::sleep(Duration::from_millis(500));
+    let (count, p50, p99) = b.received();
+    println!(
+        "  across two servers (NOTIFY/LISTEN, PostgreSQL on this machine), 5,000 at 1,000/s: the other server received {count}; emit → delivery p50 {p50} µs, p99 {p99} µs"
+    );
 }

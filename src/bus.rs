@@ -197,19 +197,26 @@ pub fn emit_command(config: &crate::config::Config, topic: &str, payload: &str) 
 }
 
 /// `fdtserver subscribe PATTERN`: prints `TOPIC PAYLOAD` for every event the pattern takes,
-/// until `stop` is set (an interrupt).
+/// until `stop` is set (an interrupt). With an `[events] database`, the events of the other
+/// servers too (it listens there itself: the workers hand theirs only to their own apps).
 pub fn subscribe_command(
-    control_socket: &Path,
+    config: &crate::config::Config,
     pattern: &str,
     out: &mut dyn io::Write,
-    stop: &std::sync::atomic::AtomicBool,
+    stop: &'static std::sync::atomic::AtomicBool,
 ) -> Result<(), String> {
+    let control_socket = &config.server.control_socket;
     let dir = running_bus(control_socket)?;
     let name = format!("s{}", std::process::id());
     let socket = bind(&dir, &name).map_err(|e| format!("cannot join the event bus at {}: {e}", dir.display()))?;
     let path = dir.join(&name);
     let result = (|| {
         socket.set_read_timeout(Some(std::time::Duration::from_millis(200))).map_err(|e| e.to_string())?;
+        if let Some(db) = config.events_database.as_ref().and_then(|db| config.databases.get(db)) {
+            let origin = fdt_sdk::notify::origin(&config.server.node_id, &control_socket.display().to_string());
+            let (settings, me) = (db.settings(), path.clone());
+            std::thread::spawn(move || listen_for_others(&settings, &origin, &me, stop));
+        }
         let mut hello = Vec::new();
         encode(&mut hello, KIND_HELLO, b"hello", name.as_bytes());
         for member in members(&dir) {
@@ -242,6 +249,40 @@ pub fn subscribe_command(
     })();
     let _ = std::fs::remove_file(&path);
     result
+}
+
+/// Hands the events other servers notify on `db` to the socket `me` (a subscriber's), until
+/// `stop`; a lost session is opened again after a second.
+fn listen_for_others(db: &fdt_sdk::DatabaseSettings, origin: &str, me: &Path, stop: &std::sync::atomic::AtomicBool) {
+    use fdt_sdk::txn::postgres::fallible_iterator::FallibleIterator;
+    let Ok(socket) = UnixDatagram::unbound() else { return };
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let session = fdt_sdk::txn::connect(db, "fdtserver subscribe").map_err(|e| e.to_string()).and_then(|mut c| {
+            c.batch_execute(&format!("LISTEN {}", fdt_sdk::notify::CHANNEL)).map_err(|e| e.to_string())?;
+            Ok(c)
+        });
+        let mut client = match session {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("fdtserver: subscribe: cannot listen for other servers' events: {e}");
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                continue;
+            }
+        };
+        let mut datagram = Vec::new();
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) && !client.is_closed() {
+            let mut notifications = client.notifications();
+            let mut waiting = notifications.timeout_iter(std::time::Duration::from_millis(200));
+            while let Ok(Some(n)) = waiting.next() {
+                let Some((from, topic, payload)) = fdt_sdk::notify::decode(n.payload()) else { continue };
+                if from != origin {
+                    datagram.clear();
+                    encode(&mut datagram, KIND_EVENT, topic.as_bytes(), &payload);
+                    let _ = send(&socket, me, &datagram);
+                }
+            }
+        }
+    }
 }
 
 /// The bus directory of the server answering on `control_socket` (an error when none does).

@@ -326,12 +326,13 @@ fn subscribe(path: &Path, pattern: &str) -> i32 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Until interrupted; the process ends with it, so the flag may live as long.
+    let stop: &'static std::sync::Arc<std::sync::atomic::AtomicBool> = Box::leak(Box::default());
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
         let _ = signal_hook::flag::register(signal, stop.clone());
     }
     let mut out = std::io::stdout().lock();
-    match crate::bus::subscribe_command(&config.server.control_socket, pattern, &mut out, &stop) {
+    match crate::bus::subscribe_command(&config, pattern, &mut out, stop) {
         Ok(()) => exit::OK,
         Err(e) => {
             eprintln!("fdtserver: subscribe: {e}");

@@ -175,6 +175,9 @@ fn chat_reaches_the_clients_of_another_server_sharing_the_events_database_once()
     let one = on_bus(&cluster, "one", Setup::new(2, 2).app("chat", "chat", ""));
     let two = on_bus(&cluster, "two", Setup::new(1, 2).app("chat", "chat", ""));
     listening(&cluster, 3);
+    // `fdtserver subscribe` on the second server listens there too.
+    let mut watcher = Subscriber::start(&two, "chat.*");
+    listening(&cluster, 4);
     let (mut a, _) = join(&one);
     let (mut a2, _) = join(&one);
     let (mut b, _) = join(&two);
@@ -182,6 +185,8 @@ fn chat_reaches_the_clients_of_another_server_sharing_the_events_database_once()
     a.send("hello from one");
     assert_eq!(b.recv().as_deref(), Some("ann: hello from one"), "another server's client");
     assert_eq!(a2.recv().as_deref(), Some("ann: hello from one"));
+    let seen = watcher.next();
+    assert!(seen.starts_with("chat.line ") && seen.ends_with(" ann: hello from one"), "{seen}");
     b.send("and back");
     assert_eq!(a.recv().as_deref(), Some("anon: and back"));
     assert_eq!(a2.recv().as_deref(), Some("anon: and back"));
@@ -189,6 +194,8 @@ fn chat_reaches_the_clients_of_another_server_sharing_the_events_database_once()
     a2.send("last");
     assert_eq!(a.recv().as_deref(), Some("anon: last"));
     assert_eq!(b.recv().as_deref(), Some("anon: last"));
+    assert!(watcher.next().ends_with(" anon: and back"), "its own server's events once");
+    assert!(watcher.next().ends_with(" anon: last"));
     // A line too large for a NOTIFY is refused with the reason, at the emit.
     let long = "x".repeat(8000);
     assert!(a.ask(&long).starts_with("ERR with an [events] database, an event must fit in a PostgreSQL NOTIFY"));

@@ -6,6 +6,18 @@
 
 pub mod pg;
 
+impl pg::PgCluster {
+    /// Writes `dir/fdt.toml`: a `bank` over this cluster's databases `a` and `b` as node `node`
+    /// (for `fdtserver txn`, which needs no running server); returns its path.
+    pub fn bank_config(&self, dir: &std::path::Path, node: &str) -> std::path::PathBuf {
+        let setup = Setup::new(1, 1)
+            .app("bank", "bank", "databases = [\"a\", \"b\"]")
+            .server("node_id", &format!("\"{node}\""))
+            .extra(&format!("[database.a]\nurl = \"{}\"\n[database.b]\nurl = \"{}\"\n", self.url("a"), self.url("b")));
+        setup.write_to(dir)
+    }
+}
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

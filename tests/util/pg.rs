@@ -116,16 +116,6 @@ impl PgCluster {
         self.try_client(dbname).unwrap_or_else(|e| panic!("cannot connect to {dbname}: {e}"))
     }
 
-    /// Writes `dir/fdt.toml`: a `bank` over this cluster's databases `a` and `b` as node `node`
-    /// (for `fdtserver txn`, which needs no running server); returns its path.
-    pub fn bank_config(&self, dir: &std::path::Path, node: &str) -> std::path::PathBuf {
-        let setup = super::Setup::new(1, 1)
-            .app("bank", "bank", "databases = [\"a\", \"b\"]")
-            .server("node_id", &format!("\"{node}\""))
-            .extra(&format!("[database.a]\nurl = \"{}\"\n[database.b]\nurl = \"{}\"\n", self.url("a"), self.url("b")));
-        setup.write_to(dir)
-    }
-
     /// The gids of the transactions prepared in database `db`.
     pub fn prepared(&self, db: &str) -> Vec<String> {
         self.client(db)
