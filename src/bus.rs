@@ -138,6 +138,12 @@ pub fn bind(dir: &Path, name: &str) -> io::Result<UnixDatagram> {
     let path = dir.join(name);
     let _ = std::fs::remove_file(&path);
     let socket = UnixDatagram::bind(&path)?;
+    // Any member may send to it (a `subscribe` run as root, workers run as `user`): the
+    // directory (0700, the server's user) is what keeps others out.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
+    }
     let fd = std::os::fd::AsFd::as_fd(&socket);
     let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::RcvBuf, &SOCKET_BUFFER);
     let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::SndBuf, &SOCKET_BUFFER);
