@@ -29,6 +29,8 @@ pub const KIND_EVENT: u8 = 0;
 pub const KIND_HELLO: u8 = 1;
 /// An event for the receiving worker to emit as an app would (from `fdtserver emit`).
 pub const KIND_RELAY: u8 = 2;
+/// Nothing: wakes the receiver (something was handed to it within its process).
+pub const KIND_WAKE: u8 = 3;
 
 const HEADER: usize = 7;
 
@@ -55,8 +57,12 @@ pub fn prepare_dir(dir: &Path, identity: Option<&crate::privileges::Identity>) -
     Ok(())
 }
 
-/// The longest name a member's socket gets (`w` or `s` and a pid).
-pub const MEMBER_NAME_MAX: usize = 11;
+/// The bus directory as seen through `fd`, an open descriptor of it: a worker reaches it so
+/// even when the path to it is closed to the worker's user, and the paths stay short (a Unix
+/// socket's path has at most 107 bytes, whatever the control socket's length).
+pub fn dir_of_fd(fd: std::os::fd::RawFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{fd}"))
+}
 
 /// Appends one record to `out`.
 pub fn encode(out: &mut Vec<u8>, kind: u8, topic: &[u8], payload: &[u8]) {
@@ -164,6 +170,31 @@ pub fn members(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// A socket connected to one member, to send to it: each member has its own, so that the
+/// datagrams a member has not read yet (charged to the sending socket) hold back only that
+/// member.
+pub fn connect_member(member: &Path) -> io::Result<UnixDatagram> {
+    let socket = UnixDatagram::unbound()?;
+    socket.connect(member)?;
+    socket.set_nonblocking(true)?;
+    let fd = std::os::fd::AsFd::as_fd(&socket);
+    let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::SndBuf, &SOCKET_BUFFER);
+    Ok(socket)
+}
+
+/// Sends one datagram on a connected, non-blocking socket. `Ok(false)`: the member's queue is
+/// full.
+pub fn send_connected(socket: &UnixDatagram, datagram: &[u8]) -> io::Result<bool> {
+    loop {
+        match socket.send(datagram) {
+            Ok(_) => return Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Sends one datagram to `to` without waiting. `Ok(false)`: its queue is full.
 pub fn send(socket: &UnixDatagram, to: &Path, datagram: &[u8]) -> io::Result<bool> {
     use nix::sys::socket::{MsgFlags, UnixAddr, sendto};
@@ -185,10 +216,9 @@ pub fn emit_command(config: &crate::config::Config, topic: &str, payload: &str) 
     let control_socket = &config.server.control_socket;
     check(topic.as_bytes(), payload.as_bytes(), PAYLOAD_MAX)?;
     if config.events_database.is_some() {
-        let origin = fdt_sdk::notify::origin(&config.server.node_id, &control_socket.display().to_string());
-        fdt_sdk::notify::encode(&origin, topic, payload.as_bytes())?;
+        fdt_sdk::notify::encode(&origin(config), fdt_sdk::notify::LONGEST_SEQ, topic, payload.as_bytes())?;
     }
-    let dir = running_bus(control_socket)?;
+    let (_open, dir) = running_bus(control_socket)?;
     let socket = UnixDatagram::unbound().map_err(|e| format!("cannot make a socket: {e}"))?;
     let mut datagram = Vec::new();
     encode(&mut datagram, KIND_RELAY, topic.as_bytes(), payload.as_bytes());
@@ -212,14 +242,14 @@ pub fn subscribe_command(
     stop: &'static std::sync::atomic::AtomicBool,
 ) -> Result<(), String> {
     let control_socket = &config.server.control_socket;
-    let dir = running_bus(control_socket)?;
+    let (_open, dir) = running_bus(control_socket)?;
     let name = format!("s{}", std::process::id());
     let socket = bind(&dir, &name).map_err(|e| format!("cannot join the event bus at {}: {e}", dir.display()))?;
     let path = dir.join(&name);
     let result = (|| {
         socket.set_read_timeout(Some(std::time::Duration::from_millis(200))).map_err(|e| e.to_string())?;
         if let Some(db) = config.events_database.as_ref().and_then(|db| config.databases.get(db)) {
-            let origin = fdt_sdk::notify::origin(&config.server.node_id, &control_socket.display().to_string());
+            let origin = origin(config);
             let (settings, me) = (db.settings(), path.clone());
             std::thread::spawn(move || listen_for_others(&settings, &origin, &me, stop));
         }
@@ -280,7 +310,7 @@ fn listen_for_others(db: &fdt_sdk::DatabaseSettings, origin: &str, me: &Path, st
             let mut notifications = client.notifications();
             let mut waiting = notifications.timeout_iter(std::time::Duration::from_millis(200));
             while let Ok(Some(n)) = waiting.next() {
-                let Some((from, topic, payload)) = fdt_sdk::notify::decode(n.payload()) else { continue };
+                let Some((from, _, topic, payload)) = fdt_sdk::notify::decode(n.payload()) else { continue };
                 if from != origin {
                     datagram.clear();
                     encode(&mut datagram, KIND_EVENT, topic.as_bytes(), &payload);
@@ -291,10 +321,34 @@ fn listen_for_others(db: &fdt_sdk::DatabaseSettings, origin: &str, me: &Path, st
     }
 }
 
-/// The bus directory of the server answering on `control_socket` (an error when none does).
-fn running_bus(control_socket: &Path) -> Result<PathBuf, String> {
+/// What names the server among those sharing its `[events] database`: its node and its control
+/// socket's real path (so that two spellings of one path name one server).
+pub fn origin(config: &crate::config::Config) -> String {
+    fdt_sdk::notify::origin(&config.server.node_id, &server_id(&config.server.control_socket))
+}
+
+/// The control socket's path with its directory resolved (symbolic links, `..`): what names
+/// the server on this machine (`HostApi::server_id`).
+pub fn server_id(control_socket: &Path) -> String {
+    let resolved = control_socket
+        .parent()
+        .and_then(|d| std::fs::canonicalize(d).ok())
+        .zip(control_socket.file_name())
+        .map(|(d, f)| d.join(f));
+    resolved.as_deref().unwrap_or(control_socket).display().to_string()
+}
+
+/// The bus directory of the server answering on `control_socket` (an error when none does),
+/// open, and its path through that descriptor (short, whatever the control socket's length).
+fn running_bus(control_socket: &Path) -> Result<(std::fs::File, PathBuf), String> {
     match crate::control::request(control_socket, "GET", "/status", std::time::Duration::from_secs(10)) {
-        Ok((200, _)) => Ok(dir(control_socket)),
+        Ok((200, _)) => {
+            let path = dir(control_socket);
+            let open =
+                std::fs::File::open(&path).map_err(|e| format!("cannot open the event bus {}: {e}", path.display()))?;
+            let through = dir_of_fd(std::os::fd::AsRawFd::as_raw_fd(&open));
+            Ok((open, through))
+        }
         Ok((code, body)) => Err(format!("the server answered {code}: {}", body.trim())),
         Err(e) => Err(e.to_string()),
     }

@@ -263,7 +263,7 @@ fn check_apps(path: &Path) -> i32 {
         }
     }
     let mut failed = false;
-    let server_id = config.server.control_socket.display().to_string();
+    let server_id = crate::bus::server_id(&config.server.control_socket);
     // Every app: the server starts one that no listener names too.
     for app in config.apps.values() {
         let ctx = crate::plugin::StartContext {

@@ -624,9 +624,7 @@ fn control_socket(
         Some(v) => (dir.join(v.get_ref()), v.span()),
         None => (dir.join(format!("{stem}.sock")), server_span.clone()),
     };
-    // The event bus's sockets go beside it, a few bytes longer (`crate::bus`).
-    let member = crate::bus::dir(&path).join("w".repeat(crate::bus::MEMBER_NAME_MAX));
-    if let Err(e) = check_socket_path(&path).and_then(|()| check_socket_path(&member)) {
+    if let Err(e) = check_socket_path(&path) {
         problems.at(span, format!("`control_socket`: {e}"));
     }
     path

@@ -196,6 +196,19 @@ fn chat_reaches_the_clients_of_another_server_sharing_the_events_database_once()
     assert_eq!(b.recv().as_deref(), Some("anon: last"));
     assert!(watcher.next().ends_with(" anon: and back"), "its own server's events once");
     assert!(watcher.next().ends_with(" anon: last"));
+    // Equal lines are not merged, and a burst arrives whole and in order on the other server.
+    for _ in 0..5 {
+        a.send("same again");
+    }
+    for n in 0..300 {
+        a.send(&format!("burst {n}"));
+    }
+    for _ in 0..5 {
+        assert_eq!(b.recv().as_deref(), Some("ann: same again"));
+    }
+    for n in 0..300 {
+        assert_eq!(b.recv(), Some(format!("ann: burst {n}")), "line {n} of the burst on the other server");
+    }
     // A line too large for a NOTIFY is refused with the reason, at the emit.
     let long = "x".repeat(8000);
     assert!(a.ask(&long).starts_with("ERR with an [events] database, an event must fit in a PostgreSQL NOTIFY"));
@@ -210,6 +223,10 @@ fn bank_events_arrive_when_their_transaction_commits_and_never_otherwise() {
     cluster.create_db("main");
     let server = on_bus(&cluster, "bank-events", Setup::new(1, 2).app("bank", "bank", "database = \"main\""));
     let mut sub = Subscriber::start(&server, "bank.*");
+    // Another server on the same database, watched by its own subscriber.
+    let other = on_bus(&cluster, "elsewhere", Setup::new(1, 1).app("chat", "chat", ""));
+    let mut far = Subscriber::start(&other, "bank.*");
+    listening(&cluster, 3);
     let mut c = LineClient::connect(server.addr("bank"));
     assert_eq!(c.ask("OPEN a 100"), "OK");
     assert_eq!(c.ask("OPEN b 0"), "OK");
@@ -229,6 +246,21 @@ fn bank_events_arrive_when_their_transaction_commits_and_never_otherwise() {
     assert_eq!(c.ask("COMMIT"), "COMMITTED");
     assert_eq!(sub.next(), "bank.changed {\"account\":\"a\",\"delta\":-2}");
     assert_eq!(sub.next(), "bank.changed {\"account\":\"b\",\"delta\":2}");
+    // Two equal changes in one transaction are two events, here and on the other server.
+    for command in ["BEGIN", "DEBIT a 1", "DEBIT a 1"] {
+        assert_eq!(c.ask(command), "OK");
+    }
+    assert_eq!(c.ask("COMMIT"), "COMMITTED");
+    for _ in 0..2 {
+        assert_eq!(sub.next(), "bank.changed {\"account\":\"a\",\"delta\":-1}");
+    }
+    assert_eq!(far.next(), "bank.transferred {\"from\":\"a\",\"to\":\"b\",\"amount\":5}");
+    assert_eq!(far.next(), "bank.transferred {\"from\":\"a\",\"to\":\"b\",\"amount\":1}");
+    assert_eq!(far.next(), "bank.changed {\"account\":\"a\",\"delta\":-2}");
+    assert_eq!(far.next(), "bank.changed {\"account\":\"b\",\"delta\":2}");
+    for _ in 0..2 {
+        assert_eq!(far.next(), "bank.changed {\"account\":\"a\",\"delta\":-1}", "not merged by PostgreSQL");
+    }
     // A failed transfer inside an open transaction emits nothing either.
     assert_eq!(c.ask("TRANSFER b a 1000"), "ERR insufficient funds");
     // The worker is killed between the statement and the commit: nothing, ever.
@@ -249,4 +281,5 @@ fn bank_events_arrive_when_their_transaction_commits_and_never_otherwise() {
         "the killed transaction's CREDIT never came"
     );
     assert_eq!(after.ask("BALANCE b"), "OK 9");
+    assert_eq!(far.next(), "bank.transferred {\"from\":\"a\",\"to\":\"b\",\"amount\":1}");
 }

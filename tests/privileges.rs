@@ -39,9 +39,18 @@ fn workers_run_as_the_configured_user_while_the_master_binds_a_port_below_1024()
     let port = free_privileged_port();
     let setup = Setup::new(2, 2)
         .app_at("kit", &plugin("testkit"), "", &format!("127.0.0.1:{port}"))
+        .app("chat", "chat", "")
         .server("user", "\"nobody\"")
-        .server("access_log", "\"access.log\"");
+        .server("access_log", "\"access.log\"")
+        .server("control_socket", "\"private/control.sock\"");
     let server = TestServer::start(&setup);
+    // The control socket's directory is closed to the workers' user from now on: the next
+    // generation reaches the event bus through the directory the master opened for them.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let private = server.dir.path().join("private");
+        std::fs::set_permissions(private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
 
     let (master_uid, _, _) = credentials(server.pid);
@@ -68,6 +77,19 @@ fn workers_run_as_the_configured_user_while_the_master_binds_a_port_below_1024()
         assert_eq!(credentials(pid).0, vec![uid; 4], "worker {pid} after a reload and a respawn");
     }
     assert_eq!(LineClient::connect(addr).ask("GEN"), "2");
+    // Events cross the workers of the new generation (each worker has a chat client).
+    let mut chatters = Vec::new();
+    let mut pids = std::collections::BTreeSet::new();
+    while pids.len() < 2 {
+        let mut c = LineClient::connect(server.addr("chat"));
+        pids.insert(c.recv().unwrap());
+        chatters.push(c);
+        assert!(chatters.len() < 50, "the chat clients all landed in one worker");
+    }
+    chatters[0].send("through the bus");
+    for c in &mut chatters[1..] {
+        assert_eq!(c.recv().as_deref(), Some("anon: through the bus"));
+    }
     // Workers write to the access log the master opened, without the right to open it.
     wait_for(Duration::from_secs(5), "an access line", || {
         std::fs::read_to_string(server.dir.path().join("access.log"))

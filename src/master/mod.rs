@@ -173,6 +173,8 @@ struct Counters {
 }
 
 pub struct Master {
+    /// The event bus's directory (`bus`), open: its fd is passed to every worker.
+    bus_dir: std::fs::File,
     config_path: PathBuf,
     config: Arc<Config>,
     poll: Poll,
@@ -305,12 +307,17 @@ impl Master {
                 .unwrap_or_else(|| e.to_string());
             problems.push(format!("cannot open the control socket {}: {why}", control_path.display()))
         });
-        // The event bus's directory, beside the control socket (see `bus`).
+        // The event bus's directory, beside the control socket (see `bus`), opened here and
+        // handed to every worker: it reaches it even when the path is closed to its user.
+        let mut bus_dir = None;
         if control.is_ok() {
             let identity = crate::privileges::resolve(config.server.user.as_deref(), config.server.group.as_deref());
-            let bus_dir = crate::bus::dir(control_path);
-            if let Err(e) = crate::bus::prepare_dir(&bus_dir, identity.ok().flatten().as_ref()) {
-                problems.push(format!("cannot make the event bus directory {}: {e}", bus_dir.display()));
+            let path = crate::bus::dir(control_path);
+            match crate::bus::prepare_dir(&path, identity.ok().flatten().as_ref())
+                .and_then(|()| std::fs::File::open(&path))
+            {
+                Ok(dir) => bus_dir = Some(dir),
+                Err(e) => problems.push(format!("cannot make the event bus directory {}: {e}", path.display())),
             }
         }
         // The pidfile is written once the first generation serves; a path that can never hold
@@ -374,7 +381,9 @@ impl Master {
                 inherited.leftovers().join(", ")
             );
         }
+        let Some(bus_dir) = bus_dir else { return Err(()) };
         let mut master = Master {
+            bus_dir,
             config_path: config.path.clone(),
             config: Arc::new(config),
             poll,
@@ -519,6 +528,7 @@ impl Master {
                     load: self.load,
                     load_index,
                     identity: gen_.identity.clone(),
+                    bus_dir: self.bus_dir.as_raw_fd(),
                 },
                 saved_mask,
             ),

@@ -8,10 +8,13 @@
 //! time, in the order the events arrived (so in emit order per emitter: a worker sends in
 //! emit order, and a Unix datagram socket keeps the order of one sender).
 //!
-//! Bounds: the outbox holds at most `OUTBOX_MAX` bytes, and a member's socket at most
-//! `bus::SOCKET_BUFFER`; what does not fit — a subscriber that cannot keep up makes its worker's
+//! Bounds: the outbox holds at most `OUTBOX_MAX` bytes, and a member's socket what the kernel
+//! lets it queue; what does not fit — a subscriber that cannot keep up makes its worker's
 //! socket full — is dropped, counted (`fdtserver_events_total{kind="dropped"}`) and logged at
-//! most once a second. Never silent, never unbounded.
+//! most once a second. Never silent, never unbounded. Each member is sent to through a socket
+//! of its own (unread datagrams are charged to the sending socket): a member that stopped
+//! reading holds back only itself, and costs the sender one short wait (`FULL_RETRY`) per
+//! stall, not one per datagram.
 //!
 //! Invariants: no app code runs with a lock of this module held, except `delivering`, which
 //! `stop_app` takes to wait for a callback in progress; a subscription's callback is dropped
@@ -20,7 +23,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -38,6 +41,15 @@ const FULL_RETRY: Duration = Duration::from_millis(20);
 const MAX_PREFIXES: usize = 64;
 /// The app name under which the bus counters travel to the master (`ipc` `events` lines).
 pub const COUNTERS_APP: &str = "@bus";
+
+/// A member of the bus, as the sender sees it.
+struct Member {
+    path: PathBuf,
+    socket: UnixDatagram,
+    /// Its queue was full past `FULL_RETRY`: datagrams are tried once, without waiting, until
+    /// one is taken again.
+    congested: bool,
+}
 
 /// An app's subscription.
 struct Sub {
@@ -59,6 +71,11 @@ pub struct Events {
     /// Signalled when the outbox gets something.
     queued: Condvar,
     subs: Mutex<Vec<Sub>>,
+    /// Datagrams handed in by this process (other servers' events, `worker::notify`), for
+    /// `events-in`; at most `OUTBOX_MAX` bytes.
+    inbox: Mutex<VecDeque<Vec<u8>>>,
+    /// Apps that stopped (or are stopping): they may not subscribe again.
+    stopped: Mutex<Vec<usize>>,
     /// Held by `events-in` around each callback (and its last reference to it).
     delivering: Mutex<()>,
     next_id: AtomicU64,
@@ -71,20 +88,19 @@ pub struct Events {
 
 static EVENTS: OnceLock<&'static Events> = OnceLock::new();
 
-/// Joins the bus of the server `config` describes: binds this worker's socket and starts its
-/// threads; with `[events] database`, also the link to the other servers.
-pub fn start(config: &crate::config::Config) -> Result<(), String> {
-    let control_socket = &config.server.control_socket;
-    let dir = bus::dir(control_socket);
+/// Joins the bus of the server `config` describes, whose directory is `dir` (as the master
+/// handed it: `bus::dir_of_fd`): binds this worker's socket and starts its threads; with
+/// `[events] database`, also the link to the other servers.
+pub fn start(config: &crate::config::Config, dir: PathBuf) -> Result<(), String> {
     let name = format!("w{}", std::process::id());
-    let socket = bus::bind(&dir, &name)
-        .map_err(|e| format!("cannot join the event bus at {}: {e}", dir.join(&name).display()))?;
+    let socket = bus::bind(&dir, &name).map_err(|e| {
+        format!("cannot join the event bus at {}: {e}", bus::dir(&config.server.control_socket).join(&name).display())
+    })?;
     let link = match &config.events_database {
         Some(db) => {
             let settings =
                 config.databases.get(db).map(|d| d.settings()).ok_or_else(|| format!("no [database.{db}]"))?;
-            let origin = fdt_sdk::notify::origin(&config.server.node_id, &control_socket.display().to_string());
-            Some(super::notify::start(settings, origin, dir.join(&name))?)
+            Some(super::notify::start(settings, bus::origin(config))?)
         }
         None => None,
     };
@@ -95,6 +111,8 @@ pub fn start(config: &crate::config::Config) -> Result<(), String> {
         outbox: Mutex::new(Vec::new()),
         queued: Condvar::new(),
         subs: Mutex::new(Vec::new()),
+        stopped: Mutex::new(Vec::new()),
+        inbox: Mutex::new(VecDeque::new()),
         delivering: Mutex::new(()),
         next_id: AtomicU64::new(1),
         counts: Mutex::new(BTreeMap::new()),
@@ -136,6 +154,24 @@ pub fn emit(topic: &[u8], payload: &[u8], flags: u32) -> Result<(), String> {
     Ok(())
 }
 
+/// Hands `datagram` (whole records) to this worker's `events-in`, as if a member had sent it;
+/// false (and nothing handed in) when its inbox is full.
+pub fn hand_in(datagram: Vec<u8>) -> bool {
+    let Some(events) = EVENTS.get() else { return false };
+    {
+        let mut inbox = lock(&events.inbox);
+        if inbox.iter().map(Vec::len).sum::<usize>() + datagram.len() > OUTBOX_MAX {
+            return false;
+        }
+        inbox.push_back(datagram);
+    }
+    // A wake for `events-in`, blocked in `recv`; when its queue is full it wakes anyway.
+    let mut wake = Vec::new();
+    bus::encode(&mut wake, bus::KIND_WAKE, b"wake", b"");
+    let _ = bus::send(&events.socket, &events.dir.join(&events.name), &wake);
+    true
+}
+
 /// Counts an event of `topic` dropped on its way (logged at most once a second).
 pub fn count_dropped(topic: &[u8]) {
     if let Some(events) = EVENTS.get() {
@@ -148,7 +184,14 @@ pub fn count_dropped(topic: &[u8]) {
 pub fn subscribe(app: usize, pattern: &[u8], callback: EventCallback) -> u64 {
     let Some(events) = EVENTS.get() else { return u64::MAX };
     let id = events.next_id.fetch_add(1, Ordering::Relaxed);
-    lock(&events.subs).push(Sub { id, app, pattern: pattern.to_vec(), callback: std::sync::Arc::new(callback) });
+    let mut subs = lock(&events.subs);
+    // An app that stops subscribes no more (a service, or a callback, racing its stop).
+    if lock(&events.stopped).contains(&app) {
+        drop(subs);
+        drop(callback);
+        return u64::MAX;
+    }
+    subs.push(Sub { id, app, pattern: pattern.to_vec(), callback: std::sync::Arc::new(callback) });
     id
 }
 
@@ -163,18 +206,30 @@ pub fn unsubscribe(id: u64) {
     drop(ended);
 }
 
-/// Ends every subscription of `app` (it stops), after the callback in progress returns.
-pub fn stop_app(app: usize) {
-    let Some(events) = EVENTS.get() else { return };
+/// Ends every subscription of `app` (it stops), after the callback in progress returns — if it
+/// returns within `wait`: false when it did not (the app must then not be stopped: its code
+/// is still running).
+pub fn stop_app(app: usize, wait: Duration) -> bool {
+    let Some(events) = EVENTS.get() else { return true };
     let ended: Vec<Sub> = {
         let mut subs = lock(&events.subs);
+        lock(&events.stopped).push(app);
         let (ended, kept) = std::mem::take(&mut *subs).into_iter().partition(|s| s.app == app);
         *subs = kept;
         ended
     };
     drop(ended);
     // A callback of the app in progress returns, and its last reference goes with it.
-    drop(lock(&events.delivering));
+    let deadline = Instant::now() + wait;
+    loop {
+        match events.delivering.try_lock() {
+            Ok(_) | Err(std::sync::TryLockError::Poisoned(_)) => return true,
+            Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+        }
+    }
 }
 
 /// Stops delivering (the worker exits).
@@ -235,7 +290,8 @@ impl Events {
     }
 
     fn send_loop(&'static self) {
-        let mut members = bus::members(&self.dir);
+        let mut members = Vec::new();
+        self.list_members(&mut members);
         let mut listed = Instant::now();
         loop {
             let batch = {
@@ -249,36 +305,61 @@ impl Events {
                 std::mem::take(&mut *outbox)
             };
             if listed.elapsed() >= MEMBERS_REFRESH || self.take_newcomers() {
-                members = bus::members(&self.dir);
+                self.list_members(&mut members);
                 listed = Instant::now();
             }
             let mut at = 0;
             while at < batch.len() {
                 let end = cut(&batch[at..]) + at;
                 let datagram = &batch[at..end];
-                members.retain(|member| self.send_to(member, datagram));
+                members.retain_mut(|member| self.send_to(member, datagram));
                 at = end;
             }
         }
     }
 
+    /// Lists the members again: keeps the sockets of those still there, connects to newcomers,
+    /// forgets the gone.
+    fn list_members(&self, members: &mut Vec<Member>) {
+        let listed = bus::members(&self.dir);
+        members.retain(|m| listed.contains(&m.path));
+        for path in listed {
+            if members.iter().any(|m| m.path == path) {
+                continue;
+            }
+            match bus::connect_member(&path) {
+                Ok(socket) => members.push(Member { path, socket, congested: false }),
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                    // Its owner is gone.
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(e) => log::debug!("event bus: cannot reach {}: {e}", path.display()),
+            }
+        }
+    }
+
     /// Sends one datagram to `member`; false when the member is gone (its file is removed).
-    fn send_to(&self, member: &Path, datagram: &[u8]) -> bool {
-        let deadline = Instant::now() + FULL_RETRY;
+    fn send_to(&self, member: &mut Member, datagram: &[u8]) -> bool {
+        let deadline = Instant::now() + if member.congested { Duration::ZERO } else { FULL_RETRY };
         loop {
-            match bus::send(&self.socket, member, datagram) {
-                Ok(true) => return true,
-                Ok(false) if Instant::now() < deadline => std::thread::sleep(Duration::from_micros(500)),
+            match bus::send_connected(&member.socket, datagram) {
+                Ok(true) => {
+                    member.congested = false;
+                    return true;
+                }
+                Ok(false) if Instant::now() < deadline => std::thread::sleep(Duration::from_micros(200)),
                 Ok(false) => {
+                    member.congested = true;
                     for record in bus::decode(datagram) {
-                        self.dropped(record.topic, 1, &format!("{} does not keep up", member.display()));
+                        self.dropped(record.topic, 1, &format!("{} does not keep up", member.path.display()));
                     }
                     return true;
                 }
                 Err(e) => {
                     if e.raw_os_error() == Some(libc::ECONNREFUSED) {
-                        // Its owner is gone.
-                        let _ = std::fs::remove_file(member);
+                        let _ = std::fs::remove_file(&member.path);
+                    } else {
+                        log::warn!("event bus: cannot send to {}: {e}", member.path.display());
                     }
                     return false;
                 }
@@ -293,7 +374,6 @@ impl Events {
 
     fn receive_loop(&'static self) {
         let mut buf = vec![0u8; bus::DATAGRAM_MAX.max(bus::PAYLOAD_MAX + bus::TOPIC_MAX + 64)];
-        let mut relayed: VecDeque<Vec<u8>> = VecDeque::new();
         while !self.stopping.load(Ordering::Acquire) {
             let n = match self.socket.recv(&mut buf) {
                 Ok(n) => n,
@@ -304,23 +384,30 @@ impl Events {
                     continue;
                 }
             };
-            for record in bus::decode(&buf[..n]) {
-                match record.kind {
-                    bus::KIND_EVENT => self.deliver(record.topic, record.payload),
-                    bus::KIND_HELLO => NEWCOMER.store(true, Ordering::SeqCst),
-                    bus::KIND_RELAY => {
-                        let mut event = Vec::new();
-                        bus::encode(&mut event, bus::KIND_EVENT, record.topic, record.payload);
-                        relayed.push_back(event);
-                    }
-                    _ => {}
-                }
+            self.handle(&buf[..n]);
+            loop {
+                let handed = lock(&self.inbox).pop_front();
+                let Some(datagram) = handed else { break };
+                self.handle(&datagram);
             }
-            // Emitted as an app would, after this datagram's deliveries.
-            for event in relayed.drain(..) {
-                if let Some(record) = bus::decode(&event).next() {
-                    let _ = emit(record.topic, record.payload, 0);
-                }
+        }
+    }
+
+    /// Handles the records of one datagram (from a member, or handed in).
+    fn handle(&self, datagram: &[u8]) {
+        let mut relayed = Vec::new();
+        for record in bus::decode(datagram) {
+            match record.kind {
+                bus::KIND_EVENT => self.deliver(record.topic, record.payload),
+                bus::KIND_HELLO => NEWCOMER.store(true, Ordering::SeqCst),
+                bus::KIND_RELAY => relayed.push((record.topic, record.payload)),
+                _ => {}
+            }
+        }
+        // Emitted as an app would, after this datagram's deliveries.
+        for (topic, payload) in relayed {
+            if let Err(e) = emit(topic, payload, 0) {
+                log::warn!("event bus: an event from fdtserver emit was refused: {e}");
             }
         }
     }

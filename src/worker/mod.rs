@@ -77,6 +77,8 @@ pub struct WorkerSpec {
     pub load_index: usize,
     /// The user to become before loading any plugin (`user`/`group`).
     pub identity: Option<crate::privileges::Identity>,
+    /// The event bus's directory, open (`bus`).
+    pub bus_dir: RawFd,
 }
 
 /// Everything that can happen to a worker's control loop.
@@ -138,6 +140,7 @@ impl Worker {
         //    socket, other workers' channels, other generations' listeners);
         let mut keep: Vec<RawFd> = spec.listeners.iter().map(|l| l.0).collect();
         keep.push(spec.channel);
+        keep.push(spec.bus_dir);
         keep.extend(crate::logging::raw_fd());
         keep.extend(crate::logging::access_raw_fd());
         let _ = sys::close_fds_except(&keep);
@@ -186,14 +189,14 @@ impl Worker {
 
         let config = &spec.config;
         // Before the apps: they may subscribe as they start.
-        if let Err(e) = events::start(config) {
+        if let Err(e) = events::start(config, crate::bus::dir_of_fd(spec.bus_dir)) {
             log::error!("{e}");
             let _ = channel.write_all(WorkerMessage::Failed(e).to_string().as_bytes());
             return Err(EXIT_START_FAILED);
         }
         let mut apps = Vec::new();
         let mut app_index = BTreeMap::new();
-        let server_id = config.server.control_socket.display().to_string();
+        let server_id = crate::bus::server_id(&config.server.control_socket);
         // The listeners' apps in their order, then every app no listener names (a service
         // that serves nothing: its timers and threads are its work).
         let names = spec.listeners.iter().map(|(_, _, name)| name).chain(config.apps.keys());
@@ -584,7 +587,14 @@ impl Worker {
         // and the apps may stop.
         for (index, app) in self.pool.apps.iter().enumerate() {
             crate::app_timers::stop_app(index);
-            events::stop_app(index);
+            // An event callback of the app that does not return in a second is inside app code.
+            if !events::stop_app(index, Duration::from_secs(1)) {
+                log::warn!(
+                    "app {}: an event callback is still running; exiting without the app's stop hook",
+                    app.name()
+                );
+                continue;
+            }
             app.stop();
         }
         events::stop();

@@ -1,16 +1,15 @@
 //! Events between servers (`[events] database`): this worker's emits go out as PostgreSQL
 //! `NOTIFY` on `fdt_sdk::notify::CHANNEL`, and what other servers notify comes in through a
-//! `LISTEN` session and is handed to this worker's own bus socket, so that `events-in` delivers
-//! it like any event (one thread calls subscriptions, in arrival order). A server's own events
-//! come back too, and are skipped by their origin: its workers have them from the local bus.
+//! `LISTEN` session and is handed to this worker's `events-in` (`events::hand_in`, a batch of
+//! what arrived together), which delivers it like any event (one thread calls subscriptions,
+//! in arrival order). A server's own events come back too, and are skipped by their origin: its
+//! workers have them from the local bus.
 //!
 //! Two threads, each with its own session, reconnecting with back-off (0.1 s doubling to 5 s)
 //! and logging each outage once: `events-notify` sends what the bounded queue holds in one
 //! statement per batch; `events-listen` waits for notifications.
 
 use std::collections::VecDeque;
-use std::os::unix::net::UnixDatagram;
-use std::path::PathBuf;
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
@@ -33,8 +32,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Starts the link to `db` for this worker, whose bus socket is `own_socket`.
-pub fn start(db: fdt_sdk::DatabaseSettings, origin: String, own_socket: PathBuf) -> Result<&'static Link, String> {
+/// Starts the link to `db` for this worker.
+pub fn start(db: fdt_sdk::DatabaseSettings, origin: String) -> Result<&'static Link, String> {
     let link: &'static Link =
         Box::leak(Box::new(Link { origin, queue: Mutex::new(VecDeque::new()), ready: Condvar::new() }));
     let db2 = db.clone();
@@ -44,7 +43,7 @@ pub fn start(db: fdt_sdk::DatabaseSettings, origin: String, own_socket: PathBuf)
         .map_err(|e| format!("cannot start the events-notify thread: {e}"))?;
     std::thread::Builder::new()
         .name("events-listen".into())
-        .spawn(move || link.listen_loop(&db2, &own_socket))
+        .spawn(move || link.listen_loop(&db2))
         .map_err(|e| format!("cannot start the events-listen thread: {e}"))?;
     Ok(link)
 }
@@ -53,7 +52,7 @@ impl Link {
     /// Queues an event for the other servers; `Err` (and nothing queued) when it is too large
     /// for a notification, `Ok(false)` when the queue is full (the database does not keep up).
     pub fn push(&self, topic: &str, payload: &[u8]) -> Result<bool, String> {
-        let text = notify::encode(&self.origin, topic, payload)?;
+        let text = notify::encode(&self.origin, &notify::seq('h'), topic, payload)?;
         let mut queue = lock(&self.queue);
         if queue.len() >= QUEUE_MAX {
             return Ok(false);
@@ -95,10 +94,16 @@ impl Link {
                     queue.drain(..n).collect()
                 };
                 let texts: Vec<&str> = batch.iter().map(|(_, t)| t.as_str()).collect();
-                let sent = client.execute(
-                    "SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS t(p, i) ORDER BY i",
-                    &[&notify::CHANNEL, &texts],
-                );
+                let statement = "SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS t(p, i) ORDER BY i";
+                let mut sent = client.execute(statement, &[&notify::CHANNEL, &texts]);
+                // A session that closed while idle (a restarted database): once more on a new one.
+                if sent.is_err()
+                    && client.is_closed()
+                    && let Ok(fresh) = fdt_sdk::txn::connect(db, "fdtserver events")
+                {
+                    client = fresh;
+                    sent = client.execute(statement, &[&notify::CHANNEL, &texts]);
+                }
                 if let Err(e) = sent {
                     log::error!(
                         "events: notifying other servers failed ({}); {} event(s) dropped",
@@ -114,11 +119,8 @@ impl Link {
         }
     }
 
-    fn listen_loop(&self, db: &fdt_sdk::DatabaseSettings, own_socket: &std::path::Path) {
-        let Ok(socket) = UnixDatagram::unbound() else {
-            log::error!("events: cannot make a socket to hand on other servers' events");
-            return;
-        };
+    fn listen_loop(&self, db: &fdt_sdk::DatabaseSettings) {
+        use fdt_sdk::txn::postgres::fallible_iterator::FallibleIterator;
         let mut backoff = FIRST_BACKOFF;
         let mut down = false;
         loop {
@@ -141,37 +143,64 @@ impl Link {
             };
             down = false;
             backoff = FIRST_BACKOFF;
-            let mut datagram = Vec::new();
-            'session: loop {
-                if client.is_closed() {
-                    break;
-                }
+            while !client.is_closed() {
+                // The first notification to come (or none within half a second), then every one
+                // already received with it: handed in together, as one datagram.
+                let mut batch = Vec::new();
                 let mut notifications = client.notifications();
-                let mut waiting = notifications.timeout_iter(Duration::from_millis(500));
-                loop {
-                    match fdt_sdk::txn::postgres::fallible_iterator::FallibleIterator::next(&mut waiting) {
-                        Ok(Some(n)) => {
-                            let Some((origin, topic, payload)) = notify::decode(n.payload()) else { continue };
-                            if origin == self.origin {
-                                continue;
+                let first = notifications.timeout_iter(std::time::Duration::from_millis(500)).next();
+                let failed = match first {
+                    Ok(Some(n)) => {
+                        self.take(n.payload(), &mut batch);
+                        let mut more = notifications.iter();
+                        loop {
+                            match more.next() {
+                                Ok(Some(n)) if batch.len() < crate::bus::DATAGRAM_MAX => {
+                                    self.take(n.payload(), &mut batch)
+                                }
+                                Ok(Some(n)) => {
+                                    self.hand_in(std::mem::take(&mut batch));
+                                    self.take(n.payload(), &mut batch);
+                                }
+                                Ok(None) => break None,
+                                Err(e) => break Some(e),
                             }
-                            datagram.clear();
-                            crate::bus::encode(&mut datagram, crate::bus::KIND_EVENT, topic.as_bytes(), &payload);
-                            if !matches!(crate::bus::send(&socket, own_socket, &datagram), Ok(true)) {
-                                super::events::count_dropped(topic.as_bytes());
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(e) => {
-                            log::warn!(
-                                "events: listening on database {} failed ({}); listening again",
-                                db.name,
-                                fdt_sdk::txn::describe(&e)
-                            );
-                            break 'session;
                         }
                     }
+                    Ok(None) => None,
+                    Err(e) => Some(e),
+                };
+                self.hand_in(batch);
+                if let Some(e) = failed {
+                    log::warn!(
+                        "events: listening on database {} failed ({}); listening again",
+                        db.name,
+                        fdt_sdk::txn::describe(&e)
+                    );
+                    break;
                 }
+            }
+        }
+    }
+
+    /// Adds another server's event (not this server's own) to `batch`.
+    fn take(&self, text: &str, batch: &mut Vec<u8>) {
+        if let Some((origin, _, topic, payload)) = notify::decode(text)
+            && origin != self.origin
+        {
+            crate::bus::encode(batch, crate::bus::KIND_EVENT, topic.as_bytes(), &payload);
+        }
+    }
+
+    /// Hands a batch to this worker's `events-in`; what does not fit is counted dropped.
+    fn hand_in(&self, batch: Vec<u8>) {
+        if batch.is_empty() {
+            return;
+        }
+        let topics: Vec<Vec<u8>> = crate::bus::decode(&batch).map(|r| r.topic.to_vec()).collect();
+        if !super::events::hand_in(batch) {
+            for topic in topics {
+                super::events::count_dropped(&topic);
             }
         }
     }

@@ -184,7 +184,9 @@ impl Setup {
         for (k, v) in &self.server {
             text.push_str(&format!("{k} = {v}\n"));
         }
-        text.push_str(&format!("control_socket = \"{}\"\n", dir.join("control.sock").display()));
+        if !self.server.contains_key("control_socket") {
+            text.push_str(&format!("control_socket = \"{}\"\n", dir.join("control.sock").display()));
+        }
         for (address, app) in &self.listen {
             text.push_str(&format!("\n[[listen]]\naddress = \"{address}\"\napp = \"{app}\"\n"));
         }
@@ -199,6 +201,8 @@ impl Setup {
 
 pub struct TestServer {
     pub dir: tempfile::TempDir,
+    /// Its control socket: `control.sock` in `dir`, or where the setup's `control_socket` says.
+    control: PathBuf,
     pub config: PathBuf,
     pub child: Option<Child>,
     pub log: PathBuf,
@@ -248,7 +252,11 @@ impl TestServer {
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let child = cmd.spawn().expect("cannot start fdtserver");
         let pid = child.id() as i32;
-        TestServer { dir, config, child: Some(child), log, pid, exited: None }
+        let control = match setup.server.get("control_socket") {
+            Some(value) => dir.path().join(value.trim_matches('"')),
+            None => dir.path().join("control.sock"),
+        };
+        TestServer { dir, control, config, child: Some(child), log, pid, exited: None }
     }
 
     pub fn log(&self) -> String {
@@ -256,7 +264,7 @@ impl TestServer {
     }
 
     pub fn control_socket(&self) -> PathBuf {
-        self.dir.path().join("control.sock")
+        self.control.clone()
     }
 
     /// The `TMPDIR` the server was started with (unless the test set its own).

@@ -5,8 +5,9 @@
 //! disconnected once its queued output passes `max_output`, after a last line `ERR too slow`
 //! when that still fits (Redis's answer for slow pub/sub clients).
 //!
-//! Each line is one event `chat.line` whose payload is `<pid> <handle> <name>: <text>\n`: the
-//! sender's worker and connection, so that every worker passes it to its clients but the sender.
+//! Each line is one event `chat.line` whose payload is `<worker> <handle> <name>: <text>\n`: the
+//! sender's worker (a random id of this worker: pids repeat across servers) and connection, so
+//! that every worker passes it to its clients but the sender.
 
 use std::sync::{Arc, Mutex};
 
@@ -18,6 +19,8 @@ const MAX_NICK: usize = 32;
 struct Chat {
     bus: Bus,
     pid: u32,
+    /// Names this worker among every server's (see the module doc).
+    worker: u64,
     clients: Arc<Mutex<Vec<Handle>>>,
 }
 
@@ -26,10 +29,10 @@ struct Chat {
 struct Nick(Option<String>);
 
 /// Passes a line to every client but its sender; drops the clients that are gone or too slow.
-fn fan_out(clients: &Mutex<Vec<Handle>>, pid: u32, payload: &[u8]) {
+fn fan_out(clients: &Mutex<Vec<Handle>>, worker: u64, payload: &[u8]) {
     let mut fields = payload.splitn(3, |b| *b == b' ');
-    let (Some(from_pid), Some(from), Some(line)) = (fields.next(), fields.next(), fields.next()) else { return };
-    let sender = (from_pid == pid.to_string().as_bytes()).then(|| from.to_vec());
+    let (Some(from_worker), Some(from), Some(line)) = (fields.next(), fields.next(), fields.next()) else { return };
+    let sender = (from_worker == worker.to_string().as_bytes()).then(|| from.to_vec());
     let mut clients = clients.lock().unwrap_or_else(|e| e.into_inner());
     clients.retain(|c| {
         if sender.as_deref() == Some(c.as_u64().to_string().as_bytes()) {
@@ -52,12 +55,18 @@ impl App for Chat {
 
     fn start(settings: &Settings) -> Result<Self, String> {
         let clients = Arc::new(Mutex::new(Vec::new()));
-        let (mine, pid) = (clients.clone(), settings.worker_pid());
+        let worker = {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u32(settings.worker_pid());
+            h.finish()
+        };
+        let mine = clients.clone();
         settings
             .bus()
-            .subscribe("chat.line", move |_, payload| fan_out(&mine, pid, payload))
+            .subscribe("chat.line", move |_, payload| fan_out(&mine, worker, payload))
             .map_err(|e| format!("app chat: {e}"))?;
-        Ok(Chat { bus: settings.bus(), pid, clients })
+        Ok(Chat { bus: settings.bus(), pid: settings.worker_pid(), worker, clients })
     }
 
     fn on_open(&self, conn: &mut Conn) -> Next {
@@ -81,7 +90,7 @@ impl App for Chat {
                 continue;
             }
             let name = conn.session::<Nick>().0.clone().unwrap_or_else(|| "anon".into());
-            let payload = format!("{} {} {name}: {text}\n", self.pid, conn.handle().as_u64());
+            let payload = format!("{} {} {name}: {text}\n", self.worker, conn.handle().as_u64());
             if let Err(e) = self.bus.emit("chat.line", payload.as_bytes()) {
                 conn.write(format!("ERR {e}\n").as_bytes());
             }

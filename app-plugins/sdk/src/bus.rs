@@ -34,8 +34,9 @@ type HostUnsubscribe = unsafe extern "C" fn(*const c_void, u64);
 ///
 /// [`Bus::emit`] sends an event to the subscriptions of every worker of the server, this one
 /// included, and with `[events] database = "NAME"` in the config, of every server sharing that
-/// PostgreSQL database. Delivery is at most once per subscription, in emit order per emitter,
-/// from the worker's event thread, one event at a time. It never blocks: a worker whose
+/// PostgreSQL database. Delivery is at most once per subscription, in emit order per emitter
+/// (between servers, an event of a transaction travels with its commit and may overtake plain
+/// emits made just before it), from the worker's event thread, one event at a time. It never blocks: a worker whose
 /// subscriptions do not keep up has events dropped (counted in
 /// `fdtserver_events_total{kind="dropped"}` and logged), never a queue without bound. An event
 /// emitted inside a transaction is delivered only once it commits

@@ -340,6 +340,7 @@ impl Databases {
             state: TxnState::Idle,
             events: Vec::new(),
             notified: false,
+            savepoints: Vec::new(),
         }
     }
 
@@ -425,6 +426,8 @@ pub struct Transaction {
     events: Vec<(String, Vec<u8>)>,
     /// The events were notified to other servers inside the commit.
     notified: bool,
+    /// Savepoints: (database, name, how many events were emitted before it).
+    savepoints: Vec<(String, String, usize)>,
 }
 
 impl Transaction {
@@ -490,10 +493,18 @@ impl Transaction {
         }
         crate::bus::check(topic, payload).map_err(|e| TxnError::Usage(e.to_string()))?;
         if self.dbs.shared.events_database.is_some() {
-            crate::notify::encode(&self.dbs.shared.origin, topic, payload).map_err(TxnError::Usage)?;
+            crate::notify::encode(&self.dbs.shared.origin, crate::notify::LONGEST_SEQ, topic, payload)
+                .map_err(TxnError::Usage)?;
         }
         self.events.push((topic.to_string(), payload.to_vec()));
         Ok(())
+    }
+
+    /// Drops the events of a transaction that ended without committing.
+    fn forget_events(&mut self) {
+        self.events.clear();
+        self.savepoints.clear();
+        self.notified = false;
     }
 
     /// Sends the events of a transaction that committed.
@@ -515,6 +526,7 @@ impl Transaction {
     pub fn begin(&mut self) -> Result<(), TxnError> {
         match self.state {
             TxnState::Idle | TxnState::Finished => {
+                self.forget_events();
                 self.state = TxnState::Active;
                 Ok(())
             }
@@ -546,6 +558,9 @@ impl Transaction {
                 return Err(TxnError::Database(format!("database {db}: BEGIN failed: {}", describe(&e))));
             }
             self.branches.insert(db.to_string(), Branch { client: Some(client), in_block: true });
+        }
+        if matches!(self.state, TxnState::Idle | TxnState::Finished) {
+            self.forget_events(); // a transaction used again: the last one's events are gone
         }
         self.state = TxnState::Active;
         Ok(self.branches.get_mut(db).and_then(|b| b.client.as_mut()).expect("branch just ensured"))
@@ -582,7 +597,10 @@ impl Transaction {
         Self::check_name(name)?;
         let client = self.branch(db)?;
         let result = client.batch_execute(&format!("SAVEPOINT {name}"));
-        result.map_err(|e| self.doom(db, &e))
+        result.map_err(|e| self.doom(db, &e))?;
+        // Events emitted after it go with what a rollback to it undoes.
+        self.savepoints.push((db.to_string(), name.to_string(), self.events.len()));
+        Ok(())
     }
 
     /// `ROLLBACK TO SAVEPOINT name` in `db`: undoes what followed it, and un-dooms the
@@ -596,6 +614,11 @@ impl Transaction {
         match client.batch_execute(&format!("ROLLBACK TO SAVEPOINT {name}")) {
             Ok(()) => {
                 self.state = TxnState::Active;
+                // The savepoint stays; those after it are gone, and so are the events.
+                if let Some(i) = self.savepoints.iter().rposition(|(d, n, _)| d == db && n == name) {
+                    self.events.truncate(self.savepoints[i].2);
+                    self.savepoints.truncate(i + 1);
+                }
                 Ok(())
             }
             Err(e) => Err(self.doom(db, &e)),
@@ -607,7 +630,11 @@ impl Transaction {
         Self::check_name(name)?;
         let client = self.branch(db)?;
         let result = client.batch_execute(&format!("RELEASE SAVEPOINT {name}"));
-        result.map_err(|e| self.doom(db, &e))
+        result.map_err(|e| self.doom(db, &e))?;
+        if let Some(i) = self.savepoints.iter().rposition(|(d, n, _)| d == db && n == name) {
+            self.savepoints.truncate(i);
+        }
+        Ok(())
     }
 
     /// Phase one under a gtrid chosen by an outside coordinator: `PREPARE TRANSACTION`, then
@@ -702,7 +729,7 @@ impl Transaction {
         self.rollback_branches();
         match &result {
             Ok(()) => self.publish(),
-            Err(_) => self.events.clear(),
+            Err(_) => self.forget_events(),
         }
         if counted {
             match &result {
@@ -743,7 +770,9 @@ impl Transaction {
             let texts: Vec<String> = self
                 .events
                 .iter()
-                .filter_map(|(topic, payload)| crate::notify::encode(&self.dbs.shared.origin, topic, payload).ok())
+                .filter_map(|(topic, payload)| {
+                    crate::notify::encode(&self.dbs.shared.origin, &crate::notify::seq('a'), topic, payload).ok()
+                })
                 .collect();
             let notified = client.execute(
                 "SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS t(p, i) ORDER BY i",
