@@ -60,6 +60,16 @@ unsafe fn borrowed_str(s: StrRef) -> String {
     String::from_utf8_lossy(unsafe { borrowed(s) }).into_owned()
 }
 
+/// A [`MessageFn`] that appends the message to the `String` its context points at (how the SDK
+/// collects the reason of a refused host call).
+///
+/// # Safety
+/// `ctx` is a `*mut String` valid during the call; `msg` is valid during it.
+pub(crate) unsafe extern "C" fn collect_message(ctx: *mut c_void, msg: StrRef) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { (*ctx.cast::<String>()).push_str(&borrowed_str(msg)) }
+}
+
 fn report(error: MessageFn, ctx: *mut c_void, msg: &str) {
     // SAFETY: the host passed this callback and context for the duration of the current call.
     unsafe { error(ctx, StrRef::new(msg)) }

@@ -112,14 +112,6 @@ impl std::fmt::Debug for Bus {
     }
 }
 
-unsafe extern "C" fn collect(ctx: *mut c_void, msg: abi::StrRef) {
-    // SAFETY: `ctx` is the `String` of the current call; `msg` is valid during it.
-    unsafe {
-        let bytes = if msg.len == 0 { &[][..] } else { std::slice::from_raw_parts(msg.ptr, msg.len) };
-        (*ctx.cast::<String>()).push_str(&String::from_utf8_lossy(bytes));
-    }
-}
-
 unsafe extern "C" fn deliver(ctx: *mut c_void, topic: abi::StrRef, payload: abi::StrRef) -> abi::Status {
     // SAFETY: `ctx` is the `Box<Deliver>` made in `subscribe`, live until `drop_deliver`; the
     // host's bytes are valid during this call.
@@ -182,7 +174,7 @@ impl Bus {
                         abi::StrRef::new(topic),
                         abi::StrRef::from_bytes(payload),
                         flags,
-                        collect,
+                        crate::__private::collect_message,
                         (&mut error as *mut String).cast(),
                     )
                 };

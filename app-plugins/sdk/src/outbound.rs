@@ -147,14 +147,6 @@ pub(crate) fn connect_from_callback(addr: &str, link: Handle, timeout: Duration)
     }
 }
 
-unsafe extern "C" fn collect(ctx: *mut c_void, msg: abi::StrRef) {
-    // SAFETY: `ctx` is the `String` of the current call; `msg` is valid during it.
-    unsafe {
-        let bytes = if msg.len == 0 { &[][..] } else { std::slice::from_raw_parts(msg.ptr, msg.len) };
-        (*ctx.cast::<String>()).push_str(&String::from_utf8_lossy(bytes));
-    }
-}
-
 fn host_connect(
     connect: HostConnect,
     ctx: *const c_void,
@@ -172,7 +164,7 @@ fn host_connect(
             abi::StrRef::new(addr),
             link.map_or(0, |h| h.0),
             timeout_ms,
-            collect,
+            crate::__private::collect_message,
             (&mut error as *mut String).cast(),
         )
     };
