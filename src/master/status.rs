@@ -55,6 +55,12 @@ impl Master {
                     "workers": self.table.workers_of(g.id).count(),
                     "target_workers": g.target_workers,
                     "connections": self.table.workers_of(g.id).map(|w| w.stats.open).sum::<u64>(),
+                    // Connections its workers handed to others (`worker::handoff`).
+                    "handed_off": self
+                        .table
+                        .workers_of(g.id)
+                        .flat_map(|w| w.closed.iter().filter(|(r, _)| r == "handed_off").map(|(_, n)| *n))
+                        .sum::<u64>(),
                 })
             })
             .collect();
@@ -214,11 +220,18 @@ impl Master {
                 *total += n;
             }
         }
+        let handed_off = closed.get("handed_off").copied().unwrap_or(0);
         metric(
             "connections_closed_total",
             "counter",
-            "Connections closed, by reason (idle_timeout, read_timeout and send_timeout are limits).",
+            "Connections closed, by reason (idle_timeout, read_timeout and send_timeout are limits; handed_off moved to another worker).",
             closed.into_iter().map(|(reason, n)| (format!("{{reason=\"{reason}\"}}"), n as f64)).collect(),
+        );
+        metric(
+            "connections_handed_off_total",
+            "counter",
+            "Connections a draining worker handed to a worker that took them (a reload's new generation, a recycled worker's sibling).",
+            vec![(String::new(), handed_off as f64)],
         );
         metric("connections_open", "gauge", "Open client connections per worker.", per_worker(&|w| w.stats.open));
         metric(

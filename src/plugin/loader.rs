@@ -351,7 +351,18 @@ struct Table {
     app_drain: Option<unsafe extern "C" fn(*mut c_void)>,
     /// ABI 1.2.
     conn_event: Option<unsafe extern "C" fn(*mut c_void, *mut c_void, *mut ConnIo, abi::EventKind) -> abi::NextCode>,
+    /// ABI 1.5: the handoff of connections on a reload.
+    handoff: Option<Handoff>,
     describe: Describe,
+}
+
+/// ABI 1.5: what an app says about handing its connections to the next generation.
+struct Handoff {
+    /// Its protocol; `None`: never handed off.
+    protocol: Option<String>,
+    idle_close_harmless: bool,
+    export: unsafe extern "C" fn(*mut c_void, *mut c_void, abi::MessageFn, *mut c_void) -> abi::Status,
+    import: unsafe extern "C" fn(*mut c_void, *mut c_void, StrRef, abi::MessageFn, *mut c_void) -> abi::Status,
 }
 
 /// Opens the library and checks its descriptor; runs no plugin code but its ELF initialisers.
@@ -401,6 +412,7 @@ fn open(path: &Path) -> Result<(libloading::os::unix::Library, Table), String> {
     let settings_end = std::mem::offset_of!(AppDescriptor, declared_settings);
     let event_end = std::mem::offset_of!(AppDescriptor, conn_event);
     let drain_end = std::mem::offset_of!(AppDescriptor, app_drain);
+    let import_end = std::mem::offset_of!(AppDescriptor, conn_import);
     // SAFETY: magic, major version and size checked: the static has the ABI 1.0 layout we
     // compiled up to `DESCRIPTOR_SIZE_1_0`, and a later field is read only when the declared
     // size covers it. The static lives as long as the library (forever, see invariants) and is
@@ -416,6 +428,15 @@ fn open(path: &Path) -> Result<(libloading::os::unix::Library, Table), String> {
             declared_settings: ends(settings_end).then(|| std::ptr::addr_of!((*ptr).declared_settings).read()),
             conn_event: ends(event_end).then(|| std::ptr::addr_of!((*ptr).conn_event).read()),
             app_drain: ends(drain_end).then(|| std::ptr::addr_of!((*ptr).app_drain).read()),
+            handoff: ends(import_end).then(|| {
+                let protocol = lossy(std::ptr::addr_of!((*ptr).protocol).read());
+                Handoff {
+                    protocol: (!protocol.is_empty()).then_some(protocol),
+                    idle_close_harmless: std::ptr::addr_of!((*ptr).idle_close_harmless).read() != 0,
+                    export: std::ptr::addr_of!((*ptr).conn_export).read(),
+                    import: std::ptr::addr_of!((*ptr).conn_import).read(),
+                }
+            }),
             describe: Describe {
                 app_type: lossy(std::ptr::addr_of!((*ptr).app_type).read()),
                 sdk_version: lossy(std::ptr::addr_of!((*ptr).sdk_version).read()),
@@ -605,6 +626,48 @@ impl App {
         if let Some(app_drain) = self.table.app_drain {
             // SAFETY: `app` is live (not stopped); the function only signals the app's threads.
             unsafe { app_drain(self.app) }
+        }
+    }
+
+    /// The app's protocol for handoffs (ABI 1.5); `None`: its connections are never handed off.
+    pub fn protocol(&self) -> Option<&str> {
+        self.table.handoff.as_ref().and_then(|h| h.protocol.as_deref())
+    }
+
+    /// True when a drain may close an idle connection it cannot hand off (ABI 1.5, the app's
+    /// word; an app built before says nothing, and keeps the behaviour it was built for).
+    pub fn idle_close_harmless(&self) -> bool {
+        self.table.handoff.as_ref().is_none_or(|h| h.idle_close_harmless)
+    }
+
+    /// The session of a connection that is handed off (`conn_export`).
+    pub fn export_conn(&self, conn: &mut ConnHandle) -> Result<Vec<u8>, String> {
+        let Some(handoff) = &self.table.handoff else { return Err("the app hands off no connection".into()) };
+        let mut session = Vec::new();
+        // SAFETY: `app` is live; `conn` is a live handle used by this thread only; `session`
+        // outlives the call.
+        let status = unsafe { (handoff.export)(self.app, conn.0, append_output, (&mut session as *mut Vec<u8>).cast()) };
+        if status == abi::STATUS_OK { Ok(session) } else { Err(format!("export_session failed (status {status})")) }
+    }
+
+    /// Restores the session of a connection handed over (`conn_import`).
+    pub fn import_conn(&self, conn: &mut ConnHandle, session: &[u8]) -> Result<(), String> {
+        let Some(handoff) = &self.table.handoff else { return Err("the app takes no connection".into()) };
+        let mut error = String::new();
+        // SAFETY: as in `export_conn`; the session bytes and `error` outlive the call.
+        let status = unsafe {
+            (handoff.import)(
+                self.app,
+                conn.0,
+                StrRef::from_bytes(session),
+                collect_message,
+                (&mut error as *mut String).cast(),
+            )
+        };
+        match status {
+            abi::STATUS_OK => Ok(()),
+            _ if error.is_empty() => Err(format!("import_session failed (status {status})")),
+            _ => Err(error),
         }
     }
 

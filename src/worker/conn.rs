@@ -54,6 +54,8 @@ pub enum CloseReason {
     Limit(Limit),
     /// An outbound connection could not be made (refused, unreachable, timed out).
     ConnectFailed(String),
+    /// It moved to another worker (`worker::handoff`): not closed at all.
+    HandedOff,
 }
 
 /// The connection limits that close a connection ("Connection limits and timeouts").
@@ -71,7 +73,7 @@ pub enum Limit {
 }
 
 /// Every label of [`CloseReason::label`], in the order of [`CloseReason::index`].
-pub const CLOSE_LABELS: [&str; 11] = [
+pub const CLOSE_LABELS: [&str; 12] = [
     "peer",
     "done",
     "app_failed",
@@ -83,6 +85,7 @@ pub const CLOSE_LABELS: [&str; 11] = [
     "read_timeout",
     "send_timeout",
     "connect_failed",
+    "handed_off",
 ];
 
 impl CloseReason {
@@ -100,6 +103,7 @@ impl CloseReason {
             CloseReason::Limit(Limit::Read) => 8,
             CloseReason::Limit(Limit::Send) => 9,
             CloseReason::ConnectFailed(_) | CloseReason::Limit(Limit::Connect) => 10,
+            CloseReason::HandedOff => 11,
         }
     }
 
@@ -203,6 +207,8 @@ pub struct Conn {
     blocked: bool,
     /// The app made this connection (`worker::outbound`).
     pub outbound: bool,
+    /// A handoff of it was refused or failed (`worker::handoff`): it stays here.
+    pub handoff_failed: bool,
     /// The app was told that the worker drains (`App::on_drain`).
     pub told_drain: bool,
     /// The limit that is closing it, if one is.
@@ -257,6 +263,7 @@ impl Conn {
             eof: false,
             blocked: false,
             outbound: false,
+            handoff_failed: false,
             told_drain: false,
             limit: None,
             next: Next::KeepOpen,
@@ -864,6 +871,18 @@ impl Conn {
                 Err(_) => return After::Close(CloseReason::Done),
             }
         }
+    }
+
+    /// True when the connection may be handed to another worker: between requests, not an
+    /// outbound one, nothing read ahead and nothing unsent.
+    pub fn movable(&self) -> bool {
+        self.between_requests() && !self.outbound && !self.eof && self.limit.is_none()
+    }
+
+    /// The app's session of a connection that moves (`App::export_conn`).
+    pub fn export_session(&mut self, app: &App) -> Result<Vec<u8>, String> {
+        let handle = self.handle.as_mut().ok_or("the connection has no app state")?;
+        app.export_conn(handle)
     }
 
     /// Hands the app's connection state back to the app; called once, when the connection ends.

@@ -12,6 +12,7 @@
 mod admission;
 mod conn;
 pub mod events;
+mod handoff;
 mod notify;
 pub mod outbound;
 mod pool;
@@ -50,6 +51,9 @@ const DRAIN_SWEEP_INTERVAL: Duration = Duration::from_millis(50);
 /// right then; HTTP apps avoid that by answering the next request with `Connection: close`,
 /// which a busy client sends within microseconds, so only really idle ones are closed here.
 const DRAIN_IDLE_GRACE: Duration = Duration::from_millis(200);
+/// How long a draining worker waits for workers that take its connections (`handoff`) to
+/// appear before it tells its apps that it drains.
+const TAKERS_GRACE: Duration = Duration::from_millis(50);
 /// How long a draining worker waits for its interrupted acceptors to return before it reports
 /// that it stopped accepting anyway. One that has not returned by then is inside app code
 /// (opening the connection it accepted) or pausing, and checks the drain flag before it could
@@ -118,6 +122,14 @@ struct Worker {
     sent_closed: Vec<u64>,
     /// Messages the channel did not take yet.
     outbox: crate::ipc::Outbox,
+    /// The bus directory (`crate::bus`), where the workers that take handed-off connections
+    /// have their sockets (`handoff`).
+    bus_dir: std::path::PathBuf,
+    generation: u64,
+    /// This worker's handoff socket, while it takes connections.
+    handoff_path: Option<std::path::PathBuf>,
+    /// Where the next connection handed off goes (round robin over the takers).
+    next_target: usize,
 }
 
 impl Worker {
@@ -280,6 +292,10 @@ impl Worker {
             sent_events: Vec::new(),
             sent_closed: Vec::new(),
             outbox: Default::default(),
+            bus_dir: crate::bus::dir_of_fd(spec.bus_dir),
+            generation: spec.generation,
+            handoff_path: None,
+            next_target: 0,
         };
         worker.send(WorkerMessage::Ready);
         log::debug!("ready");
@@ -430,7 +446,7 @@ impl Worker {
             }
             self.close_expired_lingerers();
             if let Some(deadline) = drain_deadline {
-                self.close_idle_connections();
+                self.settle_idle_connections();
                 // An acceptor may still hand over one last connection: done only once every
                 // acceptor has returned and no connection is open.
                 let accepting = self.acceptors.iter().any(|a| !a.is_finished());
@@ -465,6 +481,20 @@ impl Worker {
     fn start_accepting(&mut self) {
         if let Some(listeners) = self.listeners.take() {
             self.acceptors = self.pool.spawn_acceptors(listeners);
+            // From now on it takes connections handed off by draining workers too.
+            match handoff::bind(&self.bus_dir, self.generation) {
+                Ok((socket, path)) => {
+                    let pool = self.pool;
+                    let started = std::thread::Builder::new()
+                        .name("handoff".into())
+                        .spawn(move || handoff::serve(socket, |arrival| pool.adopt(arrival)));
+                    match started {
+                        Ok(_) => self.handoff_path = Some(path),
+                        Err(e) => log::error!("cannot start the handoff thread: {e}"),
+                    }
+                }
+                Err(e) => log::error!("cannot take handed-off connections: {e}"),
+            }
             self.send(WorkerMessage::Accepting);
             log::debug!("accepting connections");
         }
@@ -472,6 +502,18 @@ impl Worker {
 
     fn begin_drain(&mut self) -> Instant {
         log::info!("draining: {} connection(s) open", self.pool.counters.open.load(Ordering::Relaxed));
+        // No more connections handed to this one; are there workers that take its own?
+        if let Some(path) = self.handoff_path.take() {
+            let _ = std::fs::remove_file(path);
+        }
+        // A reload's new workers start taking connections as this one starts to drain: give
+        // them a moment (a stop finds none, and waits no longer). Known before the drain
+        // shows: an app must not see it for a connection that moves (`Pool::drains_for`).
+        let deadline = Instant::now() + TAKERS_GRACE;
+        while handoff::targets(&self.bus_dir).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.pool.set_takers(!handoff::targets(&self.bus_dir).is_empty());
         self.pool.draining.store(true, Ordering::SeqCst);
         self.pool.announce_drain();
         for app in &self.pool.apps {
@@ -511,15 +553,44 @@ impl Worker {
         }
     }
 
-    /// Closes (gently) every parked connection that is between requests and quiet.
-    fn close_idle_connections(&self) {
+    /// Every parked connection that is between requests either moves to a worker that takes
+    /// connections (`handoff`: the next generation, or a sibling when this one is recycled),
+    /// or — where none takes them (a stop), or its app says closing it is harmless (HTTP
+    /// keep-alive) — is closed gently once quiet; the rest stay until they end or
+    /// `graceful_timeout`.
+    fn settle_idle_connections(&mut self) {
+        let targets = handoff::targets(&self.bus_dir);
+        self.pool.set_takers(!targets.is_empty());
         let now_ms = sys::monotonic_ms();
+        let mut next = self.next_target;
         self.pool.sweep(|slot| {
             let conn = slot.as_mut().expect("sweep only offers occupied slots");
+            let app = &self.pool.apps[conn.app()];
+            if !targets.is_empty() && !conn.handoff_failed && conn.movable() && app.protocol().is_some() {
+                let target = &targets[next % targets.len()];
+                next = next.wrapping_add(1);
+                match self.pool.hand_off(conn, target) {
+                    Ok(()) => {
+                        if let Some(conn) = slot.take() {
+                            self.pool.finish(conn, CloseReason::HandedOff);
+                        }
+                        return;
+                    }
+                    // A taker that drains itself (a stop under way) is gone at the next sweep.
+                    Err(e) if e.contains(handoff::DRAINS) => {}
+                    Err(e) => {
+                        log::info!("keeping the connection from {} (not handed off: {e})", conn.peer);
+                        conn.handoff_failed = true;
+                    }
+                }
+            }
+            if !(targets.is_empty() || app.idle_close_harmless()) {
+                return;
+            }
             // A request already in the kernel's buffer (its event not handled yet) means the
             // connection is not between requests after all.
             // Not before its app heard of the drain (`App::on_drain`, from the clock).
-            let told = conn.told_drain || !self.pool.apps[conn.app()].has_events();
+            let told = conn.told_drain || !app.has_events();
             if conn.between_requests()
                 && told
                 && u128::from(conn.quiet_ms(now_ms)) >= DRAIN_IDLE_GRACE.as_millis()
@@ -530,6 +601,7 @@ impl Worker {
                 self.pool.finish(conn, CloseReason::Drained);
             }
         });
+        self.next_target = next;
     }
 
     fn close_expired_lingerers(&self) {

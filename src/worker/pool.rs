@@ -108,6 +108,8 @@ pub struct Counters {
     pub accepted: AtomicU64,
     pub requests: AtomicU64,
     pub panics: AtomicU64,
+    /// Connections handed over by another worker (`worker::handoff`).
+    pub adopted: AtomicU64,
     /// Connections closed, by reason (indexed like `conn::CLOSE_LABELS`).
     pub closed: [AtomicU64; CLOSE_LABELS.len()],
 }
@@ -160,6 +162,11 @@ pub struct Pool {
     /// Where the server's own limits are in `limits`: those of an outbound connection made
     /// outside a connection's callback.
     server_limits: u32,
+    /// This worker's listeners (as the acceptors have them): where a connection handed over
+    /// from another worker goes (`Pool::adopt`).
+    listening: Mutex<Vec<(usize, String, usize, bool)>>,
+    /// While draining: some worker takes this one's connections (see `drains_for`).
+    takers: AtomicBool,
 }
 
 /// An outbound connection to make (see `worker::outbound`).
@@ -220,6 +227,8 @@ impl Pool {
             drain_news: AtomicBool::new(false),
             pushes: super::push::PushTable::new(push_limit),
             server_limits,
+            listening: Mutex::new(Vec::new()),
+            takers: AtomicBool::new(false),
         })
     }
 
@@ -246,8 +255,25 @@ impl Pool {
         Ctx {
             app: &self.apps[conn.app()],
             limits: &self.limits[conn.listener as usize],
-            draining: self.draining.load(Ordering::Relaxed),
+            draining: self.drains_for(conn),
         }
+    }
+
+    /// True when `conn`'s app should see the drain (`Conn::draining`, `on_drain`): the worker
+    /// drains, and the connection will not move to a worker that takes connections — there is
+    /// none (a stop), its app hands off nothing, or its handoff failed. One that will move is
+    /// served as if nothing happened.
+    fn drains_for(&self, conn: &Conn) -> bool {
+        self.draining.load(Ordering::Relaxed)
+            && !(self.takers.load(Ordering::Relaxed)
+                && !conn.handoff_failed
+                && !conn.outbound
+                && self.apps[conn.app()].protocol().is_some())
+    }
+
+    /// Tells the pool whether some worker takes this one's connections (`worker::handoff`).
+    pub fn set_takers(&self, any: bool) {
+        self.takers.store(any, Ordering::Relaxed);
     }
 
     /// Starts the handler threads.
@@ -264,6 +290,8 @@ impl Pool {
 
     /// Starts one acceptor thread per listener.
     pub fn spawn_acceptors(&'static self, listeners: Vec<Listening>) -> Vec<JoinHandle<()>> {
+        *self.listening.lock().unwrap_or_else(|e| e.into_inner()) =
+            listeners.iter().map(|l| (l.index, l.address.clone(), l.app, l.tcp)).collect();
         let handles: Vec<JoinHandle<()>> = listeners
             .into_iter()
             .map(|l| {
@@ -578,6 +606,10 @@ impl Pool {
     fn tick<'a>(&self, slot: &'a Slot, mut guard: Guard<'a>, tick: Tick, scratch: &mut Scratch) -> bool {
         let Some(conn) = guard.as_mut() else { return false };
         let queued = slot.waiting.load(Ordering::SeqCst) == token(conn.fd() as usize, conn.seq);
+        if tick.news && conn.drain_news_due() && !self.drains_for(conn) {
+            // It moves to another worker: no news for its app.
+            conn.told_drain = true;
+        }
         let untold = tick.news && conn.drain_news_due();
         let limit = if tick.limits { conn.limit_due(tick.now, &self.limits[conn.listener as usize]) } else { None };
         let job = if queued {
@@ -925,6 +957,86 @@ impl Pool {
                 }
             }
             self.unlock(slot, guard);
+        }
+    }
+
+    /// Adopts a connection another worker handed over (`worker::handoff`): registered like an
+    /// accepted one on the listener with the same address, if its app speaks `protocol`, with
+    /// the app's `import_session` instead of its greeting. `Err`: refused, nothing kept (the
+    /// sender keeps serving it).
+    pub fn adopt(&self, arrival: super::handoff::Arrival) -> Result<(), String> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(super::handoff::DRAINS.into());
+        }
+        let found = self
+            .listening
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(_, address, app, _)| *address == arrival.listener && self.apps[*app].protocol() == Some(arrival.protocol.as_str()))
+            .cloned();
+        let Some((index, address, app_index, tcp)) = found else {
+            return Err(format!("no listener {} of protocol {} here", arrival.listener, arrival.protocol));
+        };
+        let socket = arrival.socket;
+        prepare_socket(&socket, tcp).map_err(|e| e.to_string())?;
+        let fd = socket.as_raw_fd() as usize;
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed).max(1);
+        let token = token(fd, seq);
+        let slot = self.conns.slot(fd).ok_or_else(|| format!("fd {fd} is beyond the connection table"))?;
+        let app = &self.apps[app_index];
+        let mut guard = slot.lock();
+        let mut handle = app
+            .open_conn(&arrival.peer, &address, u64::from(seq), token, None)
+            .ok_or("the app refused the connection")?;
+        if let Err(e) = app.import_conn(&mut handle, &arrival.session) {
+            app.close_conn(handle);
+            return Err(format!("the app refused its session: {e}"));
+        }
+        if let Err(e) = self.epoll.add(fd as i32, interest::READ | interest::EDGE, token) {
+            app.close_conn(handle);
+            return Err(format!("cannot watch it: {e}"));
+        }
+        *guard = Some(Conn::new(socket, tcp, seq, (index as u32, app_index), handle, arrival.peer));
+        slot.waiting.store(0, Ordering::SeqCst);
+        slot.live.store(seq, Ordering::Release);
+        self.conns.note_used(fd);
+        self.counters.open.fetch_add(1, Ordering::Relaxed);
+        self.counters.adopted.fetch_add(1, Ordering::Relaxed);
+        self.listener_open[index].fetch_add(1, Ordering::Relaxed);
+        self.load.opened();
+        // Input that arrived on the way reports at once (the `EPOLL_CTL_ADD` of a ready socket).
+        self.unlock(slot, guard);
+        Ok(())
+    }
+
+    /// Hands `conn` (between requests, its slot lock held by the caller) to the worker at
+    /// `target` (`worker::handoff`): out of the epoll instance, its session exported, sent;
+    /// `Ok` once adopted there (the caller ends it here as handed off), else put back as it was.
+    pub fn hand_off(&self, conn: &mut Conn, target: &std::path::Path) -> Result<(), String> {
+        let app = &self.apps[conn.app()];
+        let protocol = app.protocol().ok_or("its app hands off no connection")?.to_string();
+        let address = self
+            .listening
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(index, ..)| *index == conn.listener as usize)
+            .map(|(_, address, ..)| address.clone())
+            .ok_or("its listener is unknown")?;
+        let session = conn.export_session(app)?;
+        self.epoll.delete(conn.fd()).map_err(|e| e.to_string())?;
+        let parcel = super::handoff::Parcel { listener: &address, protocol: &protocol, peer: &conn.peer, session: &session };
+        match super::handoff::send(target, conn.fd(), &parcel) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // Back as it was: the kernel reports what arrived meanwhile.
+                let token = token(conn.fd() as usize, conn.seq);
+                if let Err(again) = self.epoll.add(conn.fd(), conn.armed, token) {
+                    log::error!("cannot watch the connection from {} again: {again}", conn.peer);
+                }
+                Err(e)
+            }
         }
     }
 

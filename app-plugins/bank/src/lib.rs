@@ -257,6 +257,9 @@ impl Bank {
 
 impl App for Bank {
     const SETTINGS: Option<&'static [&'static str]> = Some(&["database", "databases", "txn_idle_timeout"]);
+    /// Between transactions a connection holds nothing: a reload hands it to the new
+    /// generation. One with a transaction open is in progress, and stays.
+    const PROTOCOL: Option<&'static str> = Some("bank");
 
     fn start(settings: &Settings) -> Result<Self, String> {
         let names = match (settings.string("database", "")?, settings.string_list("databases")?) {

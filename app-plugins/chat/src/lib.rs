@@ -52,6 +52,8 @@ fn fan_out(clients: &Mutex<Vec<Handle>>, worker: u64, payload: &[u8]) {
 
 impl App for Chat {
     const SETTINGS: Option<&'static [&'static str]> = Some(&[]);
+    /// A reload hands its clients to the new generation, nick and all.
+    const PROTOCOL: Option<&'static str> = Some("chat");
 
     fn start(settings: &Settings) -> Result<Self, String> {
         let clients = Arc::new(Mutex::new(Vec::new()));
@@ -96,6 +98,18 @@ impl App for Chat {
             }
         }
         Next::KeepOpen
+    }
+
+    fn export_session(&self, conn: &mut Conn) -> Option<Vec<u8>> {
+        conn.session::<Nick>().0.clone().map(String::into_bytes)
+    }
+
+    fn import_session(&self, conn: &mut Conn, session: &[u8]) -> Result<(), String> {
+        if !session.is_empty() {
+            conn.session::<Nick>().0 = Some(String::from_utf8_lossy(session).into_owned());
+        }
+        self.clients.lock().unwrap_or_else(|e| e.into_inner()).push(conn.handle());
+        Ok(())
     }
 
     fn on_close(&self, conn: &mut Conn) {

@@ -8,6 +8,8 @@ struct Echo {
 
 impl App for Echo {
     const SETTINGS: Option<&'static [&'static str]> = Some(&["delay_ms"]);
+    /// A reload hands its idle connections to the new generation (no state between lines).
+    const PROTOCOL: Option<&'static str> = Some("echo");
 
     fn start(settings: &Settings) -> Result<Self, String> {
         Ok(Echo { delay: settings.duration_ms("delay_ms", 0)? })

@@ -164,6 +164,10 @@ fn content_length_value(value: &[u8]) -> Option<usize> {
 
 impl App for Hello {
     const SETTINGS: Option<&'static [&'static str]> = Some(&["message"]);
+    /// A reload hands its keep-alive connections to the new generation (no state between
+    /// requests); where that is not possible, closing one between requests is harmless.
+    const PROTOCOL: Option<&'static str> = Some("http/1.1");
+    const IDLE_CLOSE_HARMLESS: bool = true;
 
     fn start(settings: &Settings) -> Result<Self, String> {
         let message = settings.string("message", "Hello, world!")?;

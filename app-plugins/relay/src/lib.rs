@@ -91,6 +91,8 @@ fn memchr(buf: &[u8]) -> Option<usize> {
 
 impl App for Relay {
     const SETTINGS: Option<&'static [&'static str]> = Some(&["upstream", "max_backoff_ms"]);
+    /// A reload hands its clients to the new generation's relay (they only listen).
+    const PROTOCOL: Option<&'static str> = Some("relay");
 
     fn start(settings: &Settings) -> Result<Self, String> {
         let upstream = settings.string("upstream", "")?;
@@ -117,6 +119,11 @@ impl App for Relay {
             }
         })?;
         Ok(Relay { clients })
+    }
+
+    fn import_session(&self, conn: &mut Conn, _session: &[u8]) -> Result<(), String> {
+        self.on_open(conn);
+        Ok(())
     }
 
     fn on_open(&self, conn: &mut Conn) -> Next {

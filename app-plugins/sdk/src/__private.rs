@@ -34,6 +34,13 @@ pub const fn descriptor<A: App>(app_type: &'static str) -> AppDescriptor {
         declared_settings: declared_settings::<A>,
         conn_event: conn_event::<A>,
         app_drain,
+        protocol: match A::PROTOCOL {
+            Some(p) => StrRef::new(p),
+            None => StrRef::new(""),
+        },
+        idle_close_harmless: A::IDLE_CLOSE_HARMLESS as u32,
+        conn_export: conn_export::<A>,
+        conn_import: conn_import::<A>,
     }
 }
 
@@ -499,6 +506,59 @@ unsafe fn conn_call<A: App>(
         }
     }
     code
+}
+
+unsafe extern "C" fn conn_export<A: App>(
+    app: *mut c_void,
+    conn: *mut c_void,
+    write: MessageFn,
+    write_ctx: *mut c_void,
+) -> Status {
+    // SAFETY: as in `conn_data`.
+    let (app, state) = unsafe { (&*app.cast::<A>(), &mut *conn.cast::<ConnState>()) };
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        let mut c = Conn::new(&[], 0, state);
+        app.export_session(&mut c)
+    }));
+    match result {
+        Ok(session) => {
+            if let Some(bytes) = session.filter(|b| !b.is_empty()) {
+                // SAFETY: the host's callback copies the bytes before returning.
+                unsafe { write(write_ctx, StrRef::from_bytes(&bytes)) };
+            }
+            abi::STATUS_OK
+        }
+        Err(panic) => {
+            log::error!("export_session: {}", panic_message(panic));
+            abi::STATUS_PANIC
+        }
+    }
+}
+
+unsafe extern "C" fn conn_import<A: App>(
+    app: *mut c_void,
+    conn: *mut c_void,
+    session: StrRef,
+    error: MessageFn,
+    error_ctx: *mut c_void,
+) -> Status {
+    // SAFETY: as in `conn_data`; the session bytes are valid during this call.
+    let (app, state, session) = unsafe { (&*app.cast::<A>(), &mut *conn.cast::<ConnState>(), borrowed(session)) };
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        let mut c = Conn::new(&[], 0, state);
+        app.import_session(&mut c, session)
+    }));
+    match result {
+        Ok(Ok(())) => abi::STATUS_OK,
+        Ok(Err(reason)) => {
+            report(error, error_ctx, &reason);
+            abi::STATUS_ERROR
+        }
+        Err(panic) => {
+            report(error, error_ctx, &panic_message(panic));
+            abi::STATUS_PANIC
+        }
+    }
 }
 
 unsafe extern "C" fn conn_close<A: App>(app: *mut c_void, conn: *mut c_void) {

@@ -14,7 +14,7 @@ pub const MAGIC: [u8; 8] = *b"FDTAPP\0\x01";
 /// Bumped when a layout below changes incompatibly; the host refuses any other major.
 pub const ABI_MAJOR: u32 = 1;
 /// Bumped when fields are appended; a plugin built against a newer minor still loads.
-pub const ABI_MINOR: u32 = 4;
+pub const ABI_MINOR: u32 = 5;
 /// Name of the exported static [`AppDescriptor`] the host looks up with `dlsym`.
 pub const DESCRIPTOR_SYMBOL: &str = "FDT_APP_DESCRIPTOR_V1";
 
@@ -317,6 +317,29 @@ pub struct AppDescriptor {
     /// ABI 1.2: the worker has started draining (a reload, a stop): the app's background
     /// services are asked to stop. Runs no request; returns at once.
     pub app_drain: unsafe extern "C" fn(app: *mut c_void),
+    /// ABI 1.5: the app's protocol, for handing its idle connections to the next generation on
+    /// a reload: a connection moves only to an app of the same protocol. Empty: the app's
+    /// connections are never handed off.
+    pub protocol: StrRef,
+    /// ABI 1.5: 1 when closing a connection between requests is harmless for the protocol (HTTP
+    /// keep-alive: the client opens another): a drain may then close one it cannot hand off.
+    /// 0: such a connection stays with its old worker until it ends or `graceful_timeout`.
+    pub idle_close_harmless: u32,
+    /// ABI 1.5: the connection leaves this worker (handed off): writes its session's bytes with
+    /// `write(write_ctx, bytes)` (nothing for none). Returns a [`Status`]; on failure the
+    /// connection stays. `conn_close` follows when it has moved.
+    pub conn_export:
+        unsafe extern "C" fn(app: *mut c_void, conn: *mut c_void, write: MessageFn, write_ctx: *mut c_void) -> Status,
+    /// ABI 1.5: a connection handed over from the previous generation (after `conn_open`, with
+    /// no `EVENT_OPEN`): restores its session from `session` (what `conn_export` wrote). Returns
+    /// a [`Status`], the reason passed to `error` on failure: the connection then goes back.
+    pub conn_import: unsafe extern "C" fn(
+        app: *mut c_void,
+        conn: *mut c_void,
+        session: StrRef,
+        error: MessageFn,
+        error_ctx: *mut c_void,
+    ) -> Status,
 }
 
 /// Size of an ABI 1.0 descriptor (the fields up to `conn_close`): the smallest one a host of

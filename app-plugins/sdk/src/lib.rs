@@ -136,6 +136,19 @@ pub trait App: Send + Sync + Sized + 'static {
     /// ```
     const SETTINGS: Option<&'static [&'static str]> = None;
 
+    /// The app's protocol (`"http/1.1"`, `"echo"`): on a reload, a connection of this app that
+    /// is between requests is handed to a worker of the new generation whose app on the same
+    /// listener speaks the same protocol, and serves its next request there — the client never
+    /// notices (see [`App::export_session`]). `None` (the default): its connections stay with
+    /// their old worker until they end (or `graceful_timeout`), unless
+    /// [`App::IDLE_CLOSE_HARMLESS`].
+    const PROTOCOL: Option<&'static str> = None;
+
+    /// True when closing a connection between requests is harmless for the protocol (HTTP
+    /// keep-alive: the client opens another): a draining worker then closes gently those it
+    /// cannot hand off, rather than keep them until `graceful_timeout`.
+    const IDLE_CLOSE_HARMLESS: bool = false;
+
     /// Builds the app from its `[app.NAME]` settings, once per worker process, before the
     /// worker accepts any connection. An `Err` fails the worker's start (and so a reload) with
     /// that message.
@@ -268,6 +281,22 @@ pub trait App: Send + Sync + Sized + 'static {
     /// says why (refused, unreachable, timed out). Pushes to it fail from now on; `on_close`
     /// follows.
     fn on_connect_failed(&self, _conn: &mut Conn, _error: &str) {}
+
+    /// The connection is handed to the next generation ([`App::PROTOCOL`]): returns its session
+    /// as bytes (a user, a nick, a subscription), given to [`App::import_session`] there. The
+    /// default exports nothing: the protocol keeps no state between requests. `on_close`
+    /// follows here, once it has moved.
+    fn export_session(&self, _conn: &mut Conn) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// A connection handed over from the previous generation, between requests: restore what
+    /// [`App::export_session`] gave (`session` is empty when it gave nothing), and register the
+    /// connection where `on_open` would (it is not called: the client was greeted already). An
+    /// `Err` sends the connection back to its old worker.
+    fn import_session(&self, _conn: &mut Conn, _session: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
 
     /// The connection has ended (peer closed, error, drain timeout or [`Next::Close`]). The
     /// session, if any, is dropped right after this returns.

@@ -166,6 +166,7 @@ impl Settings {
     }
 
     /// What names the server (its control socket's path; empty outside a server).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn server_id(&self) -> &str {
         &self.server_id
     }

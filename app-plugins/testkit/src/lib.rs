@@ -117,6 +117,8 @@ struct Session {
 }
 
 impl App for Testkit {
+    /// Its connections keep state the tests look at: never handed off; a drain closes idle ones.
+    const IDLE_CLOSE_HARMLESS: bool = true;
     const SETTINGS: Option<&'static [&'static str]> = Some(&[
         "start_delay_ms",
         "fail_start",
