@@ -70,6 +70,9 @@ pub enum MasterMessage {
     Accept,
     /// Stop accepting, finish the connections in progress, then exit.
     Drain,
+    /// Drain, and hand the connections between requests to the workers that take them (a
+    /// reload's new generation, or the siblings of a worker recycled or removed).
+    Handoff,
     /// Close everything now and exit.
     Stop,
     /// Switch the log files to the ones passed with this message (`SCM_RIGHTS`): the error log
@@ -119,6 +122,7 @@ impl fmt::Display for MasterMessage {
         match self {
             MasterMessage::Accept => writeln!(f, "accept"),
             MasterMessage::Drain => writeln!(f, "drain"),
+            MasterMessage::Handoff => writeln!(f, "handoff"),
             MasterMessage::Stop => writeln!(f, "stop"),
             MasterMessage::Reopen { error, access } => {
                 writeln!(f, "reopen{}{}", if *error { " error" } else { "" }, if *access { " access" } else { "" })
@@ -187,6 +191,7 @@ impl MasterMessage {
         match word {
             "accept" => Some(MasterMessage::Accept),
             "drain" => Some(MasterMessage::Drain),
+            "handoff" => Some(MasterMessage::Handoff),
             "stop" => Some(MasterMessage::Stop),
             "reopen" => {
                 let files: Vec<&str> = rest.split_whitespace().collect();

@@ -59,13 +59,32 @@ fn idle_and_busy_keep_alive_connections_live_through_ten_reloads_and_old_workers
         for (i, c) in idle.iter_mut().enumerate() {
             let r = c.get("/").unwrap_or_else(|e| panic!("round {round}: idle connection {i} was closed: {e}"));
             assert_eq!(r.status, 200);
-            assert!(new.contains(&r.worker_pid()), "round {round}: answered by {}, not the new generation", r.worker_pid());
+            assert!(
+                new.contains(&r.worker_pid()),
+                "round {round}: answered by {}, not the new generation",
+                r.worker_pid()
+            );
         }
         eprintln!("reload {round}: old workers gone {took:?} after the reload answered");
     }
     stop.store(true, Ordering::Relaxed);
     for b in busy {
-        b.join().unwrap().unwrap();
+        if let Err(e) = b.join().unwrap() {
+            let kept: Vec<&str> = server.log().lines().filter(|l| l.contains("not handed off")).map(|_| "").collect();
+            panic!(
+                "{e}; the log says:\n{}",
+                server
+                    .log()
+                    .lines()
+                    .filter(|l| l.contains("handed")
+                        || l.contains("take connections")
+                        || l.contains("WARN")
+                        || l.contains("ERROR"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+                    + &kept.join("")
+            );
+        }
     }
     assert!(served.load(Ordering::Relaxed) > 100);
     assert_eq!(metric_sum(&server, "fdtserver_connections_closed_total{reason=\"drained\"}"), 0.0);

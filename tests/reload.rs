@@ -152,21 +152,37 @@ fn overwriting_a_plugin_file_in_place_changes_nothing_until_the_next_reload() {
 }
 
 #[test]
-fn an_idle_keep_alive_connection_is_closed_gently_by_a_reload() {
+fn an_idle_keep_alive_connection_moves_to_the_new_generation_on_a_reload() {
     let server = TestServer::start(&Setup::new(1, 2).app("hello", "hello", ""));
     let mut idle = HttpClient::connect(server.addr("hello")).unwrap();
-    assert_eq!(idle.get("/").unwrap().status, 200);
+    let old = idle.get("/").unwrap().worker_pid();
     assert_eq!(server.reload().0, 200);
-    // The old worker closes it between requests with a FIN (EOF), not a reset.
+    // Handed to the new worker between requests (so the old one has nothing left, and exits):
+    // the client notices nothing.
+    wait_for(Duration::from_secs(2), "the old worker to exit", || (!alive(old)).then_some(()));
+    let r = idle.get("/").expect("the idle connection was closed");
+    assert_eq!(r.status, 200);
+    assert_ne!(r.worker_pid(), old, "served by the new generation");
+    assert!(!r.closes());
+}
+
+#[test]
+fn an_idle_keep_alive_connection_is_closed_gently_by_a_stop() {
+    let mut server = TestServer::start(&Setup::new(1, 2).app("hello", "hello", ""));
+    let mut idle = HttpClient::connect(server.addr("hello")).unwrap();
+    assert_eq!(idle.get("/").unwrap().status, 200);
+    server.signal(Signal::SIGTERM);
+    // No one takes it: closed between requests with a FIN (EOF), not a reset.
     let mut buf = [0u8; 16];
     match idle.stream().read(&mut buf) {
         Ok(0) => {}
         other => panic!("expected a clean EOF, got {other:?}"),
     }
+    assert!(server.wait_exit(Duration::from_secs(10)).success());
 }
 
 #[test]
-fn a_request_half_sent_when_the_drain_begins_is_answered_with_connection_close() {
+fn a_request_half_sent_when_the_drain_begins_is_answered_and_the_next_by_the_new_generation() {
     let server = TestServer::start(&Setup::new(1, 2).app("hello", "hello", ""));
     let old = server.worker_pids()[0];
     let mut c = HttpClient::connect(server.addr("hello")).unwrap();
@@ -177,8 +193,11 @@ fn a_request_half_sent_when_the_drain_begins_is_answered_with_connection_close()
     c.stream().write_all(b"\r\n").unwrap();
     let r = c.read_response().expect("the half-sent request was dropped");
     assert_eq!(r.status, 200);
-    assert_eq!(r.worker_pid(), old);
-    assert!(r.closes(), "a draining worker must answer with Connection: close");
+    assert_eq!(r.worker_pid(), old, "the old worker finishes what it began");
+    assert!(!r.closes(), "and then hands the connection on");
+    wait_for(Duration::from_secs(2), "the old worker to exit", || (!alive(old)).then_some(()));
+    let next = c.get("/").expect("the connection was closed");
+    assert_ne!(next.worker_pid(), old);
 }
 
 #[test]

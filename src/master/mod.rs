@@ -979,7 +979,7 @@ impl Master {
     fn promote(&mut self, id: u64) {
         let old = self.table.active_id();
         if let Some(old) = old {
-            self.drain_generation(old);
+            self.drain_generation(old, true);
         }
         let gen_ = self.table.generations.get_mut(&id).expect("promoted generation exists");
         gen_.state = GenState::Active;
@@ -1036,7 +1036,9 @@ impl Master {
         }
     }
 
-    fn drain_generation(&mut self, id: u64) {
+    /// Drains generation `id`; `successor`: another serves after it (a reload), so its workers
+    /// hand their connections on.
+    fn drain_generation(&mut self, id: u64, successor: bool) {
         let Some(gen_) = self.table.generations.get_mut(&id) else {
             return;
         };
@@ -1047,7 +1049,7 @@ impl Master {
             if let Some(w) = self.table.workers.get_mut(&pid) {
                 w.state = WorkerState::Draining;
             }
-            self.send(pid, MasterMessage::Drain);
+            self.send(pid, if successor { MasterMessage::Handoff } else { MasterMessage::Drain });
         }
         self.respawns.retain(|r| r.generation != id);
     }
@@ -1160,7 +1162,7 @@ impl Master {
                 if let Some(w) = self.table.workers.get_mut(&pid) {
                     w.state = WorkerState::Draining;
                 }
-                self.send(pid, MasterMessage::Drain);
+                self.send(pid, MasterMessage::Handoff);
             }
         } else {
             log::warn!("TTOU: already down to one worker");
@@ -1211,7 +1213,7 @@ impl Master {
                     self.send(pid, MasterMessage::Stop);
                 }
             } else if self.table.generations[&id].state == GenState::Active {
-                self.drain_generation(id);
+                self.drain_generation(id, false);
             }
         }
         // After abandoning a booting generation, whose failed reload ends with READY=1. A

@@ -646,7 +646,8 @@ impl App {
         let mut session = Vec::new();
         // SAFETY: `app` is live; `conn` is a live handle used by this thread only; `session`
         // outlives the call.
-        let status = unsafe { (handoff.export)(self.app, conn.0, append_output, (&mut session as *mut Vec<u8>).cast()) };
+        let status =
+            unsafe { (handoff.export)(self.app, conn.0, append_output, (&mut session as *mut Vec<u8>).cast()) };
         if status == abi::STATUS_OK { Ok(session) } else { Err(format!("export_session failed (status {status})")) }
     }
 

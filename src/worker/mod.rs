@@ -51,9 +51,9 @@ const DRAIN_SWEEP_INTERVAL: Duration = Duration::from_millis(50);
 /// right then; HTTP apps avoid that by answering the next request with `Connection: close`,
 /// which a busy client sends within microseconds, so only really idle ones are closed here.
 const DRAIN_IDLE_GRACE: Duration = Duration::from_millis(200);
-/// How long a draining worker waits for workers that take its connections (`handoff`) to
-/// appear before it tells its apps that it drains.
-const TAKERS_GRACE: Duration = Duration::from_millis(50);
+/// How long a worker draining for a successor waits for workers that take its connections
+/// (`handoff`) to appear before its connections drain here as in a stop.
+const TAKERS_PATIENCE: Duration = Duration::from_secs(2);
 /// How long a draining worker waits for its interrupted acceptors to return before it reports
 /// that it stopped accepting anyway. One that has not returned by then is inside app code
 /// (opening the connection it accepted) or pausing, and checks the drain flag before it could
@@ -130,6 +130,8 @@ struct Worker {
     handoff_path: Option<std::path::PathBuf>,
     /// Where the next connection handed off goes (round robin over the takers).
     next_target: usize,
+    /// Draining for a successor (since when): its connections are handed off.
+    successor: Option<Instant>,
 }
 
 impl Worker {
@@ -296,6 +298,7 @@ impl Worker {
             generation: spec.generation,
             handoff_path: None,
             next_target: 0,
+            successor: None,
         };
         worker.send(WorkerMessage::Ready);
         log::debug!("ready");
@@ -420,13 +423,18 @@ impl Worker {
                     Event::Master(MasterMessage::Accept) => self.start_accepting(),
                     Event::Master(MasterMessage::Drain) | Event::DrainSignal => {
                         if drain_deadline.is_none() {
-                            drain_deadline = Some(self.begin_drain());
+                            drain_deadline = Some(self.begin_drain(false));
+                        }
+                    }
+                    Event::Master(MasterMessage::Handoff) => {
+                        if drain_deadline.is_none() {
+                            drain_deadline = Some(self.begin_drain(true));
                         }
                     }
                     Event::MasterGone => {
                         if drain_deadline.is_none() {
                             log::warn!("the master is gone; draining");
-                            drain_deadline = Some(self.begin_drain());
+                            drain_deadline = Some(self.begin_drain(false));
                         }
                     }
                     Event::Master(MasterMessage::Stop) | Event::StopSignal => {
@@ -500,20 +508,19 @@ impl Worker {
         }
     }
 
-    fn begin_drain(&mut self) -> Instant {
+    /// Starts the drain; `successor`: workers that take this one's connections serve after it
+    /// (`handoff`).
+    fn begin_drain(&mut self, successor: bool) -> Instant {
         log::info!("draining: {} connection(s) open", self.pool.counters.open.load(Ordering::Relaxed));
         // No more connections handed to this one; are there workers that take its own?
         if let Some(path) = self.handoff_path.take() {
             let _ = std::fs::remove_file(path);
         }
-        // A reload's new workers start taking connections as this one starts to drain: give
-        // them a moment (a stop finds none, and waits no longer). Known before the drain
-        // shows: an app must not see it for a connection that moves (`Pool::drains_for`).
-        let deadline = Instant::now() + TAKERS_GRACE;
-        while handoff::targets(&self.bus_dir).is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        self.pool.set_takers(!handoff::targets(&self.bus_dir).is_empty());
+        // Known before the drain shows: an app must not see it for a connection that moves
+        // (`Pool::drains_for`). A reload's new workers may bind their sockets a moment after
+        // this (the sweeps hand off once they are there).
+        self.successor = successor.then(Instant::now);
+        self.pool.set_takers(successor);
         self.pool.draining.store(true, Ordering::SeqCst);
         self.pool.announce_drain();
         for app in &self.pool.apps {
@@ -559,8 +566,14 @@ impl Worker {
     /// keep-alive) — is closed gently once quiet; the rest stay until they end or
     /// `graceful_timeout`.
     fn settle_idle_connections(&mut self) {
-        let targets = handoff::targets(&self.bus_dir);
-        self.pool.set_takers(!targets.is_empty());
+        let targets = if self.successor.is_some() { handoff::targets(&self.bus_dir) } else { Vec::new() };
+        // Successors that never show up (they failed): the connections drain as in a stop.
+        if targets.is_empty() && self.successor.is_some_and(|since| since.elapsed() >= TAKERS_PATIENCE) {
+            log::warn!("no worker takes this one's connections; they drain here");
+            self.successor = None;
+            self.pool.set_takers(false);
+            self.pool.announce_drain();
+        }
         let now_ms = sys::monotonic_ms();
         let mut next = self.next_target;
         self.pool.sweep(|slot| {

@@ -973,7 +973,9 @@ impl Pool {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .find(|(_, address, app, _)| *address == arrival.listener && self.apps[*app].protocol() == Some(arrival.protocol.as_str()))
+            .find(|(_, address, app, _)| {
+                *address == arrival.listener && self.apps[*app].protocol() == Some(arrival.protocol.as_str())
+            })
             .cloned();
         let Some((index, address, app_index, tcp)) = found else {
             return Err(format!("no listener {} of protocol {} here", arrival.listener, arrival.protocol));
@@ -1026,7 +1028,8 @@ impl Pool {
             .ok_or("its listener is unknown")?;
         let session = conn.export_session(app)?;
         self.epoll.delete(conn.fd()).map_err(|e| e.to_string())?;
-        let parcel = super::handoff::Parcel { listener: &address, protocol: &protocol, peer: &conn.peer, session: &session };
+        let parcel =
+            super::handoff::Parcel { listener: &address, protocol: &protocol, peer: &conn.peer, session: &session };
         match super::handoff::send(target, conn.fd(), &parcel) {
             Ok(()) => Ok(()),
             Err(e) => {
