@@ -13,8 +13,9 @@
 //! socket full — is dropped, counted (`fdtserver_events_total{kind="dropped"}`) and logged at
 //! most once a second. Never silent, never unbounded. Each member is sent to through a socket
 //! of its own (unread datagrams are charged to the sending socket): a member that stopped
-//! reading holds back only itself, and costs the sender one short wait (`FULL_RETRY`) per
-//! stall, not one per datagram.
+//! reading holds back only itself, and costs the sender one short wait per stall
+//! (`SUBSCRIBER_RETRY` for a `fdtserver subscribe`, `WORKER_RETRY` for a worker, which a busy
+//! machine may hold up for a moment), not one per datagram.
 //!
 //! Invariants: no app code runs with a lock of this module held, except `delivering`, which
 //! `stop_app` takes to wait for a callback in progress; a subscription's callback is dropped
@@ -36,7 +37,10 @@ const OUTBOX_MAX: usize = 8 << 20;
 /// How often the members are listed again (a newcomer also says hello at once).
 const MEMBERS_REFRESH: Duration = Duration::from_secs(1);
 /// How long the sender retries a member whose socket is full before it drops the datagram.
-const FULL_RETRY: Duration = Duration::from_millis(20);
+const SUBSCRIBER_RETRY: Duration = Duration::from_millis(20);
+/// The same for a worker: longer, since a worker's queue (a few datagrams: the kernel's
+/// `net.unix.max_dgram_qlen`) fills whenever the machine is busy for a moment.
+const WORKER_RETRY: Duration = Duration::from_millis(250);
 /// Distinct topic prefixes counted; others are counted as `other`.
 const MAX_PREFIXES: usize = 64;
 /// The app name under which the bus counters travel to the master (`ipc` `events` lines).
@@ -46,8 +50,8 @@ pub const COUNTERS_APP: &str = "@bus";
 struct Member {
     path: PathBuf,
     socket: UnixDatagram,
-    /// Its queue was full past `FULL_RETRY`: datagrams are tried once, without waiting, until
-    /// one is taken again.
+    /// Its queue stayed full for its whole retry: datagrams are tried once, without waiting,
+    /// until one is taken again.
     congested: bool,
 }
 
@@ -340,7 +344,13 @@ impl Events {
 
     /// Sends one datagram to `member`; false when the member is gone (its file is removed).
     fn send_to(&self, member: &mut Member, datagram: &[u8]) -> bool {
-        let deadline = Instant::now() + if member.congested { Duration::ZERO } else { FULL_RETRY };
+        let worker = member.path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('w'));
+        let retry = match (member.congested, worker) {
+            (true, _) => Duration::ZERO,
+            (false, true) => WORKER_RETRY,
+            (false, false) => SUBSCRIBER_RETRY,
+        };
+        let deadline = Instant::now() + retry;
         loop {
             match bus::send_connected(&member.socket, datagram) {
                 Ok(true) => {

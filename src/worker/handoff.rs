@@ -70,30 +70,59 @@ pub fn bind(dir: &Path, generation: u64) -> std::io::Result<(Socket, PathBuf)> {
     Ok((socket, path))
 }
 
-/// One connection on its way: what the new worker needs besides the fd.
-pub struct Parcel<'a> {
-    pub listener: &'a str,
-    pub protocol: &'a str,
-    pub peer: &'a str,
-    pub session: &'a [u8],
+/// One connection on its way: its fd and what the new worker needs besides.
+pub struct Outgoing {
+    pub fd: RawFd,
+    pub listener: String,
+    pub protocol: String,
+    pub peer: String,
+    pub session: Vec<u8>,
 }
 
-/// Hands the connection `fd` to the worker at `target`; `Ok` once it has adopted it (the
-/// caller then lets go of its copy), `Err` with why not (the caller keeps serving it).
-pub fn send(target: &Path, fd: RawFd, parcel: &Parcel<'_>) -> Result<(), String> {
-    let mut message = format!("{}\n{}\n{}\n", parcel.listener, parcel.protocol, parcel.peer).into_bytes();
-    message.extend_from_slice(parcel.session);
-    if message.len() > MAX_MESSAGE {
-        return Err(format!("its session ({} bytes) is too large to hand over", parcel.session.len()));
+/// How many connections go out before their answers are read.
+const WINDOW: usize = 16;
+
+/// Hands the connections of `batch` to the worker at `target`, over one connection, a window at
+/// a time; for each, `Ok` once that worker has adopted it (the caller then lets go of its
+/// copy), `Err` with why not (the caller keeps serving it).
+pub fn send(target: &Path, batch: &[Outgoing]) -> Vec<Result<(), String>> {
+    let socket = match connect(target) {
+        Ok(s) => s,
+        Err(e) => return batch.iter().map(|_| Err(e.clone())).collect(),
+    };
+    let mut results = Vec::with_capacity(batch.len());
+    for window in batch.chunks(WINDOW) {
+        // What went out is answered in order; what could not go out fails here.
+        let sent: Vec<Result<(), String>> = window.iter().map(|out| send_one(&socket, out)).collect();
+        for outcome in sent {
+            results.push(outcome.and_then(|()| answer(&socket)));
+        }
     }
+    results
+}
+
+fn connect(target: &Path) -> Result<Socket, String> {
     let socket = Socket::new(Domain::UNIX, Type::SEQPACKET, None).map_err(|e| e.to_string())?;
     socket.connect(&SockAddr::unix(target).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
     socket.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(|e| e.to_string())?;
-    crate::sys::send_with_fds(socket.as_raw_fd(), &message, &[fd]).map_err(|e| e.to_string())?;
+    Ok(socket)
+}
+
+fn send_one(socket: &Socket, out: &Outgoing) -> Result<(), String> {
+    let mut message = format!("{}\n{}\n{}\n", out.listener, out.protocol, out.peer).into_bytes();
+    message.extend_from_slice(&out.session);
+    if message.len() > MAX_MESSAGE {
+        return Err(format!("its session ({} bytes) is too large to hand over", out.session.len()));
+    }
+    crate::sys::send_with_fds(socket.as_raw_fd(), &message, &[out.fd]).map(|_| ()).map_err(|e| e.to_string())
+}
+
+fn answer(socket: &Socket) -> Result<(), String> {
     let mut answer = [0u8; 256];
     let n = crate::sys::recv_with_fds(socket.as_raw_fd(), &mut answer).map_err(|e| format!("no answer: {e}"))?.0;
     match &answer[..n] {
         b"OK" => Ok(()),
+        [] => Err("no answer: the worker went away".into()),
         other => Err(String::from_utf8_lossy(other).into_owned()),
     }
 }
@@ -114,7 +143,15 @@ pub fn serve(listener: Socket, adopt: impl Fn(Arrival) -> Result<(), String>) {
     loop {
         let Ok((conn, _)) = listener.accept() else { return };
         let _ = conn.set_read_timeout(Some(REPLY_TIMEOUT));
-        let answer = match crate::sys::recv_with_fds(conn.as_raw_fd(), &mut buf) {
+        while serve_one(&conn, &mut buf, &adopt) {}
+    }
+}
+
+/// Takes one arrival on `conn` and answers it; false at the end of the sender's batch.
+fn serve_one(conn: &Socket, buf: &mut [u8], adopt: &impl Fn(Arrival) -> Result<(), String>) -> bool {
+    {
+        let answer = match crate::sys::recv_with_fds(conn.as_raw_fd(), buf) {
+            Ok((0, _)) | Err(_) => return false,
             Ok((n, mut fds)) if fds.len() == 1 => match parse(&buf[..n]) {
                 Some((listener, protocol, peer, session)) => adopt(Arrival {
                     socket: Socket::from(fds.remove(0)),
@@ -126,13 +163,12 @@ pub fn serve(listener: Socket, adopt: impl Fn(Arrival) -> Result<(), String>) {
                 None => Err("a malformed handoff".to_string()),
             },
             Ok(_) => Err("a handoff without exactly one connection".to_string()),
-            Err(e) => Err(format!("cannot read the handoff: {e}")),
         };
         let reply = match &answer {
             Ok(()) => "OK".to_string(),
             Err(reason) => format!("refused: {reason}"),
         };
-        let _ = crate::sys::send_with_fds(conn.as_raw_fd(), reply.as_bytes(), &[]);
+        crate::sys::send_with_fds(conn.as_raw_fd(), reply.as_bytes(), &[]).is_ok()
     }
 }
 

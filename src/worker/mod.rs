@@ -574,29 +574,41 @@ impl Worker {
             self.pool.set_takers(false);
             self.pool.announce_drain();
         }
-        let now_ms = sys::monotonic_ms();
-        let mut next = self.next_target;
-        self.pool.sweep(|slot| {
-            let conn = slot.as_mut().expect("sweep only offers occupied slots");
-            let app = &self.pool.apps[conn.app()];
-            if !targets.is_empty() && !conn.handoff_failed && conn.movable() && app.protocol().is_some() {
-                let target = &targets[next % targets.len()];
-                next = next.wrapping_add(1);
-                match self.pool.hand_off(conn, target) {
-                    Ok(()) => {
-                        if let Some(conn) = slot.take() {
-                            self.pool.finish(conn, CloseReason::HandedOff);
+        // Out of their slots first, then over one connection per taker (a round trip per
+        // window, not per connection), then each ended here or put back.
+        if !targets.is_empty() {
+            let mut batches: Vec<Vec<(conn::Conn, handoff::Outgoing)>> = targets.iter().map(|_| Vec::new()).collect();
+            let mut next = self.next_target;
+            self.pool.sweep(|slot| {
+                if let Some(parcel) = self.pool.take_for_handoff(slot) {
+                    batches[next % targets.len()].push(parcel);
+                    next = next.wrapping_add(1);
+                }
+            });
+            self.next_target = next;
+            for (target, batch) in targets.iter().zip(batches) {
+                if batch.is_empty() {
+                    continue;
+                }
+                let (conns, outgoing): (Vec<conn::Conn>, Vec<handoff::Outgoing>) = batch.into_iter().unzip();
+                for (mut conn, result) in conns.into_iter().zip(handoff::send(target, &outgoing)) {
+                    match result {
+                        Ok(()) => self.pool.finish(conn, CloseReason::HandedOff),
+                        // A taker that drains itself (a stop under way) is gone at the next sweep.
+                        Err(e) if e.contains(handoff::DRAINS) => self.pool.restore(conn),
+                        Err(e) => {
+                            log::info!("keeping the connection from {} (not handed off: {e})", conn.peer);
+                            conn.handoff_failed = true;
+                            self.pool.restore(conn);
                         }
-                        return;
-                    }
-                    // A taker that drains itself (a stop under way) is gone at the next sweep.
-                    Err(e) if e.contains(handoff::DRAINS) => {}
-                    Err(e) => {
-                        log::info!("keeping the connection from {} (not handed off: {e})", conn.peer);
-                        conn.handoff_failed = true;
                     }
                 }
             }
+        }
+        let now_ms = sys::monotonic_ms();
+        self.pool.sweep(|slot| {
+            let conn = slot.as_mut().expect("sweep only offers occupied slots");
+            let app = &self.pool.apps[conn.app()];
             if !(targets.is_empty() || app.idle_close_harmless()) {
                 return;
             }
@@ -614,7 +626,6 @@ impl Worker {
                 self.pool.finish(conn, CloseReason::Drained);
             }
         });
-        self.next_target = next;
     }
 
     fn close_expired_lingerers(&self) {

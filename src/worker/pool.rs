@@ -264,11 +264,11 @@ impl Pool {
     /// none (a stop), its app hands off nothing, or its handoff failed. One that will move is
     /// served as if nothing happened.
     fn drains_for(&self, conn: &Conn) -> bool {
-        self.draining.load(Ordering::Relaxed)
-            && !(self.takers.load(Ordering::Relaxed)
-                && !conn.handoff_failed
-                && !conn.outbound
-                && self.apps[conn.app()].protocol().is_some())
+        let moves = self.takers.load(Ordering::Relaxed)
+            && !conn.handoff_failed
+            && !conn.outbound
+            && self.apps[conn.app()].protocol().is_some();
+        self.draining.load(Ordering::Relaxed) && !moves
     }
 
     /// Tells the pool whether some worker takes this one's connections (`worker::handoff`).
@@ -1012,35 +1012,55 @@ impl Pool {
         Ok(())
     }
 
-    /// Hands `conn` (between requests, its slot lock held by the caller) to the worker at
-    /// `target` (`worker::handoff`): out of the epoll instance, its session exported, sent;
-    /// `Ok` once adopted there (the caller ends it here as handed off), else put back as it was.
-    pub fn hand_off(&self, conn: &mut Conn, target: &std::path::Path) -> Result<(), String> {
+    /// Takes the connection in `slot` out for a handoff (`worker::handoff`), when it may move
+    /// (between requests, its app has a protocol, no handoff of it failed): out of the epoll
+    /// instance and the slot (its fd stays open here, so its number is not reused), with what
+    /// the new worker needs. Put it back with [`Pool::restore`] if the handoff fails.
+    pub fn take_for_handoff(&self, slot: &mut Option<Conn>) -> Option<(Conn, super::handoff::Outgoing)> {
+        let conn = slot.as_mut()?;
         let app = &self.apps[conn.app()];
-        let protocol = app.protocol().ok_or("its app hands off no connection")?.to_string();
-        let address = self
+        let protocol = app.protocol()?.to_string();
+        if !conn.movable() || conn.handoff_failed {
+            return None;
+        }
+        let listener = self
             .listening
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .find(|(index, ..)| *index == conn.listener as usize)
-            .map(|(_, address, ..)| address.clone())
-            .ok_or("its listener is unknown")?;
-        let session = conn.export_session(app)?;
-        self.epoll.delete(conn.fd()).map_err(|e| e.to_string())?;
-        let parcel =
-            super::handoff::Parcel { listener: &address, protocol: &protocol, peer: &conn.peer, session: &session };
-        match super::handoff::send(target, conn.fd(), &parcel) {
-            Ok(()) => Ok(()),
+            .map(|(_, address, ..)| address.clone())?;
+        let session = match conn.export_session(app) {
+            Ok(s) => s,
             Err(e) => {
-                // Back as it was: the kernel reports what arrived meanwhile.
-                let token = token(conn.fd() as usize, conn.seq);
-                if let Err(again) = self.epoll.add(conn.fd(), conn.armed, token) {
-                    log::error!("cannot watch the connection from {} again: {again}", conn.peer);
-                }
-                Err(e)
+                log::info!("keeping the connection from {} (its session: {e})", conn.peer);
+                conn.handoff_failed = true;
+                return None;
             }
+        };
+        if self.epoll.delete(conn.fd()).is_err() {
+            return None;
         }
+        let conn = slot.take()?;
+        let outgoing = super::handoff::Outgoing { fd: conn.fd(), listener, protocol, peer: conn.peer.clone(), session };
+        Some((conn, outgoing))
+    }
+
+    /// Puts back a connection whose handoff failed: in its slot and the epoll instance again,
+    /// where what arrived meanwhile reports at once.
+    pub fn restore(&self, conn: Conn) {
+        let fd = conn.fd();
+        let Some(slot) = self.conns.slot(fd as usize) else { return };
+        let mut guard = slot.lock();
+        let token = token(fd as usize, conn.seq);
+        let wanted = conn.armed | slot.waiting_interest();
+        let conn = guard.insert(conn);
+        if let Err(e) = self.epoll.add(fd, wanted, token) {
+            log::error!("cannot watch the connection from {} again: {e}", conn.peer);
+        } else {
+            conn.armed = wanted;
+        }
+        self.unlock(slot, guard);
     }
 
     /// Starts an outbound connection (see `worker::outbound`); returns its token.
