@@ -144,3 +144,43 @@ fn a_chat_client_keeps_its_nick_across_a_reload_and_the_count_shows() {
         (metric_sum(&server, "fdtserver_connections_handed_off_total") >= 2.0).then_some(())
     });
 }
+
+#[test]
+fn idle_connections_move_to_the_new_master_on_a_binary_upgrade_and_to_a_sibling_on_ttou() {
+    use nix::sys::signal::Signal;
+    let mut server = TestServer::start(&Setup::new(2, 2).app("hello", "hello", ""));
+    let addr = server.addr("hello");
+    let mut idle: Vec<HttpClient> = (0..10).map(|_| HttpClient::connect(addr).unwrap()).collect();
+    for c in &mut idle {
+        assert_eq!(c.get("/").unwrap().status, 200);
+    }
+    // TTOU: one worker fewer; its connections go to the one that stays.
+    let before = server.worker_pids();
+    server.signal(Signal::SIGTTOU);
+    let left = wait_for(Duration::from_secs(5), "one worker left", || {
+        let pids = server.worker_pids();
+        (pids.len() == 1 && before.iter().filter(|p| alive(**p)).count() == 1).then_some(pids)
+    });
+    for c in &mut idle {
+        let r = c.get("/").expect("a connection of the removed worker was closed");
+        assert_eq!(r.worker_pid(), left[0]);
+    }
+    // USR2: the new master's workers take them; the old master exits at once.
+    let old_master = server.pid;
+    server.signal(Signal::SIGUSR2);
+    let status = server.wait_exit(Duration::from_secs(10));
+    assert!(status.success());
+    let v = wait_for(READY_TIMEOUT, "the new master", || {
+        let (code, body) = server.control("GET", "/status")?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        (code == 200 && v["pid"].as_i64() != Some(old_master as i64)).then_some(v)
+    });
+    let new_workers: Vec<i32> = v["workers"].as_array().unwrap().iter().map(|w| w["pid"].as_i64().unwrap() as i32).collect();
+    for c in &mut idle {
+        let r = c.get("/").expect("a connection was closed by the upgrade");
+        assert!(new_workers.contains(&r.worker_pid()), "served by {} (new workers {new_workers:?})", r.worker_pid());
+    }
+    let new_master = v["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(new_master), Signal::SIGTERM).unwrap();
+    wait_for(READY_TIMEOUT, "the new master to stop", || (!alive(new_master)).then_some(()));
+}

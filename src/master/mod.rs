@@ -1213,7 +1213,8 @@ impl Master {
                     self.send(pid, MasterMessage::Stop);
                 }
             } else if self.table.generations[&id].state == GenState::Active {
-                self.drain_generation(id, false);
+                // After a binary upgrade the new master's workers take the connections.
+                self.drain_generation(id, self.handed_over);
             }
         }
         // After abandoning a booting generation, whose failed reload ends with READY=1. A
