@@ -146,6 +146,25 @@ mod tests {
     }
 
     #[test]
+    fn a_client_handed_to_the_next_generation_keeps_its_nick_and_gets_lines() {
+        let old = TestApp::<Chat>::start("").unwrap();
+        let mut ann = old.connect();
+        ann.send(b"NICK ann\n");
+        let session = ann.hand_off();
+        assert_eq!(session, b"ann");
+        let new = TestApp::<Chat>::start("").unwrap();
+        let mut moved = new.take_over(&session).unwrap();
+        assert!(moved.take_output().is_empty(), "no second welcome");
+        let mut bob = new.connect();
+        moved.send(b"hi again\n");
+        new.deliver_events();
+        assert!(bob.take_output().ends_with(b"ann: hi again\n"), "its nick came along");
+        bob.send(b"welcome back\n");
+        new.deliver_events();
+        assert_eq!(moved.take_output(), b"anon: welcome back\n", "registered to get lines");
+    }
+
+    #[test]
     fn a_slow_client_is_told_and_disconnected() {
         let app = TestApp::<Chat>::start("").unwrap();
         let mut slow = app.connect();

@@ -107,6 +107,23 @@ impl<A: App> TestApp<A> {
         conn
     }
 
+    /// A connection handed over from the previous generation on a reload, as the worker adopts
+    /// one: with the session its old app exported ([`TestConn::hand_off`]), and
+    /// [`App::import_session`] called instead of `on_open`. `Err`: the app refused it.
+    pub fn take_over(&self, session: &[u8]) -> Result<TestConn<'_, A>, String> {
+        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let mut conn = self.conn(ConnState {
+            peer: format!("127.0.0.1:{}", 40_000 + id % 20_000),
+            listener: "127.0.0.1:7000".into(),
+            id,
+            handle: new_handle(),
+            ..ConnState::default()
+        });
+        let mut c = Conn::new(&[], 0, &mut conn.state);
+        self.app.import_session(&mut c, session)?;
+        Ok(conn)
+    }
+
     /// Takes the outbound connection the app started to `addr` ([`Connector::connect`](crate::Connector::connect),
     /// [`Conn::connect`]), if it started one that was not taken yet: the test plays its peer.
     /// It is not connected yet: call [`TestConn::connected`] (the app's `on_open`) or
@@ -295,6 +312,18 @@ impl<'a, A: App> TestConn<'a, A> {
         let handle = self.state.handle;
         let pending = crate::outbound::take_pending(|p| p.link == handle)?;
         Some(self.app.outbound(pending))
+    }
+
+    /// Hands the connection off, as a reload does to one between requests: returns the session
+    /// [`App::export_session`] gives (empty for none), then closes it here (`on_close`). Give
+    /// the bytes to [`TestApp::take_over`] of the next generation's app.
+    pub fn hand_off(mut self) -> Vec<u8> {
+        let session = {
+            let mut c = Conn::new(&[], 0, &mut self.state);
+            self.app.app.export_session(&mut c).unwrap_or_default()
+        };
+        self.close();
+        session
     }
 
     /// For an outbound connection: the connect succeeded. Calls [`App::on_open`].
