@@ -175,7 +175,8 @@ fn idle_connections_move_to_the_new_master_on_a_binary_upgrade_and_to_a_sibling_
         let v: serde_json::Value = serde_json::from_str(&body).ok()?;
         (code == 200 && v["pid"].as_i64() != Some(old_master as i64)).then_some(v)
     });
-    let new_workers: Vec<i32> = v["workers"].as_array().unwrap().iter().map(|w| w["pid"].as_i64().unwrap() as i32).collect();
+    let new_workers: Vec<i32> =
+        v["workers"].as_array().unwrap().iter().map(|w| w["pid"].as_i64().unwrap() as i32).collect();
     for c in &mut idle {
         let r = c.get("/").expect("a connection was closed by the upgrade");
         assert!(new_workers.contains(&r.worker_pid()), "served by {} (new workers {new_workers:?})", r.worker_pid());
