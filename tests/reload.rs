@@ -159,7 +159,7 @@ fn an_idle_keep_alive_connection_moves_to_the_new_generation_on_a_reload() {
     assert_eq!(server.reload().0, 200);
     // Handed to the new worker between requests (so the old one has nothing left, and exits):
     // the client notices nothing.
-    wait_for(Duration::from_secs(2), "the old worker to exit", || (!alive(old)).then_some(()));
+    wait_for(Duration::from_secs(5), "the old worker to exit", || (!alive(old)).then_some(()));
     let r = idle.get("/").expect("the idle connection was closed");
     assert_eq!(r.status, 200);
     assert_ne!(r.worker_pid(), old, "served by the new generation");
@@ -195,7 +195,7 @@ fn a_request_half_sent_when_the_drain_begins_is_answered_and_the_next_by_the_new
     assert_eq!(r.status, 200);
     assert_eq!(r.worker_pid(), old, "the old worker finishes what it began");
     assert!(!r.closes(), "and then hands the connection on");
-    wait_for(Duration::from_secs(2), "the old worker to exit", || (!alive(old)).then_some(()));
+    wait_for(Duration::from_secs(5), "the old worker to exit", || (!alive(old)).then_some(()));
     let next = c.get("/").expect("the connection was closed");
     assert_ne!(next.worker_pid(), old);
 }
