@@ -283,3 +283,48 @@ fn bank_events_arrive_when_their_transaction_commits_and_never_otherwise() {
     assert_eq!(after.ask("BALANCE b"), "OK 9");
     assert_eq!(far.next(), "bank.transferred {\"from\":\"a\",\"to\":\"b\",\"amount\":1}");
 }
+
+#[test]
+fn an_app_subscribes_and_unsubscribes_at_run_time_and_a_reload_ends_its_subscriptions_cleanly() {
+    let server = TestServer::start(&Setup::new(2, 2).app("kit", "testkit", ""));
+    let mut listener = LineClient::connect(server.addr("kit"));
+    assert_eq!(listener.ask("LISTEN demo.*"), "LISTENING");
+    assert_eq!(listener.ask("LISTEN"), "LISTEN", "without a pattern, an unknown line: echoed");
+    let mut talker = LineClient::connect(server.addr("kit"));
+    assert_eq!(talker.ask("EMIT1 demo.one hello there"), "EMITTED");
+    assert_eq!(listener.recv().as_deref(), Some("EVENT demo.one hello there"));
+    assert_eq!(talker.ask("EMIT1 bad!topic x"), "ERR a topic is made of A-Z a-z 0-9 . _ - : (\"bad!topic\")");
+    assert_eq!(listener.ask("UNLISTEN"), "UNLISTENED");
+    assert_eq!(listener.ask("UNLISTEN"), "ERR not listening");
+    assert_eq!(talker.ask("EMIT1 demo.two unheard"), "EMITTED");
+    assert_eq!(listener.ask("LISTEN demo.three"), "LISTENING");
+    assert_eq!(talker.ask("EMIT1 demo.three heard"), "EMITTED");
+    assert_eq!(listener.recv().as_deref(), Some("EVENT demo.three heard"), "demo.two never came");
+    // The old generation's subscriptions end with its apps; the new one's work.
+    assert_eq!(server.reload().0, 200);
+    let mut fresh = LineClient::connect(server.addr("kit"));
+    assert_eq!(fresh.ask("LISTEN demo.*"), "LISTENING");
+    assert_eq!(LineClient::connect(server.addr("kit")).ask("EMIT1 demo.four after"), "EMITTED");
+    assert_eq!(fresh.recv().as_deref(), Some("EVENT demo.four after"));
+}
+
+#[test]
+fn a_server_whose_events_database_is_down_delivers_within_itself_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("host={} port=5432 user=postgres dbname=main connect_timeout=1", dir.path().display());
+    let server = TestServer::start(
+        &Setup::new(2, 2)
+            .app("chat", "chat", "")
+            .extra(&format!("[database.main]\nurl = \"{url}\"\n\n[events]\ndatabase = \"main\"\n")),
+    );
+    let (mut a, _) = join(&server);
+    let (mut b, _) = join(&server);
+    a.send("local still works");
+    assert_eq!(b.recv().as_deref(), Some("anon: local still works"));
+    wait_for(Duration::from_secs(10), "the outage in the log", || {
+        let log = server.log();
+        (log.contains("events: cannot reach database main to notify other servers")
+            && log.contains("events: cannot listen for other servers' events on database main"))
+        .then_some(())
+    });
+}

@@ -303,3 +303,100 @@ impl TestBus {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outside_a_server_there_is_no_bus_and_bad_topics_and_patterns_are_refused() {
+        let none = Bus::default();
+        assert!(none.emit("a.b", b"x").unwrap_err().to_string().contains("no event bus"));
+        assert!(none.subscribe("a.*", |_, _| {}).is_err());
+        none.unsubscribe(SubscriptionId(1));
+        assert_eq!(format!("{none:?}"), "Bus { backend: \"none\" }");
+        let test = Bus::simulated(Arc::default());
+        assert_eq!(format!("{test:?}"), "Bus { backend: \"test\" }");
+        assert!(test.emit("bad topic", b"").unwrap_err().to_string().contains("a topic is 1 to 128"));
+        assert!(test.emit("big", &vec![0; 61 * 1024]).unwrap_err().to_string().contains("at most 61440"));
+        assert!(test.subscribe("bad pattern*", |_, _| {}).unwrap_err().to_string().contains("bad pattern"));
+        assert!(test.subscribe("*", |_, _| {}).is_ok(), "every topic");
+    }
+
+    #[test]
+    fn test_subscriptions_take_their_patterns_and_end_when_unsubscribed() {
+        let bus = Arc::new(TestBus::default());
+        let handle = Bus::simulated(bus.clone());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mine = seen.clone();
+        let id =
+            handle.subscribe("bank.*", move |t, p| mine.lock().unwrap().push((t.to_string(), p.to_vec()))).unwrap();
+        handle.emit("bank.changed", b"1").unwrap();
+        handle.emit("chat.line", b"2").unwrap();
+        assert_eq!(bus.deliver_queued(), 1);
+        assert_eq!(*seen.lock().unwrap(), [("bank.changed".to_string(), b"1".to_vec())]);
+        assert_eq!(bus.take_emitted().len(), 2);
+        handle.unsubscribe(id);
+        assert_eq!(bus.deliver("bank.x", b""), 0);
+    }
+
+    unsafe extern "C" fn host_emit(
+        _: *const c_void,
+        topic: abi::StrRef,
+        _: abi::StrRef,
+        flags: u32,
+        error: abi::MessageFn,
+        ctx: *mut c_void,
+    ) -> i32 {
+        if flags == abi::EMIT_LOCAL {
+            return abi::STATUS_OK;
+        }
+        // SAFETY: the SDK passes its own callback, context and a valid topic.
+        unsafe {
+            let _ = topic;
+            error(ctx, abi::StrRef::new("refused by the host"));
+        }
+        abi::STATUS_ERROR
+    }
+
+    unsafe extern "C" fn host_subscribe(
+        _: *const c_void,
+        _: abi::StrRef,
+        deliver_fn: abi::EventDeliverFn,
+        drop_fn: abi::TimerDropFn,
+        ctx: *mut c_void,
+    ) -> u64 {
+        // SAFETY: as the host does: a delivery (one that panics, too), then the drop, once.
+        unsafe {
+            assert_eq!(deliver_fn(ctx, abi::StrRef::new("t"), abi::StrRef::new("ok")), abi::STATUS_OK);
+            assert_eq!(deliver_fn(ctx, abi::StrRef::new("t"), abi::StrRef::new("boom")), abi::STATUS_PANIC);
+            drop_fn(ctx);
+        }
+        7
+    }
+
+    static UNSUBSCRIBED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+    unsafe extern "C" fn host_unsubscribe(_: *const c_void, id: u64) {
+        UNSUBSCRIBED.store(id, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    #[test]
+    fn the_host_backend_passes_errors_deliveries_panics_and_ends() {
+        let bus = Bus::from_host(host_emit, host_subscribe, host_unsubscribe, std::ptr::null());
+        assert_eq!(format!("{bus:?}"), "Bus { backend: \"host\" }");
+        assert_eq!(bus.emit("a", b"x").unwrap_err().to_string(), "refused by the host");
+        assert!(bus.emit_with("a", b"x", abi::EMIT_LOCAL).is_ok());
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let mine = got.clone();
+        let id = bus
+            .subscribe("t", move |_, p| {
+                assert_ne!(p, b"boom", "a subscription's panic is caught");
+                mine.lock().unwrap().push(p.to_vec());
+            })
+            .unwrap();
+        assert_eq!(*got.lock().unwrap(), [b"ok".to_vec()]);
+        bus.unsubscribe(id);
+        assert_eq!(UNSUBSCRIBED.load(std::sync::atomic::Ordering::SeqCst), 7);
+    }
+}

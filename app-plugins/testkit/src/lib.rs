@@ -46,6 +46,10 @@
 //! gap_us if given; answers `EMITTED <n> refused=<r>`), `RECEIVED` answers
 //! `<count> <p50 µs> <p99 µs>` for this worker since the last `RECEIVED`.
 //!
+//! `LISTEN <pattern>` subscribes this connection to events (each arrives as a line
+//! `EVENT <topic> <payload>`; answers `LISTENING`), `UNLISTEN` ends that (`UNLISTENED`),
+//! `EMIT1 <topic> <payload>` emits one event (`EMITTED` or `ERR <reason>`).
+//!
 //! Outbound: with `dial = "host:port"`, each worker connects there from an app timer once it
 //! serves (a connect from `start` itself is tried first and logged as refused), writes
 //! `HELLO <pid>` once connected and answers each line `<l>` from that peer with `GOT <l>`;
@@ -114,6 +118,8 @@ struct Session {
     /// `TIMER_PANIC`: panic when the timer runs out.
     panic_on_timer: bool,
     ticks: u64,
+    /// `LISTEN`: its event subscription.
+    listening: Option<fdt_sdk::SubscriptionId>,
 }
 
 impl App for Testkit {
@@ -271,6 +277,34 @@ impl App for Testkit {
             let mut words = line.split_whitespace();
             let answer = match (words.next().unwrap_or(""), words.next()) {
                 ("PID", _) => self.pid.to_string(),
+                ("LISTEN", Some(pattern)) => {
+                    let me = conn.handle();
+                    let subscribed = self.bus.subscribe(pattern, move |topic, payload| {
+                        let line = format!("EVENT {topic} {}\n", String::from_utf8_lossy(payload));
+                        let _ = me.write(line.as_bytes());
+                    });
+                    match subscribed {
+                        Ok(id) => {
+                            conn.session::<Session>().listening = Some(id);
+                            "LISTENING".to_string()
+                        }
+                        Err(e) => format!("ERR {e}"),
+                    }
+                }
+                ("UNLISTEN", _) => match conn.session::<Session>().listening.take() {
+                    Some(id) => {
+                        self.bus.unsubscribe(id);
+                        "UNLISTENED".to_string()
+                    }
+                    None => "ERR not listening".to_string(),
+                },
+                ("EMIT1", Some(topic)) => {
+                    let payload: Vec<&str> = words.by_ref().collect();
+                    match self.bus.emit(topic, payload.join(" ").as_bytes()) {
+                        Ok(()) => "EMITTED".to_string(),
+                        Err(e) => format!("ERR {e}"),
+                    }
+                }
                 ("EMIT", Some(n)) => {
                     let n: usize = n.parse().unwrap_or(0);
                     let gap = Duration::from_micros(words.next().and_then(|g| g.parse().ok()).unwrap_or(0));
