@@ -3,7 +3,10 @@
 //! 1. 25 reloads with no request in flight: the time from asking (`POST /reload`, which answers
 //!    once the new generation serves and the old one stopped accepting) to the answer, and the
 //!    time until every old worker has exited; median and p99.
-//! 2. With `wrk` on PATH: throughput with no reload, then with a reload every second, and the
+//! 2. 200 idle keep-alive connections through 10 reloads: after each, every one asks once more;
+//!    how many the server closed, how many the new generation answered, and the time from the
+//!    reload's answer until every old worker has exited (they hand their connections over).
+//! 3. With `wrk` on PATH: throughput with no reload, then with a reload every second, and the
 //!    failed requests of both (the goal: within 10 % of steady state, zero failures).
 //!
 //! `cargo build --release --workspace && cargo bench --bench reload`
@@ -107,11 +110,77 @@ fn throughput_during_reloads(server: &Server, seconds: u64, connections: u64) {
     }
 }
 
+/// One keep-alive `GET /` on `s`: the answering worker's pid, `None` when the server closed it.
+fn ask(s: &mut std::io::BufReader<std::net::TcpStream>) -> Option<i32> {
+    use std::io::{BufRead, Read, Write};
+    s.get_mut().write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n").ok()?;
+    let (mut pid, mut length) = (None, 0usize);
+    loop {
+        let mut line = String::new();
+        if s.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(": ") {
+            match k.to_ascii_lowercase().as_str() {
+                "x-worker-pid" => pid = v.parse().ok(),
+                "content-length" => length = v.parse().ok()?,
+                _ => {}
+            }
+        }
+    }
+    let mut body = vec![0u8; length];
+    s.read_exact(&mut body).ok()?;
+    pid
+}
+
+fn idle_through_reloads(server: &Server, connections: usize, reloads: usize) {
+    let mut idle: Vec<_> =
+        (0..connections).map(|_| std::io::BufReader::new(std::net::TcpStream::connect(server.addr).unwrap())).collect();
+    for c in &mut idle {
+        ask(c).expect("a first answer");
+    }
+    let (mut closed, mut by_new, mut exits) = (0, 0, Vec::new());
+    for _ in 0..reloads {
+        let generation = server.status().unwrap()["generation"].as_u64().unwrap();
+        let old = server.workers_of(generation);
+        let (code, _) = server.control("POST", "/reload").unwrap();
+        assert_eq!(code, 200);
+        let answered = Instant::now();
+        while old.iter().any(|p| alive(*p)) {
+            assert!(answered.elapsed() < Duration::from_secs(60), "old workers still there after 60 s");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        exits.push(answered.elapsed());
+        let new = server.workers_of(generation + 1);
+        for c in &mut idle {
+            match ask(c) {
+                Some(pid) if new.contains(&pid) => by_new += 1,
+                Some(_) => {}
+                None => {
+                    closed += 1;
+                    *c = std::io::BufReader::new(std::net::TcpStream::connect(server.addr).unwrap());
+                }
+            }
+        }
+    }
+    let (p50, p99) = p50_p99(exits);
+    println!(
+        "{connections} idle keep-alive connections through {reloads} reloads: {closed} closed by the server, \
+         {by_new} of {} next requests answered by the new generation; old workers gone {p50:.1} ms (p50) / {p99:.1} ms (p99) after the reload's answer",
+        connections * reloads
+    );
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
     let server = Server::start(2, 4);
     reload_times(&server, env_or("RELOADS", 25));
+    idle_through_reloads(&server, 200, 10);
     throughput_during_reloads(&server, env_or("WRK_SECONDS", 10), env_or("WRK_CONNECTIONS", 50));
 }
