@@ -54,7 +54,29 @@ pub fn prepare_dir(dir: &Path, identity: Option<&crate::privileges::Identity>) -
     if let Some(id) = identity {
         nix::unistd::chown(dir, Some(id.uid), Some(id.gid)).map_err(io::Error::from)?;
     }
+    remove_dead_members(dir);
     Ok(())
+}
+
+/// Removes the sockets that processes which died left in `dir` (`w<pid>`, `s<pid>`,
+/// `h<generation>-<pid>`): a crash or a `kill -9` leaves them, and a taker's would turn handoffs
+/// away.
+fn remove_dead_members(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = match name.split_once('-') {
+            Some((_, pid)) if name.starts_with('h') => pid,
+            _ if name.starts_with('w') || name.starts_with('s') => &name[1..],
+            _ => continue,
+        };
+        let Ok(pid) = pid.parse::<i32>() else { continue };
+        let dead =
+            matches!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None), Err(nix::errno::Errno::ESRCH));
+        if dead {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// The bus directory as seen through `fd`, an open descriptor of it: a worker reaches it so

@@ -70,9 +70,10 @@ pub enum MasterMessage {
     Accept,
     /// Stop accepting, finish the connections in progress, then exit.
     Drain,
-    /// Drain, and hand the connections between requests to the workers that take them (a
-    /// reload's new generation, or the siblings of a worker recycled or removed).
-    Handoff,
+    /// Drain, and hand the connections between requests to the workers that take them, of
+    /// this generation or a later one (a reload's new generation, or the siblings of a worker
+    /// recycled or removed).
+    Handoff(u64),
     /// Close everything now and exit.
     Stop,
     /// Switch the log files to the ones passed with this message (`SCM_RIGHTS`): the error log
@@ -122,7 +123,7 @@ impl fmt::Display for MasterMessage {
         match self {
             MasterMessage::Accept => writeln!(f, "accept"),
             MasterMessage::Drain => writeln!(f, "drain"),
-            MasterMessage::Handoff => writeln!(f, "handoff"),
+            MasterMessage::Handoff(generation) => writeln!(f, "handoff {generation}"),
             MasterMessage::Stop => writeln!(f, "stop"),
             MasterMessage::Reopen { error, access } => {
                 writeln!(f, "reopen{}{}", if *error { " error" } else { "" }, if *access { " access" } else { "" })
@@ -191,7 +192,7 @@ impl MasterMessage {
         match word {
             "accept" => Some(MasterMessage::Accept),
             "drain" => Some(MasterMessage::Drain),
-            "handoff" => Some(MasterMessage::Handoff),
+            "handoff" => rest.trim().parse().ok().map(MasterMessage::Handoff),
             "stop" => Some(MasterMessage::Stop),
             "reopen" => {
                 let files: Vec<&str> = rest.split_whitespace().collect();
@@ -349,6 +350,7 @@ mod tests {
         for m in [
             MasterMessage::Accept,
             MasterMessage::Drain,
+            MasterMessage::Handoff(7),
             MasterMessage::Stop,
             MasterMessage::Reopen { error: true, access: false },
             MasterMessage::Reopen { error: true, access: true },

@@ -56,6 +56,7 @@ fn idle_and_busy_keep_alive_connections_live_through_ten_reloads_and_old_workers
         gone(&old, Duration::from_secs(2), "the old workers to exit (every connection handed off)");
         let took = reloaded.elapsed();
         let new = server.worker_pids();
+        let mut per_worker = std::collections::BTreeMap::new();
         for (i, c) in idle.iter_mut().enumerate() {
             let r = c.get("/").unwrap_or_else(|e| panic!("round {round}: idle connection {i} was closed: {e}"));
             assert_eq!(r.status, 200);
@@ -64,7 +65,11 @@ fn idle_and_busy_keep_alive_connections_live_through_ten_reloads_and_old_workers
                 "round {round}: answered by {}, not the new generation",
                 r.worker_pid()
             );
+            *per_worker.entry(r.worker_pid()).or_insert(0) += 1;
         }
+        // Spread over the new workers (round robin), as new connections are.
+        assert_eq!(per_worker.len(), 2, "round {round}: {per_worker:?}");
+        assert!(per_worker.values().all(|n| *n >= 70), "round {round}: uneven {per_worker:?}");
         eprintln!("reload {round}: old workers gone {took:?} after the reload answered");
     }
     stop.store(true, Ordering::Relaxed);

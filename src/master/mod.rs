@@ -979,7 +979,7 @@ impl Master {
     fn promote(&mut self, id: u64) {
         let old = self.table.active_id();
         if let Some(old) = old {
-            self.drain_generation(old, true);
+            self.drain_generation(old, Some(id));
         }
         let gen_ = self.table.generations.get_mut(&id).expect("promoted generation exists");
         gen_.state = GenState::Active;
@@ -1036,9 +1036,9 @@ impl Master {
         }
     }
 
-    /// Drains generation `id`; `successor`: another serves after it (a reload), so its workers
-    /// hand their connections on.
-    fn drain_generation(&mut self, id: u64, successor: bool) {
+    /// Drains generation `id`; `successor`: the generation that serves after it (a reload), to
+    /// whose workers its workers hand their connections.
+    fn drain_generation(&mut self, id: u64, successor: Option<u64>) {
         let Some(gen_) = self.table.generations.get_mut(&id) else {
             return;
         };
@@ -1049,7 +1049,7 @@ impl Master {
             if let Some(w) = self.table.workers.get_mut(&pid) {
                 w.state = WorkerState::Draining;
             }
-            self.send(pid, if successor { MasterMessage::Handoff } else { MasterMessage::Drain });
+            self.send(pid, successor.map_or(MasterMessage::Drain, MasterMessage::Handoff));
         }
         self.respawns.retain(|r| r.generation != id);
     }
@@ -1162,7 +1162,7 @@ impl Master {
                 if let Some(w) = self.table.workers.get_mut(&pid) {
                     w.state = WorkerState::Draining;
                 }
-                self.send(pid, MasterMessage::Handoff);
+                self.send(pid, MasterMessage::Handoff(id));
             }
         } else {
             log::warn!("TTOU: already down to one worker");
@@ -1214,7 +1214,7 @@ impl Master {
                 }
             } else if self.table.generations[&id].state == GenState::Active {
                 // After a binary upgrade the new master's workers take the connections.
-                self.drain_generation(id, self.handed_over);
+                self.drain_generation(id, self.handed_over.then_some(id + 1));
             }
         }
         // After abandoning a booting generation, whose failed reload ends with READY=1. A

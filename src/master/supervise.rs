@@ -158,7 +158,8 @@ impl Master {
         w.state = WorkerState::Draining;
         self.counters.recycles += 1;
         log::info!("worker {} (pid {old}) recycled: pid {pid} serves; draining", w.slot);
-        self.send(old, MasterMessage::Handoff);
+        let generation = w.generation;
+        self.send(old, MasterMessage::Handoff(generation));
     }
 
     /// A worker exited: undo the recycle pairing it was part of.

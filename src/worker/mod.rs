@@ -51,6 +51,8 @@ const DRAIN_SWEEP_INTERVAL: Duration = Duration::from_millis(50);
 /// right then; HTTP apps avoid that by answering the next request with `Connection: close`,
 /// which a busy client sends within microseconds, so only really idle ones are closed here.
 const DRAIN_IDLE_GRACE: Duration = Duration::from_millis(200);
+/// How long one drain sweep may spend handing connections off (the rest wait for the next).
+const HANDOFF_ROUND: Duration = Duration::from_millis(250);
 /// How long a worker draining for a successor waits for workers that take its connections
 /// (`handoff`) to appear before its connections drain here as in a stop.
 const TAKERS_PATIENCE: Duration = Duration::from_secs(2);
@@ -130,8 +132,9 @@ struct Worker {
     handoff_path: Option<std::path::PathBuf>,
     /// Where the next connection handed off goes (round robin over the takers).
     next_target: usize,
-    /// Draining for a successor (since when): its connections are handed off.
-    successor: Option<Instant>,
+    /// Draining for a successor (since when, and the first generation that takes): its
+    /// connections are handed off.
+    successor: Option<(Instant, u64)>,
 }
 
 impl Worker {
@@ -423,18 +426,18 @@ impl Worker {
                     Event::Master(MasterMessage::Accept) => self.start_accepting(),
                     Event::Master(MasterMessage::Drain) | Event::DrainSignal => {
                         if drain_deadline.is_none() {
-                            drain_deadline = Some(self.begin_drain(false));
+                            drain_deadline = Some(self.begin_drain(None));
                         }
                     }
-                    Event::Master(MasterMessage::Handoff) => {
+                    Event::Master(MasterMessage::Handoff(generation)) => {
                         if drain_deadline.is_none() {
-                            drain_deadline = Some(self.begin_drain(true));
+                            drain_deadline = Some(self.begin_drain(Some(generation)));
                         }
                     }
                     Event::MasterGone => {
                         if drain_deadline.is_none() {
                             log::warn!("the master is gone; draining");
-                            drain_deadline = Some(self.begin_drain(false));
+                            drain_deadline = Some(self.begin_drain(None));
                         }
                     }
                     Event::Master(MasterMessage::Stop) | Event::StopSignal => {
@@ -493,9 +496,8 @@ impl Worker {
             match handoff::bind(&self.bus_dir, self.generation) {
                 Ok((socket, path)) => {
                     let pool = self.pool;
-                    let started = std::thread::Builder::new()
-                        .name("handoff".into())
-                        .spawn(move || handoff::serve(socket, |arrival| pool.adopt(arrival)));
+                    let started =
+                        std::thread::Builder::new().name("handoff".into()).spawn(move || handoff::serve(socket, pool));
                     match started {
                         Ok(_) => self.handoff_path = Some(path),
                         Err(e) => log::error!("cannot start the handoff thread: {e}"),
@@ -508,9 +510,9 @@ impl Worker {
         }
     }
 
-    /// Starts the drain; `successor`: workers that take this one's connections serve after it
-    /// (`handoff`).
-    fn begin_drain(&mut self, successor: bool) -> Instant {
+    /// Starts the drain; `successor`: the first generation whose workers take this one's
+    /// connections (`handoff`).
+    fn begin_drain(&mut self, successor: Option<u64>) -> Instant {
         log::info!("draining: {} connection(s) open", self.pool.counters.open.load(Ordering::Relaxed));
         // No more connections handed to this one; are there workers that take its own?
         if let Some(path) = self.handoff_path.take() {
@@ -519,8 +521,8 @@ impl Worker {
         // Known before the drain shows: an app must not see it for a connection that moves
         // (`Pool::drains_for`). A reload's new workers may bind their sockets a moment after
         // this (the sweeps hand off once they are there).
-        self.successor = successor.then(Instant::now);
-        self.pool.set_takers(successor);
+        self.successor = successor.map(|g| (Instant::now(), g));
+        self.pool.set_takers(successor.is_some());
         self.pool.draining.store(true, Ordering::SeqCst);
         self.pool.announce_drain();
         for app in &self.pool.apps {
@@ -566,44 +568,27 @@ impl Worker {
     /// keep-alive) — is closed gently once quiet; the rest stay until they end or
     /// `graceful_timeout`.
     fn settle_idle_connections(&mut self) {
-        let targets = if self.successor.is_some() { handoff::targets(&self.bus_dir) } else { Vec::new() };
+        let targets = match self.successor {
+            Some((_, generation)) => handoff::targets(&self.bus_dir, generation),
+            None => Vec::new(),
+        };
         // Successors that never show up (they failed): the connections drain as in a stop.
-        if targets.is_empty() && self.successor.is_some_and(|since| since.elapsed() >= TAKERS_PATIENCE) {
+        if targets.is_empty() && self.successor.is_some_and(|(since, _)| since.elapsed() >= TAKERS_PATIENCE) {
             log::warn!("no worker takes this one's connections; they drain here");
             self.successor = None;
-            self.pool.set_takers(false);
-            self.pool.announce_drain();
+            self.pool.drain_here();
         }
-        // Out of their slots first, then over one connection per taker (a round trip per
-        // window, not per connection), then each ended here or put back.
+        // One taker after another, each over one connection, for a bounded time per sweep
+        // (the control thread has the master to listen to).
         if !targets.is_empty() {
-            let mut batches: Vec<Vec<(conn::Conn, handoff::Outgoing)>> = targets.iter().map(|_| Vec::new()).collect();
+            let deadline = Instant::now() + HANDOFF_ROUND;
+            let mut takers: Vec<handoff::Offerer> = targets
+                .iter()
+                .filter_map(|t| handoff::Offerer::connect(t).map_err(|e| log::debug!("{}: {e}", t.display())).ok())
+                .collect();
             let mut next = self.next_target;
-            self.pool.sweep(|slot| {
-                if let Some(parcel) = self.pool.take_for_handoff(slot) {
-                    batches[next % targets.len()].push(parcel);
-                    next = next.wrapping_add(1);
-                }
-            });
+            self.pool.offer_round(&mut takers, &mut next, deadline);
             self.next_target = next;
-            for (target, batch) in targets.iter().zip(batches) {
-                if batch.is_empty() {
-                    continue;
-                }
-                let (conns, outgoing): (Vec<conn::Conn>, Vec<handoff::Outgoing>) = batch.into_iter().unzip();
-                for (mut conn, result) in conns.into_iter().zip(handoff::send(target, &outgoing)) {
-                    match result {
-                        Ok(()) => self.pool.finish(conn, CloseReason::HandedOff),
-                        // A taker that drains itself (a stop under way) is gone at the next sweep.
-                        Err(e) if e.contains(handoff::DRAINS) => self.pool.restore(conn),
-                        Err(e) => {
-                            log::info!("keeping the connection from {} (not handed off: {e})", conn.peer);
-                            conn.handoff_failed = true;
-                            self.pool.restore(conn);
-                        }
-                    }
-                }
-            }
         }
         let now_ms = sys::monotonic_ms();
         self.pool.sweep(|slot| {
@@ -641,6 +626,10 @@ impl Worker {
 
     /// Ends the worker: every connection closed, handlers stopped, apps stopped.
     fn finish(mut self, graceful: bool) {
+        // It takes no connection any more.
+        if let Some(path) = self.handoff_path.take() {
+            let _ = std::fs::remove_file(path);
+        }
         self.pool.draining.store(true, Ordering::SeqCst);
         // Services wind down from now on, also when the stop hooks below are skipped.
         for app in &self.pool.apps {

@@ -960,67 +960,94 @@ impl Pool {
         }
     }
 
-    /// Adopts a connection another worker handed over (`worker::handoff`): registered like an
-    /// accepted one on the listener with the same address, if its app speaks `protocol`, with
-    /// the app's `import_session` instead of its greeting. `Err`: refused, nothing kept (the
-    /// sender keeps serving it).
-    pub fn adopt(&self, arrival: super::handoff::Arrival) -> Result<(), String> {
-        if self.draining.load(Ordering::SeqCst) {
-            return Err(super::handoff::DRAINS.into());
+    /// Offers the connections that may move (between requests, app with a protocol, no
+    /// pushed bytes waiting, no handoff of it refused) to the takers, round robin from `*next`,
+    /// one at a time under its slot lock, until `deadline` (`worker::handoff` for the two
+    /// steps). A connection that moved is ended here as handed off; one that did not is back as
+    /// it was. A taker that cannot be reached is left out for the rest of the round. Returns
+    /// how many moved.
+    pub fn offer_round(&self, takers: &mut Vec<super::handoff::Offerer>, next: &mut usize, deadline: Instant) -> usize {
+        use super::handoff::Refused;
+        let mut moved = 0;
+        for slot in self.conns.used() {
+            if Instant::now() >= deadline || takers.is_empty() {
+                break;
+            }
+            let i = *next % takers.len();
+            let offerer = &mut takers[i];
+            let Some(mut guard) = slot.try_lock() else { continue };
+            let Some(outgoing) = guard.as_mut().and_then(|conn| self.outgoing(slot, conn)) else {
+                self.unlock(slot, guard);
+                continue;
+            };
+            let conn = guard.as_mut().expect("checked above");
+            if self.epoll.delete(conn.fd()).is_err() {
+                self.unlock(slot, guard);
+                continue;
+            }
+            let offered = offerer.offer(&outgoing);
+            // Ready, and nothing pushed to it meanwhile (which would stay behind): it goes.
+            // From here on pushes to it fail here as closed; its new worker has its own handle.
+            let went = match offered {
+                Ok(id) if !slot.pushed.load(Ordering::SeqCst) => {
+                    slot.live.store(0, Ordering::SeqCst);
+                    match offerer.go(id) {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(Refused::Unreachable(e)),
+                    }
+                }
+                Ok(id) => {
+                    offerer.abort(id);
+                    Err(Refused::Unreachable("bytes were pushed to it meanwhile".into()))
+                }
+                Err(refused) => Err(refused),
+            };
+            match went {
+                Ok(()) => {
+                    let conn = guard.take().expect("checked above");
+                    drop(guard);
+                    self.finish(conn, CloseReason::HandedOff);
+                    moved += 1;
+                }
+                Err(refused) => {
+                    let conn = guard.as_mut().expect("checked above");
+                    slot.live.store(conn.seq, Ordering::SeqCst);
+                    let wanted = conn.armed | slot.waiting_interest();
+                    if let Err(e) = self.epoll.add(conn.fd(), wanted, token(conn.fd() as usize, conn.seq)) {
+                        log::error!("cannot watch the connection from {} again: {e}", conn.peer);
+                    } else {
+                        conn.armed = wanted;
+                    }
+                    let unreachable = match refused {
+                        Refused::No(reason) if reason.contains(super::handoff::DRAINS) => Some(reason),
+                        Refused::No(reason) => {
+                            log::info!("keeping the connection from {} (not handed off: {reason})", conn.peer);
+                            // It stays: the app hears of the drain after all.
+                            conn.handoff_failed = true;
+                            conn.told_drain = false;
+                            self.drain_news.store(true, Ordering::SeqCst);
+                            None
+                        }
+                        Refused::Unreachable(reason) => Some(reason),
+                    };
+                    self.unlock(slot, guard);
+                    if let Some(reason) = unreachable {
+                        log::debug!("a taker is out of this round: {reason}");
+                        takers.remove(i);
+                        continue;
+                    }
+                }
+            }
+            *next = next.wrapping_add(1);
         }
-        let found = self
-            .listening
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .find(|(_, address, app, _)| {
-                *address == arrival.listener && self.apps[*app].protocol() == Some(arrival.protocol.as_str())
-            })
-            .cloned();
-        let Some((index, address, app_index, tcp)) = found else {
-            return Err(format!("no listener {} of protocol {} here", arrival.listener, arrival.protocol));
-        };
-        let socket = arrival.socket;
-        prepare_socket(&socket, tcp).map_err(|e| e.to_string())?;
-        let fd = socket.as_raw_fd() as usize;
-        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed).max(1);
-        let token = token(fd, seq);
-        let slot = self.conns.slot(fd).ok_or_else(|| format!("fd {fd} is beyond the connection table"))?;
-        let app = &self.apps[app_index];
-        let mut guard = slot.lock();
-        let mut handle = app
-            .open_conn(&arrival.peer, &address, u64::from(seq), token, None)
-            .ok_or("the app refused the connection")?;
-        if let Err(e) = app.import_conn(&mut handle, &arrival.session) {
-            app.close_conn(handle);
-            return Err(format!("the app refused its session: {e}"));
-        }
-        if let Err(e) = self.epoll.add(fd as i32, interest::READ | interest::EDGE, token) {
-            app.close_conn(handle);
-            return Err(format!("cannot watch it: {e}"));
-        }
-        *guard = Some(Conn::new(socket, tcp, seq, (index as u32, app_index), handle, arrival.peer));
-        slot.waiting.store(0, Ordering::SeqCst);
-        slot.live.store(seq, Ordering::Release);
-        self.conns.note_used(fd);
-        self.counters.open.fetch_add(1, Ordering::Relaxed);
-        self.counters.adopted.fetch_add(1, Ordering::Relaxed);
-        self.listener_open[index].fetch_add(1, Ordering::Relaxed);
-        self.load.opened();
-        // Input that arrived on the way reports at once (the `EPOLL_CTL_ADD` of a ready socket).
-        self.unlock(slot, guard);
-        Ok(())
+        moved
     }
 
-    /// Takes the connection in `slot` out for a handoff (`worker::handoff`), when it may move
-    /// (between requests, its app has a protocol, no handoff of it failed): out of the epoll
-    /// instance and the slot (its fd stays open here, so its number is not reused), with what
-    /// the new worker needs. Put it back with [`Pool::restore`] if the handoff fails.
-    pub fn take_for_handoff(&self, slot: &mut Option<Conn>) -> Option<(Conn, super::handoff::Outgoing)> {
-        let conn = slot.as_mut()?;
+    /// What a taker needs for `conn`, if it may move now (see [`Pool::offer_round`]).
+    fn outgoing(&self, slot: &Slot, conn: &mut Conn) -> Option<super::handoff::Outgoing> {
         let app = &self.apps[conn.app()];
         let protocol = app.protocol()?.to_string();
-        if !conn.movable() || conn.handoff_failed {
+        if !conn.movable() || conn.handoff_failed || slot.pushed.load(Ordering::SeqCst) {
             return None;
         }
         let listener = self
@@ -1030,37 +1057,28 @@ impl Pool {
             .iter()
             .find(|(index, ..)| *index == conn.listener as usize)
             .map(|(_, address, ..)| address.clone())?;
-        let session = match conn.export_session(app) {
-            Ok(s) => s,
+        match conn.export_session(app) {
+            Ok(session) => {
+                Some(super::handoff::Outgoing { fd: conn.fd(), listener, protocol, peer: conn.peer.clone(), session })
+            }
             Err(e) => {
                 log::info!("keeping the connection from {} (its session: {e})", conn.peer);
                 conn.handoff_failed = true;
-                return None;
+                None
             }
-        };
-        if self.epoll.delete(conn.fd()).is_err() {
-            return None;
         }
-        let conn = slot.take()?;
-        let outgoing = super::handoff::Outgoing { fd: conn.fd(), listener, protocol, peer: conn.peer.clone(), session };
-        Some((conn, outgoing))
     }
 
-    /// Puts back a connection whose handoff failed: in its slot and the epoll instance again,
-    /// where what arrived meanwhile reports at once.
-    pub fn restore(&self, conn: Conn) {
-        let fd = conn.fd();
-        let Some(slot) = self.conns.slot(fd as usize) else { return };
-        let mut guard = slot.lock();
-        let token = token(fd as usize, conn.seq);
-        let wanted = conn.armed | slot.waiting_interest();
-        let conn = guard.insert(conn);
-        if let Err(e) = self.epoll.add(fd, wanted, token) {
-            log::error!("cannot watch the connection from {} again: {e}", conn.peer);
-        } else {
-            conn.armed = wanted;
-        }
-        self.unlock(slot, guard);
+    /// Gives up on the drain's handoffs (no taker showed up): every connection hears of the
+    /// drain as in a stop.
+    pub fn drain_here(&self) {
+        self.takers.store(false, Ordering::SeqCst);
+        self.sweep(|slot| {
+            if let Some(conn) = slot.as_mut() {
+                conn.told_drain = false;
+            }
+        });
+        self.announce_drain();
     }
 
     /// Starts an outbound connection (see `worker::outbound`); returns its token.
@@ -1191,4 +1209,97 @@ fn connection_waiting(listener: &Socket, timeout: std::time::Duration) -> bool {
     let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
     let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
     matches!(poll(&mut fds, timeout), Ok(n) if n > 0)
+}
+
+/// A worker taking connections handed over by a draining one (`worker::handoff`): an arrival is
+/// registered like an accepted connection on the listener with the same address, if its app
+/// speaks the same protocol, with the app's `import_session` instead of its greeting, but
+/// watched only once the offerer says `GO`. It is named by its token meanwhile.
+impl super::handoff::Taker for Pool {
+    fn prepare(&self, arrival: super::handoff::Arrival) -> Result<u64, String> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(super::handoff::DRAINS.into());
+        }
+        let found = self
+            .listening
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(_, address, app, _)| {
+                *address == arrival.listener && self.apps[*app].protocol() == Some(arrival.protocol.as_str())
+            })
+            .cloned();
+        let Some((index, address, app_index, tcp)) = found else {
+            return Err(format!("no listener {} of protocol {} here", arrival.listener, arrival.protocol));
+        };
+        if self.at_capacity(index) {
+            return Err("this worker is at max_connections".into());
+        }
+        let socket = arrival.socket;
+        prepare_socket(&socket, tcp).map_err(|e| e.to_string())?;
+        let fd = socket.as_raw_fd() as usize;
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed).max(1);
+        let token = token(fd, seq);
+        let slot = self.conns.slot(fd).ok_or_else(|| format!("fd {fd} is beyond the connection table"))?;
+        let app = &self.apps[app_index];
+        let mut guard = slot.lock();
+        let mut handle = app
+            .open_conn(&arrival.peer, &address, u64::from(seq), token, None)
+            .ok_or("the app refused the connection")?;
+        if let Err(e) = app.import_conn(&mut handle, &arrival.session) {
+            app.close_conn(handle);
+            return Err(format!("the app refused its session: {e}"));
+        }
+        *guard = Some(Conn::new(socket, tcp, seq, (index as u32, app_index), handle, arrival.peer));
+        slot.waiting.store(0, Ordering::SeqCst);
+        slot.live.store(seq, Ordering::Release);
+        self.conns.note_used(fd);
+        self.counters.open.fetch_add(1, Ordering::Relaxed);
+        self.listener_open[index].fetch_add(1, Ordering::Relaxed);
+        self.load.opened();
+        self.unlock(slot, guard);
+        Ok(token)
+    }
+
+    fn commit(&self, prepared: u64) {
+        let (fd, seq) = split_token(prepared);
+        let Some(slot) = self.conns.slot(fd) else { return };
+        let mut guard = slot.lock();
+        if let Some(conn) = guard.as_mut().filter(|c| c.seq == seq) {
+            // Input that arrived on the way reports at once (the `EPOLL_CTL_ADD` of a ready
+            // socket), and so do pushes that wait.
+            let wanted = interest::READ | interest::EDGE | slot.waiting_interest();
+            match self.epoll.add(fd as i32, wanted, prepared) {
+                Ok(()) => {
+                    conn.armed = wanted;
+                    self.counters.adopted.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => log::error!("cannot watch the connection handed over from {}: {e}", conn.peer),
+            }
+            // This worker may have begun to drain meanwhile: its app hears of it.
+            if self.draining.load(Ordering::SeqCst) {
+                self.announce_drain();
+            }
+        }
+        self.unlock(slot, guard);
+    }
+
+    fn drop_prepared(&self, prepared: u64) {
+        let (fd, seq) = split_token(prepared);
+        let Some(slot) = self.conns.slot(fd) else { return };
+        let mut guard = slot.lock();
+        let Some(mut conn) = guard.take_if(|c| c.seq == seq) else {
+            self.unlock(slot, guard);
+            return;
+        };
+        drop(guard);
+        // Not a close: the offerer keeps the connection. The app's state for it goes; this
+        // worker's copy of the fd closes, the connection lives on there.
+        let _ = slot.live.compare_exchange(seq, 0, Ordering::AcqRel, Ordering::Acquire);
+        self.drop_pushes(prepared);
+        conn.release(&self.apps[conn.app()]);
+        self.listener_open[conn.listener as usize].fetch_sub(1, Ordering::Relaxed);
+        self.counters.open.fetch_sub(1, Ordering::Relaxed);
+        self.load.closed();
+    }
 }
