@@ -73,7 +73,11 @@ pub enum MasterMessage {
     /// Drain, and hand the connections between requests to the workers that take them, of
     /// this generation or a later one (a reload's new generation, or the siblings of a worker
     /// recycled or removed).
-    Handoff(u64),
+    Handoff {
+        generation: u64,
+        /// How many workers of it take connections (wait for them, to spread over them all).
+        takers: u64,
+    },
     /// Close everything now and exit.
     Stop,
     /// Switch the log files to the ones passed with this message (`SCM_RIGHTS`): the error log
@@ -123,7 +127,7 @@ impl fmt::Display for MasterMessage {
         match self {
             MasterMessage::Accept => writeln!(f, "accept"),
             MasterMessage::Drain => writeln!(f, "drain"),
-            MasterMessage::Handoff(generation) => writeln!(f, "handoff {generation}"),
+            MasterMessage::Handoff { generation, takers } => writeln!(f, "handoff {generation} {takers}"),
             MasterMessage::Stop => writeln!(f, "stop"),
             MasterMessage::Reopen { error, access } => {
                 writeln!(f, "reopen{}{}", if *error { " error" } else { "" }, if *access { " access" } else { "" })
@@ -192,7 +196,10 @@ impl MasterMessage {
         match word {
             "accept" => Some(MasterMessage::Accept),
             "drain" => Some(MasterMessage::Drain),
-            "handoff" => rest.trim().parse().ok().map(MasterMessage::Handoff),
+            "handoff" => {
+                let (generation, takers) = rest.trim().split_once(' ')?;
+                Some(MasterMessage::Handoff { generation: generation.parse().ok()?, takers: takers.parse().ok()? })
+            }
             "stop" => Some(MasterMessage::Stop),
             "reopen" => {
                 let files: Vec<&str> = rest.split_whitespace().collect();
@@ -350,7 +357,7 @@ mod tests {
         for m in [
             MasterMessage::Accept,
             MasterMessage::Drain,
-            MasterMessage::Handoff(7),
+            MasterMessage::Handoff { generation: 7, takers: 4 },
             MasterMessage::Stop,
             MasterMessage::Reopen { error: true, access: false },
             MasterMessage::Reopen { error: true, access: true },

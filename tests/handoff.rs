@@ -53,7 +53,7 @@ fn idle_and_busy_keep_alive_connections_live_through_ten_reloads_and_old_workers
         let (code, _) = server.reload();
         assert_eq!(code, 200, "reload {round}");
         let reloaded = Instant::now();
-        gone(&old, Duration::from_secs(2), "the old workers to exit (every connection handed off)");
+        gone(&old, Duration::from_secs(5), "the old workers to exit (every connection handed off)");
         let took = reloaded.elapsed();
         let new = server.worker_pids();
         let mut per_worker = std::collections::BTreeMap::new();

@@ -979,7 +979,8 @@ impl Master {
     fn promote(&mut self, id: u64) {
         let old = self.table.active_id();
         if let Some(old) = old {
-            self.drain_generation(old, Some(id));
+            let takers = self.table.generations.get(&id).map_or(1, |g| g.target_workers as u64);
+            self.drain_generation(old, Some((id, takers)));
         }
         let gen_ = self.table.generations.get_mut(&id).expect("promoted generation exists");
         gen_.state = GenState::Active;
@@ -1037,8 +1038,8 @@ impl Master {
     }
 
     /// Drains generation `id`; `successor`: the generation that serves after it (a reload), to
-    /// whose workers its workers hand their connections.
-    fn drain_generation(&mut self, id: u64, successor: Option<u64>) {
+    /// whose workers (how many) its workers hand their connections.
+    fn drain_generation(&mut self, id: u64, successor: Option<(u64, u64)>) {
         let Some(gen_) = self.table.generations.get_mut(&id) else {
             return;
         };
@@ -1049,7 +1050,11 @@ impl Master {
             if let Some(w) = self.table.workers.get_mut(&pid) {
                 w.state = WorkerState::Draining;
             }
-            self.send(pid, successor.map_or(MasterMessage::Drain, MasterMessage::Handoff));
+            self.send(
+                pid,
+                successor
+                    .map_or(MasterMessage::Drain, |(generation, takers)| MasterMessage::Handoff { generation, takers }),
+            );
         }
         self.respawns.retain(|r| r.generation != id);
     }
@@ -1162,7 +1167,8 @@ impl Master {
                 if let Some(w) = self.table.workers.get_mut(&pid) {
                     w.state = WorkerState::Draining;
                 }
-                self.send(pid, MasterMessage::Handoff(id));
+                let takers = self.table.workers_of(id).filter(|w| w.state != WorkerState::Draining).count() as u64;
+                self.send(pid, MasterMessage::Handoff { generation: id, takers });
             }
         } else {
             log::warn!("TTOU: already down to one worker");
@@ -1214,7 +1220,10 @@ impl Master {
                 }
             } else if self.table.generations[&id].state == GenState::Active {
                 // After a binary upgrade the new master's workers take the connections.
-                self.drain_generation(id, self.handed_over.then_some(id + 1));
+                // After a binary upgrade the new master's workers take the connections (as many
+                // as this one ran: it has the same config).
+                let takers = self.config.server.workers as u64;
+                self.drain_generation(id, self.handed_over.then_some((id + 1, takers)));
             }
         }
         // After abandoning a booting generation, whose failed reload ends with READY=1. A

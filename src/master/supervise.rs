@@ -159,7 +159,9 @@ impl Master {
         self.counters.recycles += 1;
         log::info!("worker {} (pid {old}) recycled: pid {pid} serves; draining", w.slot);
         let generation = w.generation;
-        self.send(old, MasterMessage::Handoff(generation));
+        // Its replacement, and the siblings.
+        let takers = self.table.workers_of(generation).filter(|w| w.state != WorkerState::Draining).count() as u64;
+        self.send(old, MasterMessage::Handoff { generation, takers });
     }
 
     /// A worker exited: undo the recycle pairing it was part of.

@@ -23,8 +23,9 @@ use std::time::Duration;
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
-/// How long an offerer waits for `READY` (it sends `GO` at once after).
-const STEP_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long an offerer waits for `READY` (it sends `GO` at once after), and a taker for the
+/// next offer of a round: generous, for a busy machine.
+const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a taker waits for `GO` before it drops what it prepared: long, since a connection
 /// whose `GO` comes after this is lost (the offerer has let go of it).
 const GO_TIMEOUT: Duration = Duration::from_secs(10);

@@ -132,9 +132,9 @@ struct Worker {
     handoff_path: Option<std::path::PathBuf>,
     /// Where the next connection handed off goes (round robin over the takers).
     next_target: usize,
-    /// Draining for a successor (since when, and the first generation that takes): its
-    /// connections are handed off.
-    successor: Option<(Instant, u64)>,
+    /// Draining for a successor (since when, the first generation that takes, how many of its
+    /// workers do): its connections are handed off.
+    successor: Option<(Instant, u64, u64)>,
 }
 
 impl Worker {
@@ -429,9 +429,9 @@ impl Worker {
                             drain_deadline = Some(self.begin_drain(None));
                         }
                     }
-                    Event::Master(MasterMessage::Handoff(generation)) => {
+                    Event::Master(MasterMessage::Handoff { generation, takers }) => {
                         if drain_deadline.is_none() {
-                            drain_deadline = Some(self.begin_drain(Some(generation)));
+                            drain_deadline = Some(self.begin_drain(Some((generation, takers))));
                         }
                     }
                     Event::MasterGone => {
@@ -511,8 +511,8 @@ impl Worker {
     }
 
     /// Starts the drain; `successor`: the first generation whose workers take this one's
-    /// connections (`handoff`).
-    fn begin_drain(&mut self, successor: Option<u64>) -> Instant {
+    /// connections (`handoff`), and how many of them do.
+    fn begin_drain(&mut self, successor: Option<(u64, u64)>) -> Instant {
         log::info!("draining: {} connection(s) open", self.pool.counters.open.load(Ordering::Relaxed));
         // No more connections handed to this one; are there workers that take its own?
         if let Some(path) = self.handoff_path.take() {
@@ -521,7 +521,7 @@ impl Worker {
         // Known before the drain shows: an app must not see it for a connection that moves
         // (`Pool::drains_for`). A reload's new workers may bind their sockets a moment after
         // this (the sweeps hand off once they are there).
-        self.successor = successor.map(|g| (Instant::now(), g));
+        self.successor = successor.map(|(g, n)| (Instant::now(), g, n));
         self.pool.set_takers(successor.is_some());
         self.pool.draining.store(true, Ordering::SeqCst);
         self.pool.announce_drain();
@@ -569,11 +569,18 @@ impl Worker {
     /// `graceful_timeout`.
     fn settle_idle_connections(&mut self) {
         let targets = match self.successor {
-            Some((_, generation)) => handoff::targets(&self.bus_dir, generation),
+            Some((_, generation, _)) => handoff::targets(&self.bus_dir, generation),
             None => Vec::new(),
         };
+        // Until every taker is there (or a while has passed), none: spread over them all.
+        if let Some((since, _, takers)) = self.successor
+            && (targets.len() as u64) < takers
+            && since.elapsed() < TAKERS_PATIENCE
+        {
+            return;
+        }
         // Successors that never show up (they failed): the connections drain as in a stop.
-        if targets.is_empty() && self.successor.is_some_and(|(since, _)| since.elapsed() >= TAKERS_PATIENCE) {
+        if targets.is_empty() && self.successor.is_some_and(|(since, ..)| since.elapsed() >= TAKERS_PATIENCE) {
             log::warn!("no worker takes this one's connections; they drain here");
             self.successor = None;
             self.pool.drain_here();
