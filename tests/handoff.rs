@@ -48,12 +48,13 @@ fn idle_and_busy_keep_alive_connections_live_through_ten_reloads_and_old_workers
             })
         })
         .collect();
+    let mut even_rounds = 0;
     for round in 0..10 {
         let old = server.worker_pids();
         let (code, _) = server.reload();
         assert_eq!(code, 200, "reload {round}");
         let reloaded = Instant::now();
-        gone(&old, Duration::from_secs(5), "the old workers to exit (every connection handed off)");
+        gone(&old, Duration::from_secs(2), "the old workers to exit (every connection handed off)");
         let took = reloaded.elapsed();
         let new = server.worker_pids();
         let mut per_worker = std::collections::BTreeMap::new();
@@ -68,10 +69,22 @@ fn idle_and_busy_keep_alive_connections_live_through_ten_reloads_and_old_workers
             *per_worker.entry(r.worker_pid()).or_insert(0) += 1;
         }
         // Spread over the new workers (round robin), as new connections are.
-        assert_eq!(per_worker.len(), 2, "round {round}: {per_worker:?}");
-        assert!(per_worker.values().all(|n| *n >= 70), "round {round}: uneven {per_worker:?}");
-        eprintln!("reload {round}: old workers gone {took:?} after the reload answered");
+        if per_worker.len() == 2 && per_worker.values().all(|n| *n >= 70) {
+            even_rounds += 1;
+        } else {
+            eprintln!(
+                "round {round}: uneven {per_worker:?}\n{}",
+                server
+                    .log()
+                    .lines()
+                    .filter(|l| l.contains("cannot") || l.contains("no worker takes") || l.contains("handed"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        eprintln!("reload {round}: old workers gone {took:?} after the reload answered; {per_worker:?} new {new:?}");
     }
+    assert_eq!(even_rounds, 10, "the connections were spread evenly in only {even_rounds} of 10 rounds");
     stop.store(true, Ordering::Relaxed);
     for b in busy {
         if let Err(e) = b.join().unwrap() {

@@ -62,17 +62,21 @@ pub fn targets(dir: &Path, min_generation: u64) -> Vec<PathBuf> {
 
 /// Binds this worker's socket (it takes connections from now on); returns it and its path.
 pub fn bind(dir: &Path, generation: u64) -> std::io::Result<(Socket, PathBuf)> {
+    // Bound and listening under a name no offerer looks at, then renamed: an offerer never
+    // finds it before it listens (and removes it as the socket of a worker gone).
     let path = dir.join(name(generation));
-    let _ = std::fs::remove_file(&path);
+    let making = dir.join(format!("making-{}", name(generation)));
+    let _ = std::fs::remove_file(&making);
     let socket = Socket::new(Domain::UNIX, Type::SEQPACKET, None)?;
-    socket.bind(&SockAddr::unix(&path)?)?;
+    socket.bind(&SockAddr::unix(&making)?)?;
+    socket.listen(64)?;
     {
         use std::os::unix::fs::PermissionsExt;
         // Any worker may connect (a generation may run as another user); the directory
         // keeps others out.
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
+        std::fs::set_permissions(&making, std::fs::Permissions::from_mode(0o666))?;
     }
-    socket.listen(64)?;
+    std::fs::rename(&making, &path)?;
     Ok((socket, path))
 }
 

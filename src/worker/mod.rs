@@ -594,7 +594,13 @@ impl Worker {
                 .filter_map(|t| handoff::Offerer::connect(t).map_err(|e| log::debug!("{}: {e}", t.display())).ok())
                 .collect();
             let mut next = self.next_target;
-            self.pool.offer_round(&mut takers, &mut next, deadline);
+            let offered = takers.len();
+            let moved = self.pool.offer_round(&mut takers, &mut next, deadline);
+            log::debug!(
+                "handoff round: {moved} moved to {offered} taker(s) ({} of {} reachable)",
+                takers.len(),
+                targets.len()
+            );
             self.next_target = next;
         }
         let now_ms = sys::monotonic_ms();
