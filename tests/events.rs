@@ -328,3 +328,28 @@ fn a_server_whose_events_database_is_down_delivers_within_itself_and_says_so() {
         .then_some(())
     });
 }
+
+#[test]
+fn a_subscriber_that_stops_reading_costs_only_its_own_events_counted_and_logged() {
+    let server = TestServer::start(&Setup::new(1, 2).app("kit", "testkit", ""));
+    let stalled = Subscriber::start(&server, "*");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(stalled.child.id() as i32), nix::sys::signal::Signal::SIGSTOP)
+        .unwrap();
+    let mut listener = LineClient::connect(server.addr("kit"));
+    assert_eq!(listener.ask("LISTEN demo.*"), "LISTENING");
+    let mut talker = LineClient::connect(server.addr("kit"));
+    // Far more than a stopped reader's socket holds.
+    assert_eq!(talker.ask("EMIT 50000"), "EMITTED 50000 refused=0");
+    assert_eq!(talker.ask("EMIT1 demo.after all that"), "EMITTED");
+    assert_eq!(listener.recv().as_deref(), Some("EVENT demo.after all that"), "the app's own subscription got it");
+    wait_for(Duration::from_secs(10), "the drops counted", || {
+        (metric_value(&server, "fdtserver_events_total{kind=\"dropped\",prefix=\"bench\"}") > 0.0).then_some(())
+    });
+    assert!(server.log().contains("does not keep up"), "{}", server.log());
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(stalled.child.id() as i32), nix::sys::signal::Signal::SIGCONT)
+        .unwrap();
+}
+
+fn metric_value(server: &TestServer, name: &str) -> f64 {
+    metrics(server).lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or(0.0)
+}

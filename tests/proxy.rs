@@ -51,7 +51,9 @@ fn metrics(server: &TestServer) -> String {
 fn a_routed_client_gets_the_backend_banner_unasked_and_bytes_flow_both_ways() {
     let echo = echo_backend(Some("HELLO from the backend\n"));
     let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap(); // nobody listens
-    let server = proxy(1, &format!("echo = \"{echo}\", down = \"{closed}\""), "");
+    // A host name is resolved too.
+    let by_name = format!("localhost:{}", echo.port());
+    let server = proxy(1, &format!("echo = \"{by_name}\", down = \"{closed}\""), "");
     let mut client = routed(&server, "echo");
     // The banner arrives though the client sends nothing more.
     assert_eq!(client.recv().as_deref(), Some("HELLO from the backend"));

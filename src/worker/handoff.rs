@@ -276,6 +276,81 @@ fn parse(message: &[u8]) -> Option<(u64, String, String, String, &[u8])> {
 mod tests {
     use super::*;
 
+    /// A taker that records what happens to its offers, refusing those from `refuse`.
+    #[derive(Default)]
+    struct Recorder {
+        log: std::sync::Mutex<Vec<String>>,
+    }
+
+    impl Taker for Recorder {
+        fn prepare(&self, arrival: Arrival) -> Result<u64, String> {
+            self.log.lock().unwrap().push(format!(
+                "prepare {} {}",
+                arrival.peer,
+                String::from_utf8_lossy(&arrival.session)
+            ));
+            if arrival.peer == "refuse" { Err("not here".into()) } else { Ok(arrival.session.len() as u64) }
+        }
+        fn commit(&self, prepared: u64) {
+            self.log.lock().unwrap().push(format!("commit {prepared}"));
+        }
+        fn drop_prepared(&self, prepared: u64) {
+            self.log.lock().unwrap().push(format!("drop {prepared}"));
+        }
+    }
+
+    #[test]
+    fn offers_go_abort_or_are_refused_and_the_taker_hears_which() {
+        let dir = tempfile::tempdir().unwrap();
+        let (listener, path) = bind(dir.path(), 4).unwrap();
+        let taker: &'static Recorder = Box::leak(Box::default());
+        std::thread::spawn(move || serve(listener, taker));
+        assert!(targets(dir.path(), 4).is_empty(), "its own socket is left out");
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let out = |peer: &str, session: &[u8]| Outgoing {
+            fd: a.as_raw_fd(),
+            listener: "127.0.0.1:0".into(),
+            protocol: "p".into(),
+            peer: peer.into(),
+            session: session.to_vec(),
+        };
+        let mut offerer = Offerer::connect(&path).unwrap();
+        let id = offerer.offer(&out("one", b"abc")).unwrap();
+        offerer.go(id).unwrap();
+        let id = offerer.offer(&out("two", b"xy")).unwrap();
+        offerer.abort(id);
+        // An abort ends the taker's round with this offerer: the next round connects anew.
+        let mut offerer = Offerer::connect(&path).unwrap();
+        match offerer.offer(&out("refuse", b"")) {
+            Err(Refused::No(reason)) => assert_eq!(reason, "not here"),
+            other => panic!("{other:?}"),
+        }
+        match offerer.offer(&out("big", &vec![0; MAX_MESSAGE])) {
+            Err(Refused::No(reason)) => assert!(reason.contains("too large"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        drop(offerer);
+        wait(|| taker.log.lock().unwrap().len() >= 5);
+        assert_eq!(
+            *taker.log.lock().unwrap(),
+            ["prepare one abc", "commit 3", "prepare two xy", "drop 2", "prepare refuse "],
+            "an aborted offer is dropped; the session of the first is committed"
+        );
+        // A socket whose worker is gone is removed by the first offerer that finds it.
+        let gone = dir.path().join("h9-1");
+        drop(std::os::unix::net::UnixListener::bind(&gone).unwrap());
+        assert!(Offerer::connect(&gone).is_err());
+        assert!(!gone.exists());
+    }
+
+    fn wait(done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "timed out");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     #[test]
     fn an_offer_round_trips_and_targets_are_the_newest_generation_but_this_worker() {
         assert_eq!(
