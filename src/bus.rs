@@ -315,11 +315,7 @@ fn listen_for_others(db: &fdt_sdk::DatabaseSettings, origin: &str, me: &Path, st
     use fdt_sdk::txn::postgres::fallible_iterator::FallibleIterator;
     let Ok(socket) = UnixDatagram::unbound() else { return };
     while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-        let session = fdt_sdk::txn::connect(db, "fdtserver subscribe").map_err(|e| e.to_string()).and_then(|mut c| {
-            c.batch_execute(&format!("LISTEN {}", fdt_sdk::notify::CHANNEL)).map_err(|e| e.to_string())?;
-            Ok(c)
-        });
-        let mut client = match session {
+        let mut client = match crate::worker::notify::session(db, "fdtserver subscribe", true) {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("fdtserver: subscribe: cannot listen for other servers' events: {e}");

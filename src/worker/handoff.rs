@@ -17,7 +17,7 @@
 //!    that gets `ABORT`, anything else, or nothing in time drops what it prepared. Stale answers
 //!    are told apart by their id.
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -226,7 +226,7 @@ fn serve_offer(conn: &Socket, buf: &mut [u8], taker: &impl Taker) -> bool {
     let Some((id, listener, protocol, peer, session)) = parse(&buf[..n]) else { return false };
     let prepared = match fds.len() {
         1 => taker.prepare(Arrival {
-            socket: Socket::from(take(&mut fds)),
+            socket: Socket::from(fds.remove(0)),
             listener,
             protocol,
             peer,
@@ -257,10 +257,6 @@ fn serve_offer(conn: &Socket, buf: &mut [u8], taker: &impl Taker) -> bool {
             false
         }
     }
-}
-
-fn take(fds: &mut Vec<OwnedFd>) -> OwnedFd {
-    fds.remove(0)
 }
 
 /// An offer: (id, listener, protocol, peer, session).

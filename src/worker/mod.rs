@@ -13,7 +13,7 @@ mod admission;
 mod conn;
 pub mod events;
 mod handoff;
-mod notify;
+pub mod notify;
 pub mod outbound;
 mod pool;
 pub mod push;

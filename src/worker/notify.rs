@@ -14,6 +14,7 @@ use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 use fdt_sdk::notify;
+use fdt_sdk::txn::postgres::Client;
 
 /// Notifications waiting to be sent, at most.
 const QUEUE_MAX: usize = 10_000;
@@ -21,6 +22,41 @@ const QUEUE_MAX: usize = 10_000;
 const BATCH: usize = 500;
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// A session of this server's own to `db` (`application` shows in `pg_stat_activity`), listening
+/// on the channel when `listen`.
+pub fn session(db: &fdt_sdk::DatabaseSettings, application: &str, listen: bool) -> Result<Client, String> {
+    let mut client = fdt_sdk::txn::connect(db, application).map_err(|e| e.to_string())?;
+    if listen {
+        client.batch_execute(&format!("LISTEN {}", notify::CHANNEL)).map_err(|e| fdt_sdk::txn::describe(&e))?;
+    }
+    Ok(client)
+}
+
+/// [`session`], waiting out an outage: tried again after 0.1 s doubling to 5 s; the outage is
+/// logged once (`cannot <what>`), and its end.
+fn open(db: &fdt_sdk::DatabaseSettings, listen: bool, what: &str) -> Client {
+    let mut backoff = FIRST_BACKOFF;
+    let mut down = false;
+    loop {
+        match session(db, "fdtserver events", listen) {
+            Ok(client) => {
+                if down {
+                    log::info!("events: database {} reachable again", db.name);
+                }
+                return client;
+            }
+            Err(e) => {
+                if !down {
+                    log::error!("events: cannot {what}: {e}");
+                    down = true;
+                }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
 
 pub struct Link {
     pub origin: String,
@@ -64,26 +100,9 @@ impl Link {
     }
 
     fn notify_loop(&self, db: &fdt_sdk::DatabaseSettings) {
-        let mut backoff = FIRST_BACKOFF;
-        let mut down = false;
+        let what = format!("reach database {} to notify other servers", db.name);
         loop {
-            let mut client = match fdt_sdk::txn::connect(db, "fdtserver events") {
-                Ok(c) => c,
-                Err(e) => {
-                    if !down {
-                        log::error!("events: cannot reach database {} to notify other servers: {e}", db.name);
-                        down = true;
-                    }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                    continue;
-                }
-            };
-            if down {
-                log::info!("events: database {} reachable again", db.name);
-                down = false;
-            }
-            backoff = FIRST_BACKOFF;
+            let mut client = open(db, false, &what);
             loop {
                 let batch: Vec<(String, String)> = {
                     let mut queue = lock(&self.queue);
@@ -121,28 +140,9 @@ impl Link {
 
     fn listen_loop(&self, db: &fdt_sdk::DatabaseSettings) {
         use fdt_sdk::txn::postgres::fallible_iterator::FallibleIterator;
-        let mut backoff = FIRST_BACKOFF;
-        let mut down = false;
+        let what = format!("listen for other servers' events on database {}", db.name);
         loop {
-            let listening =
-                fdt_sdk::txn::connect(db, "fdtserver events").map_err(|e| e.to_string()).and_then(|mut c| {
-                    c.batch_execute(&format!("LISTEN {}", notify::CHANNEL)).map_err(|e| fdt_sdk::txn::describe(&e))?;
-                    Ok(c)
-                });
-            let mut client = match listening {
-                Ok(c) => c,
-                Err(e) => {
-                    if !down {
-                        log::error!("events: cannot listen for other servers' events on database {}: {e}", db.name);
-                        down = true;
-                    }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                    continue;
-                }
-            };
-            down = false;
-            backoff = FIRST_BACKOFF;
+            let mut client = open(db, true, &what);
             while !client.is_closed() {
                 // The first notification to come (or none within half a second), then every one
                 // already received with it: handed in together, as one datagram.

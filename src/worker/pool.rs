@@ -108,8 +108,6 @@ pub struct Counters {
     pub accepted: AtomicU64,
     pub requests: AtomicU64,
     pub panics: AtomicU64,
-    /// Connections handed over by another worker (`worker::handoff`).
-    pub adopted: AtomicU64,
     /// Connections closed, by reason (indexed like `conn::CLOSE_LABELS`).
     pub closed: [AtomicU64; CLOSE_LABELS.len()],
 }
@@ -1270,10 +1268,7 @@ impl super::handoff::Taker for Pool {
             // socket), and so do pushes that wait.
             let wanted = interest::READ | interest::EDGE | slot.waiting_interest();
             match self.epoll.add(fd as i32, wanted, prepared) {
-                Ok(()) => {
-                    conn.armed = wanted;
-                    self.counters.adopted.fetch_add(1, Ordering::Relaxed);
-                }
+                Ok(()) => conn.armed = wanted,
                 Err(e) => log::error!("cannot watch the connection handed over from {}: {e}", conn.peer),
             }
             // This worker may have begun to drain meanwhile: its app hears of it.
