@@ -59,6 +59,8 @@ pub struct ListenConfig {
     pub backlog: i32,
     /// The `[server]` limits, with this listener's own overrides.
     pub limits: Limits,
+    /// `tls_cert`, `tls_key`, `tls_alpn`: the listener speaks TLS.
+    pub tls: Option<crate::tls::Tls>,
 }
 
 /// What a connection may hold and how long it may wait ("Connection limits and timeouts").
@@ -148,6 +150,19 @@ impl RawLimits {
             max_output,
             max_connections,
         }
+    }
+}
+
+impl Config {
+    /// Loads every TLS listener's certificate and key (see `tls::Tls::load`): at start and at
+    /// each reload, in the master, before the workers fork.
+    pub fn load_tls(&mut self) -> Result<(), String> {
+        for l in &mut self.listeners {
+            if let Some(tls) = &mut l.tls {
+                tls.load().map_err(|e| format!("listener {}: {e}", l.address))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -306,6 +321,9 @@ struct RawListen {
     send_timeout: Option<Spanned<f64>>,
     max_output: Option<Spanned<i64>>,
     max_connections: Option<Spanned<i64>>,
+    tls_cert: Option<Spanned<String>>,
+    tls_key: Option<Spanned<String>>,
+    tls_alpn: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -557,7 +575,8 @@ fn build(raw: RawConfig, path: &Path, dir: &Path, problems: &mut Problems<'_>) -
             max_connections: l.max_connections,
         }
         .over(server.limits, problems);
-        listeners.push(ListenConfig { address, app: l.app.into_inner(), backlog, limits });
+        let tls = tls_settings(l.tls_cert, l.tls_key, l.tls_alpn, dir, problems);
+        listeners.push(ListenConfig { address, app: l.app.into_inner(), backlog, limits, tls });
     }
 
     let mut databases = BTreeMap::new();
@@ -595,6 +614,47 @@ fn build(raw: RawConfig, path: &Path, dir: &Path, problems: &mut Problems<'_>) -
     });
 
     Config { path: path.to_path_buf(), server, listeners, apps, databases, events_database }
+}
+
+/// A listener's TLS settings: both files or neither; ALPN names only with them.
+fn tls_settings(
+    cert: Option<Spanned<String>>,
+    key: Option<Spanned<String>>,
+    alpn: Option<Spanned<Vec<String>>>,
+    dir: &Path,
+    problems: &mut Problems<'_>,
+) -> Option<crate::tls::Tls> {
+    let (cert, key) = match (cert, key) {
+        (Some(cert), Some(key)) => (cert, key),
+        (None, None) => {
+            if let Some(alpn) = alpn {
+                problems.at(alpn.span(), "`tls_alpn` needs `tls_cert` and `tls_key` (ALPN is part of TLS)");
+            }
+            return None;
+        }
+        (Some(cert), None) => {
+            problems.at(cert.span(), "`tls_cert` needs `tls_key` too (the certificate's private key)");
+            return None;
+        }
+        (None, Some(key)) => {
+            problems.at(key.span(), "`tls_key` needs `tls_cert` too (the certificate chain)");
+            return None;
+        }
+    };
+    let mut names = Vec::new();
+    if let Some(alpn) = alpn {
+        let span = alpn.span();
+        names = alpn.into_inner();
+        if names.iter().any(|n| n.is_empty() || n.len() > 255) {
+            problems.at(span, "`tls_alpn` names are 1 to 255 bytes each (for example \"h2\", \"http/1.1\")");
+        }
+    }
+    Some(crate::tls::Tls {
+        cert: dir.join(cert.into_inner()),
+        key: dir.join(key.into_inner()),
+        alpn: names,
+        loaded: None,
+    })
 }
 
 /// The longest path a Unix socket can have (`sun_path` is 108 bytes, with its final NUL).

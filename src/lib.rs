@@ -17,5 +17,6 @@ pub mod plugin;
 pub mod preflight;
 pub mod privileges;
 pub mod sys;
+pub mod tls;
 pub mod txn;
 pub mod worker;

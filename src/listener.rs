@@ -223,6 +223,7 @@ mod tests {
 
     fn listen(address: &str, app: &str) -> ListenConfig {
         ListenConfig {
+            tls: None,
             address: Address::parse(address, Path::new("/")).unwrap(),
             app: app.into(),
             backlog: 16,

@@ -273,7 +273,10 @@ impl Logger {
 
 impl Log for Logger {
     fn enabled(&self, metadata: &Metadata) -> bool {
+        // rustls logs every handshake's details at debug level: a line per connection would
+        // drown the server's own. Its warnings and errors still show.
         metadata.level() <= log::max_level()
+            && (metadata.level() <= log::Level::Warn || !metadata.target().starts_with("rustls"))
     }
     fn log(&self, record: &Record) {
         if self.enabled(record.metadata()) {

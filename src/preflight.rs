@@ -34,6 +34,12 @@ pub fn check(config: &Config) -> Vec<String> {
         {
             problems.push(format!("cannot listen on {}: {e}", l.address));
         }
+        if let Some(tls) = &l.tls {
+            let mut tls = tls.clone();
+            if let Err(e) = tls.load() {
+                problems.push(format!("listener {}: {e}", l.address));
+            }
+        }
     }
     problems
 }

@@ -897,7 +897,10 @@ impl Master {
     }
 
     /// Binds new listeners, pins plugins and forks the workers of a new generation.
-    fn boot_generation(&mut self, config: Config) -> Result<u64, String> {
+    fn boot_generation(&mut self, mut config: Config) -> Result<u64, String> {
+        // Certificates and keys are read afresh for every generation; ones that do not load
+        // refuse it (the generation serving now goes on).
+        config.load_tls()?;
         for l in &config.listeners {
             if !self.listeners.contains_key(&l.key()) {
                 let bound = adopt_or_bind(&mut self.inherited, l).inspect_err(|_| self.close_unused_listeners())?;

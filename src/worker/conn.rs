@@ -15,6 +15,7 @@ use socket2::Socket;
 
 use super::{outbound, push};
 use crate::config::Limits;
+use crate::tls;
 use crate::plugin::{App, Call, ConnHandle, DataOutcome};
 use crate::sys::{self, Event, interest};
 
@@ -169,6 +170,8 @@ enum Callback {
 
 pub struct Conn {
     pub socket: Socket,
+    /// Its TLS session, on a TLS listener: every read and write goes through it.
+    pub tls: Option<Box<tls::Session>>,
     pub seq: u32,
     /// Its listener's place in the generation's `[[listen]]` list (for its limits).
     pub listener: u32,
@@ -247,6 +250,7 @@ impl Conn {
         let now_ms = sys::monotonic_ms();
         Conn {
             socket,
+            tls: None,
             seq,
             listener,
             app: app as u32,
@@ -307,9 +311,31 @@ impl Conn {
         now.saturating_sub(self.last_active)
     }
 
-    /// Output waiting for the peer.
+    /// Output waiting for the peer. TLS records waiting in the session count as one byte:
+    /// their size is not known, only that they are there (at most the session's buffer).
     fn queued(&self) -> usize {
-        self.output.len() - self.sent
+        self.output.len() - self.sent + usize::from(self.tls.as_ref().is_some_and(|t| t.has_backlog()))
+    }
+
+    /// Reads from the peer: through TLS on a TLS listener.
+    fn receive(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match &mut self.tls {
+            Some(session) => session.read(&self.socket, buf),
+            None => (&self.socket).read(buf),
+        }
+    }
+
+    /// Writes to the peer: through TLS on a TLS listener.
+    fn send(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        match &mut self.tls {
+            Some(session) => session.write(&self.socket, bytes),
+            None => (&self.socket).write(bytes),
+        }
+    }
+
+    /// True while a TLS handshake is under way (nothing of the app's has been read).
+    fn handshaking(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.handshaking())
     }
 
     /// True when the connection is between requests and the app allows closing it: no partial
@@ -391,8 +417,21 @@ impl Conn {
             // Read on only while the app keeps up: what it has no room to answer waits in the
             // kernel's buffer (and, at the end, the client's), not in ours.
             if !more || self.eof || self.stalled || self.blocked || self.queued() > ctx.limits.max_output {
+                self.keep_tls_plaintext();
                 return Ok(requests);
             }
+        }
+    }
+
+    /// Keeps what the TLS session decrypted already but the app was not offered yet: no
+    /// readiness event would announce it (the socket may be empty), so it waits in `input`,
+    /// offered again like any input the app had no room for.
+    fn keep_tls_plaintext(&mut self) {
+        if let Some(session) = &mut self.tls
+            && session.take_plaintext(&mut self.input) > 0
+            && !self.blocked
+        {
+            self.stalled = true;
         }
     }
 
@@ -401,7 +440,7 @@ impl Conn {
     /// input and whether the socket was read empty.
     fn read_chunk(&mut self, scratch: &mut Scratch) -> Result<(usize, bool), After> {
         loop {
-            return match (&self.socket).read(&mut scratch.input) {
+            return match self.receive(&mut scratch.input) {
                 Ok(0) => {
                     self.eof = true;
                     self.read_empty = true;
@@ -409,8 +448,11 @@ impl Conn {
                 }
                 Ok(n) => {
                     self.bytes_in += n as u64;
-                    // A short read took every byte queued, unless something stopped it early.
-                    let more = n == scratch.input.len() || self.read_to_eagain;
+                    // A short read took every byte queued, unless something stopped it early
+                    // (or, through TLS, the socket was not read empty).
+                    let more = n == scratch.input.len()
+                        || self.read_to_eagain
+                        || self.tls.as_ref().is_some_and(|t| t.may_have_more());
                     self.read_empty = !more;
                     Ok((n, more))
                 }
@@ -714,6 +756,13 @@ impl Conn {
         if let Phase::Connecting { deadline } = self.phase {
             return (now >= deadline).then_some(Limit::Connect);
         }
+        // A TLS handshake is a request begun: it has `read_timeout` to finish.
+        if self.phase == Phase::Open
+            && self.handshaking()
+            && let Some(timeout) = limits.read_timeout
+        {
+            return (self.opened.elapsed() >= timeout).then_some(Limit::Read);
+        }
         if matches!(self.phase, Phase::Lingering { .. }) || self.limit == Some(Limit::Send) {
             return None;
         }
@@ -755,6 +804,10 @@ impl Conn {
             return self.connect_failed(&reason, ctx, scratch);
         }
         self.limit = Some(limit);
+        if self.handshaking() {
+            // No app conversation began: nothing to answer, nothing to flush.
+            return After::Close(CloseReason::Limit(limit));
+        }
         match limit {
             Limit::Send | Limit::Connect => After::Close(CloseReason::Limit(limit)),
             Limit::Idle => self.begin_close(),
@@ -788,7 +841,7 @@ impl Conn {
         }
         let mut written = 0;
         while written < bytes.len() {
-            match (&self.socket).write(&bytes[written..]) {
+            match self.send(&bytes[written..]) {
                 Ok(n) => written += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -808,8 +861,17 @@ impl Conn {
     /// Writes queued output until done or the socket is full.
     fn flush(&mut self) -> io::Result<()> {
         let before = self.sent;
+        let tls_backlog = self.tls.as_ref().is_some_and(|t| t.has_backlog());
+        if let Some(session) = &mut self.tls {
+            session.flush(&self.socket)?;
+        }
         while self.sent < self.output.len() {
-            match (&self.socket).write(&self.output[self.sent..]) {
+            let (start, end) = (self.sent, self.output.len());
+            let result = match &mut self.tls {
+                Some(session) => session.write(&self.socket, &self.output[start..end]),
+                None => (&self.socket).write(&self.output[start..end]),
+            };
+            match result {
                 Ok(n) => self.sent += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -817,7 +879,7 @@ impl Conn {
             }
         }
         self.bytes_out += (self.sent - before) as u64;
-        let progressed = self.sent > before;
+        let progressed = self.sent > before || (tls_backlog && !self.tls.as_ref().is_some_and(|t| t.has_backlog()));
         if progressed {
             // The peer took some: `send_timeout` counts again (or, with everything sent,
             // `read_timeout` for a partial request that waited behind the output).
@@ -850,6 +912,11 @@ impl Conn {
 
     /// Starts a gentle close: FIN to the peer, then wait for its FIN while discarding input.
     pub fn begin_close(&mut self) -> After {
+        if let Some(session) = &mut self.tls
+            && !session.handshaking()
+        {
+            session.close_notify(&self.socket);
+        }
         if self.socket.shutdown(Shutdown::Write).is_err() {
             return After::Close(CloseReason::Done);
         }
@@ -875,8 +942,10 @@ impl Conn {
 
     /// True when the connection may be handed to another worker: between requests, not an
     /// outbound one, nothing read ahead and nothing unsent.
+    /// A TLS connection never moves: its session state (keys, sequence numbers) cannot go
+    /// with the socket.
     pub fn movable(&self) -> bool {
-        self.between_requests() && !self.outbound && !self.eof && self.limit.is_none()
+        self.between_requests() && !self.outbound && !self.eof && self.limit.is_none() && self.tls.is_none()
     }
 
     /// The app's session of a connection that moves (`App::export_conn`).

@@ -258,6 +258,7 @@ impl Worker {
                 address: address.to_string(),
                 app: app_index[app],
                 tcp: matches!(address, Address::Tcp(_)),
+                tls: config.listeners[index].tls.as_ref().map(|t| std::sync::Arc::clone(t.config())),
             })
             .collect();
         let load = spec.load.record(spec.load_index);

@@ -120,6 +120,8 @@ pub struct Listening {
     pub address: String,
     pub app: usize,
     pub tcp: bool,
+    /// Its TLS configuration, when it speaks TLS.
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 /// State shared by the threads of one worker.
@@ -429,9 +431,18 @@ impl Pool {
             app.close_conn(handle);
             return;
         };
+        let mut conn = Conn::new(socket, listener.tcp, seq, (listener.index as u32, listener.app), handle, peer);
+        if let Some(config) = &listener.tls {
+            match crate::tls::Session::new(config) {
+                Ok(session) => conn.tls = Some(Box::new(session)),
+                Err(e) => {
+                    log::error!("cannot start TLS for a connection from {}: {e}", conn.peer);
+                    return conn.release(app);
+                }
+            }
+        }
         let mut guard = slot.lock();
-        let conn =
-            guard.insert(Conn::new(socket, listener.tcp, seq, (listener.index as u32, listener.app), handle, peer));
+        let conn = guard.insert(conn);
         // A connection closed while its event waited for its app's share left its mark.
         slot.waiting.store(0, Ordering::SeqCst);
         slot.live.store(seq, Ordering::Release);

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod pg;
+pub mod tls;
 
 impl pg::PgCluster {
     /// Writes `dir/fdt.toml`: a `bank` over this cluster's databases `a` and `b` as node `node`
@@ -127,6 +128,8 @@ pub struct Setup {
     pub listen: Vec<(String, String)>,
     /// More TOML, appended as is (`[database.NAME]` tables, say).
     pub extra: String,
+    /// More keys of an app's `[[listen]]` table (TLS, PROXY protocol), by app.
+    pub listen_keys: BTreeMap<String, String>,
 }
 
 impl Setup {
@@ -138,7 +141,7 @@ impl Setup {
         server.insert("graceful_timeout".into(), "10".into());
         server.insert("boot_timeout".into(), "10".into());
         server.insert("log_level".into(), "\"debug\"".into());
-        Setup { server, apps: Vec::new(), listen: Vec::new(), extra: String::new() }
+        Setup { server, apps: Vec::new(), listen: Vec::new(), extra: String::new(), listen_keys: BTreeMap::new() }
     }
 
     /// Sets a `[server]` key to a TOML value.
@@ -150,6 +153,14 @@ impl Setup {
     /// Adds `[app.NAME]` with the shipped plugin `plugin_name` and a listener on 127.0.0.1:0.
     pub fn app(self, name: &str, plugin_name: &str, settings: &str) -> Setup {
         self.app_at(name, &plugin(plugin_name), settings, "127.0.0.1:0")
+    }
+
+    /// Adds keys (TOML lines) to the `[[listen]]` table of `app`.
+    pub fn listener_keys(mut self, app: &str, toml: &str) -> Setup {
+        let keys = self.listen_keys.entry(app.into()).or_default();
+        keys.push_str(toml);
+        keys.push('\n');
+        self
     }
 
     /// Appends raw TOML to the config.
@@ -189,6 +200,7 @@ impl Setup {
         }
         for (address, app) in &self.listen {
             text.push_str(&format!("\n[[listen]]\naddress = \"{address}\"\napp = \"{app}\"\n"));
+            text.push_str(self.listen_keys.get(app).map_or("", String::as_str));
         }
         for a in &self.apps {
             text.push_str(&format!("\n[app.{}]\nplugin = \"{}\"\n{}\n", a.name, a.plugin.display(), a.settings));

@@ -1,0 +1,220 @@
+//! TLS on a listener: loading its certificate and key (in the master, at start and at every
+//! reload, before the workers fork: they inherit the loaded configuration, so a key readable
+//! only by root still serves workers that run as `user`), and one connection's TLS session,
+//! through which `worker::conn` reads and writes its socket.
+//!
+//! Never blocks and never buffers without bound: a session reads from its socket only once the
+//! app took the plaintext read before, and holds at most rustls' buffer limit (64 KiB) of
+//! records the socket did not take yet.
+
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ServerConfig, ServerConnection};
+use socket2::Socket;
+
+/// A listener's TLS settings as configured (`tls_cert`, `tls_key`, `tls_alpn`), with the
+/// configuration loaded from them (see [`Tls::load`]).
+#[derive(Clone, Debug)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// ALPN protocol names offered, in order of preference (empty: no ALPN).
+    pub alpn: Vec<String>,
+    /// Set by [`Tls::load`]; `None` until then.
+    pub loaded: Option<Arc<ServerConfig>>,
+}
+
+impl Tls {
+    /// Reads the certificate chain and the key afresh and builds the configuration that the
+    /// listener's connections share. Errors name the file and the reason.
+    pub fn load(&mut self) -> Result<(), String> {
+        self.loaded = Some(Arc::new(server_config(&self.cert, &self.key, &self.alpn)?));
+        Ok(())
+    }
+
+    /// The loaded configuration.
+    pub fn config(&self) -> &Arc<ServerConfig> {
+        self.loaded.as_ref().expect("TLS settings are loaded before any worker starts")
+    }
+}
+
+/// The rustls configuration of a certificate chain and its key: TLS 1.2 and 1.3 with rustls'
+/// safe defaults, on the `ring` provider (it builds with a C compiler alone).
+pub fn server_config(cert: &Path, key: &Path, alpn: &[String]) -> Result<ServerConfig, String> {
+    let pem_error = |key: &str, path: &Path, e: rustls::pki_types::pem::Error| match e {
+        rustls::pki_types::pem::Error::Io(e) => format!("{key} {}: {e}", path.display()),
+        rustls::pki_types::pem::Error::NoItemsFound => {
+            let what = if key == "tls_cert" { "no CERTIFICATE" } else { "no PRIVATE KEY" };
+            format!("{key} {}: {what} block in the file (a PEM file is expected)", path.display())
+        }
+        e => format!("{key} {}: not a valid PEM file: {e}", path.display()),
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| pem_error("tls_cert", cert, e))?;
+    if chain.is_empty() {
+        return Err(pem_error("tls_cert", cert, rustls::pki_types::pem::Error::NoItemsFound));
+    }
+    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_error("tls_key", key, e))?;
+    // `ring`: the provider that builds from the registry with a C compiler alone (aws-lc-rs
+    // needs cmake). rustls deprecates it for lacking post-quantum key exchange.
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(chain, private)
+        .map_err(|e| format!("tls_cert {} with tls_key {}: {e}", cert.display(), key.display()))?;
+    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    Ok(config)
+}
+
+/// One connection's TLS session over its (non-blocking) socket. Reads and writes behave like
+/// the socket's own: `Ok(0)` from [`Session::read`] is the end of input, `WouldBlock` means
+/// "wait for the socket".
+pub struct Session {
+    conn: ServerConnection,
+    /// The last read from the socket was short (or would block): the kernel's buffer was
+    /// empty then, so no more input waits unless a new edge says so.
+    socket_drained: bool,
+}
+
+impl Session {
+    pub fn new(config: &Arc<ServerConfig>) -> io::Result<Session> {
+        let conn = ServerConnection::new(Arc::clone(config)).map_err(io::Error::other)?;
+        Ok(Session { conn, socket_drained: false })
+    }
+
+    /// True until the handshake is complete.
+    pub fn handshaking(&self) -> bool {
+        self.conn.is_handshaking()
+    }
+
+    /// True when records wait for the socket to take them.
+    pub fn has_backlog(&self) -> bool {
+        self.conn.wants_write()
+    }
+
+    /// True when a read may find more without a new readiness event: plaintext or records
+    /// are buffered here, or the last read from the socket filled what it asked for.
+    pub fn may_have_more(&self) -> bool {
+        !self.socket_drained
+    }
+
+    /// The protocol ALPN chose, if any.
+    pub fn alpn(&self) -> Option<&[u8]> {
+        self.conn.alpn_protocol()
+    }
+
+    /// Reads plaintext: what is buffered, else what the socket brings (handshake messages are
+    /// answered on the way).
+    pub fn read(&mut self, socket: &Socket, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.conn.reader().read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // The peer closed the TCP connection without `close_notify`: for a stream of
+                // requests that is simply the end of input (what it sent was answered or is
+                // being answered; nothing is taken as complete that was not).
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
+                Err(e) => return Err(e),
+            }
+            let mut source = SocketRead { socket, short: false };
+            let got = match self.conn.read_tls(&mut source) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.socket_drained = true;
+                    self.flush(socket)?;
+                    return Err(e);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            self.socket_drained = source.short || got == 0;
+            if let Err(e) = self.conn.process_new_packets() {
+                // Tell the peer why (the alert rustls queued), as far as the socket takes it.
+                let _ = self.flush(socket);
+                return Err(io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}")));
+            }
+            // Handshake messages to answer, or plaintext written before the handshake ended.
+            self.flush(socket)?;
+            if got == 0 {
+                // The end of input: what is buffered is read first, then `Ok(0)`.
+                return match self.conn.reader().read(buf) {
+                    Ok(n) => Ok(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
+                    Err(e) => Err(e),
+                };
+            }
+        }
+    }
+
+    /// Moves the plaintext already decrypted into `into`, reading nothing from the socket:
+    /// how much it moved (at most rustls' plaintext buffer, 16 KiB).
+    pub fn take_plaintext(&mut self, into: &mut Vec<u8>) -> usize {
+        let mut buf = [0u8; 4096];
+        let mut moved = 0;
+        while let Ok(n @ 1..) = self.conn.reader().read(&mut buf) {
+            into.extend_from_slice(&buf[..n]);
+            moved += n;
+        }
+        moved
+    }
+
+    /// Writes plaintext: takes what fits in the session's buffer and sends its records as far
+    /// as the socket takes them. `WouldBlock` when the records of earlier writes still wait.
+    pub fn write(&mut self, socket: &Socket, buf: &[u8]) -> io::Result<usize> {
+        self.flush(socket)?;
+        if self.conn.wants_write() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let taken = self.conn.writer().write(buf)?;
+        self.flush(socket)?;
+        if taken == 0 && !buf.is_empty() {
+            // Its buffer is full of plaintext written before the handshake ended.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(taken)
+    }
+
+    /// Sends waiting records as far as the socket takes them.
+    pub fn flush(&mut self, socket: &Socket) -> io::Result<()> {
+        let mut sink = socket;
+        while self.conn.wants_write() {
+            match self.conn.write_tls(&mut sink) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts a TLS close: `close_notify`, sent as far as the socket takes it.
+    pub fn close_notify(&mut self, socket: &Socket) {
+        self.conn.send_close_notify();
+        let _ = self.flush(socket);
+    }
+}
+
+/// The socket as rustls reads it, noting a short read (the kernel's buffer emptied).
+struct SocketRead<'a> {
+    socket: &'a Socket,
+    short: bool,
+}
+
+impl Read for SocketRead<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut socket = self.socket;
+        let n = socket.read(buf)?;
+        self.short = n < buf.len();
+        Ok(n)
+    }
+}
