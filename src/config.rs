@@ -61,6 +61,17 @@ pub struct ListenConfig {
     pub limits: Limits,
     /// `tls_cert`, `tls_key`, `tls_alpn`: the listener speaks TLS.
     pub tls: Option<crate::tls::Tls>,
+    /// `proxy_protocol`, `proxy_from`: every connection starts with a PROXY protocol header.
+    pub proxy: Option<ProxyProtocol>,
+}
+
+/// A listener behind a proxy that names each connection's client in a PROXY protocol header.
+#[derive(Clone, Debug)]
+pub struct ProxyProtocol {
+    pub version: crate::proxy_protocol::Version,
+    /// Who may send the header (`proxy_from`; default: loopback). A TCP connection from
+    /// elsewhere is closed before anything of it is read; a Unix socket's peer is local.
+    pub from: Vec<crate::proxy_protocol::Cidr>,
 }
 
 /// What a connection may hold and how long it may wait ("Connection limits and timeouts").
@@ -324,6 +335,8 @@ struct RawListen {
     tls_cert: Option<Spanned<String>>,
     tls_key: Option<Spanned<String>>,
     tls_alpn: Option<Spanned<Vec<String>>>,
+    proxy_protocol: Option<Spanned<String>>,
+    proxy_from: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -576,7 +589,8 @@ fn build(raw: RawConfig, path: &Path, dir: &Path, problems: &mut Problems<'_>) -
         }
         .over(server.limits, problems);
         let tls = tls_settings(l.tls_cert, l.tls_key, l.tls_alpn, dir, problems);
-        listeners.push(ListenConfig { address, app: l.app.into_inner(), backlog, limits, tls });
+        let proxy = proxy_settings(l.proxy_protocol, l.proxy_from, problems);
+        listeners.push(ListenConfig { address, app: l.app.into_inner(), backlog, limits, tls, proxy });
     }
 
     let mut databases = BTreeMap::new();
@@ -614,6 +628,42 @@ fn build(raw: RawConfig, path: &Path, dir: &Path, problems: &mut Problems<'_>) -
     });
 
     Config { path: path.to_path_buf(), server, listeners, apps, databases, events_database }
+}
+
+/// A listener's PROXY protocol settings: `proxy_from` only with `proxy_protocol`.
+fn proxy_settings(
+    version: Option<Spanned<String>>,
+    from: Option<Spanned<Vec<String>>>,
+    problems: &mut Problems<'_>,
+) -> Option<ProxyProtocol> {
+    let Some(version) = version else {
+        if let Some(from) = from {
+            problems.at(from.span(), "`proxy_from` needs `proxy_protocol` (\"v1\", \"v2\" or \"any\")");
+        }
+        return None;
+    };
+    let version = match version.get_ref().parse() {
+        Ok(v) => v,
+        Err(e) => {
+            problems.at(version.span(), format!("`proxy_protocol`: {e}"));
+            return None;
+        }
+    };
+    let from = match from {
+        None => crate::proxy_protocol::loopback(),
+        Some(list) => {
+            let span = list.span();
+            let mut cidrs = Vec::new();
+            for text in list.into_inner() {
+                match text.parse() {
+                    Ok(cidr) => cidrs.push(cidr),
+                    Err(e) => problems.at(span.clone(), format!("`proxy_from`: {text:?}: {e}")),
+                }
+            }
+            cidrs
+        }
+    };
+    Some(ProxyProtocol { version, from })
 }
 
 /// A listener's TLS settings: both files or neither; ALPN names only with them.

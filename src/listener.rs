@@ -224,6 +224,7 @@ mod tests {
     fn listen(address: &str, app: &str) -> ListenConfig {
         ListenConfig {
             tls: None,
+            proxy: None,
             address: Address::parse(address, Path::new("/")).unwrap(),
             app: app.into(),
             backlog: 16,

@@ -221,6 +221,14 @@ pub fn set_nonblocking(fd: RawFd, on: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// Copies up to `buf.len()` bytes waiting in a socket's receive queue without taking them
+/// (`recv` with `MSG_PEEK`, non-blocking).
+pub fn peek(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the whole call.
+    let n = syscall!(recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT))?;
+    Ok(n as usize)
+}
+
 /// Bytes written to a socket that its peer has not taken yet (`SIOCOUTQ`): unsent, or sent and
 /// not acknowledged.
 pub fn unsent_bytes(fd: RawFd) -> io::Result<usize> {

@@ -15,7 +15,7 @@ use socket2::Socket;
 
 use super::{outbound, push};
 use crate::config::Limits;
-use crate::tls;
+use crate::{proxy_protocol, tls};
 use crate::plugin::{App, Call, ConnHandle, DataOutcome};
 use crate::sys::{self, Event, interest};
 
@@ -57,6 +57,8 @@ pub enum CloseReason {
     ConnectFailed(String),
     /// It moved to another worker (`worker::handoff`): not closed at all.
     HandedOff,
+    /// Its PROXY protocol header was refused: from outside `proxy_from`, or malformed.
+    ProxyHeader(String),
 }
 
 /// The connection limits that close a connection ("Connection limits and timeouts").
@@ -74,7 +76,7 @@ pub enum Limit {
 }
 
 /// Every label of [`CloseReason::label`], in the order of [`CloseReason::index`].
-pub const CLOSE_LABELS: [&str; 12] = [
+pub const CLOSE_LABELS: [&str; 13] = [
     "peer",
     "done",
     "app_failed",
@@ -87,6 +89,7 @@ pub const CLOSE_LABELS: [&str; 12] = [
     "send_timeout",
     "connect_failed",
     "handed_off",
+    "proxy_header",
 ];
 
 impl CloseReason {
@@ -105,6 +108,7 @@ impl CloseReason {
             CloseReason::Limit(Limit::Send) => 9,
             CloseReason::ConnectFailed(_) | CloseReason::Limit(Limit::Connect) => 10,
             CloseReason::HandedOff => 11,
+            CloseReason::ProxyHeader(_) => 12,
         }
     }
 
@@ -156,6 +160,8 @@ impl Scratch {
 /// What a call into the app may use besides the connection.
 pub struct Ctx<'a> {
     pub app: &'a App,
+    /// The address of its listener (empty for an outbound connection).
+    pub address: &'a str,
     pub limits: &'a Limits,
     pub draining: bool,
 }
@@ -172,6 +178,9 @@ pub struct Conn {
     pub socket: Socket,
     /// Its TLS session, on a TLS listener: every read and write goes through it.
     pub tls: Option<Box<tls::Session>>,
+    /// The PROXY protocol header still to read, on a listener behind a proxy: until it is,
+    /// the app has not heard of the connection (`handle` is `None`).
+    header: Option<proxy_protocol::Version>,
     pub seq: u32,
     /// Its listener's place in the generation's `[[listen]]` list (for its limits).
     pub listener: u32,
@@ -246,15 +255,42 @@ impl Conn {
         handle: ConnHandle,
         peer: String,
     ) -> Conn {
+        Conn::build(socket, tcp, seq, (listener, app), Some(handle), peer)
+    }
+
+    /// A connection on a listener behind a proxy: its first bytes are a PROXY protocol header
+    /// naming the client, read before anything else (see [`Conn::read_proxy_header`]).
+    pub fn awaiting_header(
+        socket: Socket,
+        tcp: bool,
+        seq: u32,
+        ids: (u32, usize),
+        peer: String,
+        version: proxy_protocol::Version,
+    ) -> Conn {
+        let mut conn = Conn::build(socket, tcp, seq, ids, None, peer);
+        conn.header = Some(version);
+        conn
+    }
+
+    fn build(
+        socket: Socket,
+        tcp: bool,
+        seq: u32,
+        (listener, app): (u32, usize),
+        handle: Option<ConnHandle>,
+        peer: String,
+    ) -> Conn {
         let now = Instant::now();
         let now_ms = sys::monotonic_ms();
         Conn {
             socket,
             tls: None,
+            header: None,
             seq,
             listener,
             app: app as u32,
-            handle: Some(handle),
+            handle,
             input: Vec::new(),
             output: Vec::new(),
             sent: 0,
@@ -333,9 +369,66 @@ impl Conn {
         }
     }
 
-    /// True while a TLS handshake is under way (nothing of the app's has been read).
+    /// True until the app's conversation can begin: its PROXY header is still to read, or its
+    /// TLS handshake is under way. Such a connection has `read_timeout` to get there.
     fn handshaking(&self) -> bool {
-        self.tls.as_ref().is_some_and(|t| t.handshaking())
+        self.header.is_some() || self.tls.as_ref().is_some_and(|t| t.handshaking())
+    }
+
+    /// True while its PROXY protocol header is still to read (the app has not heard of it).
+    pub fn awaiting_proxy_header(&self) -> bool {
+        self.header.is_some()
+    }
+
+    /// Reads the PROXY protocol header: peeks at what arrived and takes exactly the header
+    /// (what follows is the app's, or TLS's), so nothing is read ahead. Once it is whole, the
+    /// client it names is the connection's peer, the app hears of the connection
+    /// (`open_conn`, then `on_open`), and what followed the header is served.
+    fn read_proxy_header(&mut self, event: &Event, ctx: &Ctx<'_>, scratch: &mut Scratch) -> (After, u64) {
+        let Some(version) = self.header else { return (After::Park(interest::READ), 0) };
+        let mut buf = [0u8; proxy_protocol::MAX_HEADER];
+        let seen = match sys::peek(self.fd(), &mut buf) {
+            Ok(0) => return (After::Close(CloseReason::PeerClosed), 0),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.read_empty = true;
+                return (After::Park(interest::READ), 0);
+            }
+            Err(e) => return (After::Close(CloseReason::Error(e.to_string())), 0),
+        };
+        let header = match proxy_protocol::parse(&buf[..seen], version) {
+            Ok(proxy_protocol::Parsed::Done(header)) => header,
+            // The rest of it comes as a new edge; `read_timeout` bounds the wait.
+            Ok(proxy_protocol::Parsed::Incomplete) => {
+                self.read_empty = true;
+                return (After::Park(interest::READ), 0);
+            }
+            Err(e) => return (After::Close(CloseReason::ProxyHeader(e.to_string())), 0),
+        };
+        // The header's bytes are in the kernel's buffer: one read takes exactly them.
+        match (&self.socket).read(&mut buf[..header.len]) {
+            Ok(n) if n == header.len => self.bytes_in += n as u64,
+            Ok(_) => return (After::Close(CloseReason::Error("PROXY header read short".into())), 0),
+            Err(e) => return (After::Close(CloseReason::Error(e.to_string())), 0),
+        }
+        if let Some(client) = header.source {
+            self.peer = client.to_string();
+        }
+        self.header = None;
+        let token = super::table::token(self.fd() as usize, self.seq);
+        let Some(handle) = ctx.app.open_conn(&self.peer, ctx.address, u64::from(self.seq), token, None) else {
+            return (After::Close(CloseReason::AppFailed("the app refused the connection".into())), 0);
+        };
+        self.handle = Some(handle);
+        if ctx.app.has_events()
+            && let After::Close(reason) = self.on_open(ctx, scratch)
+        {
+            return (After::Close(reason), 0);
+        }
+        if self.phase != Phase::Open {
+            return (self.flush_then(), 0);
+        }
+        self.on_ready(event, ctx, scratch)
     }
 
     /// True when the connection is between requests and the app allows closing it: no partial
@@ -364,6 +457,7 @@ impl Conn {
             Phase::Connecting { .. } => self.on_connected(event, ctx, scratch),
             Phase::Lingering { .. } => (self.discard_input(), 0),
             Phase::Flushing => (self.flush_then(), 0),
+            Phase::Open if self.header.is_some() => self.read_proxy_header(event, ctx, scratch),
             Phase::Open => {
                 if writable
                     && self.queued() > 0
@@ -739,7 +833,7 @@ impl Conn {
     /// True when the app should hear that the worker drains: it was not told yet, and the
     /// connection is open with room in its output.
     pub fn drain_news_due(&self) -> bool {
-        !self.told_drain && self.phase == Phase::Open && !self.full
+        !self.told_drain && self.phase == Phase::Open && !self.full && self.handle.is_some()
     }
 
     /// Calls the app's `on_drain` (once per connection). The caller checks that the app has
@@ -945,7 +1039,12 @@ impl Conn {
     /// A TLS connection never moves: its session state (keys, sequence numbers) cannot go
     /// with the socket.
     pub fn movable(&self) -> bool {
-        self.between_requests() && !self.outbound && !self.eof && self.limit.is_none() && self.tls.is_none()
+        self.between_requests()
+            && !self.outbound
+            && !self.eof
+            && self.limit.is_none()
+            && self.tls.is_none()
+            && self.header.is_none()
     }
 
     /// The app's session of a connection that moves (`App::export_conn`).

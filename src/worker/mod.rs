@@ -259,6 +259,7 @@ impl Worker {
                 app: app_index[app],
                 tcp: matches!(address, Address::Tcp(_)),
                 tls: config.listeners[index].tls.as_ref().map(|t| std::sync::Arc::clone(t.config())),
+                proxy: config.listeners[index].proxy.clone(),
             })
             .collect();
         let load = spec.load.record(spec.load_index);

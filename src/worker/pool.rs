@@ -122,6 +122,8 @@ pub struct Listening {
     pub tcp: bool,
     /// Its TLS configuration, when it speaks TLS.
     pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// Its PROXY protocol settings, when connections start with that header.
+    pub proxy: Option<crate::config::ProxyProtocol>,
 }
 
 /// State shared by the threads of one worker.
@@ -165,6 +167,9 @@ pub struct Pool {
     /// This worker's listeners (as the acceptors have them): where a connection handed over
     /// from another worker goes (`Pool::adopt`).
     listening: Mutex<Vec<(usize, String, usize, bool)>>,
+    /// Each listener's address, by its place in the generation's list (set once, with the
+    /// acceptors): what a connection's app is told when its PROXY header has been read.
+    addresses: std::sync::OnceLock<Vec<String>>,
     /// While draining: some worker takes this one's connections (see `drains_for`).
     takers: AtomicBool,
 }
@@ -228,6 +233,7 @@ impl Pool {
             pushes: super::push::PushTable::new(push_limit),
             server_limits,
             listening: Mutex::new(Vec::new()),
+            addresses: std::sync::OnceLock::new(),
             takers: AtomicBool::new(false),
         })
     }
@@ -254,6 +260,7 @@ impl Pool {
     fn ctx(&self, conn: &Conn) -> Ctx<'_> {
         Ctx {
             app: &self.apps[conn.app()],
+            address: self.addresses.get().and_then(|a| a.get(conn.listener as usize)).map_or("", String::as_str),
             limits: &self.limits[conn.listener as usize],
             draining: self.drains_for(conn),
         }
@@ -292,6 +299,11 @@ impl Pool {
     pub fn spawn_acceptors(&'static self, listeners: Vec<Listening>) -> Vec<JoinHandle<()>> {
         *self.listening.lock().unwrap_or_else(|e| e.into_inner()) =
             listeners.iter().map(|l| (l.index, l.address.clone(), l.app, l.tcp)).collect();
+        let mut addresses = vec![String::new(); listeners.iter().map(|l| l.index + 1).max().unwrap_or(0)];
+        for l in &listeners {
+            addresses[l.index] = l.address.clone();
+        }
+        let _ = self.addresses.set(addresses);
         let handles: Vec<JoinHandle<()>> = listeners
             .into_iter()
             .map(|l| {
@@ -422,16 +434,25 @@ impl Pool {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed).max(1);
         let token = token(fd, seq);
         let app = &self.apps[listener.app];
-        let Some(handle) = app.open_conn(&peer, &listener.address, u64::from(seq), token, None) else {
-            log::error!("app {} refused a connection from {peer}", app.name());
-            return;
-        };
         let Some(slot) = self.conns.slot(fd) else {
             log::error!("connection fd {fd} is beyond the table; closing it");
-            app.close_conn(handle);
             return;
         };
-        let mut conn = Conn::new(socket, listener.tcp, seq, (listener.index as u32, listener.app), handle, peer);
+        let ids = (listener.index as u32, listener.app);
+        let (mut conn, refused) = match &listener.proxy {
+            // The header names the client: the app hears of the connection once it is read.
+            Some(proxy) => {
+                let refused = !proxy_allowed(proxy, &peer);
+                (Conn::awaiting_header(socket, listener.tcp, seq, ids, peer, proxy.version), refused)
+            }
+            None => {
+                let Some(handle) = app.open_conn(&peer, &listener.address, u64::from(seq), token, None) else {
+                    log::error!("app {} refused a connection from {peer}", app.name());
+                    return;
+                };
+                (Conn::new(socket, listener.tcp, seq, ids, handle, peer), false)
+            }
+        };
         if let Some(config) = &listener.tls {
             match crate::tls::Session::new(config) {
                 Ok(session) => conn.tls = Some(Box::new(session)),
@@ -451,8 +472,15 @@ impl Pool {
         self.listener_open[listener.index].fetch_add(1, Ordering::Relaxed);
         self.load.opened();
         self.counters.accepted.fetch_add(1, Ordering::Relaxed);
-        // The app's greeting, if it has one (`App::on_open`), in this thread.
-        if app.has_events() {
+        if refused {
+            let conn = guard.take().expect("inserted above");
+            drop(guard);
+            log::debug!("connection from {} refused: not in proxy_from", conn.peer);
+            return self.finish(conn, CloseReason::ProxyHeader("not in proxy_from".into()));
+        }
+        // The app's greeting, if it has one (`App::on_open`), in this thread (behind a proxy:
+        // once the header is read, see `Conn::read_proxy_header`).
+        if app.has_events() && !conn.awaiting_proxy_header() {
             let ctx = self.ctx(conn);
             let had_timer = conn.has_timer();
             let after = conn.on_open(&ctx, scratch.get_or_insert_with(Scratch::new));
@@ -1189,6 +1217,15 @@ impl Pool {
             self.wake_acceptors(); // one may wait at `max_connections`
         }
         // Dropping `conn` closes the socket, which also removes it from the epoll instance.
+    }
+}
+
+/// True when a PROXY protocol header may come from `peer` (a TCP peer's address as text; a
+/// Unix socket's peer, empty, is local and always may).
+fn proxy_allowed(proxy: &crate::config::ProxyProtocol, peer: &str) -> bool {
+    match peer.parse::<std::net::SocketAddr>() {
+        Ok(addr) => proxy.from.iter().any(|cidr| cidr.contains(addr.ip())),
+        Err(_) => peer.is_empty(),
     }
 }
 

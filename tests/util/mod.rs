@@ -425,7 +425,11 @@ pub struct LineClient {
 
 impl LineClient {
     pub fn connect(addr: SocketAddr) -> LineClient {
-        let s = TcpStream::connect(addr).expect("cannot connect");
+        LineClient::from_stream(TcpStream::connect(addr).expect("cannot connect"))
+    }
+
+    /// A line client over a connection already made (after a PROXY header, say).
+    pub fn from_stream(s: TcpStream) -> LineClient {
         s.set_read_timeout(Some(READY_TIMEOUT)).unwrap();
         LineClient { reader: BufReader::new(s) }
     }

@@ -63,7 +63,13 @@ pub struct TlsClient {
 impl TlsClient {
     /// Connects and completes the handshake (`Err`: it failed, with rustls' reason).
     pub fn connect(addr: SocketAddr, config: &Arc<ClientConfig>) -> std::io::Result<TlsClient> {
-        let tcp = TcpStream::connect(addr)?;
+        TlsClient::connect_after(addr, config, b"")
+    }
+
+    /// Connects, sends `preamble` in the clear (a PROXY protocol header), then starts TLS.
+    pub fn connect_after(addr: SocketAddr, config: &Arc<ClientConfig>, preamble: &[u8]) -> std::io::Result<TlsClient> {
+        let mut tcp = TcpStream::connect(addr)?;
+        tcp.write_all(preamble)?;
         tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
         tcp.set_write_timeout(Some(Duration::from_secs(10)))?;
         tcp.set_nodelay(true)?;

@@ -6,7 +6,7 @@
 //! exists (a hung start on demand); `start_delay_ms` delays the start; `abort_after_ms` kills the
 //! worker that long after its start returned (a worker that crashes shortly after it reported
 //! ready); `tag` is echoed by `TAG`. Line commands, one answer line each:
-//! `PID`, `GEN`, `TAG`, `DRAINING` (yes/no), `SLEEP <ms>` (answers `SLEPT`), `PANIC`,
+//! `PID`, `GEN`, `TAG`, `PEER` (the client as the app sees it: `Conn::peer`), `DRAINING` (yes/no), `SLEEP <ms>` (answers `SLEPT`), `PANIC`,
 //! `ABORT` (kills the worker process), `BUSY` (stays `InProgress` until `IDLE`), `SPIN`
 //! (loops forever inside the handler, never answering: a request stuck in app code), `UID`
 //! (the worker's real and effective uid and gid: `uid euid gid egid`), `ENV <name>` (the
@@ -277,6 +277,7 @@ impl App for Testkit {
             let mut words = line.split_whitespace();
             let answer = match (words.next().unwrap_or(""), words.next()) {
                 ("PID", _) => self.pid.to_string(),
+                ("PEER", _) => conn.peer().to_string(),
                 ("LISTEN", Some(pattern)) => {
                     let me = conn.handle();
                     let subscribed = self.bus.subscribe(pattern, move |topic, payload| {
