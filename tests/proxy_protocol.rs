@@ -73,14 +73,8 @@ fn peer_after(addr: SocketAddr, header: &[u8]) -> Option<String> {
 fn the_client_a_v1_header_names_is_what_the_app_and_the_access_log_see() {
     let server = server("v1", "");
     let addr = server.addr("kit");
-    assert_eq!(
-        peer_after(addr, b"PROXY TCP4 203.0.113.7 127.0.0.1 4242 80\r\n").as_deref(),
-        Some("203.0.113.7:4242")
-    );
-    assert_eq!(
-        peer_after(addr, b"PROXY TCP6 2001:db8::1 ::1 5353 80\r\n").as_deref(),
-        Some("[2001:db8::1]:5353")
-    );
+    assert_eq!(peer_after(addr, b"PROXY TCP4 203.0.113.7 127.0.0.1 4242 80\r\n").as_deref(), Some("203.0.113.7:4242"));
+    assert_eq!(peer_after(addr, b"PROXY TCP6 2001:db8::1 ::1 5353 80\r\n").as_deref(), Some("[2001:db8::1]:5353"));
     // UNKNOWN (a proxy's own health check, say): the connection's own address stands.
     let own = peer_after(addr, b"PROXY UNKNOWN\r\n").expect("an answer");
     assert!(own.starts_with("127.0.0.1:"), "{own}");
@@ -116,9 +110,9 @@ fn a_missing_malformed_or_wrong_version_header_closes_only_that_connection() {
     assert_eq!(good.ask("PEER"), "192.0.2.5:5");
 
     let refused: [&[u8]; 4] = [
-        b"PEER\n",                                        // no header at all
-        b"PROXY TCP4 192.0.2.1 127.0.0.1 1 2\r\n",        // v1 on a v2 listener
-        b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x02ab",         // addresses shorter than TCP4's
+        b"PEER\n",                                           // no header at all
+        b"PROXY TCP4 192.0.2.1 127.0.0.1 1 2\r\n",           // v1 on a v2 listener
+        b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x02ab",           // addresses shorter than TCP4's
         b"\r\n\r\n\0\r\nQUIT\n\x31\x11\x00\x0c0123456789ab", // version 3
     ];
     let before = closed_total(&server, "proxy_header");
@@ -186,12 +180,11 @@ fn a_header_in_pieces_is_read_whole_within_read_timeout_and_closed_when_slower()
 /// True when the peer has closed `stream` (a zero-length read, or a reset).
 fn is_closed(stream: &mut TcpStream) -> bool {
     stream.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-    let closed = match stream.read(&mut [0u8; 16]) {
+    match stream.read(&mut [0u8; 16]) {
         Ok(0) => true,
         Ok(_) => false,
         Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
-    };
-    closed
+    }
 }
 
 #[test]
@@ -203,8 +196,9 @@ fn behind_a_proxy_tls_starts_after_the_header_and_the_app_sees_the_named_client(
         .listener_keys("kit", &format!("proxy_protocol = \"v1\"\n{}", cert.listener_keys(dir.path(), "kit")));
     let server = TestServer::start(&setup);
     let config = client_config(&[&cert], &[]);
-    let mut client = TlsClient::connect_after(server.addr("kit"), &config, b"PROXY TCP4 203.0.113.8 127.0.0.1 7 443\r\n")
-        .expect("a TLS handshake after the header");
+    let mut client =
+        TlsClient::connect_after(server.addr("kit"), &config, b"PROXY TCP4 203.0.113.8 127.0.0.1 7 443\r\n")
+            .expect("a TLS handshake after the header");
     assert_eq!(client.ask("PEER"), "203.0.113.8:7");
 }
 

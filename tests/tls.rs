@@ -34,10 +34,9 @@ fn rss_kib(pid: i32) -> u64 {
 fn apps_see_plain_bytes_over_tls_lines_keep_alive_requests_and_a_long_download() {
     let dir = tempfile::tempdir().unwrap();
     let cert = TestCert::new();
-    let setup = tls_setup(dir.path(), &cert, "echo", "echo", "").app("hello", "hello", "").listener_keys(
-        "hello",
-        &cert.listener_keys(dir.path(), "hello"),
-    );
+    let setup = tls_setup(dir.path(), &cert, "echo", "echo", "")
+        .app("hello", "hello", "")
+        .listener_keys("hello", &cert.listener_keys(dir.path(), "hello"));
     let server = TestServer::start(&setup);
     let config = client_config(&[&cert], &[]);
 
@@ -116,7 +115,9 @@ fn output_stays_bounded_and_send_timeout_closes_a_tls_client_that_reads_nothing(
     let before = rss_kib(pid);
     let mut stuck = TlsClient::connect(addr, &config).unwrap();
     stuck.send(b"GET /bytes/2000000000 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    wait_for(Duration::from_secs(8), "a send_timeout close", || (closed_total(&server, "send_timeout") >= 1).then_some(()));
+    wait_for(Duration::from_secs(8), "a send_timeout close", || {
+        (closed_total(&server, "send_timeout") >= 1).then_some(())
+    });
     let grown = rss_kib(pid).saturating_sub(before);
     assert!(grown < 32 * 1024, "the worker grew by {grown} KiB for a client that read nothing");
     let mut other = TlsClient::connect(addr, &config).unwrap();
@@ -166,7 +167,8 @@ fn pushes_and_greetings_reach_tls_clients() {
 fn alpn_offers_the_configured_protocols_and_refuses_a_client_with_none_in_common() {
     let dir = tempfile::tempdir().unwrap();
     let cert = TestCert::new();
-    let setup = tls_setup(dir.path(), &cert, "hello", "hello", "").listener_keys("hello", "tls_alpn = [\"h2\", \"http/1.1\"]");
+    let setup =
+        tls_setup(dir.path(), &cert, "hello", "hello", "").listener_keys("hello", "tls_alpn = [\"h2\", \"http/1.1\"]");
     let server = TestServer::start(&setup);
     let addr = server.addr("hello");
     let mut client = TlsClient::connect(addr, &client_config(&[&cert], &["http/1.1"])).unwrap();
@@ -205,7 +207,8 @@ fn a_reload_serves_a_new_certificate_and_files_that_do_not_load_refuse_it() {
     let key = dir.path().join("echo.key");
     let crt = dir.path().join("echo.crt");
     let generation = server.generation();
-    let broken: [(&str, Box<dyn Fn()>, &str); 3] = [
+    type Breakage<'a> = (&'a str, Box<dyn Fn() + 'a>, &'a str);
+    let broken: [Breakage<'_>; 3] = [
         ("tls_key", Box::new(|| std::fs::write(&key, "not a key\n").unwrap()), "no PRIVATE KEY"),
         ("tls_cert", Box::new(|| std::fs::remove_file(&crt).unwrap()), "No such file"),
         ("tls_cert", Box::new(|| std::fs::write(&key, &first.key_pem).unwrap()), "tls_key"),
@@ -250,6 +253,7 @@ fn a_config_with_half_a_tls_setting_or_a_bad_file_is_refused_naming_the_line_and
     std::fs::write(dir.path().join("bad.key"), "-----BEGIN PRIVATE KEY-----\nnot base64!\n-----END PRIVATE KEY-----\n")
         .unwrap();
     check_refuses(&write("tls_cert = \"good.crt\"\ntls_key = \"bad.key\""), &["tls_key", "bad.key", "not a valid PEM"]);
-    let (code, out, err) = cli(&["check"], &write("tls_cert = \"good.crt\"\ntls_key = \"good.key\"\ntls_alpn = [\"h2\"]"));
+    let (code, out, err) =
+        cli(&["check"], &write("tls_cert = \"good.crt\"\ntls_key = \"good.key\"\ntls_alpn = [\"h2\"]"));
     assert_eq!(code, 0, "{out}{err}");
 }

@@ -15,9 +15,9 @@ use socket2::Socket;
 
 use super::{outbound, push};
 use crate::config::Limits;
-use crate::{proxy_protocol, tls};
 use crate::plugin::{App, Call, ConnHandle, DataOutcome};
 use crate::sys::{self, Event, interest};
+use crate::{proxy_protocol, tls};
 
 /// A request whose bytes reach this size without the app consuming any is refused: the
 /// connection is closed rather than buffering without bound.
