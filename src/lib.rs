@@ -16,6 +16,7 @@ pub mod master;
 pub mod plugin;
 pub mod preflight;
 pub mod privileges;
+pub mod proxy_protocol;
 pub mod sys;
 pub mod txn;
 pub mod worker;
