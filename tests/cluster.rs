@@ -273,7 +273,13 @@ impl Node {
     }
 
     fn start(&mut self) {
-        self.server = Some(TestServer::start(&self.setup));
+        // A test killed for its time limit must not leave a node serving (its workers follow
+        // their master).
+        self.server = Some(TestServer::start_with(&self.setup, |config| {
+            let mut cmd = server_command(config);
+            util::haproxy::die_with_test(&mut cmd);
+            cmd
+        }));
     }
 
     fn server(&self) -> &TestServer {

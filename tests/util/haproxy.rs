@@ -50,6 +50,20 @@ pub fn free_port() -> u16 {
     panic!("no free port between 20000 and 32000");
 }
 
+/// Has the process `cmd` starts killed when the test's thread ends without dropping what
+/// owns it (a test killed for its time limit runs no `Drop`).
+pub fn die_with_test(cmd: &mut Command) {
+    // SAFETY: the closure only calls prctl, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 pub struct HaProxy {
     pub dir: tempfile::TempDir,
     child: Option<Child>,
@@ -73,6 +87,7 @@ impl HaProxy {
         cmd.stdin(Stdio::null()).stdout(out.try_clone().unwrap()).stderr(out);
         // Its own process group: drop kills it and anything it started.
         cmd.process_group(0);
+        die_with_test(&mut cmd);
         let child = cmd.spawn().expect("cannot start haproxy");
         let pid = child.id() as i32;
         let mut haproxy = HaProxy { socket: dir.path().join("haproxy.sock"), dir, child: Some(child), pid, log };
