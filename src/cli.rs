@@ -44,6 +44,15 @@ enum Command {
     Reload,
     /// Stop gracefully and wait until the master has exited.
     Stop,
+    /// Take this node out of its load balancer's rotation (the agent check answers `drain`),
+    /// or put it back in (`up ready`), and wait until a load balancer's check has heard it.
+    Rotation {
+        #[arg(value_enum)]
+        direction: RotationArg,
+        /// Do not wait for the next agent check.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Prepared (in-doubt) transactions of the configured databases.
     Txn {
         #[command(subcommand)]
@@ -62,6 +71,12 @@ enum Command {
     /// Internal: the throw-away child of `check`.
     #[command(name = "__check-apps", hide = true)]
     CheckApps,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RotationArg {
+    In,
+    Out,
 }
 
 #[derive(Subcommand)]
@@ -99,6 +114,7 @@ pub fn main() -> i32 {
         Some(Command::Status { json }) => status(&config_path, json),
         Some(Command::Reload) => reload(&config_path),
         Some(Command::Stop) => stop(&config_path),
+        Some(Command::Rotation { direction, no_wait }) => rotation(&config_path, direction, !no_wait),
         Some(Command::Txn { action }) => crate::txn::run(
             &config_path,
             match action {
@@ -393,6 +409,24 @@ fn format_status(v: &serde_json::Value) -> String {
             l["app"].as_str().unwrap_or("?")
         );
     }
+    match v["agent_check"]["address"].as_str() {
+        Some(address) => {
+            let _ = writeln!(
+                out,
+                "rotation: {}; the agent check on {address} answers {} ({} checks{})",
+                v["rotation"].as_str().unwrap_or("?"),
+                v["agent_check"]["answer"],
+                v["agent_check"]["checks"],
+                v["agent_check"]["last_check_secs"]
+                    .as_f64()
+                    .map(|s| format!(", the last {s:.1} s ago"))
+                    .unwrap_or_default()
+            );
+        }
+        None => {
+            let _ = writeln!(out, "rotation: {} (no agent_check)", v["rotation"].as_str().unwrap_or("?"));
+        }
+    }
     let _ = writeln!(
         out,
         "reloads: {} ok, {} failed; worker restarts: {}",
@@ -469,6 +503,72 @@ fn reload(path: &Path) -> i32 {
     }
 }
 
+/// How long `rotation` waits for a load balancer's next agent check (HAProxy checks every
+/// `agent-inter`, 2 s by default).
+const AGENT_HEARD_WAIT: Duration = Duration::from_secs(10);
+
+fn rotation(path: &Path, direction: RotationArg, wait: bool) -> i32 {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let socket = &config.server.control_socket;
+    let endpoint = match direction {
+        RotationArg::In => "/rotation/in",
+        RotationArg::Out => "/rotation/out",
+    };
+    let v: serde_json::Value = match control::request(socket, "POST", endpoint, Duration::from_secs(10)) {
+        Ok((200, body)) => serde_json::from_str(&body).unwrap_or_default(),
+        Ok((code, body)) => {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            let reason = v["error"].as_str().map(str::to_string).unwrap_or(body);
+            eprintln!("fdtserver: rotation refused ({code}): {}", reason.trim());
+            return exit::FAILURE;
+        }
+        Err(e) => return client_error(e),
+    };
+    let node = v["node_id"].as_str().unwrap_or("?");
+    let state = match direction {
+        RotationArg::In => "in rotation",
+        RotationArg::Out => "out of rotation",
+    };
+    let already = if v["changed"] == false { "already " } else { "" };
+    let Some(address) = v["agent_check"].as_str() else {
+        println!("{node}: {already}{state}");
+        eprintln!("fdtserver: note: no agent_check is configured, so no load balancer hears of it");
+        return exit::OK;
+    };
+    println!("{node}: {already}{state}; the agent check on {address} answers {}", v["answer"]);
+    if !wait {
+        return exit::OK;
+    }
+    // Any check answered after the change carries it.
+    let before = v["checks"].as_u64().unwrap_or(0);
+    let started = Instant::now();
+    while started.elapsed() < AGENT_HEARD_WAIT {
+        let status = control::request(socket, "GET", "/status", Duration::from_secs(10))
+            .ok()
+            .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok());
+        let agent = status.as_ref().map(|s| &s["agent_check"]);
+        if let Some(agent) = agent
+            && agent["checks"].as_u64().is_some_and(|n| n > before)
+        {
+            println!(
+                "a load balancer's agent check heard {} {:.1} s later",
+                agent["last_answer"],
+                started.elapsed().as_secs_f64()
+            );
+            return exit::OK;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "fdtserver: warning: no agent check came to {address} within {} s: is the load balancer's `agent-check` pointed there (agent-port)?",
+        AGENT_HEARD_WAIT.as_secs()
+    );
+    exit::OK
+}
+
 fn stop(path: &Path) -> i32 {
     let config = match load(path) {
         Ok(c) => c,
@@ -527,6 +627,8 @@ mod tests {
             "worker_recycles": 0,
             "draining": {"generations": 1, "workers": 2, "connections": 5, "oldest_since_secs": 3.25},
             "upgrade": {"new_master": 5151},
+            "rotation": "out",
+            "agent_check": {"address": "127.0.0.1:9101", "answer": "drain", "checks": 7, "last_check_secs": 0.25},
             "workers": [{"pid": 77, "generation": 3, "slot": 0, "state": "serving", "connections": 1, "requests": 9, "panics": 0}]
         });
         let text = format_status(&v);
@@ -537,12 +639,21 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("binary upgrade under way: new master pid 5151\n"), "{text}");
+        assert!(
+            text.contains(
+                "rotation: out; the agent check on 127.0.0.1:9101 answers \"drain\" (7 checks, the last 0.2 s ago)\n"
+            ),
+            "{text}"
+        );
         // Without them, none of these lines.
         let mut quiet = v.clone();
         quiet["reloads"]["last_error"] = serde_json::Value::Null;
         quiet["draining"]["workers"] = 0.into();
         quiet["upgrade"]["new_master"] = serde_json::Value::Null;
+        quiet["rotation"] = "in".into();
+        quiet["agent_check"] = serde_json::Value::Null;
         let text = format_status(&quiet);
+        assert!(text.contains("rotation: in (no agent_check)\n"), "{text}");
         for absent in ["last reload error", "draining:", "binary upgrade"] {
             assert!(!text.contains(absent), "{absent}: {text}");
         }

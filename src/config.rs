@@ -48,6 +48,9 @@ pub struct ServerConfig {
     pub error_log: Option<PathBuf>,
     pub access_log: Option<PathBuf>,
     pub node_id: String,
+    /// `agent_check`: where the master answers a load balancer's agent check (HAProxy's
+    /// `agent-check`), if anywhere.
+    pub agent_check: Option<SocketAddr>,
     /// Connection limits of every listener that does not override them.
     pub limits: Limits,
 }
@@ -314,6 +317,7 @@ struct RawServer {
     error_log: Option<String>,
     access_log: Option<String>,
     node_id: Option<Spanned<String>>,
+    agent_check: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<f64>>,
     read_timeout: Option<Spanned<f64>>,
     send_timeout: Option<Spanned<f64>>,
@@ -497,6 +501,14 @@ fn build(raw: RawConfig, path: &Path, dir: &Path, problems: &mut Problems<'_>) -
         max_connections: s.max_connections,
     }
     .over(Limits::default(), problems);
+    let agent_check_span = s.agent_check.as_ref().map(|a| a.span());
+    let agent_check = s.agent_check.and_then(|a| match agent_check_address(a.get_ref(), dir) {
+        Ok(addr) => Some(addr),
+        Err(e) => {
+            problems.at(a.span(), format!("`agent_check`: {e}"));
+            None
+        }
+    });
     let server = ServerConfig {
         workers: count(s.workers, default_workers(), 1024, "workers", problems),
         threads: count(s.threads, 4, 1024, "threads", problems),
@@ -513,6 +525,7 @@ fn build(raw: RawConfig, path: &Path, dir: &Path, problems: &mut Problems<'_>) -
         error_log: s.error_log.map(|p| dir.join(p)),
         access_log: s.access_log.map(|p| dir.join(p)),
         node_id,
+        agent_check,
         limits,
     };
 
@@ -591,6 +604,17 @@ fn build(raw: RawConfig, path: &Path, dir: &Path, problems: &mut Problems<'_>) -
         let tls = tls_settings(l.tls_cert, l.tls_key, l.tls_alpn, dir, problems);
         let proxy = proxy_settings(l.proxy_protocol, l.proxy_from, problems);
         listeners.push(ListenConfig { address, app: l.app.into_inner(), backlog, limits, tls, proxy });
+    }
+    if let (Some(agent), Some(span)) = (server.agent_check, agent_check_span)
+        && let Some(l) = listeners.iter().find(|l| matches!(l.address, Address::Tcp(a) if same_port(a, agent)))
+    {
+        problems.at(
+            span,
+            format!(
+                "`agent_check` {agent} takes the port of the [[listen]] {} (app {}): give it a port of its own",
+                l.address, l.app
+            ),
+        );
     }
 
     let mut databases = BTreeMap::new();
@@ -705,6 +729,25 @@ fn tls_settings(
         alpn: names,
         loaded: None,
     })
+}
+
+/// Parses `agent_check`: a TCP `host:port` with a port (a load balancer must know where to ask).
+fn agent_check_address(text: &str, dir: &Path) -> Result<SocketAddr, String> {
+    match Address::parse(text, dir)? {
+        Address::Tcp(a) if a.port() == 0 => {
+            Err(format!("`{text}` needs a fixed port: the load balancer's `agent-port` must know it"))
+        }
+        Address::Tcp(a) => Ok(a),
+        Address::Unix(_) => Err(format!("`{text}` must be host:port: a load balancer's agent check connects over TCP")),
+    }
+}
+
+/// True when binding `b` would fail because `a` is bound: the same port on the same address,
+/// or on a wildcard address of the same family.
+fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 /// The longest path a Unix socket can have (`sun_path` is 108 bytes, with its final NUL).
@@ -835,6 +878,29 @@ mod tests {
         let base = Path::new("/srv");
         assert_eq!(Address::parse("unix:run/a.sock", base).unwrap(), Address::Unix("/srv/run/a.sock".into()));
         assert_eq!(Address::parse("[::1]:80", base).unwrap().to_string(), "[::1]:80");
+    }
+
+    #[test]
+    fn agent_check_is_a_tcp_address_with_a_port_of_its_own() {
+        assert_eq!(parse(MINIMAL).unwrap().server.agent_check, None);
+        let with = |value: &str| parse(&format!("[server]\nagent_check = \"{value}\"\n{MINIMAL}"));
+        assert_eq!(with("127.0.0.1:9101").unwrap().server.agent_check, Some("127.0.0.1:9101".parse().unwrap()));
+        for (value, wanted) in [
+            ("unix:/run/agent.sock", "test.toml:2: `agent_check`: `unix:/run/agent.sock` must be host:port"),
+            ("127.0.0.1:0", "test.toml:2: `agent_check`: `127.0.0.1:0` needs a fixed port"),
+            ("nonsense", "test.toml:2: `agent_check`: `nonsense` is not host:port"),
+            (
+                "127.0.0.1:7000",
+                "test.toml:2: `agent_check` 127.0.0.1:7000 takes the port of the [[listen]] 127.0.0.1:7000 (app echo)",
+            ),
+            ("0.0.0.0:7000", "test.toml:2: `agent_check` 0.0.0.0:7000 takes the port of the [[listen]] 127.0.0.1:7000"),
+        ] {
+            let err = with(value).unwrap_err().to_string();
+            assert!(err.contains(wanted), "{value}: {err}");
+        }
+        // Another port of the same host, or the same port of another address, is fine.
+        assert!(with("127.0.0.1:7001").is_ok());
+        assert!(with("127.0.0.2:7000").is_ok());
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub enum Request {
     Reload,
     Stop,
     Page,
+    /// `POST /rotation/in`, `POST /rotation/out`.
+    Rotation(crate::master::agent::Rotation),
     /// Answered right away with this status and message.
     Bad(u16, String),
 }
@@ -469,10 +471,15 @@ fn parse(input: &[u8], closed: bool) -> Option<Request> {
         ("GET", "/") => Request::Page,
         ("POST", "/reload") => Request::Reload,
         ("POST", "/stop") => Request::Stop,
-        (_, "/status" | "/metrics" | "/" | "/reload" | "/stop") => {
+        ("POST", "/rotation/in") => Request::Rotation(crate::master::agent::Rotation::In),
+        ("POST", "/rotation/out") => Request::Rotation(crate::master::agent::Rotation::Out),
+        (_, "/status" | "/metrics" | "/" | "/reload" | "/stop" | "/rotation/in" | "/rotation/out") => {
             Request::Bad(405, format!("{} is not allowed on {path}", req.method.unwrap_or("")))
         }
-        _ => Request::Bad(404, format!("no such endpoint: {path} (try /status, /metrics, /reload, /stop)")),
+        _ => Request::Bad(
+            404,
+            format!("no such endpoint: {path} (try /status, /metrics, /reload, /stop, /rotation/in, /rotation/out)"),
+        ),
     })
 }
 
@@ -530,6 +537,11 @@ mod tests {
         assert_eq!(parse(b"GET /status HTTP/1.1\r\n", false), None);
         assert!(matches!(parse(b"DELETE /reload HTTP/1.1\r\n\r\n", false), Some(Request::Bad(405, _))));
         assert!(matches!(parse(b"GET /nope HTTP/1.1\r\n\r\n", false), Some(Request::Bad(404, _))));
+        use crate::master::agent::Rotation;
+        assert_eq!(parse(b"POST /rotation/out HTTP/1.1\r\n\r\n", false), Some(Request::Rotation(Rotation::Out)));
+        assert_eq!(parse(b"POST /rotation/in HTTP/1.1\r\n\r\n", false), Some(Request::Rotation(Rotation::In)));
+        assert!(matches!(parse(b"GET /rotation/in HTTP/1.1\r\n\r\n", false), Some(Request::Bad(405, _))));
+        assert!(matches!(parse(b"POST /rotation/sideways HTTP/1.1\r\n\r\n", false), Some(Request::Bad(404, _))));
         assert!(matches!(parse(b"\x01\x02\r\n\r\n", false), Some(Request::Bad(400, _))));
     }
 

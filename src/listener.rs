@@ -138,6 +138,16 @@ impl Inherited {
         ready(&listen.address, inherited.socket, inherited.origin).map(Some)
     }
 
+    /// The inherited socket for a socket of the master's own (the agent check), as it is: by
+    /// `key` when it came from an upgrade (and still bound to `address`), else by its address.
+    pub fn take_socket(&mut self, key: &str, address: &Address) -> Option<Socket> {
+        let position = self
+            .sockets
+            .iter()
+            .position(|s| s.key.as_deref().is_none_or(|k| k == key) && matches_address(&s.socket, address))?;
+        Some(self.sockets.remove(position).socket)
+    }
+
     /// Descriptions of the sockets nobody adopted (for a log line).
     pub fn leftovers(&self) -> Vec<String> {
         self.sockets

@@ -1,6 +1,7 @@
 //! Transactions under faults: lock and statement timeouts, the sessions of a killed worker,
 //! coordinator liveness (the advisory lock a coordinating session holds) and the recovery it
-//! enables — in the running server and in `fdtserver txn recover` — and transfers in opposite
+//! enables — in the running server (of this node's transactions and of any other node's, with
+//! several servers recovering at once) and in `fdtserver txn recover` — and transfers in opposite
 //! directions across two databases. Each against a real PostgreSQL started for the test.
 
 mod util;
@@ -229,11 +230,9 @@ fn the_running_server_settles_branches_whose_coordinator_is_gone_and_leaves_live
     let (live_gids, live) = coordinator(&pg, NODE, 1_000_001, 1, true);
     orphan(&pg, NODE, 1_000_002, 2, true);
     orphan(&pg, NODE, 1_000_003, 3, false);
-    // Another node's orphan is that node's business.
-    let foreign = orphan(&pg, "other-node", 1_000_004, 4, false);
     let start = Instant::now();
     wait_for(Duration::from_secs(5), "the dead coordinators' branches to be settled", || {
-        (pg.prepared("a").len() == 2 && pg.prepared("b").len() == 2).then_some(())
+        (pg.prepared("a").len() == 1 && pg.prepared("b").len() == 1).then_some(())
     });
     eprintln!("settled {:?} after they were left", start.elapsed());
     assert_eq!(values(&pg, "a"), [2], "decided: committed; undecided: rolled back");
@@ -241,12 +240,12 @@ fn the_running_server_settles_branches_whose_coordinator_is_gone_and_leaves_live
     let mut left = pg.prepared("a");
     left.extend(pg.prepared("b"));
     left.sort();
-    let mut want: Vec<String> = live_gids.iter().chain(&foreign).cloned().collect();
+    let mut want = live_gids.clone();
     want.sort();
     assert_eq!(left, want);
     // Recovery keeps looking: the live one is left alone while its lock is held…
     std::thread::sleep(Duration::from_millis(2500));
-    assert_eq!(pg.prepared("b").len(), 2, "a branch of a live coordinator was settled");
+    assert_eq!(pg.prepared("b").len(), 1, "a branch of a live coordinator was settled");
     // …and settled once its coordinator is gone.
     drop(live);
     wait_for(Duration::from_secs(5), "the last coordinator's branches", || (values(&pg, "b") == [1, 2]).then_some(()));
@@ -254,6 +253,170 @@ fn the_running_server_settles_branches_whose_coordinator_is_gone_and_leaves_live
     let decisions: i64 = pg.client("a").query_one("SELECT count(*) FROM fdt_decisions", &[]).unwrap().get(0);
     assert_eq!(decisions, 0, "decisions of settled transactions must be deleted");
     drop(server);
+}
+
+/// What a server of node `node` counted of `event` for bank (0 before any).
+fn bank_events(server: &TestServer, event: &str) -> u64 {
+    let (_, metrics) = server.control("GET", "/metrics").expect("the control socket answers");
+    let prefix = format!("fdtserver_app_events_total{{app=\"bank\",event=\"{event}\"}} ");
+    metrics.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// A node that died mid-commit has no worker left to settle what it coordinated: a running
+/// server of another node does, once that node's coordinator is provably gone (its lock free),
+/// and never while a live session still holds it.
+#[test]
+fn the_running_server_settles_another_nodes_branches_once_its_coordinator_is_gone() {
+    let pg = PgCluster::start();
+    let server = TestServer::start(&two_db_setup(&pg, 1, "").server("node_id", "\"n1\""));
+    create_t(&pg);
+    // Node "alive": a coordinator at work (its session holds the lock), decided.
+    let (alive_gids, alive) = coordinator(&pg, "alive", 3, 3, true);
+    // Node "dead": two dead coordinators, one decided, one not, and a branch prepared for an
+    // outside coordinator, which only that coordinator may settle.
+    orphan(&pg, "dead", 1, 1, true);
+    orphan(&pg, "dead", 2, 2, false);
+    let outside = "fdt1:dead:ext-1:bank";
+    prepare_in(&pg, "b", outside, 9);
+    let start = Instant::now();
+    wait_for(Duration::from_secs(5), "node dead's branches to be settled", || {
+        (values(&pg, "a") == [1] && values(&pg, "b") == [1]).then_some(())
+    });
+    eprintln!("node dead's branches settled {:?} after they were left", start.elapsed());
+    assert_eq!(pg.prepared("a"), [alive_gids[0].clone()], "decided: committed; undecided: rolled back");
+    let mut left = pg.prepared("b");
+    left.sort();
+    assert_eq!(left, [alive_gids[1].as_str(), outside]);
+    // The log says which node coordinated what it settled.
+    wait_for(Duration::from_secs(5), "the settled branches in the log", || {
+        let log = server.log();
+        let line = |verb: &str, n: u64| {
+            log.lines().any(|l| {
+                l.contains(&format!("recovery: {verb} fdt1:dead:lc.{n}.a.")) && l.contains("coordinator on node dead")
+            })
+        };
+        (line("committed", 1) && line("rolled back", 2)).then_some(())
+    });
+    // Node alive's transaction is left alone while its coordinator's session lives…
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(pg.prepared("a"), [alive_gids[0].clone()], "a branch of a live coordinator was settled");
+    assert_eq!(values(&pg, "a"), [1]);
+    // …and settled once it is gone.
+    drop(alive);
+    let gone = Instant::now();
+    wait_for(Duration::from_secs(5), "node alive's branches", || {
+        (values(&pg, "a") == [1, 3] && values(&pg, "b") == [1, 3]).then_some(())
+    });
+    eprintln!("node alive's branches settled {:?} after its coordinator's session closed", gone.elapsed());
+    assert!(pg.prepared("a").is_empty());
+    assert_eq!(pg.prepared("b"), [outside], "a branch of an outside coordinator was settled");
+    let decisions: i64 = pg.client("a").query_one("SELECT count(*) FROM fdt_decisions", &[]).unwrap().get(0);
+    assert_eq!(decisions, 0, "decisions of settled transactions must be deleted");
+    drop(server);
+}
+
+/// How many of the servers' sessions in database a run (or last ran) a statement that starts
+/// with `statement` — only those waiting on a lock when `waiting`.
+fn sessions_in(pg: &PgCluster, statement: &str, waiting: bool) -> i64 {
+    pg.client("postgres")
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = 'a' AND application_name = 'fdtserver bank' \
+             AND starts_with(query, $1) AND (NOT $2 OR wait_event_type = 'Lock')",
+            &[&statement, &waiting],
+        )
+        .unwrap()
+        .get(0)
+}
+
+/// Two servers (nodes n1 and n2, two workers each: four recoveries) over the same databases,
+/// and many transactions of node "dead", whose coordinators all go at once. The four
+/// recoveries are made to start together, each holding one transaction, and then race over
+/// the rest with the same stale first look: every branch is settled exactly once (the servers'
+/// counts add up), the way its decision says, and the decisions go.
+#[test]
+fn two_running_servers_recovering_the_same_dead_nodes_transactions_settle_each_branch_once_and_rightly() {
+    const TRANSACTIONS: u64 = 40;
+    let pg = PgCluster::start_with(2 * TRANSACTIONS as u32 + 16);
+    // Recovery waits on the test's table lock below: longer than the default lock_timeout.
+    let setup = two_db_setup(&pg, 2, "lock_timeout = 30");
+    let n1 = TestServer::start(&setup.clone().server("node_id", "\"n1\""));
+    let n2 = TestServer::start(&setup.server("node_id", "\"n2\""));
+    create_t(&pg);
+    // One session holds every coordinator's lock, as live coordinators would.
+    let key = |n: u64| format!("fdt1:dead:lc.{n}.a:bank");
+    let lock = |n: u64| fdt_sdk::gid::coordinator_lock_key(&key(n));
+    let mut coordinators = pg.client("a");
+    for n in 1..=TRANSACTIONS {
+        coordinators.execute("SELECT pg_advisory_lock($1)", &[&lock(n)]).unwrap();
+    }
+    let (mut a, mut b) = (pg.client("a"), pg.client("b"));
+    let decided = |n: u64| !n.is_multiple_of(3);
+    for n in 1..=TRANSACTIONS {
+        for (db, client) in [("a", &mut a), ("b", &mut b)] {
+            let gid = format!("fdt1:dead:lc.{n}.a.{db}:bank");
+            client.batch_execute(&format!("BEGIN; INSERT INTO t VALUES ({n}); PREPARE TRANSACTION '{gid}'")).unwrap();
+        }
+        if decided(n) {
+            a.execute("INSERT INTO fdt_decisions (gtrid, participants) VALUES ($1, 'a,b')", &[&key(n)]).unwrap();
+        }
+    }
+    // Line the four recoveries up: with the decision table locked, each finds every coordinator
+    // alive and then waits on the table in its clean-up of decisions, holding no lock of ours.
+    let mut table = pg.client("a");
+    table.batch_execute("BEGIN; LOCK TABLE fdt_decisions IN ACCESS EXCLUSIVE MODE").unwrap();
+    wait_for(Duration::from_secs(5), "four recoveries waiting in their clean-up", || {
+        (sessions_in(&pg, "SELECT gtrid, participants FROM fdt_decisions", true) == 4).then_some(())
+    });
+    assert_eq!(pg.prepared("a").len(), TRANSACTIONS as usize, "a live coordinator's branches were settled");
+    // The whole node dies.
+    drop(coordinators);
+    wait_for(Duration::from_secs(5), "the dead node's locks to be free", || {
+        let free: bool = a.query_one("SELECT pg_try_advisory_lock($1)", &[&lock(TRANSACTIONS)]).unwrap().get(0);
+        free.then(|| a.execute("SELECT pg_advisory_unlock($1)", &[&lock(TRANSACTIONS)]).unwrap()).map(drop)
+    });
+    // Let the clean-ups read the table (they touch it no more: every decision still has its
+    // branches) and lock it again before their next rounds, a second later and together: each
+    // takes one transaction's coordinator lock and waits to read its decision.
+    table.batch_execute("ROLLBACK").unwrap();
+    wait_for(Duration::from_secs(5), "the clean-ups past the decision table", || {
+        (sessions_in(&pg, "SELECT gtrid, participants FROM fdt_decisions", false) == 0).then_some(())
+    });
+    table.batch_execute("BEGIN; LOCK TABLE fdt_decisions IN ACCESS EXCLUSIVE MODE").unwrap();
+    wait_for(Duration::from_secs(5), "four recoveries, each holding a transaction", || {
+        (sessions_in(&pg, "SELECT 1 FROM fdt_decisions", true) == 4).then_some(())
+    });
+    assert_eq!(pg.prepared("a").len(), TRANSACTIONS as usize, "settled without reading the decision");
+    let released = Instant::now();
+    table.batch_execute("ROLLBACK").unwrap();
+    let committed: Vec<i32> = (1..=TRANSACTIONS).filter(|&n| decided(n)).map(|n| n as i32).collect();
+    wait_for(Duration::from_secs(10), "every branch of node dead settled", || {
+        (pg.prepared("a").is_empty() && pg.prepared("b").is_empty()).then_some(())
+    });
+    eprintln!("{TRANSACTIONS} transactions settled {:?} after the recoveries were let go", released.elapsed());
+    assert_eq!(values(&pg, "a"), committed, "exactly the decided transactions are committed");
+    assert_eq!(values(&pg, "b"), committed, "exactly the decided transactions are committed");
+    wait_for(Duration::from_secs(5), "the decisions deleted", || {
+        let left: i64 = a.query_one("SELECT count(*) FROM fdt_decisions", &[]).unwrap().get(0);
+        (left == 0).then_some(())
+    });
+    // Each branch settled once: the two servers' counts add up to the number of branches.
+    let by_server = |event: &str| [&n1, &n2].map(|server| bank_events(server, event));
+    let branches = |commit: bool| 2 * (1..=TRANSACTIONS).filter(|&n| decided(n) == commit).count() as u64;
+    let (commits, rollbacks) = wait_for(Duration::from_secs(5), "the recovered counts in the metrics", || {
+        let (c, r) = (by_server("txn_recovered_commit"), by_server("txn_recovered_rollback"));
+        (c.iter().sum::<u64>() >= branches(true) && r.iter().sum::<u64>() >= branches(false)).then_some((c, r))
+    });
+    eprintln!("branches committed by n1, n2: {commits:?}; rolled back: {rollbacks:?}");
+    let total = (commits.iter().sum::<u64>(), rollbacks.iter().sum::<u64>());
+    assert_eq!(total, (branches(true), branches(false)), "a branch was settled twice");
+    // Both servers settled at least the transaction each of their workers held when let go.
+    for (i, node) in ["n1", "n2"].iter().enumerate() {
+        assert!(commits[i] + rollbacks[i] >= 4, "{node} settled only {} branches", commits[i] + rollbacks[i]);
+    }
+    for (server, node) in [(&n1, "n1"), (&n2, "n2")] {
+        let log = server.log();
+        assert!(!log.contains("recovery of transactions whose coordinator is gone failed"), "{node}:\n{log}");
+    }
 }
 
 #[test]
@@ -595,8 +758,9 @@ fn recovery_commits_a_branch_prepared_after_its_first_look_and_keeps_the_decisio
     std::thread::spawn(move || {
         let connect = |url: &str| postgres::Client::connect(url, postgres::NoTls).unwrap();
         let mut dbs = vec![("a".to_string(), connect(&url_a)), ("b".to_string(), connect(&url_b))];
-        let first = fdt_sdk::txn::recovery::recover(&mut dbs, NODE, None, Duration::ZERO);
-        let second = fdt_sdk::txn::recovery::recover(&mut dbs, NODE, None, Duration::ZERO);
+        let only = fdt_sdk::txn::recovery::Nodes::Only(NODE);
+        let first = fdt_sdk::txn::recovery::recover(&mut dbs, only, None, Duration::ZERO);
+        let second = fdt_sdk::txn::recovery::recover(&mut dbs, only, None, Duration::ZERO);
         let _ = done.send((first, second));
     });
     wait_for(Duration::from_secs(5), "recovery to wait on the decision table", || {
@@ -627,6 +791,36 @@ fn recovery_commits_a_branch_prepared_after_its_first_look_and_keeps_the_decisio
     assert!(pg.prepared("a").is_empty() && pg.prepared("b").is_empty());
     let decisions: i64 = pg.client("a").query_one("SELECT count(*) FROM fdt_decisions", &[]).unwrap().get(0);
     assert_eq!(decisions, 0, "once no branch is left, the decision goes");
+}
+
+/// The coordinator lock and the decision are looked up by the database name in the gid, and
+/// advisory locks are per database: a node that names the shared databases otherwise would
+/// look in the wrong one. A branch found in a database whose name its gid does not carry shows
+/// that, and recovery leaves the whole transaction alone.
+#[test]
+fn recovery_leaves_alone_a_transaction_whose_branch_is_found_under_another_database_name() {
+    let pg = PgCluster::start();
+    pg.create_db("a");
+    pg.create_db("b");
+    create_t(&pg);
+    let gids = orphan(&pg, "web-2", 1, 1, false);
+    let connect = |db: &str| postgres::Client::connect(&pg.url(db), postgres::NoTls).unwrap();
+    let recover = |dbs: &mut [(String, postgres::Client)]| {
+        fdt_sdk::txn::recovery::recover(dbs, fdt_sdk::txn::recovery::Nodes::Any, None, Duration::ZERO).unwrap()
+    };
+    // Database a under the name b and the other way round.
+    let mut swapped = [("a".to_string(), connect("b")), ("b".to_string(), connect("a"))];
+    let report = recover(&mut swapped);
+    let mut misnamed = report.misnamed.clone();
+    misnamed.sort();
+    assert_eq!(misnamed, gids, "{report:?}");
+    assert!(report.rolled_back.is_empty() && !report.all_local_settled(), "{report:?}");
+    assert_eq!((pg.prepared("a").len(), pg.prepared("b").len()), (1, 1));
+    // Under the names its node gave them: settled.
+    let mut named = [("a".to_string(), connect("a")), ("b".to_string(), connect("b"))];
+    let report = recover(&mut named);
+    assert_eq!(report.rolled_back.len(), 2, "{report:?}");
+    assert!(pg.prepared("a").is_empty() && pg.prepared("b").is_empty());
 }
 
 /// `fdtserver txn commit|rollback` on a branch of a locally coordinated transaction: only under

@@ -2,17 +2,19 @@
 //! reloads, stops, and answers the control API.
 //!
 //! Shape (after nginx's master cycle): wait on one `mio::Poll` (self-pipe for signals,
-//! control socket, one channel per worker, the socketpair to a binary upgrade's new master);
-//! turn what happened into [`Event`]s; handle them in a fixed order — what workers and a new
-//! master said, then signals (reap children, stop, reload, reopen, upgrade, resize), then
-//! control requests — then fire due timers (supervision limits, boot, drain and upgrade
+//! control socket, one channel per worker, the socketpair to a binary upgrade's new master,
+//! the agent check); turn what happened into [`Event`]s; handle them in a fixed order — what
+//! workers and a new master said, then signals (reap children, stop, reload, reopen, upgrade,
+//! resize), then control requests, then load balancers' agent checks (answered with the state
+//! all that left) — then fire due timers (supervision limits, boot, drain and upgrade
 //! deadlines). Supervision limits live in `supervise`, systemd in `systemd`, the binary upgrade
-//! in `upgrade`.
+//! in `upgrade`, the agent check and the rotation in `agent`.
 //!
 //! Invariants: the master has exactly one thread, forever (checked before every fork); it never
 //! loads a plugin and never touches a client byte; [`table::Table`] is its only record of its
 //! children.
 
+pub mod agent;
 mod logfiles;
 mod rundir;
 mod status;
@@ -136,6 +138,8 @@ enum Event {
     /// The new master of a binary upgrade.
     NewMaster(upgrade::NewMasterSays),
     Control(usize, Request),
+    /// A load balancer's agent check connected.
+    AgentCheck,
 }
 
 /// How the master is stopping.
@@ -219,6 +223,8 @@ pub struct Master {
     retired_events: BTreeMap<(String, String), u64>,
     /// Connections closed by workers that exited, by reason.
     retired_closed: BTreeMap<String, u64>,
+    /// The agent check a load balancer asks, and the node's rotation.
+    agent: agent::Agent,
 }
 
 /// Prints a problem that stops the server from starting: to the log, and to stderr when the
@@ -291,6 +297,17 @@ impl Master {
                 Err(e) => problems.push(e),
             }
         }
+        // The agent check's socket: the old master's (binary upgrade) or systemd's when it is
+        // the one at this address, else bound here. One the old master handed over for another
+        // address is closed.
+        let agent_socket = config.server.agent_check.and_then(|address| {
+            let socket = match inherited.take_socket(agent::UPGRADE_KEY, &crate::config::Address::Tcp(address)) {
+                Some(socket) => agent::adopt(socket, address),
+                None => agent::bind(address),
+            };
+            socket.map(|s| (address, s)).map_err(|e| problems.push(e)).ok()
+        });
+        let rotation = handover.as_ref().and_then(|h| h.rotation).unwrap_or(agent::Rotation::In);
         let control_path = &config.server.control_socket;
         let control = match handover.as_mut().and_then(|h| h.control.take()) {
             // The old master's socket, at the same path: shared until this master takes over.
@@ -338,16 +355,21 @@ impl Master {
             return Err(());
         }
         let mut control = control.map_err(|_| ())?;
+        if let Some((address, _)) = &agent_socket {
+            log::info!("agent check: listening on {address} (rotation: {})", rotation.name());
+        }
+        let mut agent = agent::Agent::new(rotation, agent_socket);
         let setup = (|| -> io::Result<(RunDir, Poll, SignalPipe)> {
             let runtime_dir = RunDir::create(&std::env::temp_dir())
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot create the runtime directory: {e}")))?;
             let poll = Poll::new()?;
             let signals = SignalPipe::install()?;
             poll.registry().register(&mut SourceFd(&signals.read.as_raw_fd()), SIGNAL_TOKEN, Interest::READABLE)?;
-            // A new master of a binary upgrade leaves the control socket to the old one until
-            // its own generation serves.
+            // A new master of a binary upgrade leaves the control socket (and the agent check)
+            // to the old one until its own generation serves.
             if handover.is_none() {
                 control.register(poll.registry(), CONTROL_TOKEN)?;
+                agent.register(poll.registry())?;
             }
             Ok((runtime_dir, poll, signals))
         })();
@@ -405,6 +427,7 @@ impl Master {
             load,
             retired_events: BTreeMap::new(),
             retired_closed: BTreeMap::new(),
+            agent,
             notifier: systemd::Notifier::from_env(),
             inherited,
             argv: std::env::args_os().collect(),
@@ -441,11 +464,16 @@ impl Master {
             // then signals in their fixed order, then control requests.
             let mut happened: Vec<Event> = Vec::new();
             let mut requests: Vec<Event> = Vec::new();
+            let mut agent_checks = false;
             for event in events.iter() {
                 match event.token() {
                     SIGNAL_TOKEN => {}
                     CONTROL_TOKEN => self.control.accept(self.poll.registry()),
                     upgrade::UPGRADE_TOKEN => happened.extend(self.read_new_master().into_iter().map(Event::NewMaster)),
+                    agent::LISTENER_TOKEN => agent_checks = true,
+                    Token(t) if t >= agent::CONN_TOKEN_BASE => {
+                        self.agent.ready(t - agent::CONN_TOKEN_BASE, self.poll.registry());
+                    }
                     Token(t) if t >= control::CONN_TOKEN_BASE => {
                         let id = t - control::CONN_TOKEN_BASE;
                         if let Some(request) = self.control.ready(id, self.poll.registry()) {
@@ -460,12 +488,17 @@ impl Master {
             }
             happened.extend(self.signals.take().into_iter().map(Event::Signal));
             happened.extend(requests);
+            happened.extend(agent_checks.then_some(Event::AgentCheck));
             for event in happened {
                 match event {
                     Event::Signal(sig) => self.on_signal(sig),
                     Event::Worker(pid, msg) => self.on_worker_message(pid, msg),
                     Event::NewMaster(said) => self.on_new_master(said),
                     Event::Control(id, request) => self.on_control(id, request),
+                    Event::AgentCheck => {
+                        let state = self.node_state();
+                        self.agent.accept(self.poll.registry(), state);
+                    }
                 }
             }
             self.on_timers();
@@ -876,10 +909,12 @@ impl Master {
         self.notifier.reloading();
         let result = Config::load(&self.config_path).map_err(|e| e.to_string());
         let result = result.and_then(|config| Master::check_log_paths(&config).map(|()| config));
+        let result = result.and_then(|config| self.agent.prepare(config.server.agent_check).map(|()| config));
         let result = result.and_then(|config| self.boot_generation(config));
         match result {
             Ok(_) => self.reload_waiters.extend(waiter),
             Err(reason) => {
+                self.agent.discard();
                 self.counters.reloads_failed += 1;
                 self.counters.last_reload_error = Some(reason.clone());
                 log::error!("reload refused: {reason}; {}", self.keeps_serving());
@@ -989,6 +1024,7 @@ impl Master {
         gen_.state = GenState::Active;
         let took = gen_.started.elapsed().as_millis();
         self.config = gen_.config.clone();
+        self.agent.commit(self.poll.registry());
         crate::logging::set_level(self.config.server.log_level);
         self.switch_log_files();
         for pid in self.table.pids_of(id) {
@@ -1071,6 +1107,7 @@ impl Master {
             return;
         }
         gen_.state = GenState::Abandoned;
+        self.agent.discard();
         for pid in self.table.pids_of(id) {
             // Nothing was accepted by a booting worker: killing it loses nothing.
             let _ = kill(pid, Signal::SIGKILL);
@@ -1314,11 +1351,15 @@ impl Master {
         if let Some(deadline) = self.next_condemned_kill() {
             next = next.min(deadline);
         }
+        if let Some(deadline) = self.agent.next_deadline() {
+            next = next.min(deadline);
+        }
         next.saturating_duration_since(now)
     }
 
     fn on_timers(&mut self) {
         self.control.expire(self.poll.registry());
+        self.agent.expire(self.poll.registry());
         for w in self.table.workers.values_mut().filter(|w| !w.outbox.is_empty()) {
             let _ = w.outbox.flush(&mut w.channel);
         }
@@ -1415,9 +1456,56 @@ impl Master {
                 self.begin_stop(false);
                 return;
             }
+            Request::Rotation(rotation) => self.set_rotation(rotation),
             Request::Bad(status, msg) => Response::text(status, msg),
         };
         self.control.respond(id, response, self.poll.registry());
+    }
+}
+
+impl Master {
+    /// What the agent check's answer depends on, now.
+    fn node_state(&self) -> agent::NodeState {
+        agent::NodeState {
+            rotation: self.agent.rotation(),
+            stopping: self.stopping.is_some(),
+            serving: self.table.workers.values().any(|w| w.accepting),
+        }
+    }
+
+    /// `POST /rotation/in|out`: the answer says what the agent check answers from now on, and
+    /// how many checks it answered so far (the CLI waits for the next one).
+    fn set_rotation(&mut self, rotation: agent::Rotation) -> Response {
+        if self.upgrade.is_some() {
+            // The new master took the rotation when it started; a change now would be lost.
+            return Response::json(
+                409,
+                &serde_json::json!({ "ok": false, "error": "a binary upgrade is under way; change the rotation once it is done" }),
+            );
+        }
+        let changed = self.agent.set_rotation(rotation);
+        let state = self.node_state();
+        let answer = agent::answer(state).trim_end();
+        if changed {
+            match self.agent.address() {
+                Some(address) => {
+                    log::info!("rotation: {} (the agent check on {address} answers {answer:?})", rotation.name())
+                }
+                None => log::info!("rotation: {} (no agent_check is configured)", rotation.name()),
+            }
+        }
+        Response::json(
+            200,
+            &serde_json::json!({
+                "ok": true,
+                "node_id": self.config.server.node_id,
+                "rotation": rotation.name(),
+                "changed": changed,
+                "agent_check": self.agent.address().map(|a| a.to_string()),
+                "answer": answer,
+                "checks": self.agent.checks(),
+            }),
+        )
     }
 }
 

@@ -84,6 +84,10 @@ impl Master {
             "state": if self.stopping.is_some() { "stopping" } else { "running" },
             "config": self.config_path.display().to_string(),
             "node_id": self.config.server.node_id,
+            // The operator's rotation (`fdtserver rotation in|out`), and what the agent check
+            // answers a load balancer now (`null` without `agent_check`).
+            "rotation": self.agent.rotation().name(),
+            "agent_check": self.agent.status_json(self.node_state()),
             "listeners": listeners,
             "generations": generations,
             "workers": workers,
@@ -256,6 +260,18 @@ impl Master {
             "Log and access lines that could not be written (a full disk, say), per process.",
             log_failures,
         );
+        metric(
+            "rotation_in",
+            "gauge",
+            "1 while the node is in rotation, 0 while an operator took it out (`fdtserver rotation out`).",
+            vec![(String::new(), if self.agent.rotation() == super::agent::Rotation::In { 1.0 } else { 0.0 })],
+        );
+        metric(
+            "agent_checks_total",
+            "counter",
+            "Load balancer agent checks answered (`agent_check`).",
+            vec![(String::new(), self.agent.checks() as f64)],
+        );
         metric("workers", "gauge", "Worker processes alive.", vec![(String::new(), self.table.workers.len() as f64)]);
         metric(
             "generation",
@@ -345,7 +361,7 @@ impl Master {
         format!(
             "<!doctype html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"2\">\
              <title>fdtserver</title><style>body{{font-family:sans-serif}}td,th{{padding:2px 10px;text-align:right}}</style>\
-             </head><body><h1>fdtserver</h1><p>master pid {} · generation {} · up {:.0} s · {} · reloads {} ok, {} failed · {} worker restarts</p>\
+             </head><body><h1>fdtserver</h1><p>master pid {} · generation {} · up {:.0} s · {} · reloads {} ok, {} failed · {} worker restarts · rotation: {}</p>\
              <p>killed: {} hung, {} stuck requests · {} recycled · draining: {} generation(s), {} connection(s) left</p>\
              <table><tr><th>pid</th><th>generation</th><th>state</th><th>connections</th><th>requests</th><th>panics</th></tr>{rows}</table>\
              </body></html>\n",
@@ -356,6 +372,7 @@ impl Master {
             self.counters.reloads_ok,
             self.counters.reloads_failed,
             self.counters.worker_restarts,
+            self.agent.rotation().name(),
             self.counters.heartbeat_kills,
             self.counters.request_timeout_kills,
             self.counters.recycles,

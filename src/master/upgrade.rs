@@ -61,6 +61,8 @@ pub struct Handover {
     channel: UnixStream,
     pub control: Option<OwnedFd>,
     pub next_generation: u64,
+    /// The old master's rotation (`agent::ENV_ROTATION`), kept by the new one.
+    pub rotation: Option<super::agent::Rotation>,
 }
 
 /// What the new master said on the socketpair.
@@ -74,7 +76,8 @@ pub enum NewMasterSays {
 pub fn take_handover(inherited: &mut Inherited) -> Result<Option<Handover>, String> {
     let upgrade = std::env::var(ENV_UPGRADE).ok();
     let listeners = std::env::var(ENV_LISTENERS).ok();
-    let _ = sys::remove_env_single_threaded(&[ENV_UPGRADE, ENV_LISTENERS]);
+    let rotation = std::env::var(super::agent::ENV_ROTATION).ok();
+    let _ = sys::remove_env_single_threaded(&[ENV_UPGRADE, ENV_LISTENERS, super::agent::ENV_ROTATION]);
     let Some(upgrade) = upgrade else { return Ok(None) };
     let bad = || format!("{ENV_UPGRADE}={upgrade:?} is not `PID CHANNEL_FD CONTROL_FD GENERATION`");
     let words: Vec<&str> = upgrade.split_whitespace().collect();
@@ -104,7 +107,8 @@ pub fn take_handover(inherited: &mut Inherited) -> Result<Option<Handover>, Stri
             .add(owned, Some(key.to_string()), None, origin)
             .map_err(|e| format!("the old master's listener {key}: {e}"))?;
     }
-    Ok(Some(Handover { old_pid, channel, control, next_generation }))
+    let rotation = rotation.as_deref().and_then(super::agent::Rotation::parse);
+    Ok(Some(Handover { old_pid, channel, control, next_generation, rotation }))
 }
 
 impl Master {
@@ -150,6 +154,12 @@ impl Master {
             keep.push(fd);
             listeners.push_str(&format!("{fd} {} {key}\n", l.origin.name()));
         }
+        // The agent check's socket too: the checks a load balancer sends meanwhile wait in its
+        // accept queue, never refused.
+        if let Some(fd) = self.agent.listener_fd() {
+            keep.push(fd);
+            listeners.push_str(&format!("{fd} {} {}\n", Origin::Bound.name(), super::agent::UPGRADE_KEY));
+        }
         let control = self.control.listener_fd();
         keep.extend(control);
         let upgrade = format!(
@@ -160,7 +170,11 @@ impl Master {
             self.next_generation
         );
         let mut command = std::process::Command::new(&self.argv[0]);
-        command.args(&self.argv[1..]).env(ENV_UPGRADE, upgrade).env(ENV_LISTENERS, listeners);
+        command
+            .args(&self.argv[1..])
+            .env(ENV_UPGRADE, upgrade)
+            .env(ENV_LISTENERS, listeners)
+            .env(super::agent::ENV_ROTATION, self.agent.rotation().name());
         // The new master is ours only until it takes over: it must not see sockets systemd
         // passed to us as its own (they are in the list above).
         command.env_remove("LISTEN_PID").env_remove("LISTEN_FDS").env_remove("LISTEN_FDNAMES");
@@ -271,6 +285,8 @@ impl Master {
         log::info!("binary upgrade: the new master (pid {}) serves; draining and exiting", upgrade.child);
         self.handed_over = true;
         self.control.hand_over(self.poll.registry());
+        // The new master answers the checks now; this one, draining, would answer `drain`.
+        self.agent.hand_over(self.poll.registry());
         for l in self.listeners.values_mut() {
             l.owns_file = false;
         }
@@ -289,6 +305,9 @@ impl Master {
         self.control.take_ownership();
         if let Err(e) = self.control.register(self.poll.registry(), super::CONTROL_TOKEN) {
             log::error!("cannot accept on the control socket: {e}");
+        }
+        if let Err(e) = self.agent.register(self.poll.registry()) {
+            log::error!("cannot accept on the agent check: {e}");
         }
         for l in self.listeners.values_mut() {
             l.owns_file = l.origin != Origin::Systemd;

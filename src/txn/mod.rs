@@ -215,7 +215,7 @@ fn unaccounted(clients: &mut [(String, Client)], node: &str, report: &recovery::
     let mut left = Vec::new();
     for (name, client) in clients.iter_mut() {
         for p in recovery::list(client).map_err(|e| format!("database {name}: {e}"))? {
-            let known = [&report.coordinator_alive, &report.too_recent, &report.coordinator_unknown]
+            let known = [&report.coordinator_alive, &report.too_recent, &report.coordinator_unknown, &report.misnamed]
                 .iter()
                 .any(|l| l.contains(&p.gid));
             if !known && Gid::parse(&p.gid).is_some_and(|g| g.node_id == node && g.is_local()) {
@@ -232,11 +232,14 @@ fn unaccounted(clients: &mut [(String, Client)], node: &str, report: &recovery::
 /// milliseconds. Longer than that, it is a running server's worker: its to settle.
 const LIVE_COORDINATOR_GRACE: Duration = Duration::from_secs(2);
 
+/// `txn recover`: settles what `node` coordinated and whose coordinator is gone; exit 0 only
+/// when nothing of `node` is left prepared. Only `node`'s, so the exit code answers for it
+/// alone (the running servers' workers settle every node's by themselves).
 fn recover(clients: &mut [(String, Client)], node: &str, min_age: Duration) -> i32 {
     let started = std::time::Instant::now();
     let mut report = recovery::Report::default();
     let report = loop {
-        let mut round = match recovery::recover(clients, node, None, min_age) {
+        let mut round = match recovery::recover(clients, recovery::Nodes::Only(node), None, min_age) {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("fdtserver: recovery failed: {e}");
@@ -273,8 +276,9 @@ fn recover(clients: &mut [(String, Client)], node: &str, min_age: Duration) -> i
     }
     for g in &report.coordinator_alive {
         println!(
-            "in flight   {g} (its coordinator still holds the transaction: a running worker of node {node} \
-             settles it; if none runs, its session is still ending — run this again)"
+            "in flight   {g} (its coordinator still holds the transaction: it settles it, or once it is gone \
+             a running server of any node with these databases does; if none runs, its session is still ending \
+             — run this again)"
         );
     }
     for g in &report.too_recent {
@@ -282,6 +286,12 @@ fn recover(clients: &mut [(String, Client)], node: &str, min_age: Duration) -> i
     }
     for g in &report.coordinator_unknown {
         println!("left alone  {g} (its coordinator database is not configured here)");
+    }
+    for g in &report.misnamed {
+        println!(
+            "left alone  {g} (found in a database its gid names otherwise: node {node} names the databases \
+             differently from this config)"
+        );
     }
     for g in &report.in_doubt {
         println!(
@@ -293,14 +303,14 @@ fn recover(clients: &mut [(String, Client)], node: &str, min_age: Duration) -> i
         report.committed.len(),
         report.rolled_back.len(),
         report.coordinator_alive.len(),
-        report.too_recent.len() + report.coordinator_unknown.len(),
+        report.too_recent.len() + report.coordinator_unknown.len() + report.misnamed.len(),
         report.in_doubt.len()
     );
-    if !report.coordinator_unknown.is_empty() {
+    if !report.coordinator_unknown.is_empty() || !report.misnamed.is_empty() {
         eprintln!(
             "fdtserver: {} prepared transaction(s) of node {node} cannot be settled from this config: configure \
-             their coordinator database",
-            report.coordinator_unknown.len()
+             their coordinator database, under the name node {node} gives each database",
+            report.coordinator_unknown.len() + report.misnamed.len()
         );
         exit::FAILURE
     } else if !report.all_local_settled() {

@@ -4,6 +4,7 @@
 //! the test failed.
 #![allow(dead_code)]
 
+pub mod haproxy;
 pub mod pg;
 pub mod tls;
 

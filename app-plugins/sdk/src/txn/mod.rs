@@ -30,7 +30,9 @@
 //! (commit with a decision record, roll back without: presumed abort). The coordinating session
 //! holds an advisory lock named by the transaction from before its first `PREPARE` until every
 //! branch is settled, so recovery — which each worker runs every second — touches only
-//! transactions whose coordinator is gone, with no timer to wait out.
+//! transactions whose coordinator is gone, with no timer to wait out. As that proof holds
+//! whichever node coordinated, a worker settles its app's transactions of every node sharing
+//! its databases: a node that died is cleaned up by those still running.
 //!
 //! Every session has the `[database.NAME]`'s `lock_timeout` and `statement_timeout` (5 s and
 //! 10 s by default), so a request stuck behind another transaction's row lock fails instead of
@@ -196,10 +198,10 @@ pub fn connect(db: &crate::DatabaseSettings, application: &str) -> Result<Client
 
 impl Databases {
     /// Opens the `[database.NAME]`s the app uses: checks each is reachable and has
-    /// `max_prepared_transactions > 0`, creates the bookkeeping tables, logs this node's
-    /// prepared transactions, settles those of this app whose coordinator is gone, and starts
-    /// a thread that does the same every [`RECOVERY_INTERVAL`] (it ends once every clone of
-    /// the returned value is dropped).
+    /// `max_prepared_transactions > 0`, creates the bookkeeping tables, settles this app's
+    /// transactions whose coordinator is gone (coordinated by any node), logs what it settled
+    /// and what it cannot settle, and starts a thread that settles such transactions every
+    /// [`RECOVERY_INTERVAL`] (it ends once every clone of the returned value is dropped).
     pub fn open(settings: &Settings, names: &[&str]) -> Result<Databases, String> {
         if names.is_empty() {
             return Err(format!("app {}: no database given", settings.app_name()));
@@ -243,16 +245,19 @@ impl Databases {
         Ok(dbs)
     }
 
-    /// Recovery of this app's transactions on these connections (one per database).
+    /// Recovery of this app's transactions, whatever node coordinated them, on these
+    /// connections (one per database). Any node's: a node that died has no worker left to
+    /// settle its own, and the coordinator lock keeps every recovery off a live coordinator's
+    /// transactions and off each other's.
     fn recover_with(&self, clients: &mut [(String, Client)]) -> Result<recovery::Report, String> {
-        let report = recovery::recover(clients, &self.shared.node_id, Some(&self.shared.app), Duration::ZERO)?;
+        let report = recovery::recover(clients, recovery::Nodes::Any, Some(&self.shared.app), Duration::ZERO)?;
         self.count("txn_recovered_commit", report.committed.len());
         self.count("txn_recovered_rollback", report.rolled_back.len());
         Ok(report)
     }
 
-    /// Settles this app's transactions whose coordinator is gone (a worker that died mid-commit)
-    /// and returns what it did. It works on recovery's own session per database, opened on first
+    /// Settles this app's transactions whose coordinator is gone (a worker that died mid-commit,
+    /// on this node or on another sharing these databases) and returns what it did. It works on recovery's own session per database, opened on first
     /// need outside `pool_size` and replaced when broken, so a pool that requests have
     /// exhausted never holds it up. `Ok(None)`: another call is recovering at this moment. The
     /// recovery thread calls this every [`RECOVERY_INTERVAL`].

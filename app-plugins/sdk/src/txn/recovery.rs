@@ -1,13 +1,20 @@
-//! Prepared transactions after the fact: list them, settle one by gid, and recover what this
-//! node coordinated itself. Used by workers (at start and every second) and by `fdtserver txn`.
+//! Prepared transactions after the fact: list them, settle one by gid, and recover locally
+//! coordinated transactions whose coordinator is gone — of this node (`fdtserver txn recover`,
+//! or `--node NODE`'s) or of any node sharing these databases (the running servers' workers,
+//! at start and every second).
 //!
 //! Recovery of a locally coordinated transaction (gtrid `lc.<n>.<c>.<db>`) waits for no timer:
 //! it first takes the advisory lock that the coordinating session holds while it works
 //! ([`Gid::coordinator_lock`]). Taken: the coordinator is gone, and every branch is committed
 //! when the decision table holds `lc.<n>.<c>`, rolled back when it does not (presumed abort: the
-//! decision is written before any commit). Not taken: the coordinator lives, and settles it
-//! itself. Branches prepared for an outside coordinator are never settled here: only that
-//! coordinator knows their outcome.
+//! decision is written before any commit). Not taken: the coordinator lives (or another
+//! recovery is settling it right now), and settles it itself. That proof does not depend on
+//! which node coordinated: the lock lives in the coordinator database, which every node sharing
+//! it sees, and its key names the node. It needs only that a database name in a gid means the
+//! same database on every node (advisory locks are per database); a branch found in a database
+//! whose name its gid does not carry shows otherwise, and its transaction is left alone.
+//! Branches prepared for an outside coordinator are never settled here: only that coordinator
+//! knows their outcome.
 
 use std::time::Duration;
 
@@ -102,6 +109,36 @@ pub fn decided(client: &mut Client, key: &str) -> Result<bool, String> {
     }
 }
 
+/// Whose locally coordinated transactions a recovery settles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Nodes<'a> {
+    /// Only those that this node coordinated: `fdtserver txn recover` (this node, or
+    /// `--node NODE`), which answers for that node alone.
+    Only(&'a str),
+    /// Those of any node: the running servers' workers. The coordinator lock proves a
+    /// coordinator gone whichever node it ran on.
+    Any,
+}
+
+impl Nodes<'_> {
+    fn include(self, node_id: &str) -> bool {
+        match self {
+            Nodes::Only(node) => node == node_id,
+            Nodes::Any => true,
+        }
+    }
+}
+
+/// `gid` parsed, when it is ours and of the `nodes` and `app` (when given) asked for.
+fn selected(gid: &str, nodes: Nodes<'_>, app: Option<&str>) -> Option<Gid> {
+    Gid::parse(gid).filter(|g| nodes.include(&g.node_id) && app.is_none_or(|a| a == g.app))
+}
+
+/// The node named in `gid` (empty for a gid that is not ours).
+fn node_of(gid: &str) -> String {
+    Gid::parse(gid).map(|g| g.node_id).unwrap_or_default()
+}
+
 /// What a recovery did and found.
 #[derive(Debug, Default)]
 pub struct Report {
@@ -116,33 +153,55 @@ pub struct Report {
     pub too_recent: Vec<String>,
     /// Locally coordinated from a database this recovery cannot see (not configured).
     pub coordinator_unknown: Vec<String>,
+    /// Locally coordinated by a node that names the databases otherwise than this recovery: a
+    /// branch of the transaction is prepared in a database whose name its gid does not carry,
+    /// so the coordinator lock and the decision cannot be trusted to be looked up in the right
+    /// database. Every branch of such a transaction is left alone.
+    pub misnamed: Vec<String>,
     /// Decision records deleted because no branch of theirs was left.
     pub decisions_deleted: Vec<String>,
 }
 
 impl Report {
-    /// Logs what was settled.
+    /// Logs what was settled, each with the node that coordinated it.
     pub fn log_settled(&self) {
         for g in &self.committed {
-            log::warn!("recovery: committed {g} (its coordinator is gone; the decision was recorded)");
+            let node = node_of(g);
+            log::warn!("recovery: committed {g} (its coordinator on node {node} is gone; the decision was recorded)");
         }
         for g in &self.rolled_back {
-            log::warn!("recovery: rolled back {g} (its coordinator is gone; no decision was recorded)");
+            let node = node_of(g);
+            log::warn!("recovery: rolled back {g} (its coordinator on node {node} is gone; no decision was recorded)");
         }
     }
 
-    /// Logs what was settled and what is left for an outside coordinator.
+    /// Logs what was settled and what is left that recovery cannot settle.
     pub fn log(&self) {
         self.log_settled();
         for g in &self.in_doubt {
-            log::warn!("prepared transaction {g} waits for its coordinator (RESOLVE or fdtserver txn)");
+            let node = node_of(g);
+            log::warn!(
+                "prepared transaction {g} waits for its outside coordinator (RESOLVE on node {node}, or fdtserver txn)"
+            );
+        }
+        for g in &self.coordinator_unknown {
+            log::warn!("prepared transaction {g} cannot be settled here: its coordinator database is not configured");
+        }
+        for g in &self.misnamed {
+            log::error!(
+                "prepared transaction {g} cannot be settled here: its node names the databases otherwise than this \
+                 config (nodes sharing a PostgreSQL must give each database the same [database.NAME])"
+            );
         }
     }
 
     /// True when nothing that recovery could settle is left prepared (branches of outside
     /// coordinators aside).
     pub fn all_local_settled(&self) -> bool {
-        self.coordinator_alive.is_empty() && self.too_recent.is_empty() && self.coordinator_unknown.is_empty()
+        self.coordinator_alive.is_empty()
+            && self.too_recent.is_empty()
+            && self.coordinator_unknown.is_empty()
+            && self.misnamed.is_empty()
     }
 }
 
@@ -176,24 +235,26 @@ pub fn branches_of(client: &mut Client, key: &str) -> Result<Vec<String>, String
         .collect())
 }
 
-/// Recovers what `node_id` coordinated (only `app`'s transactions when given) in these
-/// databases (`(config name, connection)` each). A locally coordinated transaction is settled
-/// only when its coordinator is gone — when this recovery can take the advisory lock its
-/// coordinating session holds (see [`Gid::coordinator_lock`]) — and then all its branches
+/// Recovers what the `nodes` asked for coordinated (only `app`'s transactions when given) in
+/// these databases (`(config name, connection)` each). A locally coordinated transaction is
+/// settled only when its coordinator is gone — when this recovery can take the advisory lock
+/// its coordinating session holds (see [`Gid::coordinator_lock`]) — and then all its branches
 /// are committed when its coordinator database holds its decision, rolled back when it does
-/// not (presumed abort). Left alone: transactions whose coordinator still lives, whose
-/// coordinator database is not among `dbs`, or (when `min_age` is not zero) with a branch
-/// prepared less than `min_age` ago. Branches prepared for an outside coordinator are only
-/// reported.
+/// not (presumed abort). Left alone: transactions whose coordinator still lives (or that
+/// another recovery, of any node, is settling at this moment), whose coordinator database is
+/// not among `dbs`, with a branch prepared in a database whose name its gid does not carry
+/// (see [`Report::misnamed`]), or (when `min_age` is not zero) with a branch prepared less
+/// than `min_age` ago. Branches prepared for an outside coordinator are only reported.
 ///
 /// The first listing only finds the transactions to look at: a coordinator may prepare more
-/// branches after it. Once the lock is taken the coordinator is gone and the set of branches
-/// is final, so the branches are listed again, in every database, and exactly those are
-/// settled. A decision is never deleted here while a branch of it may be prepared: that is
-/// [`delete_orphan_decisions`]'s, which looks again under the lock.
+/// branches after it, and another recovery may settle them. Once the lock is taken the
+/// coordinator is gone and the set of branches is final, so the branches are listed again, in
+/// every database, and exactly those are settled. A decision is never deleted here while a
+/// branch of it may be prepared: that is [`delete_orphan_decisions`]'s, which looks again
+/// under the lock.
 pub fn recover(
     dbs: &mut [(String, Client)],
-    node_id: &str,
+    nodes: Nodes<'_>,
     app: Option<&str>,
     min_age: Duration,
 ) -> Result<Report, String> {
@@ -201,7 +262,7 @@ pub fn recover(
     let mut locals: std::collections::BTreeMap<String, Local> = std::collections::BTreeMap::new();
     for (i, (name, client)) in dbs.iter_mut().enumerate() {
         for p in list(client).map_err(|e| format!("database {name}: {e}"))? {
-            let Some(g) = Gid::parse(&p.gid).filter(|g| g.node_id == node_id && app.is_none_or(|a| a == g.app)) else {
+            let Some(g) = selected(&p.gid, nodes, app) else {
                 continue;
             };
             match (g.local_parts(), g.decision_key(), g.coordinator_lock()) {
@@ -234,14 +295,15 @@ pub fn recover(
         let unlocked = unlock(&mut dbs[c].1, local.lock).map_err(|e| format!("database {coordinator}: {e}"));
         settled.and(unlocked)?;
     }
-    delete_orphan_decisions(dbs, node_id, app, &mut report)?;
+    delete_orphan_decisions(dbs, nodes, app, &mut report)?;
     Ok(report)
 }
 
 /// Settles every branch of local transaction `key` whose coordinator lock this recovery holds
 /// (in `dbs[c]`): commit if the decision is recorded, else roll back. The branches are listed
-/// afresh in every database: under the lock, that set is final. The decision stays (see
-/// [`delete_orphan_decisions`]).
+/// afresh in every database: under the lock, that set is final. A branch in a database whose
+/// name its gid does not carry leaves the whole transaction alone ([`Report::misnamed`]). The
+/// decision stays (see [`delete_orphan_decisions`]).
 fn settle_transaction(
     dbs: &mut [(String, Client)],
     c: usize,
@@ -249,28 +311,42 @@ fn settle_transaction(
     coordinator: &str,
     report: &mut Report,
 ) -> Result<(), String> {
+    let mut branches = Vec::new();
+    for (i, (name, client)) in dbs.iter_mut().enumerate() {
+        let here = branches_of(client, key).map_err(|e| format!("database {name}: {e}"))?;
+        branches.extend(here.into_iter().map(|gid| (i, gid)));
+    }
+    let misplaced = |(i, gid): &(usize, String)| {
+        Gid::parse(gid).and_then(|g| g.local_parts().map(|(_, _, db)| db != dbs[*i].0)).unwrap_or(true)
+    };
+    if branches.iter().any(misplaced) {
+        report.misnamed.extend(branches.into_iter().map(|(_, gid)| gid));
+        return Ok(());
+    }
     // Read under the lock: the coordinating session is gone, so the decision is final.
     let commit = decided(&mut dbs[c].1, key).map_err(|e| format!("database {coordinator}: {e}"))?;
-    for (name, client) in dbs.iter_mut() {
-        for gid in branches_of(client, key).map_err(|e| format!("database {name}: {e}"))? {
-            match settle(client, &gid, commit) {
-                Ok(()) => if commit { &mut report.committed } else { &mut report.rolled_back }.push(gid),
-                // Settled since it was listed a moment ago: by an operator (`fdtserver txn`
-                // takes the same lock, so not by another recovery).
-                Err(TxnError::UnknownGid(_)) => {}
-                Err(e) => return Err(format!("database {name}: settling {gid}: {e}")),
-            }
+    for (i, gid) in branches {
+        let (name, client) = &mut dbs[i];
+        match settle(client, &gid, commit) {
+            Ok(()) => if commit { &mut report.committed } else { &mut report.rolled_back }.push(gid),
+            // Settled since it was listed a moment ago: by an operator's SQL (`fdtserver txn`
+            // and every node's recovery take the same lock).
+            Err(TxnError::UnknownGid(_)) => {}
+            Err(e) => return Err(format!("database {name}: settling {gid}: {e}")),
         }
     }
     Ok(())
 }
 
-/// Deletes the decision records (of `node_id`, and `app` when given) whose transaction has no
-/// branch left prepared and whose coordinator is gone: what a coordinator that died between its
-/// last `COMMIT PREPARED` and the clean-up leaves behind.
+/// Deletes the decision records (of the `nodes` asked for, and `app` when given) whose
+/// transaction has no branch left prepared and whose coordinator is gone: what a coordinator
+/// that died between its last `COMMIT PREPARED` and the clean-up leaves behind. The check and
+/// the delete run under the coordinator lock, which every recovery and every coordinator of
+/// that transaction takes, so no recovery reads a decision while another deletes it with a
+/// branch still prepared.
 fn delete_orphan_decisions(
     dbs: &mut [(String, Client)],
-    node_id: &str,
+    nodes: Nodes<'_>,
     app: Option<&str>,
     report: &mut Report,
 ) -> Result<(), String> {
@@ -283,7 +359,7 @@ fn delete_orphan_decisions(
         };
         for row in rows {
             let (key, participants): (String, String) = (row.get(0), row.get(1));
-            let Some(g) = Gid::parse(&key).filter(|g| g.node_id == node_id && app.is_none_or(|a| a == g.app)) else {
+            let Some(g) = selected(&key, nodes, app) else {
                 continue;
             };
             let lock = gid::coordinator_lock_key(&key);
