@@ -30,8 +30,22 @@
 #                      (a p99 moves with the machine's noise: more short rounds beat
 #                      a few long ones)
 #
+# TLS (issue 12): fdtserver and nginx over TLS with the same throw-away ECDSA P-256
+# certificate (the ceiling and the fixed-rate latency, which speak plain TCP, are skipped):
+#   TLS=0              TLS=1 measures, side by side, keep-alive requests/s over TLS at each of
+#                      CONNECTIONS, and new TLS connections/s (one request each, with
+#                      "Connection: close": a full handshake per request) at each of
+#                      HANDSHAKE_CONNECTIONS, each with the server's CPU time per request;
+#                      the table goes to benches/load/last-run-tls.md
+#   HANDSHAKE_CONNECTIONS=50  (TLS=1) concurrent connections for the handshake rate
+#   TLS_RESUME=0       (TLS=1) wrk keeps the last session of a connection slot and offers it
+#                      when it reconnects; benches/load/tls_handshakes.c, preloaded into wrk,
+#                      drops it so that every handshake is a full one, and counts them.
+#                      TLS_RESUME=1 leaves wrk as it is: handshakes are then partly resumed
+#   e.g. TLS=1 DURATION=5 ROUNDS=3 benches/load/run.sh
+#
 # Method and results: BENCHMARKS.md. The table is printed and written to
-# benches/load/last-run.md.
+# benches/load/last-run.md (benches/load/last-run-tls.md with TLS=1).
 set -euo pipefail
 
 DURATION=${DURATION:-10}
@@ -46,6 +60,9 @@ THREADS=${THREADS:-4}
 BUILD=${BUILD:-1}
 KEEP_TMP=${KEEP_TMP:-0}
 NOISE_BUDGET=${NOISE_BUDGET:-60}
+TLS=${TLS:-0}
+HANDSHAKE_CONNECTIONS=${HANDSHAKE_CONNECTIONS:-50}
+TLS_RESUME=${TLS_RESUME:-0}
 
 BODY="Hello, world!"   # the same body for all three servers
 READY_TIMEOUT=15       # seconds a server may take to answer its first request
@@ -60,6 +77,9 @@ for var in DURATION ROUNDS WORKERS THREADS WARMUP PORT_BASE NOISE_BUDGET; do
 done
 for var in DURATION ROUNDS WORKERS THREADS; do
     [ "${!var}" -gt 0 ] || die "$var must be at least 1"
+done
+for var in TLS TLS_RESUME; do
+    [[ ${!var} =~ ^[01]$ ]] || die "$var must be 0 or 1 (got '${!var}')"
 done
 # A `taskset -c` CPU list ("0-7", "0,2,4-6") -> the CPU numbers in CPUS_OUT, checked
 # against the CPUs this machine has.
@@ -93,6 +113,18 @@ for c in "${CONN_LIST[@]}"; do
         die "CONNECTIONS must be positive integers (got '$c')"
     fi
 done
+# What is measured: a connection count (keep-alive), or with TLS=1 also "new<count>": that
+# many connections, each closed after one request, so every request is a new handshake.
+POINTS=("${CONN_LIST[@]}")
+if [ "$TLS" = 1 ]; then
+    read -r -a HS_LIST <<<"$HANDSHAKE_CONNECTIONS"
+    for c in "${HS_LIST[@]}"; do
+        if ! is_uint "$c" || [ "$c" -eq 0 ]; then
+            die "HANDSHAKE_CONNECTIONS must be positive integers (got '$c')"
+        fi
+        POINTS+=("new$c")
+    done
+fi
 
 # Work from the repo root whatever the caller's directory, so relative paths hold.
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -100,9 +132,11 @@ cd "$REPO"
 
 # --- 1. tools ----------------------------------------------------------------
 # command -> Debian package that provides it
-declare -A PKG_OF=([wrk]=wrk [nginx]=nginx [gcc]=gcc [taskset]=util-linux [pgrep]=procps)
+declare -A PKG_OF=([wrk]=wrk [nginx]=nginx [gcc]=gcc [taskset]=util-linux [pgrep]=procps [openssl]=openssl)
 missing=()
-for cmd in wrk nginx gcc taskset pgrep; do
+TOOLS=(wrk nginx gcc taskset pgrep)
+[ "$TLS" = 0 ] || TOOLS+=(openssl)
+for cmd in "${TOOLS[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("${PKG_OF[$cmd]}")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -132,17 +166,30 @@ fi
 FDT_BIN=${FDT_BIN:-$REPO/target/release/fdtserver}
 FDT_PLUGIN=${FDT_PLUGIN:-$REPO/target/release/libfdt_hello.so}
 LOADGEN=${LOADGEN:-$REPO/target/release/examples/loadgen}
+if [ "$TLS" = 1 ]; then
+    [ -z "${RATES:-}" ] || say "TLS=1: RATES ignored (examples/loadgen speaks plain TCP)"
+    RATES=""
+fi
 RATES=${RATES-20000 60000}
 RATE_ROUNDS=${RATE_ROUNDS:-5}
 RATE_SECONDS=${RATE_SECONDS:-3}
 for var in RATE_ROUNDS RATE_SECONDS; do
     is_uint "${!var}" && [ "${!var}" -gt 0 ] || die "$var must be a positive integer (got '${!var}')"
 done
-read -r -a SERVERS <<<"${SERVERS:-fdtserver nginx ceiling}"
+if [ "$TLS" = 1 ]; then
+    read -r -a SERVERS <<<"${SERVERS:-fdtserver nginx}"
+else
+    read -r -a SERVERS <<<"${SERVERS:-fdtserver nginx ceiling}"
+fi
 [ "${#SERVERS[@]}" -gt 0 ] || die "SERVERS is empty"
 for s in "${SERVERS[@]}"; do
     case $s in fdtserver | nginx | ceiling) ;; *) die "SERVERS: unknown server '$s' (fdtserver, nginx, ceiling)" ;; esac
 done
+if [ "$TLS" = 1 ] && [[ " ${SERVERS[*]} " == *" ceiling "* ]]; then
+    say "TLS=1: SKIPPING the ceiling (it speaks plain TCP only)"
+    read -r -a SERVERS <<<"$(printf '%s\n' "${SERVERS[@]}" | grep -vx ceiling | tr '\n' ' ')"
+    [ "${#SERVERS[@]}" -gt 0 ] || die "nothing left to measure"
+fi
 if [[ " ${SERVERS[*]} " != *" fdtserver "* ]]; then
     :
 elif [ ! -x "$FDT_BIN" ]; then
@@ -193,6 +240,32 @@ trap 'exit 143' TERM
 say "temp dir: $TMP"
 gcc -O2 -Wall -o "$TMP/ceiling" benches/load/ceiling.c
 
+# TLS=1: one throw-away certificate and key that both servers serve, and the library
+# preloaded into wrk that makes every handshake a full one and counts them.
+FDT_TLS_KEYS=""
+NGINX_TLS=""
+SCHEME=http
+if [ "$TLS" = 1 ]; then
+    SCHEME=https
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+        -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+        -keyout "$TMP/key.pem" -out "$TMP/cert.pem" 2>"$TMP/openssl.log" ||
+        { cat "$TMP/openssl.log" >&2; die "openssl could not make the test certificate"; }
+    gcc -O2 -Wall -shared -fPIC -o "$TMP/tls_handshakes.so" benches/load/tls_handshakes.c -ldl
+    FDT_TLS_KEYS="tls_cert = \"$TMP/cert.pem\"
+tls_key = \"$TMP/key.pem\""
+    # The same TLS as fdtserver's: TLS 1.2 and 1.3, each side's default cipher suites and
+    # groups, and the same resumption policy: rustls' default, a per-process in-memory
+    # cache of 256 sessions and no ticket key (TLS 1.3 tickets name a cached session), is
+    # nginx's `builtin` (OpenSSL's, per worker) cache with tickets off.
+    NGINX_TLS="
+        ssl_certificate $TMP/cert.pem;
+        ssl_certificate_key $TMP/key.pem;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_cache builtin:256;
+        ssl_session_tickets off;"
+fi
+
 cat >"$TMP/fdtserver.toml" <<EOF
 [server]
 workers = $WORKERS
@@ -202,6 +275,7 @@ control_socket = "$TMP/fdtserver.sock"
 [[listen]]
 address = "127.0.0.1:${PORT[fdtserver]}"
 app = "hello"
+$FDT_TLS_KEYS
 
 [app.hello]
 plugin = "$FDT_PLUGIN"
@@ -228,7 +302,7 @@ http {
     uwsgi_temp_path $TMP/nginx/uwsgi;
     scgi_temp_path $TMP/nginx/scgi;
     server {
-        listen 127.0.0.1:${PORT[nginx]} backlog=4096;
+        listen 127.0.0.1:${PORT[nginx]}$([ "$TLS" = 0 ] || echo " ssl") backlog=4096;$NGINX_TLS
         location / {
             return 200 "$BODY";
         }
@@ -244,6 +318,11 @@ port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 # Prints the status line of one real request, so "ready" means "answering",
 # not just "listening" (a master may bind before its workers serve).
 status_line() {
+    if [ "$TLS" = 1 ]; then
+        printf 'GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n' |
+            timeout 2 openssl s_client -connect "127.0.0.1:$1" -quiet 2>/dev/null | head -c 15 || true
+        return
+    fi
     # shellcheck disable=SC2016 # $1 is expanded by the inner bash, on purpose
     timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
         printf "GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n" >&3
@@ -346,15 +425,28 @@ usage() { # before after
 # Appends how busy the server's and wrk's CPUs were, which shows which side
 # was the bottleneck (an idle server CPU means wrk limited the run), and how
 # much other processes ran meanwhile (a disturbed run).
-run_wrk() { # server connections seconds outfile
-    local url="http://127.0.0.1:${PORT[$1]}/" before after
+#
+# With TLS=1, a point "new<count>" sends "Connection: close": each connection carries one
+# request, and wrk opens a new one (a new handshake) for the next. tls_handshakes.so, preloaded,
+# drops the session wrk would offer again (unless TLS_RESUME=1) and appends a line with the
+# handshakes that completed, full and resumed, which goes into the output as
+# "TLS handshakes: …" ("unverified" when wrk did not load it, say a static build).
+run_wrk() { # server connections-or-point seconds outfile
+    local url="$SCHEME://127.0.0.1:${PORT[$1]}/" before after conns=${2#new} extra=() pre=()
+    [[ $2 != new* ]] || extra=(-H "Connection: close")
+    if [ "$TLS" = 1 ]; then
+        rm -f "$4.hs"
+        pre=(env LD_PRELOAD="$TMP/tls_handshakes.so" TLS_HANDSHAKES_OUT="$4.hs"
+            TLS_HANDSHAKES_NO_RESUME=$((1 - TLS_RESUME)))
+    fi
     times >"$TMP/times"
     before=$(snapshot "${PID[$1]}")
-    taskset -c "$CLIENT_CPUS" wrk -t"$WRK_THREADS" -c"$2" -d"$3"s --latency "$url" >"$4" 2>&1 ||
+    "${pre[@]}" taskset -c "$CLIENT_CPUS" wrk -t"$WRK_THREADS" -c"$conns" -d"$3"s --latency "${extra[@]}" "$url" >"$4" 2>&1 ||
         { cat "$4" >&2; die "wrk failed against $1"; }
     times >"$TMP/times"
     after=$(snapshot "${PID[$1]}")
     echo "CPU busy/steal/other/server-ms: $(usage "$before" "$after")" >>"$4"
+    [ "$TLS" = 0 ] || echo "TLS handshakes: $(cat "$4.hs" 2>/dev/null || echo unverified)" >>"$4"
     alive "$1"
 }
 
@@ -472,13 +564,15 @@ wait_quiet() {
     done
 }
 
-RESULTS=$TMP/results.txt   # conns server round, then parse_wrk's fields
+RESULTS=$TMP/results.txt   # point (conns, or new<conns>) server round, then parse_wrk's fields
 : >"$RESULTS"
-total=$((${#CONN_LIST[@]} * ROUNDS * ${#SERVERS[@]}))
+HANDSHAKES=$TMP/handshakes.txt   # TLS=1: point server round full resumed version cipher group
+: >"$HANDSHAKES"
+total=$((${#POINTS[@]} * ROUNDS * ${#SERVERS[@]}))
 n=0
 # Alternate servers inside each round (A B C A B C), so slow drift of this
 # shared, noisy VM hits every server alike instead of one whole block.
-for c in "${CONN_LIST[@]}"; do
+for c in "${POINTS[@]}"; do
     [ ! -v "PID[fdtserver]" ] || worker_requests >"$TMP/workers-c$c-before.txt"
     handler_ticks >"$TMP/handlers-c$c-before.txt"
     for ((r = 1; r <= ROUNDS; r++)); do
@@ -499,12 +593,27 @@ for c in "${CONN_LIST[@]}"; do
             done
             echo "$c $s $r $line" >>"$RESULTS"
             read -r rps p50 p99 _ _ _ _ _ scpu ccpu steal cost other <<<"$line"
-            say "[$n/$total] c=$c round $r $s: $rps req/s, p50 ${p50}us, p99 ${p99}us; CPU busy: server ${scpu}%, wrk ${ccpu}%; server ${cost} µs/req; other load ${other}%, steal ${steal}%"
+            hs=""
+            if [ "$TLS" = 1 ]; then
+                hs=$(sed -En 's/^TLS handshakes: full=([0-9]+) resumed=([0-9]+) version=(.*) cipher=(.*) group=(.*)$/\1 \2 \3 \4 \5/p' "$out")
+                [ -n "$hs" ] || hs="n/a n/a ? ? ?"
+                echo "$c $s $r $hs" >>"$HANDSHAKES"
+                read -r hs_full hs_resumed _ <<<"$hs"
+                hs="; TLS handshakes: $hs_full full, $hs_resumed resumed"
+            fi
+            say "[$n/$total] c=${c#new}$([[ $c != new* ]] || echo ' new connections') round $r $s: $rps req/s, p50 ${p50}us, p99 ${p99}us; CPU busy: server ${scpu}%, wrk ${ccpu}%; server ${cost} µs/req; other load ${other}%, steal ${steal}%$hs"
         done
     done
     [ ! -v "PID[fdtserver]" ] || worker_requests >"$TMP/workers-c$c-after.txt"
     handler_ticks >"$TMP/handlers-c$c-after.txt"
 done
+if [ "$TLS" = 1 ]; then
+    ! grep -q ' n/a ' "$HANDSHAKES" ||
+        say "warning: wrk did not load $TMP/tls_handshakes.so (a static build?): handshakes unverified, and may have been resumed"
+    if [ "$TLS_RESUME" = 0 ] && awk '$5 != "n/a" && $5 > 0 { f = 1 } END { exit !f }' "$HANDSHAKES"; then
+        say "warning: some handshakes were resumed although TLS_RESUME=0 (see the table)"
+    fi
+fi
 
 # --- 4b. latency at equal request rates ------------------------------------------
 # wrk is closed-loop, so its latencies are each server's at its own throughput. The
@@ -656,7 +765,112 @@ report() {
     echo
     echo "</details>"
 }
-report >benches/load/last-run.md
+
+# TLS=1: the same figures per point, keep-alive and new connections, for fdtserver and nginx,
+# with the handshakes wrk counted; the ratios are fdtserver/nginx.
+point_label() {
+    if [[ $1 == new* ]]; then echo "${1#new}, new connection per request"; else echo "$1, keep-alive"; fi
+}
+report_tls() {
+    local rustls
+    rustls=$(awk '$0 == "name = \"rustls\"" { getline; gsub(/"/, "", $3); print $3; exit }' Cargo.lock 2>/dev/null)
+    echo "# Load benchmark over TLS: last run"
+    echo
+    echo "$(date -u '+%Y-%m-%d %H:%M UTC'), nproc $(nproc), kernel $(uname -r), $("$NGINX" -v 2>&1 | sed 's/^nginx version: //') and $(wrk -v 2>&1 | head -n 1 | awk '{ print $1, $2 }' || true) on $(openssl version | awk '{ print $1, $2 }'), fdtserver at $git_rev on rustls ${rustls:-?} (ring)."
+    echo "Servers pinned to CPUs $SERVER_CPUS, wrk (threads: $WRK_THREADS) to CPUs $CLIENT_CPUS; workers=$WORKERS for fdtserver and nginx, threads=$THREADS for fdtserver;"
+    echo "${DURATION} s per run, rounds: $ROUNDS, alternating ${SERVERS[*]} in each round; medians over the rounds. Command: \`TLS=1 benches/load/run.sh\` (DURATION=$DURATION ROUNDS=$ROUNDS CONNECTIONS=\"$CONNECTIONS\" HANDSHAKE_CONNECTIONS=\"$HANDSHAKE_CONNECTIONS\" TLS_RESUME=$TLS_RESUME WORKERS=$WORKERS THREADS=$THREADS SERVER_CPUS=$SERVER_CPUS CLIENT_CPUS=$CLIENT_CPUS)."
+    [ -x "$FDT_BIN" ] || echo "**fdtserver was not measured: $FDT_BIN did not exist.**"
+    [ "$FDT_BIN" = "$REPO/target/release/fdtserver" ] || echo "fdtserver binary: \`$FDT_BIN\`."
+    echo
+    echo "TLS: both servers serve the same throw-away self-signed ECDSA P-256 certificate, with TLS 1.2 and 1.3 and their default cipher suites and groups, and the same resumption policy: a per-worker in-memory cache of 256 sessions and no ticket key (fdtserver: rustls' default; nginx: \`ssl_session_cache builtin:256; ssl_session_tickets off\`)."
+    local s neg
+    for s in "${SERVERS[@]}"; do
+        neg=$(awk -v s="$s" '$2 == s && $6 != "?" { print $6, $7, $8 }' "$HANDSHAKES" | sort -u | paste -sd ';' -)
+        echo "Negotiated with $s, as wrk saw it: ${neg:-unknown (handshakes unverified)}."
+    done
+    if [ "$TLS_RESUME" = 1 ]; then
+        echo "TLS_RESUME=1: wrk offered each connection slot's last session again; the \"new connection\" rows mix full and resumed handshakes (counted below)."
+    else
+        echo "Every handshake is a full one: wrk would offer a connection slot's last session again (it reuses the SSL object with SSL_clear, which keeps the session), so benches/load/tls_handshakes.c, preloaded into wrk, drops that session before each handshake and counts the handshakes that completed, full and resumed."
+    fi
+    echo
+    echo "Background load: $BACKGROUND; during the runs, other processes used $(col_all 16 | median)% of a CPU (median; max $(col_all 16 | sort -g | tail -n 1)%), the hypervisor stole $(col_all 14 | median)% (median)."
+    echo "Runs disturbed by other load and measured again: $repeated; runs kept with other load above ${OTHER_MAX}%: $(awk -v m="$OTHER_MAX" '$16 > m { n++ } END { print n + 0 }' "$RESULTS") of $total."
+    echo
+    echo "| connections, load | server | runs used | req/s (median) | req/s (min–max) | p50 | p99 | socket errors | non-2xx | server CPU busy | wrk CPU busy | server process CPU µs/req | TLS handshakes full / resumed |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    local c used rps lo hi p50 p99 errs bad scpu ccpu cost hs
+    declare -A M_RPS=() M_P99=() M_COST=()
+    for c in "${POINTS[@]}"; do
+        for s in "${SERVERS[@]}"; do
+            used=$(col "$c" "$s" 4 | wc -l)
+            [ "$(awk -v c="$c" -v s="$s" -v m="$OTHER_MAX" '$1 == c && $2 == s && $16 <= m' "$RESULTS")" ] || used="$used ⚠"
+            rps=$(col "$c" "$s" 4 | median)
+            lo=$(col "$c" "$s" 4 | sort -g | head -n 1)
+            hi=$(col "$c" "$s" 4 | sort -g | tail -n 1)
+            p50=$(col "$c" "$s" 5 | median)
+            p99=$(col "$c" "$s" 6 | median)
+            errs=$(awk -v c="$c" -v s="$s" '$1 == c && $2 == s { n += $7 + $8 + $9 + $10 } END { print n + 0 }' "$RESULTS")
+            bad=$(awk -v c="$c" -v s="$s" '$1 == c && $2 == s { n += $11 } END { print n + 0 }' "$RESULTS")
+            scpu=$(col "$c" "$s" 12 | median)
+            ccpu=$(col "$c" "$s" 13 | median)
+            cost=$(col "$c" "$s" 15 | median)
+            hs=$(awk -v c="$c" -v s="$s" '$1 == c && $2 == s { if ($4 == "n/a") u = 1; f += $4; r += $5 }
+                END { if (u) print "unverified"; else printf "%d / %d\n", f, r }' "$HANDSHAKES")
+            M_RPS[$c,$s]=$rps
+            M_P99[$c,$s]=$p99
+            M_COST[$c,$s]=$cost
+            printf '| %s | %s | %s | %.0f | %.0f–%.0f | %s | %s | %s | %s | %.0f%% | %.0f%% | %.2f | %s |\n' "$(point_label "$c")" "$s" "$used" \
+                "$rps" "$lo" "$hi" "$(fmt_us "$p50")" "$(fmt_us "$p99")" "$errs" "$bad" "$scpu" "$ccpu" "$cost" "$hs"
+        done
+    done
+    echo
+    echo "| connections, load | req/s fdtserver/nginx | server CPU/req fdtserver/nginx | p99 fdtserver/nginx |"
+    echo "|---|---:|---:|---:|"
+    for c in "${POINTS[@]}"; do
+        printf '| %s | %s | %s | %s |\n' "$(point_label "$c")" \
+            "$(ratio "${M_RPS[$c,fdtserver]:-}" "${M_RPS[$c,nginx]:-}")" \
+            "$(ratio "${M_COST[$c,fdtserver]:-}" "${M_COST[$c,nginx]:-}")" \
+            "$(ratio "${M_P99[$c,fdtserver]:-}" "${M_P99[$c,nginx]:-}")"
+    done
+    echo
+    echo "With a new connection per request, requests/s are handshakes/s and CPU µs per request is CPU µs per handshake (and its one request)."
+    echo "Medians and ranges are over the runs that other load did not disturb (\"runs used\"), or over all runs, marked ⚠, when every run was disturbed. Errors and handshakes are summed over all runs."
+    echo "Ratios of medians; req/s ratio > 1 means fdtserver is faster; p99 and CPU/req ratios < 1 mean fdtserver's tail is shorter, or its CPU cost per request lower."
+    echo "wrk is closed-loop: each server's p50/p99 is at its own throughput, not at equal request rates."
+    echo "Keep-alive p99 at many connections includes each run's start: wrk first opens all its connections, a full handshake each, with the connections already open waiting behind them (500 take some 0.2 s of wrk's CPU here); a longer DURATION dilutes it."
+    echo "CPU busy = share of the CPUs neither idle nor stolen during the run (CPUs $SERVER_CPUS: the server, CPUs $CLIENT_CPUS: wrk; averaged over each set); a server CPU well under 100% means wrk, not the server, set the pace."
+    echo "Server process CPU µs/req = user + system time of the server's processes / requests answered: its cost per request (softirq work is not in it), comparable even when wrk sets the pace or other load shares the CPU."
+    echo "Other load = CPU time of processes other than the server and wrk during a run, in % of one CPU; a run above ${OTHER_MAX}% (⚠ below) was disturbed by the rest of the machine."
+    if [ -v "PID[fdtserver]" ]; then
+        echo
+        echo "Requests served per fdtserver worker over the measured runs (from \`fdtserver status --json\`):"
+        echo
+        for c in "${POINTS[@]}"; do
+            echo "- $(point_label "$c"): $(balance "$TMP/workers-c$c-before.txt" "$TMP/workers-c$c-after.txt")"
+        done
+    fi
+    echo
+    echo "<details><summary>Every run</summary>"
+    echo
+    echo "| connections, load | server | round | req/s | p50 | p99 | connect/read/write/timeout errors | non-2xx | server/wrk CPU busy | server process CPU µs/req | other load | steal | TLS handshakes full / resumed |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    local rnd cn rd wr to steal other hf hr
+    while read -r c s rnd rps p50 p99 cn rd wr to bad scpu ccpu steal cost other _ _ _ hf hr _; do
+        printf '| %s | %s | %s | %s | %s | %s | %s/%s/%s/%s | %s | %s%% / %s%% | %s | %s%%%s | %s%% | %s / %s |\n' "$(point_label "$c")" "$s" "$rnd" "$rps" \
+            "$(fmt_us "$p50")" "$(fmt_us "$p99")" "$cn" "$rd" "$wr" "$to" "$bad" "$scpu" "$ccpu" "$cost" \
+            "$other" "$([ "$other" -le "$OTHER_MAX" ] || echo ' ⚠')" "$steal" "$hf" "$hr"
+    done < <(paste -d ' ' "$RESULTS" "$HANDSHAKES")
+    echo
+    echo "</details>"
+}
+if [ "$TLS" = 1 ]; then
+    LAST=benches/load/last-run-tls.md
+    report_tls >"$LAST"
+else
+    LAST=benches/load/last-run.md
+    report >"$LAST"
+fi
 echo
-cat benches/load/last-run.md
-say "written to benches/load/last-run.md"
+cat "$LAST"
+say "written to $LAST"
