@@ -183,18 +183,27 @@ impl Session {
         Ok(taken)
     }
 
-    /// Sends waiting records as far as the socket takes them.
-    pub fn flush(&mut self, socket: &Socket) -> io::Result<()> {
+    /// Sends waiting records as far as the socket takes them; returns how many bytes it took
+    /// (progress, for `send_timeout`).
+    pub fn flush(&mut self, socket: &Socket) -> io::Result<usize> {
         let mut sink = socket;
+        let mut sent = 0;
         while self.conn.wants_write() {
             match self.conn.write_tls(&mut sink) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(sent),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        Ok(())
+        Ok(sent)
+    }
+
+    /// True while the handshake is under way and nothing waits for the socket: output cannot
+    /// move until the peer's next handshake message, so the connection waits to read, not to
+    /// write (a writable socket would report at once, forever).
+    pub fn waits_for_peer(&self) -> bool {
+        self.conn.is_handshaking() && !self.conn.wants_write()
     }
 
     /// Starts a TLS close: `close_notify`, sent as far as the socket takes it.

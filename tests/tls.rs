@@ -257,3 +257,31 @@ fn a_config_with_half_a_tls_setting_or_a_bad_file_is_refused_naming_the_line_and
         cli(&["check"], &write("tls_cert = \"good.crt\"\ntls_key = \"good.key\"\ntls_alpn = [\"h2\"]"));
     assert_eq!(code, 0, "{out}{err}");
 }
+
+/// A process's CPU time (user + system) in clock ticks (1/100 s).
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn a_greeting_larger_than_the_tls_buffers_waits_for_the_handshake_without_spinning() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = TestCert::new();
+    let greeting = "g".repeat(200_000);
+    let server =
+        TestServer::start(&tls_setup(dir.path(), &cert, "kit", "testkit", &format!("greeting = \"{greeting}\"")));
+    let pid = server.worker_pids()[0];
+    // Connected, silent: the greeting cannot move until the handshake does.
+    let silent = TcpStream::connect(server.addr("kit")).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(pid) - before;
+    assert!(used < 20, "the worker used {used} ticks of CPU in 1 s for a silent TLS client: it spins");
+    drop(silent);
+    let mut client = TlsClient::connect(server.addr("kit"), &client_config(&[&cert], &[])).unwrap();
+    assert_eq!(client.recv_line().unwrap().unwrap().len(), greeting.len(), "the whole greeting after the handshake");
+    assert_eq!(client.ask("PEER").split(':').next(), Some("127.0.0.1"));
+}

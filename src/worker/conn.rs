@@ -420,10 +420,17 @@ impl Conn {
             return (After::Close(CloseReason::AppFailed("the app refused the connection".into())), 0);
         };
         self.handle = Some(handle);
-        if ctx.app.has_events()
-            && let After::Close(reason) = self.on_open(ctx, scratch)
-        {
-            return (After::Close(reason), 0);
+        if ctx.app.has_events() {
+            if let After::Close(reason) = self.on_open(ctx, scratch) {
+                return (After::Close(reason), 0);
+            }
+            // The drain's news went out while the header was awaited.
+            if ctx.draining && self.phase == Phase::Open && self.next != Next::Close {
+                self.told_drain = true;
+                if let Err(reason) = self.invoke(Callback::Event(abi::EVENT_DRAIN), 0, self.flags(ctx), ctx, scratch) {
+                    return (After::Close(reason), 0);
+                }
+            }
         }
         if self.phase != Phase::Open {
             return (self.flush_then(), 0);
@@ -449,7 +456,6 @@ impl Conn {
 
     /// Handles readiness.
     pub fn on_ready(&mut self, event: &Event, ctx: &Ctx<'_>, scratch: &mut Scratch) -> (After, u64) {
-        let (readable, writable) = (event.readable(), event.writable());
         self.read_empty = false;
         // The edge that announced it is spent: read on past a stop a short read cannot see.
         self.read_to_eagain |= event.read_may_stop_early();
@@ -458,32 +464,43 @@ impl Conn {
             Phase::Lingering { .. } => (self.discard_input(), 0),
             Phase::Flushing => (self.flush_then(), 0),
             Phase::Open if self.header.is_some() => self.read_proxy_header(event, ctx, scratch),
-            Phase::Open => {
-                if writable
-                    && self.queued() > 0
-                    && let Err(e) = self.flush()
-                {
-                    return (After::Close(CloseReason::Error(e.to_string())), 0);
-                }
-                if self.full {
-                    if self.queued() > ctx.limits.max_output / 2 {
-                        return (After::Park(interest::WRITE), 0);
-                    }
-                    // Drained to half: serve again; what arrived meanwhile is reported again
-                    // when the interest changes back (see `Pool::apply`).
-                    self.full = false;
-                }
-                let mut requests = 0;
-                if readable && !self.eof && !self.blocked {
-                    match self.serve(ctx, scratch) {
-                        Ok(n) => requests = n,
-                        Err(after) => return (after, 0),
-                    }
-                }
-                let after = self.settle(ctx, scratch, &mut requests);
-                (after, requests)
+            Phase::Open if self.tls.is_some() => {
+                let (after, requests) = self.serve_open(event, ctx, scratch);
+                (self.handshake_interest(after), requests)
+            }
+            Phase::Open => self.serve_open(event, ctx, scratch),
+        }
+    }
+
+    /// Handles readiness of a connection serving requests: flushes, then reads and lets the
+    /// app answer while its output has room.
+    fn serve_open(&mut self, event: &Event, ctx: &Ctx<'_>, scratch: &mut Scratch) -> (After, u64) {
+        let (readable, writable) = (event.readable(), event.writable());
+        if writable
+            && self.queued() > 0
+            && let Err(e) = self.flush()
+        {
+            return (After::Close(CloseReason::Error(e.to_string())), 0);
+        }
+        // During a TLS handshake output cannot move until the peer's next message:
+        // read it whatever is queued.
+        if self.full && !self.tls.as_ref().is_some_and(|t| t.waits_for_peer()) {
+            if self.queued() > ctx.limits.max_output / 2 {
+                return (After::Park(interest::WRITE), 0);
+            }
+            // Drained to half: serve again; what arrived meanwhile is reported again
+            // when the interest changes back (see `Pool::apply`).
+            self.full = false;
+        }
+        let mut requests = 0;
+        if readable && !self.eof && !self.blocked {
+            match self.serve(ctx, scratch) {
+                Ok(n) => requests = n,
+                Err(after) => return (after, 0),
             }
         }
+        let after = self.settle(ctx, scratch, &mut requests);
+        (after, requests)
     }
 
     /// Reads what arrived and lets the app answer, a chunk at a time for as long as the app
@@ -780,6 +797,14 @@ impl Conn {
     /// the app's locks held), so the close is left to a handler — parked for writing, the
     /// connection gets an event at once.
     pub fn after_push(&mut self, limits: &Limits) -> u32 {
+        let wanted = self.push_interest(limits);
+        match &self.tls {
+            Some(t) if t.waits_for_peer() => (wanted & !interest::WRITE) | interest::READ,
+            _ => wanted,
+        }
+    }
+
+    fn push_interest(&mut self, limits: &Limits) -> u32 {
         if self.phase != Phase::Open {
             return self.armed & !interest::EDGE;
         }
@@ -827,7 +852,19 @@ impl Conn {
     /// Calls the app's `on_open` for a connection just accepted (it may write a greeting). The
     /// caller checks that the app has events (ABI 1.2).
     pub fn on_open(&mut self, ctx: &Ctx<'_>, scratch: &mut Scratch) -> After {
-        self.call_and_settle(Callback::Event(abi::EVENT_OPEN), ctx, scratch).0
+        let after = self.call_and_settle(Callback::Event(abi::EVENT_OPEN), ctx, scratch).0;
+        self.handshake_interest(after)
+    }
+
+    /// What a connection waits for while its TLS handshake waits for the peer: reading, never
+    /// writing (see `tls::Session::waits_for_peer`).
+    fn handshake_interest(&self, after: After) -> After {
+        match after {
+            After::Park(wanted) if self.tls.as_ref().is_some_and(|t| t.waits_for_peer()) => {
+                After::Park((wanted & !interest::WRITE) | interest::READ)
+            }
+            after => after,
+        }
     }
 
     /// True when the app should hear that the worker drains: it was not told yet, and the
@@ -948,6 +985,9 @@ impl Conn {
             self.sent = 0;
             self.output.extend_from_slice(&bytes[written..]);
             self.since = sys::monotonic_ms(); // `send_timeout` counts from here
+        } else if self.queued() > 0 {
+            // All taken by the TLS session, some of its records not by the socket yet.
+            self.since = sys::monotonic_ms();
         }
         Ok(())
     }
@@ -955,10 +995,10 @@ impl Conn {
     /// Writes queued output until done or the socket is full.
     fn flush(&mut self) -> io::Result<()> {
         let before = self.sent;
-        let tls_backlog = self.tls.as_ref().is_some_and(|t| t.has_backlog());
-        if let Some(session) = &mut self.tls {
-            session.flush(&self.socket)?;
-        }
+        let tls_sent = match &mut self.tls {
+            Some(session) => session.flush(&self.socket)?,
+            None => 0,
+        };
         while self.sent < self.output.len() {
             let (start, end) = (self.sent, self.output.len());
             let result = match &mut self.tls {
@@ -973,7 +1013,7 @@ impl Conn {
             }
         }
         self.bytes_out += (self.sent - before) as u64;
-        let progressed = self.sent > before || (tls_backlog && !self.tls.as_ref().is_some_and(|t| t.has_backlog()));
+        let progressed = self.sent > before || tls_sent > 0;
         if progressed {
             // The peer took some: `send_timeout` counts again (or, with everything sent,
             // `read_timeout` for a partial request that waited behind the output).

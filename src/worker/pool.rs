@@ -274,6 +274,7 @@ impl Pool {
         let moves = self.takers.load(Ordering::Relaxed)
             && !conn.handoff_failed
             && !conn.outbound
+            && conn.tls.is_none() // a TLS session cannot move: it stays and hears the drain
             && self.apps[conn.app()].protocol().is_some();
         self.draining.load(Ordering::Relaxed) && !moves
     }
