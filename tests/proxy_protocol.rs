@@ -177,6 +177,25 @@ fn a_header_in_pieces_is_read_whole_within_read_timeout_and_closed_when_slower()
     });
 }
 
+#[test]
+fn with_no_read_timeout_a_header_never_sent_is_closed_at_idle_timeout() {
+    let setup = Setup::new(1, 2)
+        .app("kit", "testkit", "")
+        .listener_keys("kit", "proxy_protocol = \"v1\"")
+        .server("read_timeout", "0")
+        .server("idle_timeout", "1");
+    let server = TestServer::start(&setup);
+    let mut silent = TcpStream::connect(server.addr("kit")).unwrap();
+    let began = Instant::now();
+    let closed = wait_for(Duration::from_secs(4), "a connection that never sends its header closed", || {
+        is_closed(&mut silent).then(|| began.elapsed())
+    });
+    assert!(closed >= Duration::from_millis(900), "closed after {closed:?}, before idle_timeout");
+    wait_for(Duration::from_secs(3), "an idle_timeout close counted", || {
+        (closed_total(&server, "idle_timeout") >= 1).then_some(())
+    });
+}
+
 /// True when the peer has closed `stream` (a zero-length read, or a reset).
 fn is_closed(stream: &mut TcpStream) -> bool {
     stream.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
