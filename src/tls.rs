@@ -106,11 +106,6 @@ impl Session {
         !self.socket_drained
     }
 
-    /// The protocol ALPN chose, if any.
-    pub fn alpn(&self) -> Option<&[u8]> {
-        self.conn.alpn_protocol()
-    }
-
     /// Reads plaintext: what is buffered, else what the socket brings (handshake messages are
     /// answered on the way).
     pub fn read(&mut self, socket: &Socket, buf: &mut [u8]) -> io::Result<usize> {
@@ -225,5 +220,83 @@ impl Read for SocketRead<'_> {
         let n = socket.read(buf)?;
         self.short = n < buf.len();
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::ServerName;
+    use socket2::{Domain, Type};
+
+    /// A server session over one end of a socket pair and a client over the other, the
+    /// handshake done.
+    fn connected() -> (Session, Socket, rustls::ClientConnection, Socket) {
+        let dir = tempfile::tempdir().unwrap();
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert, made.cert.pem()).unwrap();
+        std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+        let mut server = Session::new(&Arc::new(server_config(&cert, &key, &[]).unwrap())).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(made.cert.der().clone()).unwrap();
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut client = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let (server_end, mut client_end) = Socket::pair(Domain::UNIX, Type::STREAM, None).unwrap();
+        server_end.set_nonblocking(true).unwrap();
+        client_end.set_nonblocking(true).unwrap();
+        for _ in 0..100 {
+            while client.wants_write() {
+                client.write_tls(&mut client_end).unwrap();
+            }
+            let _ = server.read(&server_end, &mut [0u8; 16]);
+            if client.read_tls(&mut client_end).is_ok() {
+                client.process_new_packets().unwrap();
+            }
+            if !client.is_handshaking() && !server.handshaking() && !client.wants_write() {
+                break;
+            }
+        }
+        assert!(!client.is_handshaking() && !server.handshaking(), "the handshake completes");
+        (server, server_end, client, client_end)
+    }
+
+    #[test]
+    fn plaintext_decrypted_beyond_what_a_read_took_is_kept_whole_and_in_order() {
+        let (mut server, server_end, mut client, mut client_end) = connected();
+        let sent: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+        client.writer().write_all(&sent).unwrap();
+        while client.wants_write() {
+            client.write_tls(&mut client_end).unwrap();
+        }
+        let mut got = vec![0u8; 100];
+        let n = server.read(&server_end, &mut got).unwrap();
+        got.truncate(n);
+        assert!(server.take_plaintext(&mut got) > 0, "a short read leaves decrypted plaintext behind");
+        while got.len() < sent.len() {
+            let mut buf = vec![0u8; 65536];
+            match server.read(&server_end, &mut buf) {
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(got, sent);
+    }
+
+    #[test]
+    fn a_file_with_no_certificate_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let err = server_config(&empty, &empty, &[]).unwrap_err();
+        assert!(err.contains("tls_cert") && err.contains("no CERTIFICATE block"), "{err}");
     }
 }

@@ -196,6 +196,23 @@ fn with_no_read_timeout_a_header_never_sent_is_closed_at_idle_timeout() {
     });
 }
 
+#[test]
+fn a_unix_listener_takes_the_header_of_its_local_proxy() {
+    use std::os::unix::net::UnixStream;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kit.sock");
+    let setup = Setup::new(1, 2)
+        .app_at("kit", &plugin("testkit"), "", &format!("unix:{}", path.display()))
+        .listener_keys("kit", "proxy_protocol = \"v1\"");
+    let _server = TestServer::start(&setup);
+    let stream = UnixStream::connect(&path).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    (&stream).write_all(b"PROXY TCP4 198.51.100.9 127.0.0.1 5151 80\r\nPEER\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line).unwrap();
+    assert_eq!(line.trim_end(), "198.51.100.9:5151");
+}
+
 /// True when the peer has closed `stream` (a zero-length read, or a reset).
 fn is_closed(stream: &mut TcpStream) -> bool {
     stream.set_read_timeout(Some(Duration::from_millis(50))).unwrap();

@@ -253,6 +253,10 @@ fn a_config_with_half_a_tls_setting_or_a_bad_file_is_refused_naming_the_line_and
     std::fs::write(dir.path().join("bad.key"), "-----BEGIN PRIVATE KEY-----\nnot base64!\n-----END PRIVATE KEY-----\n")
         .unwrap();
     check_refuses(&write("tls_cert = \"good.crt\"\ntls_key = \"bad.key\""), &["tls_key", "bad.key", "not a valid PEM"]);
+    check_refuses(
+        &write("tls_cert = \"good.key\"\ntls_key = \"good.key\""),
+        &["tls_cert", "good.key", "no CERTIFICATE block"],
+    );
     let (code, out, err) =
         cli(&["check"], &write("tls_cert = \"good.crt\"\ntls_key = \"good.key\"\ntls_alpn = [\"h2\"]"));
     assert_eq!(code, 0, "{out}{err}");
@@ -284,4 +288,24 @@ fn a_greeting_larger_than_the_tls_buffers_waits_for_the_handshake_without_spinni
     let mut client = TlsClient::connect(server.addr("kit"), &client_config(&[&cert], &[])).unwrap();
     assert_eq!(client.recv_line().unwrap().unwrap().len(), greeting.len(), "the whole greeting after the handshake");
     assert_eq!(client.ask("PEER").split(':').next(), Some("127.0.0.1"));
+}
+
+#[test]
+fn a_tls_client_that_pipelines_more_than_it_reads_gets_every_answer_once_it_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = TestCert::new();
+    let setup = tls_setup(dir.path(), &cert, "hello", "hello", "").server("max_output", "8192");
+    let server = TestServer::start(&setup);
+    let mut client = TlsClient::connect(server.addr("hello"), &client_config(&[&cert], &[])).unwrap();
+    // 1500 requests in large records, sent before anything is read: their answers (1.6 MB)
+    // fill the socket and `max_output` long before the last request is answered, so the worker
+    // stops answering, and goes on, request by request, as the client reads.
+    let requests = 1500;
+    let mut batch = "GET /bytes/1000 HTTP/1.1\r\nHost: localhost\r\n\r\n".repeat(requests);
+    batch.push_str("GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    client.send(batch.as_bytes()).unwrap();
+    let all = client.recv_to_end().expect("every answer, then the end of input");
+    let all = String::from_utf8_lossy(&all);
+    assert_eq!(all.matches("HTTP/1.1 200").count(), requests + 1, "one answer per request");
+    assert!(all.ends_with("Hello, world!"), "the last answer is whole");
 }

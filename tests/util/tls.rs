@@ -136,6 +136,13 @@ impl TlsClient {
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
     }
 
+    /// Everything up to the end of input (`Err` if it does not come within the read timeout).
+    pub fn recv_to_end(&mut self) -> std::io::Result<Vec<u8>> {
+        let mut all = Vec::new();
+        self.stream.read_to_end(&mut all)?;
+        Ok(all)
+    }
+
     /// Reads until the end of input or an error; true when the server closed the connection
     /// (cleanly or not) within the read timeout.
     pub fn closed_by_peer(&mut self) -> bool {
