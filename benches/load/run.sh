@@ -44,6 +44,13 @@
 #                      TLS_RESUME=1 leaves wrk as it is: handshakes are then partly resumed
 #   e.g. TLS=1 DURATION=5 ROUNDS=3 benches/load/run.sh
 #
+# Server-bound runs: on a small machine wrk, not the server, sets the pace (its CPU is the
+# busier one), so requests/s compare the clients more than the servers.
+#   SERVER_CPU_QUOTA=  % of one CPU that each server's processes may use together, through
+#                      the kernel's CPU bandwidth control (a cgroup per server, cgroup v1 or
+#                      v2, needs root): e.g. 50 leaves wrk enough room to keep every server
+#                      busy, so requests/s are what each server does with the same CPU time
+#
 # Method and results: BENCHMARKS.md. The table is printed and written to
 # benches/load/last-run.md (benches/load/last-run-tls.md with TLS=1).
 set -euo pipefail
@@ -63,6 +70,7 @@ NOISE_BUDGET=${NOISE_BUDGET:-60}
 TLS=${TLS:-0}
 HANDSHAKE_CONNECTIONS=${HANDSHAKE_CONNECTIONS:-50}
 TLS_RESUME=${TLS_RESUME:-0}
+SERVER_CPU_QUOTA=${SERVER_CPU_QUOTA:-}
 
 BODY="Hello, world!"   # the same body for all three servers
 READY_TIMEOUT=15       # seconds a server may take to answer its first request
@@ -113,6 +121,10 @@ for c in "${CONN_LIST[@]}"; do
         die "CONNECTIONS must be positive integers (got '$c')"
     fi
 done
+if [ -n "$SERVER_CPU_QUOTA" ]; then
+    is_uint "$SERVER_CPU_QUOTA" && [ "$SERVER_CPU_QUOTA" -ge 5 ] ||
+        die "SERVER_CPU_QUOTA must be a whole percentage of one CPU, at least 5 (got '$SERVER_CPU_QUOTA')"
+fi
 # What is measured: a connection count (keep-alive), or with TLS=1 also "new<count>": that
 # many connections, each closed after one request, so every request is a new handshake.
 POINTS=("${CONN_LIST[@]}")
@@ -202,7 +214,7 @@ fi
 
 # --- 3. temp dir, configs, ceiling server --------------------------------------
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/fdt-load.XXXXXX")
-declare -A PID=() PORT=()
+declare -A PID=() PORT=() CGROUP=()
 PORT[fdtserver]=$PORT_BASE
 PORT[nginx]=$((PORT_BASE + 1))
 PORT[ceiling]=$((PORT_BASE + 2))
@@ -226,6 +238,12 @@ cleanup() {
         fi
         wait "$pid" 2>/dev/null || true
         for i in $kids; do kill -KILL "$i" 2>/dev/null || true; done
+    done
+    for name in "${!CGROUP[@]}"; do
+        for ((i = 0; i < 20; i++)); do
+            rmdir "${CGROUP[$name]}" 2>/dev/null && break
+            sleep 0.1
+        done
     done
     if [ "$KEEP_TMP" = 1 ]; then
         say "kept $TMP"
@@ -337,9 +355,37 @@ start_server() {
         ceiling) cmd=("$TMP/ceiling" "$port" "$BODY") ;;
     esac
     # A plain background command, so $! is the server itself (taskset execs it)
-    # and the cleanup's TERM reaches it; its workers inherit the pinning.
-    taskset -c "$SERVER_CPUS" "${cmd[@]}" >"$TMP/$name.log" 2>&1 &
+    # and the cleanup's TERM reaches it; its workers inherit the pinning (and the cgroup).
+    if [ -n "$SERVER_CPU_QUOTA" ]; then
+        cpu_cgroup "$name"
+        # shellcheck disable=SC2016 # expanded by the inner bash, which joins the cgroup and execs
+        bash -c 'echo $$ >"$1/cgroup.procs" && shift && exec "$@"' _ "${CGROUP[$name]}" \
+            taskset -c "$SERVER_CPUS" "${cmd[@]}" >"$TMP/$name.log" 2>&1 &
+    else
+        taskset -c "$SERVER_CPUS" "${cmd[@]}" >"$TMP/$name.log" 2>&1 &
+    fi
     PID[$name]=$!
+}
+
+# A cgroup for server $1 whose processes together get SERVER_CPU_QUOTA % of one CPU, in
+# periods of 20 ms (short, so that a throttled server waits at most a few ms at a time).
+cpu_cgroup() {
+    local dir period=20000 quota=$((SERVER_CPU_QUOTA * 200))
+    if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
+        grep -qw cpu /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null ||
+            echo +cpu >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null ||
+            die "SERVER_CPU_QUOTA: cannot enable the cgroup v2 cpu controller (root needed)"
+        dir=/sys/fs/cgroup/fdt-bench-$$-$1
+        mkdir "$dir" 2>/dev/null || die "SERVER_CPU_QUOTA: cannot create $dir (root needed)"
+        CGROUP[$1]=$dir
+        echo "$quota $period" >"$dir/cpu.max"
+    else
+        dir=/sys/fs/cgroup/cpu/fdt-bench-$$-$1
+        mkdir "$dir" 2>/dev/null || die "SERVER_CPU_QUOTA: cannot create $dir (cgroup v1 cpu controller, root needed)"
+        CGROUP[$1]=$dir
+        echo "$period" >"$dir/cpu.cfs_period_us"
+        echo "$quota" >"$dir/cpu.cfs_quota_us"
+    fi
 }
 
 wait_ready() {
@@ -662,7 +708,7 @@ report() {
     echo
     echo "$(date -u '+%Y-%m-%d %H:%M UTC'), nproc $(nproc), kernel $(uname -r), $("$NGINX" -v 2>&1 | sed 's/^nginx version: //'), $(wrk -v 2>&1 | head -n 1 | awk '{ print $1, $2 }' || true), fdtserver at $git_rev."
     echo "Servers pinned to CPUs $SERVER_CPUS, wrk (keep-alive, threads: $WRK_THREADS) to CPUs $CLIENT_CPUS; workers=$WORKERS for fdtserver and nginx, threads=$THREADS for fdtserver;"
-    echo "${DURATION} s per run, rounds: $ROUNDS, alternating ${SERVERS[*]} in each round; medians over the rounds. Command: \`benches/load/run.sh\` (DURATION=$DURATION ROUNDS=$ROUNDS CONNECTIONS=\"$CONNECTIONS\" WORKERS=$WORKERS THREADS=$THREADS SERVER_CPUS=$SERVER_CPUS CLIENT_CPUS=$CLIENT_CPUS RATES=\"$RATES\")."
+    echo "${DURATION} s per run, rounds: $ROUNDS, alternating ${SERVERS[*]} in each round; medians over the rounds. Command: \`benches/load/run.sh\` (DURATION=$DURATION ROUNDS=$ROUNDS CONNECTIONS=\"$CONNECTIONS\" WORKERS=$WORKERS THREADS=$THREADS SERVER_CPUS=$SERVER_CPUS CLIENT_CPUS=$CLIENT_CPUS${SERVER_CPU_QUOTA:+ SERVER_CPU_QUOTA=$SERVER_CPU_QUOTA} RATES=\"$RATES\")."
     [ -x "$FDT_BIN" ] || echo "**fdtserver was not measured: $FDT_BIN did not exist.**"
     [ "$FDT_BIN" = "$REPO/target/release/fdtserver" ] || echo "fdtserver binary: \`$FDT_BIN\`."
     echo
@@ -778,7 +824,7 @@ report_tls() {
     echo
     echo "$(date -u '+%Y-%m-%d %H:%M UTC'), nproc $(nproc), kernel $(uname -r), $("$NGINX" -v 2>&1 | sed 's/^nginx version: //') and $(wrk -v 2>&1 | head -n 1 | awk '{ print $1, $2 }' || true) on $(openssl version | awk '{ print $1, $2 }'), fdtserver at $git_rev on rustls ${rustls:-?} (ring)."
     echo "Servers pinned to CPUs $SERVER_CPUS, wrk (threads: $WRK_THREADS) to CPUs $CLIENT_CPUS; workers=$WORKERS for fdtserver and nginx, threads=$THREADS for fdtserver;"
-    echo "${DURATION} s per run, rounds: $ROUNDS, alternating ${SERVERS[*]} in each round; medians over the rounds. Command: \`TLS=1 benches/load/run.sh\` (DURATION=$DURATION ROUNDS=$ROUNDS CONNECTIONS=\"$CONNECTIONS\" HANDSHAKE_CONNECTIONS=\"$HANDSHAKE_CONNECTIONS\" TLS_RESUME=$TLS_RESUME WORKERS=$WORKERS THREADS=$THREADS SERVER_CPUS=$SERVER_CPUS CLIENT_CPUS=$CLIENT_CPUS)."
+    echo "${DURATION} s per run, rounds: $ROUNDS, alternating ${SERVERS[*]} in each round; medians over the rounds. Command: \`TLS=1 benches/load/run.sh\` (DURATION=$DURATION ROUNDS=$ROUNDS CONNECTIONS=\"$CONNECTIONS\" HANDSHAKE_CONNECTIONS=\"$HANDSHAKE_CONNECTIONS\" TLS_RESUME=$TLS_RESUME WORKERS=$WORKERS THREADS=$THREADS SERVER_CPUS=$SERVER_CPUS CLIENT_CPUS=$CLIENT_CPUS${SERVER_CPU_QUOTA:+ SERVER_CPU_QUOTA=$SERVER_CPU_QUOTA})."
     [ -x "$FDT_BIN" ] || echo "**fdtserver was not measured: $FDT_BIN did not exist.**"
     [ "$FDT_BIN" = "$REPO/target/release/fdtserver" ] || echo "fdtserver binary: \`$FDT_BIN\`."
     echo
@@ -864,11 +910,13 @@ report_tls() {
     echo
     echo "</details>"
 }
+# A server-bound run (SERVER_CPU_QUOTA) keeps its own file beside the client-bound one.
+QUOTA_SUFFIX=${SERVER_CPU_QUOTA:+-cpu$SERVER_CPU_QUOTA}
 if [ "$TLS" = 1 ]; then
-    LAST=benches/load/last-run-tls.md
+    LAST=benches/load/last-run-tls$QUOTA_SUFFIX.md
     report_tls >"$LAST"
 else
-    LAST=benches/load/last-run.md
+    LAST=benches/load/last-run$QUOTA_SUFFIX.md
     report >"$LAST"
 fi
 echo
