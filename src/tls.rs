@@ -82,17 +82,25 @@ pub struct Session {
     /// The last read from the socket was short (or would block): the kernel's buffer was
     /// empty then, so no more input waits unless a new edge says so.
     socket_drained: bool,
+    /// Plaintext was written before the handshake ended: rustls holds it until then.
+    wrote_early: bool,
 }
 
 impl Session {
     pub fn new(config: &Arc<ServerConfig>) -> io::Result<Session> {
         let conn = ServerConnection::new(Arc::clone(config)).map_err(io::Error::other)?;
-        Ok(Session { conn, socket_drained: false })
+        Ok(Session { conn, socket_drained: false, wrote_early: false })
     }
 
     /// True until the handshake is complete.
     pub fn handshaking(&self) -> bool {
         self.conn.is_handshaking()
+    }
+
+    /// True while the handshake is under way with plaintext written already (a greeting): it
+    /// can only be sent once the handshake ends.
+    pub fn holds_plaintext(&self) -> bool {
+        self.wrote_early && self.conn.is_handshaking()
     }
 
     /// True when records wait for the socket to take them.
@@ -170,6 +178,7 @@ impl Session {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         let taken = self.conn.writer().write(buf)?;
+        self.wrote_early |= taken > 0 && self.conn.is_handshaking();
         self.flush(socket)?;
         if taken == 0 && !buf.is_empty() {
             // Its buffer is full of plaintext written before the handshake ended.

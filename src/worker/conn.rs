@@ -462,6 +462,9 @@ impl Conn {
         match self.phase {
             Phase::Connecting { .. } => self.on_connected(event, ctx, scratch),
             Phase::Lingering { .. } => (self.discard_input(), 0),
+            Phase::Flushing if self.tls.as_ref().is_some_and(|t| t.holds_plaintext()) => {
+                (self.finish_handshake(scratch), 0)
+            }
             Phase::Flushing => (self.flush_then(), 0),
             Phase::Open if self.header.is_some() => self.read_proxy_header(event, ctx, scratch),
             Phase::Open if self.tls.is_some() => {
@@ -887,10 +890,16 @@ impl Conn {
         if let Phase::Connecting { deadline } = self.phase {
             return (now >= deadline).then_some(Limit::Connect);
         }
-        // A TLS handshake is a request begun: it has `read_timeout` to finish.
-        if self.phase == Phase::Open
-            && self.handshaking()
-            && let Some(timeout) = limits.read_timeout
+        // A TLS handshake or a PROXY header is a request begun: it has `read_timeout` to
+        // finish. So has a handshake the app's close waits for (see `finish_handshake`), which
+        // without `read_timeout` still ends at the first limit set: nothing else bounds it.
+        let handshake_limit = match self.phase {
+            Phase::Open => limits.read_timeout,
+            Phase::Flushing => limits.read_timeout.or(limits.idle_timeout).or(limits.send_timeout),
+            _ => None,
+        };
+        if self.handshaking()
+            && let Some(timeout) = handshake_limit
         {
             return (self.opened.elapsed() >= timeout).then_some(Limit::Read);
         }
@@ -1035,13 +1044,29 @@ impl Conn {
         if let Err(e) = self.flush() {
             return After::Close(CloseReason::Error(e.to_string()));
         }
-        if self.queued() > 0 {
-            return After::Park(interest::WRITE);
+        if self.queued() > 0 || self.tls.as_ref().is_some_and(|t| t.holds_plaintext()) {
+            return self.handshake_interest(After::Park(interest::WRITE));
         }
         match self.phase {
             Phase::Flushing => self.begin_close(),
             _ => After::Park(interest::READ),
         }
+    }
+
+    /// A close the app asked for before the TLS handshake ended, after writing something (a
+    /// greeting, a refusal): the handshake is finished first, so that what it wrote is sent,
+    /// within `read_timeout` like any handshake. What the peer sends after it is not read.
+    fn finish_handshake(&mut self, scratch: &mut Scratch) -> After {
+        while let Some(session) = self.tls.as_mut().filter(|t| t.handshaking()) {
+            match session.read(&self.socket, &mut scratch.input) {
+                Ok(0) => return After::Close(CloseReason::PeerClosed),
+                Ok(n) => self.bytes_in += n as u64,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return After::Close(CloseReason::Error(e.to_string())),
+            }
+        }
+        self.flush_then()
     }
 
     /// Starts a gentle close: FIN to the peer, then wait for its FIN while discarding input.

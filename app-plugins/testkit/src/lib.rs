@@ -31,7 +31,9 @@
 //! connection's handle for good, even after it closes; `KEPT`), `TELL_KEPT <text>` (pushes to
 //! every kept handle; `TOLD ok=N closed=N`).
 //!
-//! Lifecycle: `greeting = "text"` is written as a line when a connection opens; with
+//! Lifecycle: `greeting = "text"` is written as a line when a connection opens (and with
+//! `close_after_greeting = true` the connection is closed right after it, as a server that
+//! turns a client away with a reason would); with
 //! `drain_notice = true`, every open connection gets a line `DRAIN <pid>` when its worker starts
 //! draining. With `tick_file = "/path"`, an app timer appends `TICK <pid>` to that file every
 //! 100 ms, and `DROPPED <pid>` once the server drops the timer (when the app stops).
@@ -95,6 +97,7 @@ impl Drop for DropNotice {
 struct Testkit {
     tag: String,
     greeting: String,
+    close_after_greeting: bool,
     drain_notice: bool,
     timers: Timers,
     started: Mutex<Vec<TimerId>>,
@@ -134,6 +137,7 @@ impl App for Testkit {
         "panic_at_start",
         "tag",
         "greeting",
+        "close_after_greeting",
         "drain_notice",
         "tick_file",
         "service_file",
@@ -229,6 +233,7 @@ impl App for Testkit {
             kept: Mutex::new(Vec::new()),
             tag: settings.string("tag", "")?,
             greeting: settings.string("greeting", "")?,
+            close_after_greeting: settings.bool("close_after_greeting", false)?,
             drain_notice: settings.bool("drain_notice", false)?,
             pid: settings.worker_pid(),
             generation: settings.generation(),
@@ -254,7 +259,7 @@ impl App for Testkit {
         if !self.greeting.is_empty() {
             conn.write(format!("{}\n", self.greeting).as_bytes());
         }
-        Next::KeepOpen
+        if self.close_after_greeting { Next::Close } else { Next::KeepOpen }
     }
 
     fn on_drain(&self, conn: &mut Conn) -> Next {
