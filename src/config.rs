@@ -339,6 +339,7 @@ struct RawListen {
     tls_cert: Option<Spanned<String>>,
     tls_key: Option<Spanned<String>>,
     tls_alpn: Option<Spanned<Vec<String>>>,
+    tls_tickets: Option<Spanned<bool>>,
     proxy_protocol: Option<Spanned<String>>,
     proxy_from: Option<Spanned<Vec<String>>>,
 }
@@ -601,7 +602,7 @@ fn build(raw: RawConfig, path: &Path, dir: &Path, problems: &mut Problems<'_>) -
             max_connections: l.max_connections,
         }
         .over(server.limits, problems);
-        let tls = tls_settings(l.tls_cert, l.tls_key, l.tls_alpn, dir, problems);
+        let tls = tls_settings(l.tls_cert, l.tls_key, l.tls_alpn, l.tls_tickets, dir, problems);
         let proxy = proxy_settings(l.proxy_protocol, l.proxy_from, problems);
         listeners.push(ListenConfig { address, app: l.app.into_inner(), backlog, limits, tls, proxy });
     }
@@ -690,11 +691,12 @@ fn proxy_settings(
     Some(ProxyProtocol { version, from })
 }
 
-/// A listener's TLS settings: both files or neither; ALPN names only with them.
+/// A listener's TLS settings: both files or neither; ALPN names and tickets only with them.
 fn tls_settings(
     cert: Option<Spanned<String>>,
     key: Option<Spanned<String>>,
     alpn: Option<Spanned<Vec<String>>>,
+    tickets: Option<Spanned<bool>>,
     dir: &Path,
     problems: &mut Problems<'_>,
 ) -> Option<crate::tls::Tls> {
@@ -703,6 +705,9 @@ fn tls_settings(
         (None, None) => {
             if let Some(alpn) = alpn {
                 problems.at(alpn.span(), "`tls_alpn` needs `tls_cert` and `tls_key` (ALPN is part of TLS)");
+            }
+            if let Some(tickets) = tickets {
+                problems.at(tickets.span(), "`tls_tickets` needs `tls_cert` and `tls_key` (tickets are part of TLS)");
             }
             return None;
         }
@@ -727,6 +732,7 @@ fn tls_settings(
         cert: dir.join(cert.into_inner()),
         key: dir.join(key.into_inner()),
         alpn: names,
+        tickets: tickets.is_none_or(|t| t.into_inner()),
         loaded: None,
     })
 }

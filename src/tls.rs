@@ -24,6 +24,8 @@ pub struct Tls {
     pub key: PathBuf,
     /// ALPN protocol names offered, in order of preference (empty: no ALPN).
     pub alpn: Vec<String>,
+    /// Session tickets under one key for all the generation's workers (`tls_tickets`).
+    pub tickets: bool,
     /// Set by [`Tls::load`]; `None` until then.
     pub loaded: Option<Arc<ServerConfig>>,
 }
@@ -32,7 +34,7 @@ impl Tls {
     /// Reads the certificate chain and the key afresh and builds the configuration that the
     /// listener's connections share. Errors name the file and the reason.
     pub fn load(&mut self) -> Result<(), String> {
-        self.loaded = Some(Arc::new(server_config(&self.cert, &self.key, &self.alpn)?));
+        self.loaded = Some(Arc::new(server_config(&self.cert, &self.key, &self.alpn, self.tickets)?));
         Ok(())
     }
 
@@ -44,7 +46,15 @@ impl Tls {
 
 /// The rustls configuration of a certificate chain and its key: TLS 1.2 and 1.3 with rustls'
 /// safe defaults, on the `ring` provider (it builds with a C compiler alone).
-pub fn server_config(cert: &Path, key: &Path, alpn: &[String]) -> Result<ServerConfig, String> {
+///
+/// With `tickets`, sessions resume from tickets under a key made here, in the master, before
+/// the workers fork: every worker of the generation holds it, so a client resumes on whichever
+/// worker its next connection reaches (a session cache is per process), once that worker has
+/// issued a ticket itself (rustls refuses tickets longer than any its process made). rustls
+/// rotates the key every 6 hours, in each worker on its own: from then on until the next
+/// reload a ticket resumes only on the worker that issued it, as with the cache. Without
+/// `tickets`, each worker keeps a cache of 256 sessions.
+pub fn server_config(cert: &Path, key: &Path, alpn: &[String], tickets: bool) -> Result<ServerConfig, String> {
     let pem_error = |key: &str, path: &Path, e: rustls::pki_types::pem::Error| match e {
         rustls::pki_types::pem::Error::Io(e) => format!("{key} {}: {e}", path.display()),
         rustls::pki_types::pem::Error::NoItemsFound => {
@@ -71,6 +81,11 @@ pub fn server_config(cert: &Path, key: &Path, alpn: &[String]) -> Result<ServerC
         .with_single_cert(chain, private)
         .map_err(|e| format!("tls_cert {} with tls_key {}: {e}", cert.display(), key.display()))?;
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    if tickets {
+        #[allow(deprecated)]
+        let ticketer = rustls::crypto::ring::Ticketer::new();
+        config.ticketer = ticketer.map_err(|e| format!("TLS: cannot make a session ticket key: {e}"))?;
+    }
     Ok(config)
 }
 
@@ -246,7 +261,7 @@ mod tests {
         let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
         std::fs::write(&cert, made.cert.pem()).unwrap();
         std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
-        let mut server = Session::new(&Arc::new(server_config(&cert, &key, &[]).unwrap())).unwrap();
+        let mut server = Session::new(&Arc::new(server_config(&cert, &key, &[], false).unwrap())).unwrap();
         let mut roots = rustls::RootCertStore::empty();
         roots.add(made.cert.der().clone()).unwrap();
         #[allow(deprecated)]
@@ -305,7 +320,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "").unwrap();
-        let err = server_config(&empty, &empty, &[]).unwrap_err();
+        let err = server_config(&empty, &empty, &[], true).unwrap_err();
         assert!(err.contains("tls_cert") && err.contains("no CERTIFICATE block"), "{err}");
     }
 }

@@ -244,6 +244,7 @@ fn a_config_with_half_a_tls_setting_or_a_bad_file_is_refused_naming_the_line_and
     check_refuses(&write("tls_cert = \"a.crt\""), &["fdt.toml:7", "`tls_cert` needs `tls_key`"]);
     check_refuses(&write("tls_key = \"a.key\""), &["fdt.toml:7", "`tls_key` needs `tls_cert`"]);
     check_refuses(&write("tls_alpn = [\"h2\"]"), &["fdt.toml:7", "`tls_alpn` needs `tls_cert`"]);
+    check_refuses(&write("tls_tickets = false"), &["fdt.toml:7", "`tls_tickets` needs `tls_cert`"]);
     let missing = write("tls_cert = \"missing.crt\"\ntls_key = \"missing.key\"");
     let path = dir.path().join("missing.crt");
     check_refuses(&missing, &["tls_cert", &path.display().to_string(), "No such file"]);
@@ -347,4 +348,48 @@ fn a_greeting_written_before_a_close_during_the_handshake_reaches_the_client() {
     let got = silent.read(&mut [0u8; 64]);
     assert!(matches!(got, Ok(0)) || got.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset), "closed");
     assert!(began.elapsed() < Duration::from_secs(3), "closed after {:?}", began.elapsed());
+}
+
+/// Full handshakes with a client of its own until both workers of `server` made tickets
+/// (rustls takes a ticket only once its process has made one at least as long), then
+/// connections with `config`, which keeps the tickets it is given, again and again until both
+/// workers served some: (worker pid, resumed) for each connection after the first.
+fn reconnections(server: &TestServer, cert: &TestCert) -> Vec<(String, bool)> {
+    let mut warmed = std::collections::HashSet::new();
+    let began = Instant::now();
+    while warmed.len() < 2 {
+        assert!(began.elapsed() < Duration::from_secs(10), "connections never reached both workers");
+        let mut client = TlsClient::connect(server.addr("kit"), &client_config(&[cert], &[])).unwrap();
+        warmed.insert(client.ask("PID"));
+    }
+    let config = client_config(&[cert], &[]);
+    let mut first = TlsClient::connect(server.addr("kit"), &config).unwrap();
+    first.ask("PID"); // the tickets come before the answer
+    let mut seen: Vec<(String, bool)> = Vec::new();
+    while seen.len() < 10 || seen.iter().all(|(pid, _)| *pid == seen[0].0) {
+        assert!(began.elapsed() < Duration::from_secs(10), "connections never reached both workers: {seen:?}");
+        let mut client = TlsClient::connect(server.addr("kit"), &config).unwrap();
+        let pid = client.ask("PID");
+        seen.push((pid, client.resumed()));
+    }
+    seen
+}
+
+#[test]
+fn a_session_resumes_on_whichever_worker_the_next_connection_reaches() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = TestCert::new();
+    let keys = cert.listener_keys(dir.path(), "kit");
+    let server = TestServer::start(&Setup::new(2, 2).app("kit", "testkit", "").listener_keys("kit", &keys));
+    let seen = reconnections(&server, &cert);
+    assert!(seen.iter().all(|(_, resumed)| *resumed), "every reconnection resumes: {seen:?}");
+    drop(server);
+
+    // With tls_tickets = false each worker keeps its own session cache: a session resumes only
+    // on the worker that made it.
+    let keys = format!("{keys}\ntls_tickets = false");
+    let server = TestServer::start(&Setup::new(2, 2).app("kit", "testkit", "").listener_keys("kit", &keys));
+    let seen = reconnections(&server, &cert);
+    assert!(seen.iter().any(|(_, resumed)| !resumed), "a reconnection to the other worker cannot resume: {seen:?}");
+    assert!(seen.iter().any(|(_, resumed)| *resumed), "one to the same worker does: {seen:?}");
 }

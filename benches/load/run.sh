@@ -271,11 +271,12 @@ if [ "$TLS" = 1 ]; then
         { cat "$TMP/openssl.log" >&2; die "openssl could not make the test certificate"; }
     gcc -O2 -Wall -shared -fPIC -o "$TMP/tls_handshakes.so" benches/load/tls_handshakes.c -ldl
     FDT_TLS_KEYS="tls_cert = \"$TMP/cert.pem\"
-tls_key = \"$TMP/key.pem\""
+tls_key = \"$TMP/key.pem\"
+tls_tickets = false"
     # The same TLS as fdtserver's: TLS 1.2 and 1.3, each side's default cipher suites and
-    # groups, and the same resumption policy: rustls' default, a per-process in-memory
-    # cache of 256 sessions and no ticket key (TLS 1.3 tickets name a cached session), is
-    # nginx's `builtin` (OpenSSL's, per worker) cache with tickets off.
+    # groups, and the same resumption policy: fdtserver's `tls_tickets = false`, rustls'
+    # per-process in-memory cache of 256 sessions and no ticket key (TLS 1.3 tickets name a
+    # cached session), is nginx's `builtin` (OpenSSL's, per worker) cache with tickets off.
     NGINX_TLS="
         ssl_certificate $TMP/cert.pem;
         ssl_certificate_key $TMP/key.pem;
@@ -828,7 +829,7 @@ report_tls() {
     [ -x "$FDT_BIN" ] || echo "**fdtserver was not measured: $FDT_BIN did not exist.**"
     [ "$FDT_BIN" = "$REPO/target/release/fdtserver" ] || echo "fdtserver binary: \`$FDT_BIN\`."
     echo
-    echo "TLS: both servers serve the same throw-away self-signed ECDSA P-256 certificate, with TLS 1.2 and 1.3 and their default cipher suites and groups, and the same resumption policy: a per-worker in-memory cache of 256 sessions and no ticket key (fdtserver: rustls' default; nginx: \`ssl_session_cache builtin:256; ssl_session_tickets off\`)."
+    echo "TLS: both servers serve the same throw-away self-signed ECDSA P-256 certificate, with TLS 1.2 and 1.3 and their default cipher suites and groups, and the same resumption policy: a per-worker in-memory cache of 256 sessions and no ticket key (fdtserver: \`tls_tickets = false\`; nginx: \`ssl_session_cache builtin:256; ssl_session_tickets off\`)."
     local s neg
     for s in "${SERVERS[@]}"; do
         neg=$(awk -v s="$s" '$2 == s && $6 != "?" { print $6, $7, $8 }' "$HANDSHAKES" | sort -u | paste -sd ';' -)

@@ -87,6 +87,11 @@ impl TlsClient {
         self.stream.get_ref().conn.peer_certificates().expect("a server certificate")[0].clone()
     }
 
+    /// True when the handshake resumed an earlier session.
+    pub fn resumed(&self) -> bool {
+        self.stream.get_ref().conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+    }
+
     /// The protocol ALPN chose.
     pub fn alpn(&self) -> Option<String> {
         self.stream.get_ref().conn.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned())
