@@ -50,7 +50,8 @@ impl Tls {
 /// With `tickets`, sessions resume from tickets under a key made here, in the master, before
 /// the workers fork: every worker of the generation holds it, so a client resumes on whichever
 /// worker its next connection reaches (a session cache is per process), once that worker has
-/// issued a ticket itself (rustls refuses tickets longer than any its process made). rustls
+/// issued a ticket at least as long itself (rustls refuses tickets longer than any its process
+/// made; a ticket grows with the client's server name and ALPN protocol). rustls
 /// rotates the key every 6 hours, in each worker on its own: from then on until the next
 /// reload a ticket resumes only on the worker that issued it, as with the cache. Without
 /// `tickets`, each worker keeps a cache of 256 sessions.
@@ -82,9 +83,8 @@ pub fn server_config(cert: &Path, key: &Path, alpn: &[String], tickets: bool) ->
         .map_err(|e| format!("tls_cert {} with tls_key {}: {e}", cert.display(), key.display()))?;
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     if tickets {
-        #[allow(deprecated)]
-        let ticketer = rustls::crypto::ring::Ticketer::new();
-        config.ticketer = ticketer.map_err(|e| format!("TLS: cannot make a session ticket key: {e}"))?;
+        config.ticketer =
+            rustls::crypto::ring::Ticketer::new().map_err(|e| format!("TLS: cannot make a session ticket key: {e}"))?;
     }
     Ok(config)
 }

@@ -892,16 +892,24 @@ impl Conn {
         }
         // A TLS handshake or a PROXY header is a request begun: it has `read_timeout` to
         // finish. So has a handshake the app's close waits for (see `finish_handshake`), which
-        // without `read_timeout` still ends at the first limit set: nothing else bounds it.
+        // nothing else bounds: without `read_timeout` it ends at the first limit set, and
+        // without any, after the time a close lingers.
         let handshake_limit = match self.phase {
-            Phase::Open => limits.read_timeout,
-            Phase::Flushing => limits.read_timeout.or(limits.idle_timeout).or(limits.send_timeout),
+            Phase::Open => limits.read_timeout.map(|t| (t, Limit::Read)),
+            Phase::Flushing => [
+                (limits.read_timeout, Limit::Read),
+                (limits.idle_timeout, Limit::Idle),
+                (limits.send_timeout, Limit::Send),
+                (Some(LINGER_TIMEOUT), Limit::Idle),
+            ]
+            .into_iter()
+            .find_map(|(timeout, limit)| Some((timeout?, limit))),
             _ => None,
         };
         if self.handshaking()
-            && let Some(timeout) = handshake_limit
+            && let Some((timeout, limit)) = handshake_limit
         {
-            return (self.opened.elapsed() >= timeout).then_some(Limit::Read);
+            return (self.opened.elapsed() >= timeout).then_some(limit);
         }
         if matches!(self.phase, Phase::Lingering { .. }) || self.limit == Some(Limit::Send) {
             return None;
@@ -1059,9 +1067,18 @@ impl Conn {
     fn finish_handshake(&mut self, scratch: &mut Scratch) -> After {
         while let Some(session) = self.tls.as_mut().filter(|t| t.handshaking()) {
             match session.read(&self.socket, &mut scratch.input) {
+                // The peer's last handshake message came with its FIN: what it was sent first
+                // still goes out, as far as it reads it.
+                Ok(0) if !session.handshaking() => {
+                    self.eof = true;
+                    break;
+                }
                 Ok(0) => return After::Close(CloseReason::PeerClosed),
                 Ok(n) => self.bytes_in += n as u64,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.read_empty = true;
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return After::Close(CloseReason::Error(e.to_string())),
             }
