@@ -704,6 +704,43 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b == 0) pri
 
 git_rev=$(git rev-parse --short HEAD 2>/dev/null || echo "no commit")
 [ -z "$(git status --porcelain 2>/dev/null)" ] || git_rev="$git_rev (uncommitted changes)"
+# For report and report_tls: the noise of the whole run, two lines.
+noise_lines() {
+    echo "Background load: $BACKGROUND; during the runs, other processes used $(col_all 16 | median)% of a CPU (median; max $(col_all 16 | sort -g | tail -n 1)%), the hypervisor stole $(col_all 14 | median)% (median)."
+    echo "Runs disturbed by other load and measured again: $repeated; runs kept with other load above ${OTHER_MAX}%: $(awk -v m="$OTHER_MAX" '$16 > m { n++ } END { print n + 0 }' "$RESULTS") of $total."
+}
+
+# The figures of one table cell, point $1 and server $2, into the caller's locals
+# (used rps lo hi p50 p99 errs bad scpu ccpu cost) and its M_RPS, M_P99, M_COST.
+cell_stats() {
+    local c=$1 s=$2
+    used=$(col "$c" "$s" 4 | wc -l)
+    [ "$(awk -v c="$c" -v s="$s" -v m="$OTHER_MAX" '$1 == c && $2 == s && $16 <= m' "$RESULTS")" ] || used="$used ⚠"
+    rps=$(col "$c" "$s" 4 | median)
+    lo=$(col "$c" "$s" 4 | sort -g | head -n 1)
+    hi=$(col "$c" "$s" 4 | sort -g | tail -n 1)
+    p50=$(col "$c" "$s" 5 | median)
+    p99=$(col "$c" "$s" 6 | median)
+    errs=$(awk -v c="$c" -v s="$s" '$1 == c && $2 == s { n += $7 + $8 + $9 + $10 } END { print n + 0 }' "$RESULTS")
+    bad=$(awk -v c="$c" -v s="$s" '$1 == c && $2 == s { n += $11 } END { print n + 0 }' "$RESULTS")
+    scpu=$(col "$c" "$s" 12 | median)
+    ccpu=$(col "$c" "$s" 13 | median)
+    cost=$(col "$c" "$s" 15 | median)
+    M_RPS[$c,$s]=$rps
+    M_P99[$c,$s]=$p99
+    M_COST[$c,$s]=$cost
+}
+
+# What the tables' columns mean; $1: how errors are counted.
+table_notes() {
+    echo "Medians and ranges are over the runs that other load did not disturb (\"runs used\"), or over all runs, marked ⚠, when every run was disturbed. $1"
+    echo "Ratios of medians; req/s ratio > 1 means fdtserver is faster; p99 and CPU/req ratios < 1 mean fdtserver's tail is shorter, or its CPU cost per request lower."
+    echo "wrk is closed-loop: each server's p50/p99 is at its own throughput, not at equal request rates."
+    echo "CPU busy = share of the CPUs neither idle nor stolen during the run (CPUs $SERVER_CPUS: the server, CPUs $CLIENT_CPUS: wrk; averaged over each set); a server CPU well under 100% means wrk, not the server, set the pace."
+    echo "Server process CPU µs/req = user + system time of the server's processes / requests answered: its cost per request (softirq work is not in it), comparable even when wrk sets the pace or other load shares the CPU."
+    echo "Other load = CPU time of processes other than the server and wrk during a run, in % of one CPU; a run above ${OTHER_MAX}% (⚠ below) was disturbed by the rest of the machine."
+}
+
 report() {
     echo "# Load benchmark: last run"
     echo
@@ -713,8 +750,7 @@ report() {
     [ -x "$FDT_BIN" ] || echo "**fdtserver was not measured: $FDT_BIN did not exist.**"
     [ "$FDT_BIN" = "$REPO/target/release/fdtserver" ] || echo "fdtserver binary: \`$FDT_BIN\`."
     echo
-    echo "Background load: $BACKGROUND; during the runs, other processes used $(col_all 16 | median)% of a CPU (median; max $(col_all 16 | sort -g | tail -n 1)%), the hypervisor stole $(col_all 14 | median)% (median)."
-    echo "Runs disturbed by other load and measured again: $repeated; runs kept with other load above ${OTHER_MAX}%: $(awk -v m="$OTHER_MAX" '$16 > m { n++ } END { print n + 0 }' "$RESULTS") of $total."
+    noise_lines
     echo
     echo "| connections | server | runs used | req/s (median) | req/s (min–max) | p50 | p99 | socket errors | non-2xx | server CPU busy | wrk CPU busy | server process CPU µs/req |"
     echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -722,21 +758,7 @@ report() {
     declare -A M_RPS=() M_P99=() M_COST=()
     for c in "${CONN_LIST[@]}"; do
         for s in "${SERVERS[@]}"; do
-            used=$(col "$c" "$s" 4 | wc -l)
-            [ "$(awk -v c="$c" -v s="$s" -v m="$OTHER_MAX" '$1 == c && $2 == s && $16 <= m' "$RESULTS")" ] || used="$used ⚠"
-            rps=$(col "$c" "$s" 4 | median)
-            lo=$(col "$c" "$s" 4 | sort -g | head -n 1)
-            hi=$(col "$c" "$s" 4 | sort -g | tail -n 1)
-            p50=$(col "$c" "$s" 5 | median)
-            p99=$(col "$c" "$s" 6 | median)
-            errs=$(awk -v c="$c" -v s="$s" '$1 == c && $2 == s { n += $7 + $8 + $9 + $10 } END { print n + 0 }' "$RESULTS")
-            bad=$(awk -v c="$c" -v s="$s" '$1 == c && $2 == s { n += $11 } END { print n + 0 }' "$RESULTS")
-            scpu=$(col "$c" "$s" 12 | median)
-            ccpu=$(col "$c" "$s" 13 | median)
-            cost=$(col "$c" "$s" 15 | median)
-            M_RPS[$c,$s]=$rps
-            M_P99[$c,$s]=$p99
-            M_COST[$c,$s]=$cost
+            cell_stats "$c" "$s"
             printf '| %s | %s | %s | %.0f | %.0f–%.0f | %s | %s | %s | %s | %.0f%% | %.0f%% | %.2f |\n' "$c" "$s" "$used" "$rps" "$lo" "$hi" \
                 "$(fmt_us "$p50")" "$(fmt_us "$p99")" "$errs" "$bad" "$scpu" "$ccpu" "$cost"
         done
@@ -754,12 +776,7 @@ report() {
             "$(ratio "${M_COST[$c,fdtserver]:-}" "${M_COST[$c,ceiling]:-}")"
     done
     echo
-    echo "Medians and ranges are over the runs that other load did not disturb (\"runs used\"), or over all runs, marked ⚠, when every run was disturbed. Errors are summed over all runs."
-    echo "Ratios of medians; req/s ratio > 1 means fdtserver is faster; p99 and CPU/req ratios < 1 mean fdtserver's tail is shorter, or its CPU cost per request lower."
-    echo "wrk is closed-loop: each server's p50/p99 is at its own throughput, not at equal request rates."
-    echo "CPU busy = share of the CPUs neither idle nor stolen during the run (CPUs $SERVER_CPUS: the server, CPUs $CLIENT_CPUS: wrk; averaged over each set); a server CPU well under 100% means wrk, not the server, set the pace."
-    echo "Server process CPU µs/req = user + system time of the server's processes / requests answered: its cost per request (softirq work is not in it), comparable even when wrk sets the pace or other load shares the CPU."
-    echo "Other load = CPU time of processes other than the server and wrk during a run, in % of one CPU; a run above ${OTHER_MAX}% (⚠ below) was disturbed by the rest of the machine."
+    table_notes "Errors are summed over all runs."
     if [ -v "PID[fdtserver]" ]; then
         echo
         echo "Requests served per fdtserver worker over the measured runs (from \`fdtserver status --json\`):"
@@ -841,8 +858,7 @@ report_tls() {
         echo "Every handshake is a full one: wrk would offer a connection slot's last session again (it reuses the SSL object with SSL_clear, which keeps the session), so benches/load/tls_handshakes.c, preloaded into wrk, drops that session before each handshake and counts the handshakes that completed, full and resumed."
     fi
     echo
-    echo "Background load: $BACKGROUND; during the runs, other processes used $(col_all 16 | median)% of a CPU (median; max $(col_all 16 | sort -g | tail -n 1)%), the hypervisor stole $(col_all 14 | median)% (median)."
-    echo "Runs disturbed by other load and measured again: $repeated; runs kept with other load above ${OTHER_MAX}%: $(awk -v m="$OTHER_MAX" '$16 > m { n++ } END { print n + 0 }' "$RESULTS") of $total."
+    noise_lines
     echo
     echo "| connections, load | server | runs used | req/s (median) | req/s (min–max) | p50 | p99 | socket errors | non-2xx | server CPU busy | wrk CPU busy | server process CPU µs/req | TLS handshakes full / resumed |"
     echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -850,23 +866,9 @@ report_tls() {
     declare -A M_RPS=() M_P99=() M_COST=()
     for c in "${POINTS[@]}"; do
         for s in "${SERVERS[@]}"; do
-            used=$(col "$c" "$s" 4 | wc -l)
-            [ "$(awk -v c="$c" -v s="$s" -v m="$OTHER_MAX" '$1 == c && $2 == s && $16 <= m' "$RESULTS")" ] || used="$used ⚠"
-            rps=$(col "$c" "$s" 4 | median)
-            lo=$(col "$c" "$s" 4 | sort -g | head -n 1)
-            hi=$(col "$c" "$s" 4 | sort -g | tail -n 1)
-            p50=$(col "$c" "$s" 5 | median)
-            p99=$(col "$c" "$s" 6 | median)
-            errs=$(awk -v c="$c" -v s="$s" '$1 == c && $2 == s { n += $7 + $8 + $9 + $10 } END { print n + 0 }' "$RESULTS")
-            bad=$(awk -v c="$c" -v s="$s" '$1 == c && $2 == s { n += $11 } END { print n + 0 }' "$RESULTS")
-            scpu=$(col "$c" "$s" 12 | median)
-            ccpu=$(col "$c" "$s" 13 | median)
-            cost=$(col "$c" "$s" 15 | median)
+            cell_stats "$c" "$s"
             hs=$(awk -v c="$c" -v s="$s" '$1 == c && $2 == s { if ($4 == "n/a") u = 1; f += $4; r += $5 }
                 END { if (u) print "unverified"; else printf "%d / %d\n", f, r }' "$HANDSHAKES")
-            M_RPS[$c,$s]=$rps
-            M_P99[$c,$s]=$p99
-            M_COST[$c,$s]=$cost
             printf '| %s | %s | %s | %.0f | %.0f–%.0f | %s | %s | %s | %s | %.0f%% | %.0f%% | %.2f | %s |\n' "$(point_label "$c")" "$s" "$used" \
                 "$rps" "$lo" "$hi" "$(fmt_us "$p50")" "$(fmt_us "$p99")" "$errs" "$bad" "$scpu" "$ccpu" "$cost" "$hs"
         done
@@ -882,13 +884,8 @@ report_tls() {
     done
     echo
     echo "With a new connection per request, requests/s are handshakes/s and CPU µs per request is CPU µs per handshake (and its one request)."
-    echo "Medians and ranges are over the runs that other load did not disturb (\"runs used\"), or over all runs, marked ⚠, when every run was disturbed. Errors and handshakes are summed over all runs."
-    echo "Ratios of medians; req/s ratio > 1 means fdtserver is faster; p99 and CPU/req ratios < 1 mean fdtserver's tail is shorter, or its CPU cost per request lower."
-    echo "wrk is closed-loop: each server's p50/p99 is at its own throughput, not at equal request rates."
+    table_notes "Errors and handshakes are summed over all runs."
     echo "Keep-alive p99 at many connections includes each run's start: wrk first opens all its connections, a full handshake each, with the connections already open waiting behind them (500 take some 0.2 s of wrk's CPU here); a longer DURATION dilutes it."
-    echo "CPU busy = share of the CPUs neither idle nor stolen during the run (CPUs $SERVER_CPUS: the server, CPUs $CLIENT_CPUS: wrk; averaged over each set); a server CPU well under 100% means wrk, not the server, set the pace."
-    echo "Server process CPU µs/req = user + system time of the server's processes / requests answered: its cost per request (softirq work is not in it), comparable even when wrk sets the pace or other load shares the CPU."
-    echo "Other load = CPU time of processes other than the server and wrk during a run, in % of one CPU; a run above ${OTHER_MAX}% (⚠ below) was disturbed by the rest of the machine."
     if [ -v "PID[fdtserver]" ]; then
         echo
         echo "Requests served per fdtserver worker over the measured runs (from \`fdtserver status --json\`):"
