@@ -462,9 +462,7 @@ impl Conn {
         match self.phase {
             Phase::Connecting { .. } => self.on_connected(event, ctx, scratch),
             Phase::Lingering { .. } => (self.discard_input(), 0),
-            Phase::Flushing if self.tls.as_ref().is_some_and(|t| t.holds_plaintext()) => {
-                (self.finish_handshake(scratch), 0)
-            }
+            Phase::Flushing if self.holds_tls_plaintext() => (self.finish_handshake(scratch), 0),
             Phase::Flushing => (self.flush_then(), 0),
             Phase::Open if self.header.is_some() => self.read_proxy_header(event, ctx, scratch),
             Phase::Open if self.tls.is_some() => {
@@ -1052,7 +1050,7 @@ impl Conn {
         if let Err(e) = self.flush() {
             return After::Close(CloseReason::Error(e.to_string()));
         }
-        if self.queued() > 0 || self.tls.as_ref().is_some_and(|t| t.holds_plaintext()) {
+        if self.queued() > 0 || self.holds_tls_plaintext() {
             return self.handshake_interest(After::Park(interest::WRITE));
         }
         match self.phase {
@@ -1061,9 +1059,14 @@ impl Conn {
         }
     }
 
+    /// True while what the app wrote waits in the TLS session for the handshake to end.
+    fn holds_tls_plaintext(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.holds_plaintext())
+    }
+
     /// A close the app asked for before the TLS handshake ended, after writing something (a
     /// greeting, a refusal): the handshake is finished first, so that what it wrote is sent,
-    /// within `read_timeout` like any handshake. What the peer sends after it is not read.
+    /// within the limit `limit_due` gives it. What the peer sends after it is not read.
     fn finish_handshake(&mut self, scratch: &mut Scratch) -> After {
         while let Some(session) = self.tls.as_mut().filter(|t| t.handshaking()) {
             match session.read(&self.socket, &mut scratch.input) {
