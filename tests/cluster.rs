@@ -414,6 +414,18 @@ fn failures(outcomes: &[&Outcome]) -> Vec<String> {
     outcomes.iter().filter_map(|o| o.result.as_ref().err().cloned()).collect()
 }
 
+/// Every request of `outcomes` was answered (the first failures are shown).
+fn assert_none_failed(outcomes: &[Outcome]) {
+    let failed = failures(&outcomes.iter().collect::<Vec<_>>());
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        outcomes.len(),
+        &failed[..failed.len().min(10)]
+    );
+}
+
 /// The nodes that answered `outcomes`.
 fn served_by<'a>(outcomes: impl IntoIterator<Item = &'a Outcome>) -> std::collections::BTreeMap<String, usize> {
     let mut by = std::collections::BTreeMap::new();
@@ -447,18 +459,10 @@ fn a_rolling_reload_through_haproxy_under_load_loses_no_request() {
     let reloaded = Instant::now();
     std::thread::sleep(Duration::from_millis(500));
     let outcomes = load.stop();
-    let all: Vec<&Outcome> = outcomes.iter().collect();
-    let failed = failures(&all);
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed: {:?}",
-        failed.len(),
-        all.len(),
-        &failed[..failed.len().min(10)]
-    );
+    assert_none_failed(&outcomes);
     let during = served_by(outcomes.iter().filter(|o| o.started >= started && o.started < reloaded));
     let after = served_by(outcomes.iter().filter(|o| o.started >= reloaded));
-    eprintln!("{} requests; during the rolling reload {during:?}, after it {after:?}", all.len());
+    eprintln!("{} requests; during the rolling reload {during:?}, after it {after:?}", outcomes.len());
     assert!(during.values().sum::<usize>() > 100, "too little load during the reloads: {during:?}");
     assert_eq!(after.len(), 2, "both nodes serve after the rolling reload: {after:?}");
 }
@@ -496,15 +500,7 @@ fn rotation_out_sends_every_new_connection_to_the_other_node_within_seconds_and_
     std::thread::sleep(Duration::from_secs(1));
     let outcomes = load.stop();
 
-    let all: Vec<&Outcome> = outcomes.iter().collect();
-    let failed = failures(&all);
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed: {:?}",
-        failed.len(),
-        all.len(),
-        &failed[..failed.len().min(10)]
-    );
+    assert_none_failed(&outcomes);
     let out_window: Vec<&Outcome> =
         outcomes.iter().filter(|o| o.started >= out_at + LB_NOTICES && o.started < in_at).collect();
     let by = served_by(out_window.iter().copied());
