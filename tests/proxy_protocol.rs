@@ -241,20 +241,12 @@ fn behind_a_proxy_tls_starts_after_the_header_and_the_app_sees_the_named_client(
 #[test]
 fn proxy_settings_that_make_no_sense_are_refused_naming_the_line() {
     let dir = tempfile::tempdir().unwrap();
-    let write = |listen: &str| {
-        let path = dir.path().join("fdt.toml");
-        let text = format!(
-            "[server]\ncontrol_socket = \"{}\"\n\n[[listen]]\naddress = \"127.0.0.1:0\"\napp = \"kit\"\n{listen}\n\n[app.kit]\nplugin = \"{}\"\n",
-            dir.path().join("c.sock").display(),
-            plugin("testkit").display()
-        );
-        std::fs::write(&path, text).unwrap();
-        path
-    };
-    check_refuses(&write("proxy_protocol = \"v3\""), &["fdt.toml:7", "\"v1\", \"v2\" or \"any\""]);
-    check_refuses(&write("proxy_from = [\"10.0.0.0/8\"]"), &["fdt.toml:7", "`proxy_from` needs `proxy_protocol`"]);
-    check_refuses(&write("proxy_protocol = \"v1\"\nproxy_from = [\"10.0.0.0/33\"]"), &["fdt.toml:8", "10.0.0.0/33"]);
-    check_refuses(&write("proxy_protocol = \"v1\"\nproxy_from = [\"example.com\"]"), &["fdt.toml:8", "example.com"]);
+    // The listener's keys are lines 9 on.
+    let write = |listen: &str| echo_config(dir.path(), "", listen, "");
+    check_refuses(&write("proxy_protocol = \"v3\""), &["fdt.toml:9", "\"v1\", \"v2\" or \"any\""]);
+    check_refuses(&write("proxy_from = [\"10.0.0.0/8\"]"), &["fdt.toml:9", "`proxy_from` needs `proxy_protocol`"]);
+    check_refuses(&write("proxy_protocol = \"v1\"\nproxy_from = [\"10.0.0.0/33\"]"), &["fdt.toml:10", "10.0.0.0/33"]);
+    check_refuses(&write("proxy_protocol = \"v1\"\nproxy_from = [\"example.com\"]"), &["fdt.toml:10", "example.com"]);
     let (code, out, err) = cli(&["check"], &write("proxy_protocol = \"any\"\nproxy_from = [\"10.0.0.0/8\", \"::1\"]"));
     assert_eq!(code, 0, "{out}{err}");
 }

@@ -230,21 +230,12 @@ fn a_reload_serves_a_new_certificate_and_files_that_do_not_load_refuse_it() {
 #[test]
 fn a_config_with_half_a_tls_setting_or_a_bad_file_is_refused_naming_the_line_and_the_path() {
     let dir = tempfile::tempdir().unwrap();
-    let hello = plugin("hello");
-    let write = |listen: &str| {
-        let path = dir.path().join("fdt.toml");
-        let text = format!(
-            "[server]\ncontrol_socket = \"{}\"\n\n[[listen]]\naddress = \"127.0.0.1:0\"\napp = \"hello\"\n{listen}\n\n[app.hello]\nplugin = \"{}\"\n",
-            dir.path().join("c.sock").display(),
-            hello.display()
-        );
-        std::fs::write(&path, text).unwrap();
-        path
-    };
-    check_refuses(&write("tls_cert = \"a.crt\""), &["fdt.toml:7", "`tls_cert` needs `tls_key`"]);
-    check_refuses(&write("tls_key = \"a.key\""), &["fdt.toml:7", "`tls_key` needs `tls_cert`"]);
-    check_refuses(&write("tls_alpn = [\"h2\"]"), &["fdt.toml:7", "`tls_alpn` needs `tls_cert`"]);
-    check_refuses(&write("tls_tickets = false"), &["fdt.toml:7", "`tls_tickets` needs `tls_cert`"]);
+    // The listener's keys are lines 9 on.
+    let write = |listen: &str| echo_config(dir.path(), "", listen, "");
+    check_refuses(&write("tls_cert = \"a.crt\""), &["fdt.toml:9", "`tls_cert` needs `tls_key`"]);
+    check_refuses(&write("tls_key = \"a.key\""), &["fdt.toml:9", "`tls_key` needs `tls_cert`"]);
+    check_refuses(&write("tls_alpn = [\"h2\"]"), &["fdt.toml:9", "`tls_alpn` needs `tls_cert`"]);
+    check_refuses(&write("tls_tickets = false"), &["fdt.toml:9", "`tls_tickets` needs `tls_cert`"]);
     let missing = write("tls_cert = \"missing.crt\"\ntls_key = \"missing.key\"");
     let path = dir.path().join("missing.crt");
     check_refuses(&missing, &["tls_cert", &path.display().to_string(), "No such file"]);
